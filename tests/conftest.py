@@ -1,0 +1,66 @@
+"""
+Shared pytest fixtures. The tiny tokenizer here lets every module's tests tokenize real text
+without a trained tokenizer on disk (and never touches /work/shared or the network).
+
+    def test_x(tiny_tokenizer):                 # a nanochat.tokenizer.Tokenizer, vocab 512
+        ids = tiny_tokenizer.encode("hello", prepend="<|bos|>")
+
+    def test_y(tiny_base_dir, monkeypatch):     # a base dir holding tokenizer/ and token_bytes.pt
+        monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tiny_base_dir))
+        tok = nanochat.tokenizer.get_tokenizer()
+"""
+
+import os
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+TINY_VOCAB_SIZE = 512
+
+# A small English + digits corpus written for these tests; enough distinct pairs for 247 merges.
+_TINY_PARAGRAPHS = [
+    "The river ran past the old mill, and the miller's daughter counted the sacks of flour as they "
+    "came down the chute: 12 in the morning, 17 after lunch, and 9 more before the light went out.",
+    "She kept her numbers in a green notebook. Each page had a date at the top (2019-04-23, 2020-11-02) "
+    "and a column of sums that never quite added up to what the buyers paid.",
+    "On market days the town filled with carts. Farmers brought cheese, apples, wool and eggs; "
+    "children ran between the stalls asking for a taste of everything and getting very little.",
+    "What is 345 plus 678? It is 1023. What is 12 times 12? It is 144. Can you divide 100 by 8? "
+    "Yes: 100 / 8 = 12.5, which we round to 13 when we buy whole boxes.",
+    "Q: How many legs do three spiders have? A: Each spider has 8 legs, so 3 * 8 = 24 legs in total.",
+    "The weather report said it would rain on Tuesday and clear on Wednesday, but it rained all week "
+    "and the bridge over the stream was closed for 4 days while the water was high.",
+    "def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(i, add(i, i * 2))\n",
+    "In 1969 people watched the first landing on the Moon; in 2024 a student wrote a short essay "
+    "about why the pictures still look so sharp after more than fifty years.",
+    "I don't think we'll finish today, she said, but we've done the hard part and they're ready to help.",
+    "Prices: bread $2.50, milk $1.25, coffee $4.75, total $8.50. Change from a ten: $1.50.",
+    "A good teacher asks questions that have more than one answer, then listens carefully to each one "
+    "before saying which answers are better and why.",
+    "Lists help: first, gather the tools; second, read the instructions twice; third, start slowly; "
+    "fourth, check your work against the example; fifth, clean up the table when you are done.",
+]
+TINY_CORPUS = [p for _ in range(3) for p in _TINY_PARAGRAPHS]
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus():
+    return list(TINY_CORPUS)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from nanochat.tokenizer import Tokenizer
+    return Tokenizer.train_from_iterator(iter(TINY_CORPUS), TINY_VOCAB_SIZE)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tiny_tokenizer, tmp_path_factory):
+    """A NANOCHAT_BASE_DIR-style directory with tokenizer/tokenizer.json and tokenizer/token_bytes.pt."""
+    from nanochat.tokenizer import save_token_bytes
+    base_dir = tmp_path_factory.mktemp("nanochat_base")
+    tokenizer_dir = base_dir / "tokenizer"
+    tiny_tokenizer.save(str(tokenizer_dir))
+    save_token_bytes(tiny_tokenizer, str(tokenizer_dir))
+    return base_dir
