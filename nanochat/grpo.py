@@ -1,0 +1,298 @@
+"""
+GRPO building blocks shared by single-model RL (scripts/chat_rl.py) and co-training
+(scripts/chat_cotrain.py): rollouts, group advantages, the process (step-level) advantage, the
+advantage mix, and the policy-gradient update.
+
+The defaults are the nanochat flavour of GRPO: on-policy, one optimizer step per batch, advantage =
+reward - group mean, token-level normalisation of the loss, no reference model and no KL. The known
+variants are flags: std division, sequence-level normalisation, a PPO-style clipped ratio when one batch
+feeds several optimizer steps, and a k3 KL penalty to a frozen reference policy.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import autocast_context
+
+
+@dataclass
+class Rollout:
+    """One sampled completion of one prompt."""
+    example_index: int
+    prompt_ids: list
+    completion_ids: list
+    completion_mask: list            # 1 = sampled by the policy, 0 = forced (tool output)
+    text: str = ""
+    reward: float = 0.0
+    info: dict = field(default_factory=dict)
+
+
+def generate_rollouts(engine, prompts, example_indices, num_samples, max_new_tokens, temperature, top_k, seed,
+                      assistant_end_id=None):
+    """Sample `num_samples` completions of every prompt in one batched pass (prompt-major order)."""
+    outputs = engine.generate_prompts(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
+                                      temperature=temperature, top_k=top_k, seed=seed)
+    rollouts = []
+    for i, (tokens, mask) in enumerate(outputs):
+        p = i // num_samples
+        tokens, mask = list(tokens), list(mask)
+        finished = len(tokens) < max_new_tokens
+        if assistant_end_id is not None and finished:
+            # the engine drops the terminal token; putting it back teaches the policy to stop
+            tokens.append(assistant_end_id)
+            mask.append(1)
+        rollouts.append(Rollout(example_indices[p], list(prompts[p]), tokens, mask))
+    return rollouts
+
+
+def group_advantages(rewards, normalize_std=False, eps=1e-6):
+    """rewards (..., G) -> reward minus group mean, optionally divided by the group std."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    adv = rewards - rewards.mean(dim=-1, keepdim=True)
+    if normalize_std:
+        adv = adv / (rewards.std(dim=-1, keepdim=True, unbiased=False) + eps)
+    return adv
+
+
+def process_advantages(step_rewards, step_ends, length, normalize=True, eps=1e-6):
+    """Step-level advantage per token for one group (DeepSeekMath's process-supervision GRPO, as in Tango).
+
+    step_rewards[i]: list of rewards for the steps of sample i (or None: no process signal for it);
+    step_ends[i]: the completion-token index where each step ends. All step rewards of the group are
+    pooled and normalised, then each token gets the sum of the normalised rewards of its own step and
+    every later step (a suffix sum), so early tokens are credited for what follows them.
+    Returns (G, length)."""
+    pooled = [r for rewards in step_rewards if rewards for r in rewards]
+    out = torch.zeros(len(step_rewards), length)
+    if not pooled:
+        return out
+    pooled_t = torch.tensor(pooled)
+    mean = pooled_t.mean()
+    std = pooled_t.std(unbiased=False) if len(pooled) > 1 else torch.tensor(0.0)
+    for i, (rewards, ends) in enumerate(zip(step_rewards, step_ends)):
+        if not rewards:
+            continue
+        per_token = torch.zeros(length)
+        for r, end in zip(rewards, ends):
+            if end < length:
+                per_token[end] += ((r - mean) / (std + eps)) if normalize else r
+        out[i] = per_token.flip(0).cumsum(0).flip(0)
+    return out
+
+
+def mix_advantages(outcome_adv, process_adv, alpha):
+    """Tango's advantage-level mix: (1 - alpha) * A_out (broadcast over tokens) + alpha * A_proc."""
+    return (1.0 - alpha) * outcome_adv.unsqueeze(-1) + alpha * process_adv
+
+
+def alpha_schedule(step, total_steps, alpha_start=0.1, alpha_end=0.001):
+    """Exponential decay from alpha_start at step 0 to alpha_end at total_steps (then held)."""
+    if alpha_start <= 0:
+        return 0.0
+    if total_steps <= 0:
+        return alpha_start
+    kappa = math.log(alpha_start / alpha_end) / total_steps
+    return max(alpha_end, alpha_start * math.exp(-kappa * step))
+
+
+def majority_answers(answers):
+    """The most common non-None answer of a group (ties: the first seen), for self-play rewards."""
+    counts = {}
+    for a in answers:
+        if a is not None:
+            counts[a] = counts.get(a, 0) + 1
+    return max(counts, key=counts.get) if counts else None
+
+
+class ClassBalancer:
+    """Per-sample loss weights proportional to 1/sqrt(running count of the sample's class), renormalised to
+    mean 1 over the batch. Keeps a verifier from learning "always Incorrect" from a generator that is right
+    5% of the time. Counts are an exponential moving average across batches (Tango uses decay 0.8)."""
+
+    def __init__(self, decay=0.8):
+        self.decay = decay
+        self.counts = {0: 0.0, 1: 0.0}
+
+    def update(self, labels):
+        for c in (0, 1):
+            n = sum(1 for l in labels if int(l) == c)
+            self.counts[c] = self.decay * self.counts[c] + (1 - self.decay) * n if self.counts[c] else float(n)
+
+    def weights(self, labels):
+        raw = [1.0 / math.sqrt(max(self.counts[int(l)], 1e-3)) for l in labels]
+        mean = sum(raw) / len(raw) if raw else 1.0
+        return [w / mean for w in raw]
+
+    def state_dict(self):
+        return {"decay": self.decay, "counts": {str(k): v for k, v in self.counts.items()}}
+
+    def load_state_dict(self, state):
+        self.decay = state["decay"]
+        self.counts = {int(k): v for k, v in state["counts"].items()}
+
+
+# -----------------------------------------------------------------------------
+# Batches and the loss
+
+def collate_rollouts(rollouts, token_advantages, pad_id, device, sample_weights=None):
+    """Rollouts -> (inputs, targets, advantages, weights), each (N, T) over the concatenated prompt+completion.
+
+    targets are -1 on prompt tokens, forced tokens and padding: only sampled tokens are trained.
+    token_advantages[i] is a scalar or a 1-D tensor over rollout i's completion tokens."""
+    seqs = [r.prompt_ids + r.completion_ids for r in rollouts]
+    T = max(len(s) for s in seqs) - 1
+    N = len(rollouts)
+    inputs = torch.full((N, T), pad_id, dtype=torch.long)
+    targets = torch.full((N, T), -1, dtype=torch.long)
+    advantages = torch.zeros(N, T)
+    for i, (r, seq) in enumerate(zip(rollouts, seqs)):
+        ids = torch.tensor(seq, dtype=torch.long)
+        inputs[i, :len(seq) - 1] = ids[:-1]
+        start = len(r.prompt_ids) - 1  # position whose target is the first completion token
+        n = len(r.completion_ids)
+        if n == 0:
+            continue
+        sampled = torch.tensor(r.completion_mask, dtype=torch.bool)
+        target_span = torch.tensor(r.completion_ids, dtype=torch.long)
+        targets[i, start:start + n] = torch.where(sampled, target_span, torch.full_like(target_span, -1))
+        adv = torch.as_tensor(token_advantages[i], dtype=torch.float32)
+        advantages[i, start:start + n] = adv if adv.dim() == 0 else adv[:n]
+    weights = torch.ones(N) if sample_weights is None else torch.as_tensor(sample_weights, dtype=torch.float32)
+    return inputs.to(device), targets.to(device), advantages.to(device), weights.to(device)
+
+
+def token_logprobs(model, inputs, targets):
+    """log p(target) per position (0 where target is -1)."""
+    with autocast_context(inputs.device.type):
+        nll = model(inputs, targets=targets, loss_reduction="none")
+    return -nll.float()
+
+
+def policy_gradient_loss(logp, targets, advantages, weights=None, old_logp=None, ref_logp=None, clip_eps=0.2,
+                         kl_coef=0.0, normalization="token", normalizer=None):
+    """The GRPO objective, as a loss to minimise, summed over this micro-batch and divided by `normalizer`.
+
+    - ratio: exp(logp - old_logp), where old_logp is the sampling policy (detached logp when on-policy,
+      so the value is 1 and the gradient is the plain REINFORCE gradient A * grad log p);
+    - PPO clipping of the ratio at 1 +- clip_eps (only matters when old_logp is given);
+    - optional k3 KL estimate to a frozen reference policy, exp(ref - logp) - (ref - logp) - 1;
+    - normalization "token": sum over tokens / total tokens of the batch (DAPO, nanochat);
+      "sequence": each sequence's mean over its tokens, summed / number of sequences (original GRPO).
+    `normalizer` is the global count (tokens or sequences) over all micro-batches and ranks."""
+    mask = (targets != -1).float()
+    old = logp.detach() if old_logp is None else old_logp
+    ratio = torch.exp(logp - old)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    per_token = -torch.minimum(unclipped, clipped)
+    if ref_logp is not None and kl_coef > 0:
+        log_ratio = ref_logp - logp
+        per_token = per_token + kl_coef * (torch.exp(log_ratio) - log_ratio - 1.0)
+    per_token = per_token * mask
+    if weights is not None:
+        per_token = per_token * weights.unsqueeze(1)
+    if normalization == "token":
+        total = per_token.sum()
+        normalizer = normalizer if normalizer is not None else mask.sum().clamp(min=1.0)
+    elif normalization == "sequence":
+        total = (per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).sum()
+        normalizer = normalizer if normalizer is not None else float(len(targets))
+    else:
+        raise ValueError(f"normalization must be 'token' or 'sequence', got {normalization!r}")
+    return total / normalizer
+
+
+def _global_sum(value, device):
+    t = torch.tensor(float(value), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.item()
+
+
+def grpo_update(model, optimizer, rollouts, token_advantages, pad_id, device, device_batch_size,
+                sample_weights=None, normalization="token", ppo_epochs=1, clip_eps=0.2, ref_model=None,
+                kl_coef=0.0, grad_clip=0.0, lr_multiplier=1.0):
+    """One batch of rollouts -> `ppo_epochs` optimizer steps. With ppo_epochs=1 this is on-policy: no
+    ratio, no clipping (the ratio is exactly 1). Returns stats for logging.
+
+    Under DDP each rank holds its own rollouts. Each rank divides by (global count / world size): the
+    optimizer averages gradients over ranks, so the result is the gradient of the global objective."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    inputs, targets, advantages, weights = collate_rollouts(rollouts, token_advantages, pad_id, device, sample_weights)
+    num_tokens = (targets != -1).sum().item()
+    count = num_tokens if normalization == "token" else len(rollouts)
+    normalizer = max(_global_sum(count, device), 1.0) / world  # the optimizer averages over ranks
+
+    old_logp, ref_logp = None, None
+    if ppo_epochs > 1 or (ref_model is not None and kl_coef > 0):
+        with torch.no_grad():
+            if ppo_epochs > 1:
+                old_logp = torch.cat([token_logprobs(model, inputs[i:i + device_batch_size], targets[i:i + device_batch_size])
+                                      for i in range(0, len(inputs), device_batch_size)])
+            if ref_model is not None and kl_coef > 0:
+                ref_logp = torch.cat([token_logprobs(ref_model, inputs[i:i + device_batch_size], targets[i:i + device_batch_size])
+                                      for i in range(0, len(inputs), device_batch_size)])
+
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lr_multiplier
+    stats = {"loss": 0.0, "num_tokens": num_tokens, "clip_frac": 0.0, "entropy_proxy": 0.0}
+    for _ in range(ppo_epochs):
+        model.zero_grad(set_to_none=True)
+        for i in range(0, len(inputs), device_batch_size):
+            sl = slice(i, i + device_batch_size)
+            logp = token_logprobs(model, inputs[sl], targets[sl])
+            loss = policy_gradient_loss(
+                logp, targets[sl], advantages[sl], weights[sl],
+                old_logp=None if old_logp is None else old_logp[sl],
+                ref_logp=None if ref_logp is None else ref_logp[sl],
+                clip_eps=clip_eps, kl_coef=kl_coef, normalization=normalization, normalizer=normalizer)
+            loss.backward()
+            stats["loss"] += loss.item()
+            mask = targets[sl] != -1
+            stats["entropy_proxy"] += (-logp[mask]).sum().item()  # mean NLL of sampled tokens ~ entropy
+            if old_logp is not None:
+                ratio = torch.exp(logp.detach() - old_logp[sl])[mask]
+                stats["clip_frac"] += ((ratio - 1).abs() > clip_eps).float().sum().item()
+        grad_norm = optimizer.step(grad_clip=grad_clip if grad_clip > 0 else None)
+        model.zero_grad(set_to_none=True)
+        if grad_norm is not None:
+            stats["grad_norm"] = float(grad_norm)
+    denom = max(num_tokens, 1) * ppo_epochs
+    stats["entropy_proxy"] /= denom
+    stats["clip_frac"] /= denom
+    stats["loss"] /= ppo_epochs
+    return stats
+
+
+# -----------------------------------------------------------------------------
+# Sampling and scoring a task, shared by chat_rl, chat_cotrain and their evaluations
+
+def sample_and_score(engine, tokenizer, task, indices, num_samples, max_new_tokens, temperature, top_k, seed):
+    """Rollouts for task examples `indices` (num_samples each), decoded and rewarded by the task's exact checker."""
+    conversations = [task[i] for i in indices]
+    prompts = [tokenizer.render_for_completion(c) for c in conversations]
+    assistant_end = tokenizer.encode_special("<|assistant_end|>")
+    rollouts = generate_rollouts(engine, prompts, indices, num_samples, max_new_tokens, temperature, top_k, seed,
+                                 assistant_end_id=assistant_end)
+    for j, r in enumerate(rollouts):
+        r.info["conversation"] = conversations[j // num_samples]
+        body = r.completion_ids[:-1] if r.completion_ids and r.completion_ids[-1] == assistant_end else r.completion_ids
+        r.text = tokenizer.decode(body)
+        r.reward = float(task.reward(r.info["conversation"], r.text))
+        r.info["correct"] = int(task.evaluate(r.info["conversation"], r.text))
+    return rollouts
+
+
+def pass_at_k(engine, tokenizer, task, indices, k, max_new_tokens, temperature, top_k, seed):
+    """Fraction of examples solved by the first sample (pass@1) and by any of k samples (pass@k),
+    summed over ranks by the caller. Returns (num_examples, pass1_count, passk_count, rollouts)."""
+    rollouts = sample_and_score(engine, tokenizer, task, indices, k, max_new_tokens, temperature, top_k, seed)
+    pass1 = passk = 0
+    for p in range(len(indices)):
+        group = rollouts[p * k:(p + 1) * k]
+        pass1 += group[0].info["correct"]
+        passk += any(r.info["correct"] for r in group)
+    return len(indices), pass1, passk, rollouts

@@ -1,0 +1,191 @@
+"""
+Single-model RL with GRPO: the baseline that co-training must beat.
+
+For each question sample a group of completions with the Engine, reward them with the task's exact
+checker, take advantage = reward - group mean (optionally / group std), and do one on-policy
+policy-gradient step with token-level normalisation. No reference model and no KL by default, as in
+nanochat; the known variants are flags (--normalize_std, --normalization, --ppo_epochs, --kl_coef).
+
+    python -m scripts.chat_rl --task arithmetic --num_steps 50
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl -- --task gsm8k
+"""
+
+import argparse
+import copy
+import os
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, get_base_dir
+from nanochat.checkpoint_manager import load_model, save_checkpoint, load_checkpoint, find_last_step, CHECKPOINT_DIRS
+from nanochat.engine import Engine
+from nanochat.grpo import sample_and_score, group_advantages, grpo_update, pass_at_k
+
+
+def build_task(name, split, data_dir=None):
+    if name == "gsm8k":
+        from tasks.gsm8k import GSM8K
+        return GSM8K(split=split, data_dir=data_dir)
+    if name == "aqua":
+        from tasks.aqua import AQuA
+        return AQuA(split="dev" if split == "train" else "test", data_dir=data_dir)
+    if name == "arithmetic":
+        from tasks.arithmetic import ArithmeticTask
+        return ArithmeticTask(split=split)
+    raise ValueError(f"unknown task {name!r}: expected gsm8k, aqua or arithmetic")
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description="GRPO on one model (the co-training baseline)",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
+    parser.add_argument("--device_type", default="", help="cuda|cpu|mps (default: autodetect)")
+    parser.add_argument("--seed", type=int, default=42)
+    # model
+    parser.add_argument("--source", default="sft", help="checkpoint stage to start from: sft|mid|rl|base")
+    parser.add_argument("--model_tag", default=None, help="model tag to load (default: largest)")
+    parser.add_argument("--model_step", type=int, default=None, help="checkpoint step to load (default: last)")
+    parser.add_argument("--output_tag", default=None, help="tag of the RL checkpoints (default: the model tag)")
+    # task and sampling
+    parser.add_argument("--task", default="gsm8k", choices=["gsm8k", "aqua", "arithmetic"])
+    parser.add_argument("--data_dir", default=None, help="local directory with the task data (else HF datasets)")
+    parser.add_argument("--num_steps", type=int, default=-1, help="optimizer steps (-1: one pass over the train split)")
+    parser.add_argument("--examples_per_step", type=int, default=16, help="questions per step, over all ranks")
+    parser.add_argument("--num_samples", type=int, default=16, help="completions per question (the GRPO group)")
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_k", type=int, default=50)
+    parser.add_argument("--device_batch_size", type=int, default=8, help="sequences per forward/backward")
+    # optimisation
+    parser.add_argument("--init_lr_frac", type=float, default=0.05, help="fraction of the base LRs to start from")
+    parser.add_argument("--matrix_lr", type=float, default=0.02)
+    parser.add_argument("--embedding_lr", type=float, default=0.2)
+    parser.add_argument("--unembedding_lr", type=float, default=0.004)
+    parser.add_argument("--weight_decay", type=float, default=0.0)
+    parser.add_argument("--grad_clip", type=float, default=0.0, help="global grad-norm clip (0: off)")
+    # GRPO variants
+    parser.add_argument("--normalize_std", action="store_true", help="divide advantages by the group std")
+    parser.add_argument("--normalization", default="token", choices=["token", "sequence"])
+    parser.add_argument("--ppo_epochs", type=int, default=1, help=">1 reuses a batch with a clipped ratio")
+    parser.add_argument("--clip_eps", type=float, default=0.2)
+    parser.add_argument("--kl_coef", type=float, default=0.0, help="k3 KL penalty to the frozen starting policy")
+    # evaluation and checkpoints
+    parser.add_argument("--eval_every", type=int, default=60)
+    parser.add_argument("--eval_examples", type=int, default=400)
+    parser.add_argument("--eval_samples", type=int, default=8, help="k of pass@k")
+    parser.add_argument("--save_every", type=int, default=60)
+    parser.add_argument("--resume", action="store_true", help="continue from the last RL checkpoint")
+    args = parser.parse_args(argv)
+    for name in ("examples_per_step", "num_samples", "max_new_tokens", "device_batch_size", "ppo_epochs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
+    master = rank == 0
+    if args.examples_per_step % world_size:
+        raise SystemExit(f"--examples_per_step ({args.examples_per_step}) must be divisible by the world size ({world_size})")
+    wandb_run = init_wandb("nanochat-rl", args.run, vars(args), master)
+
+    model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.model_step)
+    model_tag = args.output_tag or meta.get("model_tag") or args.model_tag or f"d{model.config.n_layer}"
+    out_dir = os.path.join(get_base_dir(), CHECKPOINT_DIRS["rl"], model_tag)
+    engine = Engine(model, tokenizer)
+    ref_model = copy.deepcopy(model).eval() if args.kl_coef > 0 else None
+    train_task = build_task(args.task, "train", args.data_dir)
+    val_task = build_task(args.task, "test", args.data_dir)
+    num_steps = args.num_steps if args.num_steps > 0 else len(train_task) // args.examples_per_step
+    optimizer = model.setup_optimizers(unembedding_lr=args.unembedding_lr * args.init_lr_frac,
+                                       embedding_lr=args.embedding_lr * args.init_lr_frac,
+                                       matrix_lr=args.matrix_lr * args.init_lr_frac, weight_decay=args.weight_decay)
+    pad_id = tokenizer.get_bos_token_id()
+
+    start_step = 0
+    if args.resume:
+        step = find_last_step(out_dir)
+        model_data, optim_data, ckpt_meta = load_checkpoint(out_dir, step, device, load_optimizer=True, rank=rank)
+        model.load_state_dict(model_data)
+        optimizer.load_state_dict(optim_data)
+        start_step = ckpt_meta["loop_state"]["next_step"]
+        print0(f"resumed from step {step}; continuing at step {start_step}")
+
+    def save(step_done):
+        meta_out = {"model_config": asdict(model.config), "user_config": vars(args), "model_tag": model_tag,
+                    "loop_state": {"next_step": step_done + 1}, "source": args.source}
+        save_checkpoint(out_dir, step_done, model.state_dict(), optimizer.state_dict(), meta_out, rank)
+
+    def evaluate(step):
+        model.eval()
+        indices = list(range(rank, min(args.eval_examples, len(val_task)), world_size))
+        n, p1, pk, _ = pass_at_k(engine, tokenizer, val_task, indices, args.eval_samples, args.max_new_tokens,
+                                 args.temperature, args.top_k, seed=args.seed + 7919 * step + rank)
+        totals = torch.tensor([n, p1, pk], dtype=torch.float64, device=device)
+        if ddp:
+            dist.all_reduce(totals)
+        n, p1, pk = totals.tolist()
+        print0(f"step {step:5d} | eval pass@1 {p1 / max(n, 1):.4f} | pass@{args.eval_samples} {pk / max(n, 1):.4f} ({int(n)} problems)")
+        wandb_run.log({"step": step, "eval/pass@1": p1 / max(n, 1), f"eval/pass@{args.eval_samples}": pk / max(n, 1)})
+        return p1 / max(n, 1), pk / max(n, 1)
+
+    examples_per_rank = args.examples_per_step // world_size
+    history = []
+    for step in range(start_step, num_steps):
+        if args.eval_every > 0 and step % args.eval_every == 0:
+            evaluate(step)
+        t0 = time.time()
+        model.eval()
+        base = step * args.examples_per_step
+        indices = [(base + rank + world_size * i) % len(train_task) for i in range(examples_per_rank)]
+        rollouts = sample_and_score(engine, tokenizer, train_task, indices, args.num_samples, args.max_new_tokens,
+                                    args.temperature, args.top_k, seed=args.seed + 1_000_003 * step + rank)
+        t_gen = time.time() - t0
+        rewards = torch.tensor([r.reward for r in rollouts]).view(len(indices), args.num_samples)
+        advantages = group_advantages(rewards, normalize_std=args.normalize_std).view(-1)
+        model.train()
+        lrm = 1.0 - step / num_steps  # linear decay to zero over the run
+        stats = grpo_update(model, optimizer, rollouts, advantages.tolist(), pad_id, device, args.device_batch_size,
+                            normalization=args.normalization, ppo_epochs=args.ppo_epochs, clip_eps=args.clip_eps,
+                            ref_model=ref_model, kl_coef=args.kl_coef, grad_clip=args.grad_clip, lr_multiplier=lrm)
+        dt = time.time() - t0
+        summary = torch.tensor([rewards.sum().item(), rewards.numel(), sum(r.info["correct"] for r in rollouts),
+                                sum(len(r.completion_ids) for r in rollouts),
+                                float(((rewards.max(1).values - rewards.min(1).values) == 0).sum())], device=device, dtype=torch.float64)
+        if ddp:
+            dist.all_reduce(summary)
+        mean_reward, accuracy = summary[0].item() / summary[1].item(), summary[2].item() / summary[1].item()
+        mean_len = summary[3].item() / summary[1].item()
+        zero_var = summary[4].item() / (args.examples_per_step)
+        record = {"step": step, "reward": mean_reward, "accuracy": accuracy, "seq_len": mean_len,
+                  "zero_variance_groups": zero_var, "lr_multiplier": lrm, "time_generate": t_gen, "time_step": dt,
+                  "loss": stats["loss"], "entropy_proxy": stats["entropy_proxy"]}
+        if args.task == "aqua":
+            letters = [val_task.extract_letter(r.text) if hasattr(val_task, "extract_letter") else None for r in rollouts]
+            for letter in "ABCDE":
+                record[f"letter_{letter}"] = sum(l == letter for l in letters) / max(len(letters), 1)
+        history.append(record)
+        print0(f"step {step:5d}/{num_steps} | reward {mean_reward:.4f} | acc {accuracy:.4f} | len {mean_len:6.1f} | "
+               f"zero-var {zero_var:.2f} | lrm {lrm:.3f} | gen {t_gen:.1f}s | step {dt:.1f}s")
+        wandb_run.log(record)
+        if (args.save_every > 0 and (step + 1) % args.save_every == 0) or step == num_steps - 1:
+            save(step)
+
+    final_pass1, final_passk = evaluate(num_steps)
+    try:
+        from nanochat.report import get_report
+        get_report().log(section="Chat RL", data=[vars(args), {"final_pass@1": final_pass1,
+                                                              f"final_pass@{args.eval_samples}": final_passk}])
+    except ImportError:
+        pass
+    wandb_run.finish()
+    compute_cleanup()
+    return history
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""
+The verifier task: judge a candidate solution step by step.
+
+Given (question, candidate solution) the verifier writes one line per step and an overall verdict:
+
+    Step 1: 4*3 = 12, as written → Correct
+    Step 2: 12+5 is 17, not 18 → Incorrect
+    Overall: Incorrect
+
+Step splitting rule (used for the verifier's prompt, the generator's process rewards and the gold
+labels alike): a solution's steps are its non-empty lines, after the final-answer marker `#### N` is
+cut off. A tool call (`<|python_start|>expr<|python_end|><|output_start|>value<|output_end|>`) stays
+inside the line it was written on and is shown to the verifier as `<<expr=value>>`, the GSM8K notation.
+
+Gold labels: the overall label comes from the task's exact answer check. Step labels, where they can be
+computed, follow ProcessBench: steps before the first error are correct, the first error and every step
+after it are incorrect. A step is an error when one of its calculations does not evaluate to the value it
+states, or (when the chain of correct intermediate results is known, as in `arithmetic`) when its result
+is not the next value of that chain (a wrong operand, a skipped step).
+"""
+
+import re
+import random
+from dataclasses import dataclass, field
+
+from nanochat.execution import use_calculator
+
+ARROW = "→"
+PYTHON_CALL = re.compile(r"<\|python_start\|>(.*?)<\|python_end\|>(?:<\|output_start\|>(.*?)<\|output_end\|>)?", re.S)
+CALC = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
+BINARY_OP = re.compile(r"(?<=[\d.)\s])\s*[-+*/]\s*(?=[\d.(\s-])")
+FINAL_ANSWER = re.compile(r"####.*$", re.S)
+STEP_LINE = re.compile(r"^\s*\**\s*step\s*(\d+)\s*\**\s*[:.)-]\s*(.*?)\s*(?:→|->|=>|:|-)\s*\**\s*(correct|incorrect)\s*\**\s*\.?\s*$", re.I)
+OVERALL_LINE = re.compile(r"^\s*\**\s*overall\s*\**\s*[:\-]?\s*\**\s*(correct|incorrect)\b", re.I)
+
+
+# -----------------------------------------------------------------------------
+# Solutions and their steps
+
+def to_display(solution):
+    """Generator text (possibly with tool-call special tokens) -> the GSM8K `<<expr=value>>` notation."""
+    return PYTHON_CALL.sub(lambda m: f"<<{m.group(1).strip()}={(m.group(2) or '').strip()}>>", solution)
+
+
+def step_spans(solution):
+    """Character spans (start, end) of the steps in `solution`, following the module's splitting rule."""
+    body_end = len(solution)
+    marker = solution.find("####")
+    if marker != -1:
+        body_end = marker
+    spans, pos = [], 0
+    for line in solution[:body_end].split("\n"):
+        start, end = pos, pos + len(line)
+        pos = end + 1
+        if line.strip():
+            spans.append((start, end))
+    return spans
+
+
+def split_steps(solution):
+    return [solution[s:e].strip() for s, e in step_spans(solution)]
+
+
+def step_end_tokens(token_texts):
+    """Index of the last token of each step, given the decoded text of every completion token.
+    A step ends at the token holding its last character (so its reward lands where it was finished)."""
+    text = "".join(token_texts)
+    ends, offsets, total = [], [], 0
+    for piece in token_texts:
+        total += len(piece)
+        offsets.append(total)  # offsets[i] = end char of token i
+    token = 0
+    for _, end in step_spans(text):
+        while token < len(offsets) and offsets[token] < end:
+            token += 1
+        ends.append(min(token, len(offsets) - 1))
+    return ends
+
+
+# -----------------------------------------------------------------------------
+# Gold labels
+
+def _to_number(text):
+    try:
+        value = float(str(text).replace(",", "").replace("$", "").strip().rstrip("."))
+    except ValueError:
+        return None
+    return value
+
+
+def calculations(step_text):
+    """(expression, stated value) pairs of a step, in display notation."""
+    return [(m.group(1).strip(), m.group(2).strip()) for m in CALC.finditer(to_display(step_text))]
+
+
+def calc_is_right(expr, stated):
+    result, stated_value = _to_number(use_calculator(expr)), _to_number(stated)
+    return result is not None and stated_value is not None and abs(result - stated_value) <= 1e-6 * max(1.0, abs(result))
+
+
+def gold_step_labels(solution, reference_values=None):
+    """Per-step gold labels (1 correct / 0 incorrect) and the first error index (-1 if none).
+
+    Every calculation must evaluate to the value it states. With `reference_values` (the chain of
+    intermediate results of a correct solution, known exactly for our synthetic problems) each step's
+    result must also be a value of that chain that comes after the previous step's: a wrong operand or a
+    skipped step produces a number off the chain even when its arithmetic is right. Merging two steps
+    into one line is allowed: a calculation with n operations advances n links along the chain."""
+    labels, first_error, position = [], -1, -1
+    for step in split_steps(to_display(solution)):
+        calcs = calculations(step)
+        ok = all(calc_is_right(expr, stated) for expr, stated in calcs)
+        if ok and calcs and reference_values is not None:
+            value = _to_number(calcs[-1][1])
+            target = position + max(1, len(BINARY_OP.findall(calcs[-1][0])))  # one chain link per operation
+            if value is not None and target < len(reference_values) and \
+                    abs(float(reference_values[target]) - value) <= 1e-6 * max(1.0, abs(value)):
+                position = target
+            else:
+                ok = False
+        if not ok and first_error == -1:
+            first_error = len(labels)
+        labels.append(1 if ok and first_error == -1 else 0)
+    return labels, first_error
+
+
+# -----------------------------------------------------------------------------
+# The verification conversation
+
+def build_verifier_prompt(question, solution):
+    steps = split_steps(to_display(solution))
+    numbered = "\n".join(f"Step {i + 1}: {s}" for i, s in enumerate(steps)) or "(no steps)"
+    answer = FINAL_ANSWER.search(to_display(solution))
+    final = answer.group(0).strip() if answer else "(no final answer)"
+    return (f"Verify the solution step by step.\n\nQuestion: {question}\n\nSolution ({len(steps)} steps):\n"
+            f"{numbered}\nFinal answer: {final}\n\n"
+            f"For each step write 'Step i: <check> {ARROW} Correct' or '{ARROW} Incorrect', then 'Overall: Correct' or 'Overall: Incorrect'.")
+
+
+def build_verifier_conversation(question, solution, target=None):
+    """The verifier's conversation; with `target` (the expected verification text) it is an SFT example."""
+    messages = [{"role": "user", "content": build_verifier_prompt(question, solution)}]
+    if target is not None:
+        messages.append({"role": "assistant", "content": target})
+    return {"messages": messages}
+
+
+def _step_check(step):
+    """A short analysis of one step for gold verification texts: recompute its calculations."""
+    calcs = calculations(step)
+    if not calcs:
+        return "no calculation"
+    parts = []
+    for expr, stated in calcs:
+        actual = use_calculator(expr)
+        parts.append(f"{expr} is {actual}" + ("" if calc_is_right(expr, stated) else f", not {stated}"))
+    return "; ".join(parts)
+
+
+def gold_verification_text(solution, step_labels, overall_correct):
+    """The target a perfect verifier would write, from gold labels."""
+    steps = split_steps(to_display(solution))
+    assert len(steps) == len(step_labels), "one label per step"
+    lines = [f"Step {i + 1}: {_step_check(s)} {ARROW} {'Correct' if ok else 'Incorrect'}"
+             for i, (s, ok) in enumerate(zip(steps, step_labels))]
+    lines.append(f"Overall: {'Correct' if overall_correct else 'Incorrect'}")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Parsing whatever the verifier wrote
+
+@dataclass
+class Verification:
+    step_verdicts: list = field(default_factory=list)  # True = Correct, in the order written
+    overall: object = None                             # True / False / None when unparsable
+    format_ok: bool = False                            # numbered 1..n in order, every line parsed, an Overall
+    step_numbers: list = field(default_factory=list)
+
+    @property
+    def num_steps(self):
+        return len(self.step_verdicts)
+
+
+def parse_verification(text):
+    """Any text -> Verification. Never raises: garbage gives no steps, overall None, format_ok False."""
+    result = Verification()
+    if not isinstance(text, str):
+        return result
+    stray = False
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        step = STEP_LINE.match(line)
+        if step and result.overall is None:
+            result.step_numbers.append(int(step.group(1)))
+            result.step_verdicts.append(step.group(3).lower() == "correct")
+            continue
+        overall = OVERALL_LINE.match(line)
+        if overall and result.overall is None:
+            result.overall = overall.group(1).lower() == "correct"
+            continue
+        stray = True
+    in_order = result.step_numbers == list(range(1, len(result.step_numbers) + 1))
+    result.format_ok = bool(result.step_verdicts) and in_order and result.overall is not None and not stray
+    return result
+
+
+def format_score(verification, expected_steps):
+    """0..1: step lines present, exactly one verdict per step (numbered in order), a parsable Overall."""
+    present = verification.num_steps > 0
+    one_per_step = verification.num_steps == expected_steps and verification.step_numbers == list(range(1, expected_steps + 1))
+    has_overall = verification.overall is not None
+    return (present + one_per_step + has_overall) / 3.0
+
+
+def verifier_reward(verification, gold_overall, expected_steps, format_weight=0.5):
+    """1 for the right overall verdict (an unparsable verdict is wrong) + format_weight x format score."""
+    correct = verification.overall is not None and verification.overall == bool(gold_overall)
+    return float(correct) + format_weight * format_score(verification, expected_steps)
+
+
+def process_step_rewards(verification, num_steps):
+    """Generator process rewards: +1/K or -1/K per step, only when the verifier gave exactly K verdicts."""
+    if num_steps == 0 or verification.num_steps != num_steps:
+        return None
+    return [(1.0 if ok else -1.0) / num_steps for ok in verification.step_verdicts]
+
+
+# -----------------------------------------------------------------------------
+# Labelled solutions for warm-starting and evaluating the verifier
+
+def perturb_solution(solution, rng):
+    """Change the stated result of one calculation (an arithmetic slip) in a GSM8K-style solution.
+    Returns (corrupted solution, index of the first wrong step) or None if there is nothing to perturb."""
+    display = to_display(solution)
+    spans = step_spans(display)
+    candidates = [(i, m) for i, (s, e) in enumerate(spans) for m in CALC.finditer(display[s:e])]
+    if not candidates:
+        return None
+    step_index, match = rng.choice(candidates)
+    value = _to_number(match.group(2))
+    if value is None:
+        return None
+    delta = rng.choice([1, 2, 10]) * rng.choice([-1, 1]) if abs(value) >= 3 else rng.choice([1, 2, 3])
+    new_value = value + delta
+    new_text = str(int(new_value)) if float(new_value).is_integer() else f"{new_value:g}"
+    start = spans[step_index][0] + match.start(2)
+    end = spans[step_index][0] + match.end(2)
+    return display[:start] + new_text + display[end:], step_index
+
+
+def labelled_example(question, solution, overall_correct, step_labels):
+    """One verifier SFT conversation from gold labels."""
+    target = gold_verification_text(solution, step_labels, overall_correct)
+    return build_verifier_conversation(question, solution, target=target)
+
+
+def gsm8k_style_labelled(question, reference_solution, rng):
+    """From a reference solution: either itself (all correct) or a one-slip corruption (first error known)."""
+    if rng.random() < 0.5:
+        labels, _ = gold_step_labels(reference_solution)
+        return reference_solution, labels, True, -1
+    corrupted = perturb_solution(reference_solution, rng)
+    if corrupted is None:
+        labels, _ = gold_step_labels(reference_solution)
+        return reference_solution, labels, True, -1
+    solution, first_error = corrupted
+    n = len(split_steps(solution))
+    labels = [1 if i < first_error else 0 for i in range(n)]
+    return solution, labels, False, first_error
+
+
+def seeded_rng(seed, index):
+    return random.Random(seed * 1_000_003 + index)

@@ -1,0 +1,148 @@
+"""The verifier task: step splitting, parsing (exact and fuzzed), gold labels, rewards."""
+
+import random
+
+from hypothesis import given, settings, strategies as st
+
+from tasks import verify
+from tasks.arithmetic import ArithmeticTask
+
+SOLUTION = ("Tom has 3 bags with 4 apples each, so 3*4=<<3*4=12>>12 apples.\n"
+            "He buys 5 more: 12+5=<<12+5=17>>17.\n"
+            "\n"
+            "#### 17")
+TOOL_SOLUTION = ("He has 3*4=<|python_start|>3*4<|python_end|><|output_start|>12<|output_end|>12 apples.\n"
+                 "Then 12+5=<|python_start|>12+5<|python_end|><|output_start|>17<|output_end|>17.\n#### 17")
+
+
+def test_split_steps_rule():
+    steps = verify.split_steps(SOLUTION)
+    assert steps == ["Tom has 3 bags with 4 apples each, so 3*4=<<3*4=12>>12 apples.", "He buys 5 more: 12+5=<<12+5=17>>17."]
+    assert verify.split_steps("#### 5") == []
+    assert verify.split_steps("just one line without answer") == ["just one line without answer"]
+    assert verify.split_steps("a\nb #### 3") == ["a", "b"]  # the answer marker is cut off mid-line
+
+
+def test_tool_calls_display_as_gsm8k_notation():
+    display = verify.to_display(TOOL_SOLUTION)
+    assert "<<3*4=12>>" in display and "<<12+5=17>>" in display and "python_start" not in display
+    assert len(verify.split_steps(TOOL_SOLUTION)) == len(verify.split_steps(display)) == 2
+
+
+def test_step_end_tokens_map_steps_to_their_last_token():
+    pieces = ["He", " has", " 12", ".\n", "Then", " 17", ".", "\n", "####", " 17"]
+    ends = verify.step_end_tokens(pieces)
+    assert ends == [3, 6]  # step 1 ends in the token holding ".\n"; step 2 at "."
+
+
+def test_parse_well_formed_output():
+    text = "Step 1: 3*4 is 12 → Correct\nStep 2: 12+5 is 17, not 18 → Incorrect\nOverall: Incorrect"
+    v = verify.parse_verification(text)
+    assert v.step_verdicts == [True, False] and v.overall is False and v.format_ok
+    v = verify.parse_verification("step 1: fine -> correct\nOVERALL: Correct")
+    assert v.step_verdicts == [True] and v.overall is True and v.format_ok
+
+
+def test_parse_malformed_outputs():
+    assert not verify.parse_verification("").format_ok
+    v = verify.parse_verification("Step 2: x → Correct\nStep 1: y → Correct\nOverall: Correct")
+    assert v.num_steps == 2 and not v.format_ok  # out of order
+    v = verify.parse_verification("Step 1: x → Correct\nblah blah\nOverall: Correct")
+    assert v.overall is True and not v.format_ok  # stray text
+    v = verify.parse_verification("Step 1: x → Correct")
+    assert v.overall is None and not v.format_ok
+    assert verify.parse_verification(None).overall is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_parser_never_raises_on_garbage(text):
+    v = verify.parse_verification(text)
+    assert isinstance(v.step_verdicts, list) and v.overall in (True, False, None)
+    verify.verifier_reward(v, True, 3)
+    verify.process_step_rewards(v, 3)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.booleans(), min_size=1, max_size=8), st.booleans(), st.text(alphabet="abc 0123+*=", max_size=20))
+def test_parser_round_trips_generated_verifications(verdicts, overall, analysis):
+    text = "\n".join(f"Step {i + 1}: {analysis} → {'Correct' if v else 'Incorrect'}" for i, v in enumerate(verdicts))
+    text += f"\nOverall: {'Correct' if overall else 'Incorrect'}"
+    v = verify.parse_verification(text)
+    assert v.step_verdicts == verdicts and v.overall == overall and v.format_ok
+
+
+def test_gold_step_labels_recompute_calculations():
+    labels, first = verify.gold_step_labels(SOLUTION)
+    assert labels == [1, 1] and first == -1
+    wrong = SOLUTION.replace("<<12+5=17>>", "<<12+5=18>>")
+    assert verify.gold_step_labels(wrong) == ([1, 0], 1)
+    wrong_first = SOLUTION.replace("<<3*4=12>>", "<<3*4=13>>")
+    assert verify.gold_step_labels(wrong_first) == ([0, 0], 0)  # everything after the first error is incorrect
+    tool_wrong = TOOL_SOLUTION.replace("<|output_start|>17<", "<|output_start|>19<")
+    assert verify.gold_step_labels(tool_wrong)[1] == 1
+
+
+def test_gold_step_labels_follow_the_reference_chain():
+    # 12*2 is arithmetically right but the correct chain is 12 -> 17 -> 34: a wrong operand / skipped step
+    sol = "3*4=<<3*4=12>>12\n12*2=<<12*2=24>>24\n#### 24"
+    assert verify.gold_step_labels(sol, reference_values=[12, 17, 34]) == ([1, 0], 1)
+    merged = "3*4=<<3*4=12>>12\n(12+5)*2=<<(12+5)*2=34>>34\n#### 34"
+    assert verify.gold_step_labels(merged, reference_values=[12, 17, 34]) == ([1, 1], -1)
+    backwards = "3*4+5=<<3*4+5=17>>17\n3*4=<<3*4=12>>12\n#### 12"
+    assert verify.gold_step_labels(backwards, reference_values=[12, 17, 34]) == ([1, 0], 1)
+
+
+def test_gold_labels_on_arithmetic_fixture():
+    """Our task's corrupted solutions: gold first errors match what recomputation + provenance finds."""
+    task = ArithmeticTask(split="test", size=60)
+    checked = 0
+    for i in range(40):
+        item = task.get_labelled_solution(i, corrupt=True)
+        labels, first = verify.gold_step_labels(item["solution"], reference_values=task_chain(task, i))
+        assert first == item["first_error"], (item, labels)
+        assert labels == item["step_labels"]
+        clean = task.get_labelled_solution(i, corrupt=False)
+        assert verify.gold_step_labels(clean["solution"], reference_values=task_chain(task, i)) == (clean["step_labels"], -1)
+        checked += 1
+    assert checked == 40
+
+
+def task_chain(task, i):
+    return [s["y"] for s in task.problem(i)["steps"]]
+
+
+def test_gold_verification_text_parses_back():
+    labels = [1, 0]
+    text = verify.gold_verification_text(SOLUTION.replace("<<12+5=17>>", "<<12+5=18>>"), labels, False)
+    assert "12+5 is 17, not 18" in text
+    v = verify.parse_verification(text)
+    assert v.step_verdicts == [True, False] and v.overall is False and v.format_ok
+
+
+def test_rewards():
+    good = verify.parse_verification("Step 1: a → Correct\nStep 2: b → Incorrect\nOverall: Incorrect")
+    assert verify.verifier_reward(good, gold_overall=False, expected_steps=2) == 1.5
+    assert verify.verifier_reward(good, gold_overall=True, expected_steps=2) == 0.5
+    assert verify.verifier_reward(good, gold_overall=False, expected_steps=3) == 1.0 + 0.5 * 2 / 3
+    garbage = verify.parse_verification("lol")
+    assert verify.verifier_reward(garbage, gold_overall=False, expected_steps=2) == 0.0
+    assert verify.process_step_rewards(good, 2) == [0.5, -0.5]
+    assert verify.process_step_rewards(good, 3) is None  # count mismatch: no process signal
+
+
+def test_perturbation_labels_first_error():
+    rng = random.Random(0)
+    for _ in range(20):
+        solution, labels, overall, first = verify.gsm8k_style_labelled("q", SOLUTION, rng)
+        if overall:
+            assert first == -1 and labels == [1, 1]
+        else:
+            assert verify.gold_step_labels(solution)[1] == first and labels[first] == 0
+
+
+def test_verifier_conversation():
+    conv = verify.build_verifier_conversation("How many?", TOOL_SOLUTION, target="Step 1: ok → Correct")
+    prompt = conv["messages"][0]["content"]
+    assert "Step 1:" in prompt and "Step 2:" in prompt and "(2 steps)" in prompt and "#### 17" in prompt
+    assert conv["messages"][1]["role"] == "assistant"
