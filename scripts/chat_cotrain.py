@@ -114,6 +114,8 @@ def get_args(argv=None):
     p.add_argument("--ver_eval_examples", type=int, default=100, help="labelled solutions for verifier metrics")
     p.add_argument("--save_every", type=int, default=50, help="checkpoint every N global steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue exactly from the last co-training checkpoint")
+    p.add_argument("--stop_after", type=int, default=-1,
+                   help="checkpoint and exit after this many global steps (for time-limited jobs; resume later)")
     args = p.parse_args(argv)
     for name in ("examples_per_step", "num_samples", "gen_max_tokens", "ver_examples_per_step", "ver_solutions",
                  "ver_samples", "ver_max_tokens", "device_batch_size", "num_gen_steps", "gen_steps"):
@@ -549,8 +551,13 @@ def main(argv=None):
         state["global_step"] += 1
         if phase == "G" and args.eval_every > 0 and state["gen_step"] % args.eval_every == 0 and state["global_step"] < len(phases):
             history["eval"].append({"gen_step": state["gen_step"], **evaluate(f"gen step {state['gen_step']}")})
-        if (args.save_every > 0 and state["global_step"] % args.save_every == 0) or state["global_step"] == len(phases):
+        stopping = state["global_step"] == args.stop_after
+        if (args.save_every > 0 and state["global_step"] % args.save_every == 0) or state["global_step"] == len(phases) or stopping:
             save()
+        if stopping:
+            print0(f"stopping after global step {state['global_step']} as asked (--stop_after); continue with --resume")
+            compute_cleanup()
+            return history
     final = evaluate("final")
     history["eval"].append({"gen_step": state["gen_step"], **final})
     try:
