@@ -41,9 +41,8 @@ from nanochat.engine import Engine
 from nanochat.grpo import (sample_and_score, group_advantages, process_advantages, mix_advantages, alpha_schedule,
                            grpo_update, Rollout, majority_answers, ClassBalancer, pass_at_k)
 from nanochat.memory import estimate_memory, format_memory, cuda_memory_report
-from tasks.common import extract_hash_answer
+from tasks.common import extract_hash_answer, build_rl_task, RL_TASKS
 from tasks import verify
-from scripts.chat_rl import build_task
 
 
 def get_args(argv=None):
@@ -65,7 +64,7 @@ def get_args(argv=None):
     p.add_argument("--no_verifier", action="store_true", help="no verifier at all: plain GRPO (use with --alpha 0)")
     p.add_argument("--output_tag", default=None, help="checkpoint tag (default: g<depth>_v<depth>)")
     # task
-    p.add_argument("--task", default="gsm8k", choices=["gsm8k", "aqua", "arithmetic"])
+    p.add_argument("--task", default="gsm8k", choices=RL_TASKS)
     p.add_argument("--data_dir", default=None, help="local directory with the task data (else HF datasets)")
     p.add_argument("--reward", default="exact", choices=["exact", "majority"],
                    help="outcome label: the exact answer check, or the group's majority answer (no ground truth)")
@@ -200,8 +199,8 @@ def main(argv=None):
     pad_id = tokenizer.get_bos_token_id()
     assistant_end = tokenizer.encode_special("<|assistant_end|>")
 
-    train_task = build_task(args.task, "train", args.data_dir)
-    val_task = build_task(args.task, "test", args.data_dir)
+    train_task = build_rl_task(args.task, "train", args.data_dir)
+    val_task = build_rl_task(args.task, "test", args.data_dir)
     output_tag = args.output_tag or (f"g{generator.config.n_layer}" + ("" if verifier is None or args.shared_model else f"_v{verifier.config.n_layer}"))
     out_dir = os.path.join(get_base_dir(), CHECKPOINT_DIRS["cotrain"], output_tag)
     phases = phase_schedule(args)
@@ -327,7 +326,8 @@ def main(argv=None):
         t1 = time.time()
         alpha = alpha_schedule(g, args.num_gen_steps, args.alpha, args.alpha_end) if args.alpha > 0 else 0.0
         step_rewards, step_ends = [], []
-        verdict_stats = {"exact": 0, "missing": 0, "extra": 0, "judged_correct": 0, "judged_steps": 0}
+        verdict_stats = {"exact": 0, "missing": 0, "extra": 0, "judged_correct": 0, "judged_steps": 0,
+                         "gold_agree": 0, "gold_compared": 0}
         if verifier is not None:
             _, outputs = judge(rollouts, 1, args.ver_temperature, seed=args.seed + 2_000_003 * g + rank)
             for r, (tokens, _) in zip(rollouts, outputs):
@@ -343,6 +343,11 @@ def main(argv=None):
                 verdict_stats["judged_steps"] += verification.num_steps
                 step_rewards.append(rewards)
                 step_ends.append(ends)
+                # where gold step labels are computable, how often the verifier's step verdicts agree with them
+                gold, _ = verify.gold_step_labels(r.text, reference_values=reference_chain(train_task, r.example_index))
+                if gold and verification.num_steps == len(gold):
+                    verdict_stats["gold_agree"] += sum(int(v) == g for v, g in zip(verification.step_verdicts, gold))
+                    verdict_stats["gold_compared"] += len(gold)
                 r.info["process_fraction"] = (sum(verification.step_verdicts) / K_steps) if rewards else 0.0
         timer["verify"] = time.time() - t1
 
@@ -373,7 +378,8 @@ def main(argv=None):
                                 float(((rewards.max(1).values - rewards.min(1).values) == 0).sum()),
                                 sum(len(r.completion_ids) for r in rollouts), verdict_stats["exact"],
                                 verdict_stats["missing"], verdict_stats["extra"], verdict_stats["judged_correct"],
-                                verdict_stats["judged_steps"], sum(r.info.get("process_fraction", 0.0) for r in rollouts)], device)
+                                verdict_stats["judged_steps"], sum(r.info.get("process_fraction", 0.0) for r in rollouts),
+                                verdict_stats["gold_agree"], verdict_stats["gold_compared"]], device)
         n = max(sums[1], 1)
         record = {"gen_step": g, "gen/outcome_reward": sums[0] / n, "gen/accuracy": sums[2] / n,
                   "gen/zero_variance_groups": sums[3] / args.examples_per_step, "gen/seq_len": sums[4] / n,
@@ -381,6 +387,7 @@ def main(argv=None):
                   "gen/total_reward": sums[0] / n + alpha * sums[10] / n,
                   "gen/steps_exact": sums[5] / n, "gen/steps_missing": sums[6] / n, "gen/steps_extra": sums[7] / n,
                   "gen/share_steps_judged_correct": sums[8] / max(sums[9], 1), "gen/entropy_proxy": stats["entropy_proxy"],
+                  "gen/verifier_step_agreement": sums[11] / max(sums[12], 1),
                   "gen/lr_multiplier": lrm, **{f"gen/time_{k}": v for k, v in timer.items()}}
         print0(f"G {g:4d} | reward {record['gen/outcome_reward']:.3f} | acc {record['gen/accuracy']:.3f} | "
                f"alpha {alpha:.4f} | proc {record['gen/process_reward']:.3f} | K-aligned {record['gen/steps_exact']:.2f} | "
@@ -577,6 +584,13 @@ def _global_labels(labels, device):
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, list(labels))
     return [label for part in gathered for label in part]
+
+
+def reference_chain(task, index):
+    """The exact chain of intermediate results of a synthetic arithmetic problem (None for other tasks)."""
+    if not hasattr(task, "problem"):
+        return None
+    return [step["y"] for step in task.problem(index)["steps"]]
 
 
 def labelled_solution(task, index, rng):

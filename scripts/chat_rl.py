@@ -23,19 +23,7 @@ from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, g
 from nanochat.checkpoint_manager import load_model, save_checkpoint, load_checkpoint, find_last_step, CHECKPOINT_DIRS
 from nanochat.engine import Engine
 from nanochat.grpo import sample_and_score, group_advantages, grpo_update, pass_at_k
-
-
-def build_task(name, split, data_dir=None):
-    if name == "gsm8k":
-        from tasks.gsm8k import GSM8K
-        return GSM8K(split=split, data_dir=data_dir)
-    if name == "aqua":
-        from tasks.aqua import AQuA
-        return AQuA(split="dev" if split == "train" else "test", data_dir=data_dir)
-    if name == "arithmetic":
-        from tasks.arithmetic import ArithmeticTask
-        return ArithmeticTask(split=split)
-    raise ValueError(f"unknown task {name!r}: expected gsm8k, aqua or arithmetic")
+from tasks.common import build_rl_task, RL_TASKS
 
 
 def get_args(argv=None):
@@ -50,7 +38,7 @@ def get_args(argv=None):
     parser.add_argument("--model_step", type=int, default=None, help="checkpoint step to load (default: last)")
     parser.add_argument("--output_tag", default=None, help="tag of the RL checkpoints (default: the model tag)")
     # task and sampling
-    parser.add_argument("--task", default="gsm8k", choices=["gsm8k", "aqua", "arithmetic"])
+    parser.add_argument("--task", default="gsm8k", choices=RL_TASKS)
     parser.add_argument("--data_dir", default=None, help="local directory with the task data (else HF datasets)")
     parser.add_argument("--num_steps", type=int, default=-1, help="optimizer steps (-1: one pass over the train split)")
     parser.add_argument("--examples_per_step", type=int, default=16, help="questions per step, over all ranks")
@@ -98,8 +86,8 @@ def main(argv=None):
     out_dir = os.path.join(get_base_dir(), CHECKPOINT_DIRS["rl"], model_tag)
     engine = Engine(model, tokenizer)
     ref_model = copy.deepcopy(model).eval() if args.kl_coef > 0 else None
-    train_task = build_task(args.task, "train", args.data_dir)
-    val_task = build_task(args.task, "test", args.data_dir)
+    train_task = build_rl_task(args.task, "train", args.data_dir)
+    val_task = build_rl_task(args.task, "test", args.data_dir)
     num_steps = args.num_steps if args.num_steps > 0 else len(train_task) // args.examples_per_step
     optimizer = model.setup_optimizers(unembedding_lr=args.unembedding_lr * args.init_lr_frac,
                                        embedding_lr=args.embedding_lr * args.init_lr_frac,
