@@ -1,0 +1,1 @@
+"""Developer tools: data preparation and benchmarks, run as `python -m dev.<name>`."""

@@ -1,0 +1,308 @@
+"""Tests for nanochat/dataset.py (shard listing, splits, rank striding, downloads with retries and
+corruption handling against a local HTTP server) and dev/make_shards.py (text/JSONL -> shards)."""
+
+import http.server
+import json
+import os
+import threading
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nanochat import dataset
+from nanochat.dataset import (CorruptShardError, DownloadError, download_shards, download_single_file,
+                              list_parquet_files, open_shard, parquets_iter_batched, rank_row_groups,
+                              shard_filename, shard_indices, split_files)
+from dev import make_shards
+
+
+def write_fixture_shards(directory, docs_per_shard, row_group_size):
+    """Shards whose documents name themselves ("s1-d4 ...") so tests can tell where each came from."""
+    os.makedirs(directory, exist_ok=True)
+    everything = []
+    for s, n in enumerate(docs_per_shard):
+        docs = [f"s{s}-d{d} " + "lorem ipsum " * (d % 5) for d in range(n)]
+        make_shards.write_shard(docs, os.path.join(directory, shard_filename(s)), row_group_size)
+        everything.append(docs)
+    return everything
+
+
+# ------------------------------------------------------------------------------ listing and reading
+
+def test_list_and_split_val_is_last_shard(tmp_path):
+    shards = write_fixture_shards(tmp_path, [5, 6, 7], row_group_size=2)
+    (tmp_path / ".shard_00003.parquet.123.tmp").write_bytes(b"partial download")
+    (tmp_path / "notes.txt").write_text("not a shard")
+    names = [os.path.basename(p) for p in list_parquet_files(tmp_path)]
+    assert names == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet"]
+    assert [os.path.basename(p) for p in split_files("val", tmp_path)] == ["shard_00002.parquet"]
+    assert len(split_files("train", tmp_path)) == 2
+    val_docs = [d for batch in parquets_iter_batched("val", data_dir=tmp_path) for d in batch]
+    assert val_docs == shards[2]
+    train_docs = [d for batch in parquets_iter_batched("train", data_dir=tmp_path) for d in batch]
+    assert train_docs == shards[0] + shards[1]
+
+
+def test_data_dir_env_override(tmp_path, monkeypatch):
+    write_fixture_shards(tmp_path / "elsewhere", [3, 3], row_group_size=2)
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(tmp_path / "elsewhere"))
+    assert len(list_parquet_files()) == 2
+    assert dataset.get_data_dir() == str(tmp_path / "elsewhere")
+
+
+def test_missing_data_gives_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no parquet shards.*make_corpus"):
+        split_files("train", tmp_path / "nothing_here")
+    write_fixture_shards(tmp_path, [4], row_group_size=2)
+    with pytest.raises(FileNotFoundError, match="validation split"):
+        split_files("train", tmp_path)
+    assert len(split_files("val", tmp_path)) == 1
+    with pytest.raises(ValueError, match="split"):
+        split_files("test", tmp_path)
+
+
+def test_rank_striding_is_disjoint_and_covers_the_split(tmp_path):
+    # shards with 3, 1 and 2 row groups: per-file striding would starve rank 2 of 3 on the short file
+    write_fixture_shards(tmp_path, [6, 2, 4, 5], row_group_size=2)
+    everything = [d for batch in parquets_iter_batched("train", data_dir=tmp_path) for d in batch]
+    assert len(everything) == 12
+    for world in (1, 2, 3, 4):
+        per_rank = [[d for batch in parquets_iter_batched("train", r, world, tmp_path) for d in batch] for r in range(world)]
+        flat = [d for docs in per_rank for d in docs]
+        assert len(flat) == len(set(flat)) == len(everything)
+        assert set(flat) == set(everything)
+        group_counts = [len(rank_row_groups(split_files("train", tmp_path), r, world)) for r in range(world)]
+        assert max(group_counts) - min(group_counts) <= 1
+    with pytest.raises(ValueError):
+        rank_row_groups(split_files("train", tmp_path), 2, 2)
+
+
+def test_corrupt_local_shard_raises_naming_the_file(tmp_path):
+    write_fixture_shards(tmp_path, [8, 8, 8], row_group_size=4)
+    path = tmp_path / shard_filename(1)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptShardError, match="shard_00001.parquet"):
+        open_shard(str(path))
+    with pytest.raises(CorruptShardError, match="shard_00001.parquet"):
+        list(parquets_iter_batched("train", data_dir=tmp_path))
+    assert not dataset.verify_shard(str(path))
+    # a parquet file without the text column is refused as well
+    pq.write_table(pa.table({"content": ["x"]}), str(tmp_path / shard_filename(0)))
+    with pytest.raises(CorruptShardError, match="no 'text' column"):
+        open_shard(str(tmp_path / shard_filename(0)))
+
+
+# ------------------------------------------------------------------------------ downloads
+
+class ShardServer:
+    """A local HTTP server for shard files. `script[name]` is a list of behaviours consumed one per
+    request ('ok', 'truncated' (short file, honest length), 'short' (body shorter than its
+    Content-Length), '500', '404'); when it runs out, requests get 'ok'."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.script = {}
+        self.requests = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[-1]
+                server.requests.append(name)
+                queue = server.script.get(name, [])
+                behaviour = queue.pop(0) if queue else "ok"
+                path = os.path.join(server.directory, name)
+                if behaviour == "404" or not os.path.exists(path):
+                    self.send_error(404)
+                    return
+                if behaviour == "500":
+                    self.send_error(500)
+                    return
+                body = open(path, "rb").read()
+                if behaviour == "truncated":
+                    body = body[: len(body) // 2]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(open(path, "rb").read()) if behaviour == "short" else len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2] if behaviour == "short" else body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/shards"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    remote = tmp_path / "remote"
+    shards = write_fixture_shards(remote, [10, 12, 14, 9], row_group_size=4)
+    with ShardServer(str(remote)) as srv:
+        srv.shards = shards
+        yield srv
+
+
+def no_leftovers(directory):
+    return [n for n in os.listdir(directory) if n.endswith(".tmp")] == []
+
+
+def test_download_all_shards(server, tmp_path):
+    local = tmp_path / "local"
+    sleeps = []
+    paths = download_shards(-1, num_workers=3, base_url=server.url, data_dir=str(local), total_shards=4,
+                            sleep=sleeps.append, log=lambda *a: None)
+    assert [os.path.basename(p) for p in paths] == [shard_filename(i) for i in range(4)]
+    for i, docs in enumerate(server.shards):
+        assert (local / shard_filename(i)).read_bytes() == (tmp_path / "remote" / shard_filename(i)).read_bytes()
+    assert sleeps == [] and no_leftovers(local)
+    # present and intact shards are not fetched again
+    before = len(server.requests)
+    download_shards(-1, num_workers=2, base_url=server.url, data_dir=str(local), total_shards=4, log=lambda *a: None)
+    assert len(server.requests) == before
+
+
+def test_shard_indices_keep_the_final_val_shard():
+    assert shard_indices(3, total_shards=10) == [0, 1, 9]
+    assert shard_indices(1, total_shards=10) == [9]
+    assert shard_indices(-1, total_shards=4) == [0, 1, 2, 3]
+    assert shard_indices(50, total_shards=4) == [0, 1, 2, 3]
+    with pytest.raises(ValueError):
+        shard_indices(0)
+
+
+def test_truncated_download_is_retried_with_backoff(server, tmp_path):
+    local = tmp_path / "local"
+    name = shard_filename(1)
+    server.script[name] = ["truncated", "short", "500"]
+    sleeps = []
+    path = download_single_file(1, base_url=server.url, data_dir=str(local), backoff_s=0.5, sleep=sleeps.append, log=lambda *a: None)
+    assert server.requests == [name] * 4
+    assert sleeps == [0.5, 1.0, 2.0]
+    assert open(path, "rb").read() == (tmp_path / "remote" / name).read_bytes()
+    assert no_leftovers(local)
+
+
+def test_download_gives_up_and_leaves_no_partial_file(server, tmp_path):
+    local = tmp_path / "local"
+    name = shard_filename(2)
+    server.script[name] = ["truncated"] * 10
+    sleeps = []
+    with pytest.raises(DownloadError, match=name):
+        download_single_file(2, base_url=server.url, data_dir=str(local), max_attempts=4, sleep=sleeps.append, log=lambda *a: None)
+    assert sleeps == [1.0, 2.0, 4.0]
+    assert os.listdir(local) == []
+
+
+def test_not_found_is_not_retried(server, tmp_path):
+    sleeps = []
+    with pytest.raises(DownloadError, match="404"):
+        download_single_file(7, base_url=server.url, data_dir=str(tmp_path / "local"), sleep=sleeps.append, log=lambda *a: None)
+    assert server.requests == [shard_filename(7)] and sleeps == []
+
+
+def test_corrupt_local_shard_is_replaced(server, tmp_path):
+    local = tmp_path / "local"
+    local.mkdir()
+    name = shard_filename(0)
+    good = (tmp_path / "remote" / name).read_bytes()
+    (local / name).write_bytes(good[:100])
+    messages = []
+    download_single_file(0, base_url=server.url, data_dir=str(local), sleep=lambda s: None, log=messages.append)
+    assert (local / name).read_bytes() == good
+    assert server.requests == [name]
+    assert any("corrupt" in m for m in messages)
+
+
+def test_partial_failure_keeps_the_good_shards(server, tmp_path):
+    local = tmp_path / "local"
+    server.script[shard_filename(1)] = ["404"]
+    with pytest.raises(DownloadError, match="1 shard"):
+        download_shards(-1, num_workers=2, base_url=server.url, data_dir=str(local), total_shards=4,
+                        sleep=lambda s: None, log=lambda *a: None)
+    assert sorted(os.listdir(local)) == [shard_filename(i) for i in (0, 2, 3)]
+
+
+def test_cli(server, tmp_path, monkeypatch, capsys):
+    local = tmp_path / "local"
+    monkeypatch.setenv("NANOCHAT_DATA_URL", server.url)
+    assert dataset.main(["-n", "2", "-w", "2", "--total_shards", "4", "--data_dir", str(local)]) == 0
+    assert sorted(os.listdir(local)) == [shard_filename(0), shard_filename(3)]
+    assert [os.path.basename(p) for p in split_files("val", local)] == [shard_filename(3)]
+    assert dataset.main(["-n", "-1", "--total_shards", "5", "--data_dir", str(local)]) == 1  # shard 4 is not served
+    assert "shard_00004" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        dataset.main(["-n", "0"])
+
+
+# ------------------------------------------------------------------------------ make_shards
+
+def test_make_shards_round_trip(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("first paragraph\n\nsecond paragraph\n", encoding="utf-8")
+    (src / "sub" / "b.md").write_text("ünïcode paragraph ✓\n\n\n", encoding="utf-8")
+    records = [{"body": f"json document {i}", "id": i} for i in range(40)] + [{"body": "   "}]
+    (src / "c.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n\n", encoding="utf-8")
+    (src / "ignored.csv").write_text("x,y")
+    out = tmp_path / "out"
+    rc = make_shards.main([str(src), "--out_dir", str(out), "--field", "body", "--txt_doc", "paragraph",
+                           "--docs_per_shard", "10", "--row_group_size", "3", "--val_docs", "5"])
+    assert rc == 0
+    files = list_parquet_files(out)
+    expected = {"first paragraph", "second paragraph", "ünïcode paragraph ✓"} | {f"json document {i}" for i in range(40)}
+    read_back = [d for split in ("train", "val") for batch in parquets_iter_batched(split, data_dir=out) for d in batch]
+    assert sorted(read_back) == sorted(expected)
+    assert pq.ParquetFile(files[-1]).metadata.num_rows == 5
+    assert [pq.ParquetFile(f).metadata.num_rows for f in files] == [10, 10, 10, 8, 5]
+    assert pq.ParquetFile(files[0]).metadata.num_row_groups == 4
+    assert pq.ParquetFile(files[0]).schema_arrow.names == ["text"]
+    assert no_leftovers(out)
+    # deterministic: the same inputs give the same shards
+    again = tmp_path / "again"
+    make_shards.main([str(src), "--out_dir", str(again), "--field", "body", "--txt_doc", "paragraph",
+                      "--docs_per_shard", "10", "--row_group_size", "3", "--val_docs", "5"])
+    assert [pq.read_table(f).to_pylist() for f in files] == [pq.read_table(f).to_pylist() for f in list_parquet_files(again)]
+
+
+def test_make_shards_chars_per_shard_and_order(tmp_path):
+    docs = [f"doc {i:03d} " + "x" * 40 for i in range(30)]
+    paths = make_shards.write_shards(docs, str(tmp_path), chars_per_shard=200, row_group_size=4, shuffle_seed=None,
+                                     log=lambda *a: None)
+    shards = [pq.read_table(p).column("text").to_pylist() for p in paths]
+    assert [d for s in shards for d in s] == docs  # no shuffle: input order kept
+    assert all(sum(map(len, s)) >= 200 for s in shards[:-1])
+    assert all(sum(map(len, s[:-1])) < 200 for s in shards)
+
+
+def test_make_shards_bad_input(tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{not json}\n')
+    assert make_shards.main([str(tmp_path / "bad.jsonl"), "--out_dir", str(tmp_path / "o")]) == 1
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    (tmp_path / "nofield.jsonl").write_text('{"body": "ok"}\n')
+    assert make_shards.main([str(tmp_path / "nofield.jsonl"), "--out_dir", str(tmp_path / "o")]) == 1
+    assert "--field" in capsys.readouterr().err
+    assert make_shards.main([str(tmp_path / "missing.txt"), "--out_dir", str(tmp_path / "o")]) == 1
+    # refuses to mix with existing shards, and loses nothing
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "b.txt").write_text("world")
+    out = tmp_path / "o2"
+    assert make_shards.main([str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--out_dir", str(out), "--val_docs", "1"]) == 0
+    before = {p: open(p, "rb").read() for p in list_parquet_files(out)}
+    assert make_shards.main([str(tmp_path / "a.txt"), "--out_dir", str(out)]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert {p: open(p, "rb").read() for p in list_parquet_files(out)} == before
+    with pytest.raises(ValueError, match="no training documents"):
+        make_shards.plan_shards(["a", "b"], docs_per_shard=1, val_docs=2)
+    with pytest.raises(SystemExit):
+        make_shards.main([str(tmp_path / "a.txt"), "--out_dir", str(out), "--docs_per_shard", "2", "--chars_per_shard", "9"])
