@@ -56,16 +56,30 @@ TOML
     fi
 fi
 
-# 3. The environment.
+# 3. Headless Chromium for the browser test of the chat UI (Debian's package; Playwright drives it).
+#    Skipped where it cannot be installed (then that one test skips loudly); NANOCHAT_NO_BROWSER=1 skips it.
+if [ "${NANOCHAT_NO_BROWSER:-0}" != "1" ] && ! command -v chromium >/dev/null 2>&1 && [ ! -x /usr/bin/chromium ]; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        log "installing Debian's chromium for the browser test (NANOCHAT_NO_BROWSER=1 skips this)"
+        apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null \
+            || log "warning: could not install chromium; the browser test will skip"
+    else
+        log "note: no chromium and no root apt-get; the browser test will skip"
+    fi
+fi
+
+# 4. The environment.
 if [ ! -x .venv/bin/python ]; then
     log "creating .venv"
     "$PYTHON" -m venv .venv
 fi
 VPY=.venv/bin/python
-"$VPY" -m pip install -q --upgrade pip
+# pip warns once per package about local index folders some machines configure; keep real errors only
+pip_install() { "$VPY" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+pip_install --upgrade pip
 log "installing $TORCH_SPEC"
-"$VPY" -m pip install -q "$TORCH_SPEC" numpy
+pip_install "$TORCH_SPEC" numpy
 log "installing nanochat (compiles the Rust BPE extension with maturin) and test tools"
-"$VPY" -m pip install -q -e ".[dev]"
+pip_install -e ".[dev]"
 "$VPY" -c "import torch, nanochat.rustbpe; print('[setup] ok: torch', torch.__version__, '| cuda', torch.cuda.is_available(), '| rustbpe', nanochat.rustbpe.__version__)"
 log "done. Activate with: source .venv/bin/activate"

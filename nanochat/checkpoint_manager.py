@@ -33,7 +33,6 @@ CHECKPOINT_DIRS = {
     "rl": "chatrl_checkpoints",
     "cotrain": "cotrain_checkpoints",
     "verifier_sft": "verifier_sft_checkpoints",
-    "cotrain_verifier": "cotrain_verifier_checkpoints",
 }
 
 
@@ -164,9 +163,11 @@ def model_from_state(model_config, state_dict, device):
 
 def build_model(checkpoint_dir, step, device, phase="eval", model_key=None):
     """(model, meta) from a checkpoint directory. `model_key` picks one model out of a checkpoint that
-    holds several (co-training stores {"generator": ..., "verifier": ...})."""
+    holds several (co-training stores {"generator": ..., "verifier": ...}; the generator is the default)."""
     device = torch.device(device)
     model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    if model_key is None and "model_configs" in meta:
+        model_key = "generator"
     if model_key is not None:
         model_data = model_data[model_key]
         model_config = meta["model_configs"][model_key]

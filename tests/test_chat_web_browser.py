@@ -1,0 +1,189 @@
+"""
+The chat UI (nanochat/ui.html) driven by a real browser: Playwright controls Debian's Chromium against the
+chat server on 127.0.0.1. A person's session: the page loads, a message gets a streamed reply, Stop cuts a
+long reply short (and the server stops generating), Regenerate and Edit work, an over-long message shows
+the server's error and keeps the text, New conversation clears, and verified answers show step verdicts.
+
+Needs the `playwright` Python package (dev extras) and /usr/bin/chromium (`apt-get install -y chromium`);
+without them the tests skip and say so. Screenshots go to a tmp dir; their paths are printed.
+"""
+
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+from chat_web_fixtures import InProcessServer, make_workers
+import scripts.chat_web as chat_web
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def _loud_skip(reason):
+    message = f"!!! BROWSER TEST SKIPPED: {reason} !!!"
+    print(message, file=sys.stderr)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _loud_skip("the `playwright` Python package is missing (pip install playwright; it is in the dev extras)")
+    if not os.path.exists(CHROMIUM):
+        _loud_skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # the browser, the server and the model share 2 cores
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture()
+def page(browser):
+    context = browser.new_context(viewport={"width": 1000, "height": 760})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.js_errors = []
+    page.on("pageerror", lambda error: page.js_errors.append(str(error)))
+    yield page
+    context.close()
+
+
+def screenshot(page, tmp_path, name):
+    path = os.path.join(tmp_path, name)
+    page.screenshot(path=path, full_page=True)
+    print(f"screenshot saved to {path}")
+    return path
+
+
+def send(page, text):
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def wait_idle(page):
+    page.wait_for_function("document.body.dataset.busy === 'false' && !document.querySelector('.message.pending')")
+
+
+def test_chat_in_a_real_browser(page, tiny_tokenizer, tmp_path):
+    from playwright.sync_api import expect
+    app = chat_web.create_app(make_workers(tiny_tokenizer), tiny_tokenizer, model_name="babbler")
+    with InProcessServer(app) as server:
+        worker = server.pool.workers[0]
+        page.goto(server.url)
+        expect(page.locator("#model-name")).to_contain_text("babbler")
+        messages = page.locator(".message")
+        replies = page.locator('.message[data-role="assistant"] .content')
+        expect(messages).to_have_count(0)
+
+        # a short reply, streamed in
+        page.click("#settings-button")
+        page.fill("#max-tokens", "12")
+        send(page, "Hello there")
+        wait_idle(page)
+        expect(messages).to_have_count(2)
+        expect(page.locator('.message[data-role="user"] .content')).to_have_text("Hello there")
+        assert replies.first.inner_text().strip()
+        expect(page.locator('.message[data-role="assistant"] .note')).to_have_text("stopped at the token limit")
+        assert worker.history[-1]["finish_reason"] == "length" and worker.history[-1]["tokens"] == 12
+
+        # a long reply: watch it grow, then stop it
+        page.fill("#max-tokens", "4000")
+        send(page, "Tell me a very long story")
+        expect(page.locator("#stop")).to_be_visible()
+        page.wait_for_function("document.querySelectorAll('.message.assistant .content')[1]?.textContent.length > 0")
+        first = len(replies.nth(1).text_content())
+        page.wait_for_function(f"document.querySelectorAll('.message.assistant .content')[1].textContent.length > {first}")
+        page.click("#stop")
+        wait_idle(page)
+        expect(page.locator("#send")).to_be_visible()
+        expect(page.locator('.message[data-role="assistant"] .note').nth(1)).to_have_text("stopped")
+        stopped_text = replies.nth(1).text_content()
+        assert len(stopped_text) > first
+        for _ in range(100):  # the server notices the closed stream within a token or two
+            if not worker.busy and worker.history[-1]["finish_reason"] == "cancelled":
+                break
+            page.wait_for_timeout(100)
+        assert worker.history[-1]["finish_reason"] == "cancelled", worker.history[-1]
+        assert worker.history[-1]["tokens"] < 4000
+
+        # regenerate the stopped reply
+        page.fill("#max-tokens", "12")
+        page.click(".message.assistant .regenerate")
+        wait_idle(page)
+        expect(messages).to_have_count(4)
+        expect(page.locator('.message[data-role="assistant"] .note').nth(1)).to_have_text("stopped at the token limit")
+
+        # edit the first question: the conversation is cut after it and answered again
+        page.locator(".message.user .edit").first.click()
+        page.fill(".edit-box", "An edited question")
+        page.click(".save-edit")
+        wait_idle(page)
+        expect(messages).to_have_count(2)
+        expect(page.locator('.message[data-role="user"] .content')).to_have_text("An edited question")
+
+        # an over-long message: the server's error is shown and the text stays in the box
+        too_long = "x" * (chat_web.MAX_MESSAGE_CHARS + 1)
+        send(page, too_long)
+        expect(page.locator("#error")).to_be_visible()
+        expect(page.locator("#error-text")).to_contain_text("too long")
+        expect(page.locator("#error-text")).to_contain_text(str(chat_web.MAX_MESSAGE_CHARS))
+        wait_idle(page)
+        expect(messages).to_have_count(2)
+        assert page.input_value("#input") == too_long
+        screenshot(page, tmp_path, "chat_ui.png")
+
+        # new conversation
+        page.click("#error-close")
+        page.click("#new-chat")
+        expect(messages).to_have_count(0)
+        expect(page.locator("#error")).to_be_hidden()
+    assert page.js_errors == []
+
+
+class MadeUpVerdicts:
+    """A verify API that judges by the verifier's text (deterministic nonsense) so verdicts are mixed."""
+
+    @staticmethod
+    def build_verifier_conversation(question, solution):
+        return {"messages": [{"role": "user", "content": f"Check: {question}\n{solution}"}]}
+
+    @staticmethod
+    def parse_verification(text):
+        h = sum(map(ord, text))
+        return types.SimpleNamespace(step_verdicts=[bool(h >> i & 1) for i in range(3)], overall=bool(h & 8), format_ok=True)
+
+    @staticmethod
+    def split_steps(text):
+        return [f"first part {text[:6]!r}", f"second part {text[6:12]!r}", "the rest"]
+
+
+def test_verified_answer_shows_step_verdicts(page, tiny_tokenizer, tmp_path):
+    from playwright.sync_api import expect
+    workers = make_workers(tiny_tokenizer, verifier=True)
+    app = chat_web.create_app(workers, tiny_tokenizer, model_name="babbler", verify_api=MadeUpVerdicts(),
+                              verify_samples=2, verifier_max_tokens=8)
+    with InProcessServer(app) as server:
+        page.goto(server.url)
+        expect(page.locator("#verify-label")).to_be_visible()
+        page.check("#verify-toggle")
+        page.click("#settings-button")
+        page.fill("#max-tokens", "8")
+        send(page, "What is 2 + 2?")
+        wait_idle(page)
+        verification = page.locator(".message.assistant .verification")
+        expect(verification).to_contain_text("best of 2")
+        expect(verification.locator("li.step")).to_have_count(3)
+        expect(verification.locator("li.step").first).to_contain_text("first part")
+        marks = [m.strip() for m in verification.locator("li.step > span").all_inner_texts()]
+        assert set(marks) <= {"✓", "✗"} and len(marks) == 3
+        screenshot(page, tmp_path, "chat_ui_verified.png")
+    assert page.js_errors == []
