@@ -41,7 +41,8 @@ from nanochat.engine import Engine
 from nanochat.grpo import (sample_and_score, group_advantages, process_advantages, mix_advantages, alpha_schedule,
                            grpo_update, Rollout, majority_answers, ClassBalancer, pass_at_k)
 from nanochat.memory import estimate_memory, format_memory, cuda_memory_report
-from tasks.common import extract_hash_answer, build_rl_task, RL_TASKS
+from tasks.common import extract_hash_answer
+from tasks.by_name import build_rl_task, RL_TASKS
 from tasks import verify
 
 

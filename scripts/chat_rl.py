@@ -23,7 +23,7 @@ from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, g
 from nanochat.checkpoint_manager import load_model, save_checkpoint, load_checkpoint, find_last_step, CHECKPOINT_DIRS
 from nanochat.engine import Engine
 from nanochat.grpo import sample_and_score, group_advantages, grpo_update, pass_at_k
-from tasks.common import build_rl_task, RL_TASKS
+from tasks.by_name import build_rl_task, RL_TASKS
 
 
 def get_args(argv=None):

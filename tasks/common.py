@@ -398,24 +398,3 @@ class DatasetTask(Task):
 
     def record(self, index):
         return self.records[self.order[index]]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The tasks that RL and co-training can reward exactly
-
-RL_TASKS = ("gsm8k", "aqua", "arithmetic")
-
-
-def build_rl_task(name, split, data_dir=None):
-    """A task with an exact answer checker, for chat_rl / chat_cotrain. split: "train" or "test"
-    (AQuA-RAT's 97k train split is not bundled anywhere we can reach, so its dev split trains)."""
-    if name == "gsm8k":
-        from tasks.gsm8k import GSM8K
-        return GSM8K(split=split, data_dir=data_dir)
-    if name == "aqua":
-        from tasks.aqua import AQuA
-        return AQuA(split="dev" if split == "train" else "test", data_dir=data_dir)
-    if name == "arithmetic":
-        from tasks.arithmetic import ArithmeticTask
-        return ArithmeticTask(split=split)
-    raise ValueError(f"unknown RL task {name!r}: expected one of {RL_TASKS}")

@@ -1,0 +1,200 @@
+"""
+Task names as they appear on command lines (--tasks for mid_train / chat_sft, -a for chat_eval, --task for
+chat_rl / chat_cotrain), resolved to Task objects. Task modules are imported lazily, so naming a task
+whose data is missing fails only when it is used, with that task's own error message.
+"""
+
+import os
+
+from nanochat.common import get_logger
+from nanochat.eval import CHANCE
+from tasks.common import DataNotFoundError, TaskMixture
+
+logger = get_logger(__name__)
+
+
+# name -> display name (the key reports and the summary table use)
+TASKS = {
+    "arc-easy": "ARC-Easy",
+    "arc-challenge": "ARC-Challenge",
+    "mmlu": "MMLU",
+    "gsm8k": "GSM8K",
+    "humaneval": "HumanEval",
+    "smoltalk": "SmolTalk",
+    "spellingbee": "SpellingBee",
+    "simplespelling": "SimpleSpelling",
+    "identity": "Identity",
+    "aqua": "AQuA",
+    "arithmetic": "Arithmetic",
+}
+SPLITS = ("train", "val", "test")
+# Named task lists for --tasks. The *-full ones are nanochat's recipes (they need the Hugging Face data
+# sets, or local copies, and an identity file); the defaults of the scripts are synthetic and offline.
+TASK_PRESETS = {
+    "mid-full": "smoltalk|mmlu|gsm8k|identity?*2|simplespelling:200000|spellingbee:80000",
+    "sft-full": "arc-easy|arc-challenge|gsm8k|smoltalk:10000|identity?|simplespelling:300|spellingbee:300|aqua:5000",
+    "offline": "arithmetic|simplespelling:2000|spellingbee:2000",
+}
+SYNTHETIC_TEST_SIZE = 256  # test-split size of the generated tasks (spelling)
+
+
+def canonical_task_name(name):
+    key = name.strip().lower().replace("_", "-")
+    aliases = {"arc-e": "arc-easy", "arc-c": "arc-challenge", "aqua-rat": "aqua", "spelling-bee": "spellingbee",
+               "simple-spelling": "simplespelling", "customjson": "identity"}
+    key = aliases.get(key, key)
+    if key not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    return key
+
+
+def make_task(name, split, data_dir=None, identity_file=None, size=None):
+    """The Task behind a name and split ("train", "val" or "test"). Returns None when the task has no
+    such split (identity has only train; humaneval only test), so callers can leave it out of a mixture.
+    `size` caps the number of examples (the first `size` of the task's own, shuffled, order)."""
+    name = canonical_task_name(name)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    slice_kwargs = {} if size is None else {"stop": int(size)}
+    if name in ("arc-easy", "arc-challenge"):
+        from tasks.arc import ARC
+        subset = "ARC-Easy" if name == "arc-easy" else "ARC-Challenge"
+        return ARC(subset=subset, split={"val": "validation"}.get(split, split), data_dir=data_dir, **slice_kwargs)
+    if name == "mmlu":
+        from tasks.mmlu import MMLU
+        if split == "train":
+            return MMLU(subset="auxiliary_train", split="train", data_dir=data_dir, **slice_kwargs)
+        return MMLU(subset="all", split={"val": "validation"}.get(split, split), data_dir=data_dir, **slice_kwargs)
+    if name == "gsm8k":
+        from tasks.gsm8k import GSM8K
+        # GSM8K has no validation split: validation losses use (a slice of) test, as nanochat does
+        return GSM8K(split="train" if split == "train" else "test", data_dir=data_dir, **slice_kwargs)
+    if name == "humaneval":
+        if split != "test":
+            return None
+        from tasks.humaneval import HumanEval
+        return HumanEval(data_dir=data_dir, **slice_kwargs)
+    if name == "smoltalk":
+        from tasks.smoltalk import SmolTalk
+        return SmolTalk(split="train" if split == "train" else "test", data_dir=data_dir, **slice_kwargs)
+    if name in ("spellingbee", "simplespelling"):
+        from tasks.spellingbee import SpellingBee, SimpleSpelling
+        cls = SpellingBee if name == "spellingbee" else SimpleSpelling
+        if split == "train":
+            return cls(split="train", size=size if size is not None else 10000)
+        return cls(split="test", size=size if size is not None else SYNTHETIC_TEST_SIZE)
+    if name == "identity":
+        if split != "train":
+            return None
+        if not identity_file:
+            raise ValueError("the identity task needs a conversations file (--identity_file); "
+                             "make one with `python -m dev.gen_synthetic_data`")
+        if not os.path.isfile(identity_file):
+            raise FileNotFoundError(f"identity conversations file {identity_file} not found: make one with "
+                                    f"`python -m dev.gen_synthetic_data`, pass --identity_file, or drop 'identity' from --tasks")
+        from tasks.customjson import CustomJSON
+        return CustomJSON(identity_file, **slice_kwargs)
+    if name == "aqua":
+        from tasks.aqua import AQuA
+        return AQuA(split={"val": "validation"}.get(split, split), mode="generative", data_dir=data_dir, **slice_kwargs)
+    if name == "arithmetic":
+        from tasks.arithmetic import ArithmeticTask
+        if split == "train":
+            return ArithmeticTask(split="train", size=size if size is not None else 10000)
+        return ArithmeticTask(split="test", size=size if size is not None else SYNTHETIC_TEST_SIZE)
+    raise AssertionError(name)
+
+
+def parse_task_spec(spec):
+    """'smoltalk:10000|gsm8k|identity?*2' -> [("smoltalk", 10000, 1, False), ("gsm8k", None, 1, False),
+    ("identity", None, 2, True)]: (name, size, repeat, optional). ':N' keeps the first N examples, '*K'
+    lists the task K times (K epochs of it per epoch of the mixture), a '?' after the name makes it
+    optional (left out with a warning when its data is missing). A preset name (TASK_PRESETS) stands
+    for its list."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError("empty task list")
+    spec = TASK_PRESETS.get(spec.strip(), spec)
+    out = []
+    for item in spec.split("|"):
+        item = item.strip()
+        repeat, size = 1, None
+        if "*" in item:
+            item, _, rep = item.partition("*")
+            if not rep.isdigit() or int(rep) < 1:
+                raise ValueError(f"bad repeat count in task spec {spec!r}: '*{rep}' (expected a positive integer)")
+            repeat = int(rep)
+        if ":" in item:
+            item, _, num = item.partition(":")
+            if not num.isdigit() or int(num) < 1:
+                raise ValueError(f"bad size in task spec {spec!r}: ':{num}' (expected a positive integer)")
+            size = int(num)
+        optional = item.endswith("?")
+        out.append((canonical_task_name(item.rstrip("?")), size, repeat, optional))
+    return out
+
+
+def make_mixture(spec, split, data_dir=None, identity_file=None, val_size=None):
+    """A TaskMixture for a task spec (see parse_task_spec) and split, plus the names it contains.
+    Tasks without the split are left out; for split != "train", repeats are ignored and `val_size`
+    caps each task's examples. Returns (mixture or None if nothing is left, [names])."""
+    tasks, names = [], []
+    for name, size, repeat, optional in parse_task_spec(spec):
+        if split != "train":
+            size, repeat = (val_size if size is None else min(size, val_size or size)), 1
+        try:
+            task = make_task(name, split, data_dir=data_dir, identity_file=identity_file, size=size)
+        except (DataNotFoundError, FileNotFoundError) as e:
+            if not optional:
+                raise
+            logger.warning(f"leaving out the optional task {name}: {str(e).splitlines()[0][:300]}")
+            continue
+        if task is None:
+            continue
+        if len(task) == 0:
+            raise ValueError(f"task {name} ({split}) has no examples")
+        tasks.extend([task] * repeat)
+        names.append(name)
+    if not tasks:
+        return None, []
+    return TaskMixture(tasks), names
+
+
+
+# what `-a all` means: the ChatCORE suite (arithmetic, our synthetic CPU task, is asked for by name)
+ALL_TASKS = ["arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spellingbee", "aqua"]
+
+
+def load_eval_task(name, data_dir=None):
+    """(display name, test-split Task) for a task name (see TASKS)."""
+    key = canonical_task_name(name)
+    if TASKS[key] not in CHANCE:
+        raise ValueError(f"{TASKS[key]} is a training-only task (nothing to grade); evaluable: {', '.join(CHANCE)}")
+    task = make_task(key, "test", data_dir=data_dir)
+    if task is None:
+        raise ValueError(f"task {name!r} has no test split to evaluate on")
+    return TASKS[key], task
+
+
+def parse_task_names(spec):
+    """'all', 'ARC-Easy', 'arc-easy|gsm8k' -> canonical names, in order, without duplicates."""
+    names = []
+    for item in spec.split("|"):
+        if not item.strip():
+            raise ValueError(f"empty task name in {spec!r}")
+        expanded = ALL_TASKS if item.strip().lower() == "all" else [canonical_task_name(item)]
+        for key in expanded:
+            if TASKS[key] not in CHANCE:
+                raise ValueError(f"{TASKS[key]} is a training-only task (nothing to grade); evaluable: {', '.join(CHANCE)}")
+        names.extend(n for n in expanded if n not in names)
+    return names
+
+
+# The tasks whose answers can be checked exactly, which RL and co-training can reward
+RL_TASKS = ("gsm8k", "aqua", "arithmetic")
+
+
+def build_rl_task(name, split, data_dir=None):
+    """The train or test Task of an RL task."""
+    if name not in RL_TASKS:
+        raise ValueError(f"unknown RL task {name!r}: expected one of {RL_TASKS}")
+    return make_task(name, split, data_dir=data_dir)
