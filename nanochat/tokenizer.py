@@ -18,7 +18,7 @@ import os
 
 import tiktoken
 
-from nanochat.common import get_base_dir
+from nanochat.common import get_base_dir, get_logger
 
 # The chat format's special tokens. They sit after the mergeable ranks, so the vocab_size given to
 # training includes them. Plain text never encodes to them (we only use encode_ordinary).
@@ -53,6 +53,7 @@ class Tokenizer:
         self.enc = enc
         self._special_ids = {name: enc.encode_single_token(name) for name in SPECIAL_TOKENS}
         self.bos_token_id = self._special_ids["<|bos|>"]
+        self.train_stats = {}  # timings and sizes from the trainer, when this tokenizer was just trained
 
     # ---------------------------------------------------------------- construction and storage
 
@@ -63,15 +64,14 @@ class Tokenizer:
         num_regular = vocab_size - len(SPECIAL_TOKENS)
         if num_regular <= 256:
             raise ValueError(f"vocab_size must exceed 256 + {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
-        # TEMPORARY until our Rust trainer lands: fall back to the PyPI oracle
-        if hasattr(rustbpe, "Tokenizer"):
-            trainer = rustbpe.Tokenizer()
-        else:
-            import rustbpe as pypi_rustbpe
-            trainer = pypi_rustbpe.Tokenizer()
+        trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(text_iterator, num_regular, pattern=pattern or SPLIT_PATTERN)
-        ranks = dict(trainer.get_mergeable_ranks())
-        return cls._from_parts(trainer.get_pattern(), ranks)
+        if trainer.vocab_size < num_regular:
+            get_logger().warning(f"the training text ran out of pairs to merge: vocab_size is "
+                                 f"{trainer.vocab_size + len(SPECIAL_TOKENS)}, not {vocab_size}")
+        tokenizer = cls._from_parts(trainer.get_pattern(), dict(trainer.get_mergeable_ranks()))
+        tokenizer.train_stats = dict(trainer.get_train_stats())
+        return tokenizer
 
     @classmethod
     def _from_parts(cls, pattern, mergeable_ranks):
