@@ -287,12 +287,13 @@ def sample_and_score(engine, tokenizer, task, indices, num_samples, max_new_toke
 
 
 def pass_at_k(engine, tokenizer, task, indices, k, max_new_tokens, temperature, top_k, seed):
-    """Fraction of examples solved by the first sample (pass@1) and by any of k samples (pass@k),
-    summed over ranks by the caller. Returns (num_examples, pass1_count, passk_count, rollouts)."""
+    """Per-example counts, to be summed over ranks by the caller: pass@1 (estimated without bias as the
+    fraction of the k samples that are correct) and pass@k (any of the k is correct).
+    Returns (num_examples, pass1_sum, passk_count, rollouts)."""
     rollouts = sample_and_score(engine, tokenizer, task, indices, k, max_new_tokens, temperature, top_k, seed)
     pass1 = passk = 0
     for p in range(len(indices)):
         group = rollouts[p * k:(p + 1) * k]
-        pass1 += group[0].info["correct"]
+        pass1 += sum(r.info["correct"] for r in group) / k
         passk += any(r.info["correct"] for r in group)
     return len(indices), pass1, passk, rollouts

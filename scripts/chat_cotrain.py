@@ -41,6 +41,7 @@ from nanochat.engine import Engine
 from nanochat.grpo import (sample_and_score, group_advantages, process_advantages, mix_advantages, alpha_schedule,
                            grpo_update, Rollout, majority_answers, ClassBalancer, pass_at_k)
 from nanochat.memory import estimate_memory, format_memory, cuda_memory_report
+from nanochat.report import get_report
 from tasks.common import extract_hash_answer
 from tasks.by_name import build_rl_task, RL_TASKS
 from tasks import verify
@@ -174,6 +175,7 @@ def main(argv=None):
     wandb_run = init_wandb("nanochat-cotrain", args.run, vars(args), master)
     wandb_run.define_metric("gen/*", step_metric="gen_step")
     wandb_run.define_metric("ver/*", step_metric="ver_step")
+    report = get_report()
 
     # ---- models and optimizers
     gen_tag = args.gen_tag or f"d{args.depth_g}"
@@ -394,6 +396,7 @@ def main(argv=None):
                f"alpha {alpha:.4f} | proc {record['gen/process_reward']:.3f} | K-aligned {record['gen/steps_exact']:.2f} | "
                f"zero-var {record['gen/zero_variance_groups']:.2f} | gen {timer['generate']:.1f}s ver {timer['verify']:.1f}s train {timer['train']:.1f}s")
         wandb_run.log(record)
+        report.log_curve("cotrain/reward", g, record["gen/outcome_reward"])
         state["gen_step"] += 1
         return record
 
@@ -470,6 +473,8 @@ def main(argv=None):
                f"{record['ver/balanced_accuracy']:.3f} | said-correct {record['ver/share_said_correct']:.2f} | "
                f"gold-correct {record['ver/gold_correct_rate']:.2f} | format {record['ver/format_rate']:.2f}")
         wandb_run.log(record)
+        report.log_curve("cotrain/verifier_balanced_acc", v, record["ver/balanced_accuracy"], kind="accuracy")
+        report.log_curve("cotrain/verifier_reward", v, record["ver/reward"])
         state["ver_step"] += 1
         return record
 
@@ -511,6 +516,7 @@ def main(argv=None):
                             "verifier_share_said_correct": sums["ver_said_correct"] / m})
         print0(f"eval [{label}] " + " | ".join(f"{key} {val:.4f}" for key, val in metrics.items()))
         wandb_run.log({"gen_step": state["gen_step"], **{f"eval/{key}": val for key, val in metrics.items()}})
+        report.log_curve("cotrain/eval_pass@1", state["gen_step"], metrics["pass@1"], kind="accuracy")
         return metrics
 
     def evaluate_verifier_on_labelled():
@@ -533,7 +539,7 @@ def main(argv=None):
             out["ver_fp"] += said_incorrect and gold
             out["ver_fn"] += (not said_incorrect) and not gold
             predicted_first = next((i for i, ok in enumerate(ver.step_verdicts) if not ok), -1)
-            out["ver_first_error"] += predicted_first == first_error
+            out["ver_first_error"] += ver.overall is not None and predicted_first == first_error  # unparsable: wrong
         return out
 
     # ---- the run
@@ -568,11 +574,7 @@ def main(argv=None):
             return history
     final = evaluate("final")
     history["eval"].append({"gen_step": state["gen_step"], **final})
-    try:
-        from nanochat.report import get_report
-        get_report().log(section="Chat cotrain", data=[vars(args), {f"final_{k}": v for k, v in final.items()}])
-    except ImportError:
-        pass
+    report.log(section="Chat cotrain", data=[vars(args), {f"final {k}": v for k, v in final.items()}])
     wandb_run.finish()
     compute_cleanup()
     return history

@@ -23,6 +23,7 @@ from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, g
 from nanochat.checkpoint_manager import load_model, save_checkpoint, load_checkpoint, find_last_step, CHECKPOINT_DIRS
 from nanochat.engine import Engine
 from nanochat.grpo import sample_and_score, group_advantages, grpo_update, pass_at_k
+from nanochat.report import get_report
 from tasks.by_name import build_rl_task, RL_TASKS
 
 
@@ -80,6 +81,7 @@ def main(argv=None):
     if args.examples_per_step % world_size:
         raise SystemExit(f"--examples_per_step ({args.examples_per_step}) must be divisible by the world size ({world_size})")
     wandb_run = init_wandb("nanochat-rl", args.run, vars(args), master)
+    report = get_report()
 
     model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.model_step)
     model_tag = args.output_tag or meta.get("model_tag") or args.model_tag or f"d{model.config.n_layer}"
@@ -119,6 +121,7 @@ def main(argv=None):
         n, p1, pk = totals.tolist()
         print0(f"step {step:5d} | eval pass@1 {p1 / max(n, 1):.4f} | pass@{args.eval_samples} {pk / max(n, 1):.4f} ({int(n)} problems)")
         wandb_run.log({"step": step, "eval/pass@1": p1 / max(n, 1), f"eval/pass@{args.eval_samples}": pk / max(n, 1)})
+        report.log_curve("rl/eval_pass@1", step, p1 / max(n, 1), kind="accuracy")
         return p1 / max(n, 1), pk / max(n, 1)
 
     examples_per_rank = args.examples_per_step // world_size
@@ -160,19 +163,15 @@ def main(argv=None):
         print0(f"step {step:5d}/{num_steps} | reward {mean_reward:.4f} | acc {accuracy:.4f} | len {mean_len:6.1f} | "
                f"zero-var {zero_var:.2f} | lrm {lrm:.3f} | gen {t_gen:.1f}s | step {dt:.1f}s")
         wandb_run.log(record)
+        report.log_curve("rl/reward", step, mean_reward)
         if (args.save_every > 0 and (step + 1) % args.save_every == 0) or step == num_steps - 1:
             save(step)
 
     final_pass1, final_passk = evaluate(num_steps)
-    try:
-        from nanochat.report import get_report
-        get_report().log(section="Chat RL", data=[vars(args), {"final_pass@1": final_pass1,
-                                                              f"final_pass@{args.eval_samples}": final_passk}])
-    except ImportError:
-        pass
+    report.log(section="Chat RL", data=[vars(args), {"final pass@1": final_pass1, f"final pass@{args.eval_samples}": final_passk}])
     wandb_run.finish()
     compute_cleanup()
-    return history
+    return {"train": history, "final": {"pass@1": final_pass1, f"pass@{args.eval_samples}": final_passk}}
 
 
 if __name__ == "__main__":
