@@ -3,7 +3,14 @@ Inference: a preallocated KV cache and (below it, added by the Engine work) batc
 tool use. RL, co-training, evaluation and the web server all generate through this file.
 """
 
+import numbers
+from collections import deque
+
 import torch
+import torch.nn.functional as F
+
+from nanochat.common import COMPUTE_DTYPE, autocast_context
+from nanochat.execution import use_calculator
 
 
 class KVCache:
@@ -78,3 +85,315 @@ class KVCache:
         if other.pad_lengths is not None:
             pad = other.pad_lengths
             self.pad_lengths = pad.expand(self.batch_size).clone() if pad.numel() == 1 else pad.clone()
+
+    # ---- extensions used by the Engine (left-padded batches of several prompts, dropping finished rows)
+
+    def prefill_rows(self, other, rows):
+        """Like prefill, but row i of this cache gets row rows[i] of `other`: one prefill of P different
+        prompts fans out to P * num_samples decode rows (rows = [0,0,1,1,...] for two samples each)."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.k.device)
+        assert rows.shape == (self.batch_size,), f"need one source row per row, got {tuple(rows.shape)}"
+        assert other.pos <= self.capacity, "source cache holds more positions than this one can"
+        n = other.pos
+        self.k[:, :, :, :n] = other.k[:, :, :, :n].index_select(1, rows)
+        self.v[:, :, :, :n] = other.v[:, :, :, :n].index_select(1, rows)
+        self.pos = n
+        self.pad_lengths = None
+        if other.pad_lengths is not None:
+            self.set_padding(other.pad_lengths.index_select(0, rows))
+
+    def keep_rows(self, rows):
+        """Shrink the batch to the given rows (in that order), e.g. to stop computing finished samples."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.k.device)
+        n = self.pos
+        shape = list(self.k.shape)
+        shape[1] = rows.numel()
+        # columns past pos are always written before they are read, so only [0, pos) is worth copying
+        k, v = self.k.new_empty(shape), self.v.new_empty(shape)
+        k[:, :, :, :n] = self.k[:, :, :, :n].index_select(1, rows)
+        v[:, :, :, :n] = self.v[:, :, :, :n].index_select(1, rows)
+        self.k, self.v = k, v
+        if self.pad_lengths is not None:
+            self.set_padding(self.pad_lengths.index_select(0, rows))
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+def check_sampling_args(max_tokens, temperature, top_k, num_samples=1):
+    """Raise a ValueError that names the bad argument (a silent clamp would hide a caller's bug)."""
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 0):
+        raise ValueError(f"max_tokens must be a non-negative int or None, got {max_tokens!r}")
+    if not isinstance(temperature, (int, float)) or temperature < 0 or temperature != temperature:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be a non-negative int or None, got {top_k!r}")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+
+
+def sample_next_token(logits, rng, temperature=1.0, top_k=None):
+    """One token id per row of (B, V) logits -> (B,) long tensor.
+
+    Temperature 0 is argmax. Otherwise a draw from softmax(logits / temperature), restricted to the
+    top_k largest logits when top_k is set (0 or None: the whole vocabulary)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    if top_k and top_k < logits.size(-1):
+        # draw among exactly k candidates (a threshold mask would let ties at the k-th value in)
+        values, ids = torch.topk(logits, top_k, dim=-1)
+        probs = F.softmax(values / temperature, dim=-1)
+        choice = torch.multinomial(probs, num_samples=1, generator=rng)
+        return ids.gather(-1, choice).squeeze(-1)
+    probs = F.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=rng).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# The Engine
+
+class RowState:
+    """Where one sample stands: tool output waiting to be fed in, an open python call, finished or not."""
+
+    def __init__(self):
+        self.forced = deque()       # tokens the harness writes into this row before sampling resumes
+        self.python_tokens = None   # the expression so far, while inside <|python_start|> ... <|python_end|>
+        self.done = False
+        self.last_token = None
+
+
+class Engine:
+    """Batched sampling from a GPT with a KV cache, stopping per row, with the calculator tool.
+
+    generate()          streams (token_column, mask_column) for num_samples samples of one prompt
+    generate_batch()    the same, collected: full sequences and masks
+    generate_prompts()  many different prompts at once (left-padded), num_samples each, collected
+
+    Masks are 1 where the model sampled the token and 0 where the harness forced it (tool output)."""
+
+    # Prefill logits are (rows, T, vocab) float32; chunk the prompt so they stay under this many elements.
+    PREFILL_LOGITS_BUDGET = 1 << 25
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        special = tokenizer.encode_special
+        self.bos = tokenizer.get_bos_token_id()
+        self.assistant_end = special("<|assistant_end|>")
+        self.python_start = special("<|python_start|>")
+        self.python_end = special("<|python_end|>")
+        self.output_start = special("<|output_start|>")
+        self.output_end = special("<|output_end|>")
+        self.stop_tokens = frozenset((self.bos, self.assistant_end))
+
+    # ---- tool use
+
+    def tool_output_tokens(self, expression_tokens):
+        """The tokens forced after a python call: <|output_start|> result <|output_end|>."""
+        expression = self.tokenizer.decode(expression_tokens)
+        try:
+            result = use_calculator(expression)
+        except Exception as e:  # the calculator promises not to raise; a rollout must survive even if it does
+            result = f"Error: {type(e).__name__}"
+        return [self.output_start] + self.tokenizer.encode(str(result)) + [self.output_end]
+
+    def _observe(self, state, token):
+        """Update a row's state after `token` was appended to it."""
+        state.last_token = token
+        if token in self.stop_tokens:
+            state.done = True
+        elif token == self.python_start:
+            state.python_tokens = []
+        elif token == self.python_end and state.python_tokens is not None:
+            state.forced.extend(self.tool_output_tokens(state.python_tokens))
+            state.python_tokens = None
+        elif state.python_tokens is not None:
+            state.python_tokens.append(token)
+
+    # ---- the decoding loop
+
+    def _cache_dtype(self, device):
+        # under CUDA autocast the keys/values come out in the compute dtype: store them that way (half the memory)
+        if device.type == "cuda" and COMPUTE_DTYPE != torch.float32:
+            return COMPUTE_DTYPE
+        return None
+
+    def _prefill(self, ids, cache):
+        """Run the (left-padded) prompts through the model into the cache; logits of the last column."""
+        rows, length = ids.shape
+        chunk = max(1, self.PREFILL_LOGITS_BUDGET // (rows * self.model.config.vocab_size))
+        for start in range(0, length, chunk):
+            logits = self.model(ids[:, start:start + chunk], kv_cache=cache, last_only=True)
+        return logits[:, -1, :]
+
+    @torch.inference_mode()
+    def _stream(self, prompts, num_samples, max_tokens, temperature, top_k, seed):
+        """Yield one (token_column, mask_column) per step for len(prompts) * num_samples rows, prompt-major.
+        Rows that have finished repeat their stop token with mask 0 until every row is done."""
+        check_sampling_args(max_tokens, temperature, top_k, num_samples)
+        model = self.model
+        vocab_size = model.config.vocab_size
+        for i, prompt in enumerate(prompts):
+            if not prompt or not all(isinstance(t, numbers.Integral) and 0 <= t < vocab_size for t in prompt):
+                raise ValueError(f"prompt {i} must be a non-empty list of token ids in [0, {vocab_size})")
+        prompts = [[int(t) for t in prompt] for prompt in prompts]
+        device = model.get_device()
+        longest = max(len(p) for p in prompts)
+        context_limit = model.cos.size(0)  # the rotary table: positions past it do not exist
+        if longest >= context_limit:
+            raise ValueError(f"prompt of {longest} tokens does not fit the model's {context_limit}-position rotary table")
+        new_tokens = model.config.sequence_len if max_tokens is None else max_tokens
+        if new_tokens == 0:
+            return
+        capacity = min(longest + new_tokens, context_limit)
+        num_prompts = len(prompts)
+        num_rows = num_prompts * num_samples
+        rng = torch.Generator(device=device)
+        rng.manual_seed(seed)
+        dtype = self._cache_dtype(device)
+        pads = [longest - len(p) for p in prompts]
+        # padding columns are never attended to; any valid id will do
+        ids = torch.tensor([[0] * pad + list(p) for p, pad in zip(prompts, pads)], dtype=torch.long, device=device)
+
+        with autocast_context(device.type):
+            if num_samples == 1:
+                cache = KVCache.for_model(model, num_rows, capacity, dtype=dtype, pad_lengths=pads)
+                logits = self._prefill(ids, cache)
+            else:
+                # each prompt is processed once, then its keys/values are copied to its num_samples rows
+                prompt_cache = KVCache.for_model(model, num_prompts, longest, dtype=dtype, pad_lengths=pads)
+                logits = self._prefill(ids, prompt_cache)
+                cache = KVCache.for_model(model, num_rows, capacity, dtype=dtype)
+                if num_prompts == 1:
+                    cache.prefill(prompt_cache)
+                    logits = logits.expand(num_rows, -1)
+                else:
+                    source_rows = torch.arange(num_prompts, device=device).repeat_interleave(num_samples)
+                    cache.prefill_rows(prompt_cache, source_rows)
+                    logits = logits.index_select(0, source_rows)
+                del prompt_cache
+
+        states = [RowState() for _ in range(num_rows)]
+        active = list(range(num_rows))  # cache row j holds output row active[j]
+        generated = 0
+        while True:
+            sampled = sample_next_token(logits, rng, temperature, top_k).tolist()
+            column = [state.last_token for state in states]
+            mask = [0] * num_rows
+            for j, row in enumerate(active):
+                state = states[row]
+                if state.done:
+                    continue
+                if state.forced:
+                    token = state.forced.popleft()
+                else:
+                    token, mask[row] = sampled[j], 1
+                column[row] = token
+                self._observe(state, token)
+            yield column, mask
+            generated += 1
+
+            alive = [j for j, row in enumerate(active) if not states[row].done]
+            if not alive or generated >= new_tokens or cache.get_pos() >= cache.capacity:
+                return
+            # Drop finished rows from the batch once they are an eighth of it: the copy costs about one
+            # step's read of the cache, and every later step gets cheaper.
+            if len(active) - len(alive) >= max(1, len(active) // 8):
+                cache.keep_rows(alive)
+                active = [active[j] for j in alive]
+            feed = torch.tensor([[column[row]] for row in active], dtype=torch.long, device=device)
+            with autocast_context(device.type):
+                logits = model(feed, kv_cache=cache)[:, -1, :]
+
+    # ---- public API
+
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+        """Stream num_samples continuations of one prompt: yields (token_column, mask_column), one entry
+        per sample, until every sample has emitted <|assistant_end|> or <|bos|> or max_tokens columns
+        were produced (None: up to the model's sequence_len). A finished sample's later entries repeat
+        its stop token with mask 0. Deterministic for a given seed."""
+        yield from self._stream([tokens], num_samples, max_tokens, temperature, top_k, seed)
+
+    def _collect(self, stream, num_rows):
+        """Per-row completions and masks from a stream, each cut at (and without) its stop token."""
+        completions = [[] for _ in range(num_rows)]
+        masks = [[] for _ in range(num_rows)]
+        finished = [False] * num_rows
+        for column, mask in stream:
+            for row, (token, m) in enumerate(zip(column, mask)):
+                if finished[row]:
+                    continue
+                if token in self.stop_tokens:
+                    finished[row] = True
+                else:
+                    completions[row].append(token)
+                    masks[row].append(m)
+            if all(finished):
+                break
+        return completions, masks
+
+    def generate_batch(self, tokens, num_samples=1, **kwargs):
+        """(results, masks): num_samples full sequences (prompt + completion, stop tokens left out) and
+        their masks (0 over the prompt and forced tool output, 1 over sampled tokens)."""
+        completions, masks = self._collect(self.generate(tokens, num_samples, **kwargs), num_samples)
+        results = [list(tokens) + c for c in completions]
+        full_masks = [[0] * len(tokens) + m for m in masks]
+        return results, full_masks
+
+    def generate_prompts(self, prompts, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+        """Sample num_samples completions for each of several prompts (of any lengths) in one batch.
+        Returns a list of (completion_tokens, completion_mask), prompt-major: prompt 0's samples first.
+        Completions exclude the prompt and the stop token."""
+        prompts = [list(p) for p in prompts]
+        if not prompts:
+            return []
+        stream = self._stream(prompts, num_samples, max_tokens, temperature, top_k, seed)
+        completions, masks = self._collect(stream, len(prompts) * num_samples)
+        return list(zip(completions, masks))
+
+
+# -----------------------------------------------------------------------------
+# Helpers for chat front ends (CLI, web)
+
+def fit_to_context(tokens, max_len, turn_start_token):
+    """Shorten a chat to at most max_len tokens, keeping tokens[0] (the <|bos|>) and dropping whole
+    turns (each starting with turn_start_token) from the front; if the newest turn alone is too long,
+    only its last tokens are kept. Returns (tokens, number of tokens dropped)."""
+    if max_len < 2:
+        raise ValueError(f"max_len must be at least 2, got {max_len}")
+    if len(tokens) <= max_len:
+        return list(tokens), 0
+    head, body = tokens[:1], tokens[1:]
+    budget = max_len - 1
+    for start, token in enumerate(body):
+        if token == turn_start_token and len(body) - start <= budget:
+            return head + body[start:], start
+    return head + body[-budget:], len(body) - budget
+
+
+class TextStream:
+    """Turns a stream of token ids into text pieces that never split a UTF-8 character.
+
+    A byte-level BPE token can end in the middle of a multi-byte character; decoding it alone gives U+FFFD.
+    So the ids not yet handed out are decoded together and held back while their text ends in U+FFFD: the
+    next token usually completes the character. Once a piece ends on a whole character, the bytes so far end
+    on a character boundary, so only the pending ids are kept (linear time over a reply)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pending = []
+
+    def push(self, token):
+        """Add a token; return the new text that is safe to show now (maybe '')."""
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd"):
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self):
+        """The rest of the text, even if it ends in a broken character (the stream is over)."""
+        text = self.tokenizer.decode(self.pending) if self.pending else ""
+        self.pending = []
+        return text

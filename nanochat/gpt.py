@@ -236,7 +236,9 @@ class GPT(nn.Module):
         mask = mask | (keys[None, None, :] == cols[None, :, None])  # padding queries see themselves: no empty rows
         return positions, mask.unsqueeze(1)
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
+        """Logits (B, T, vocab) — or only the last position's (B, 1, vocab) with last_only, which saves
+        the LM head's cost when prefilling a prompt — or, with targets, the cross-entropy loss."""
         B, T = idx.shape
         device = idx.device
         positions, mask = self._positions_and_mask(B, T, kv_cache, device)
@@ -253,6 +255,8 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = norm(x)
+        if last_only and targets is None:
+            x = x[:, -1:, :]
 
         softcap = self.config.softcap
         logits = self.lm_head(x).float()

@@ -37,6 +37,7 @@ from collections import deque
 from importlib import resources
 
 from nanochat.common import get_logger
+from nanochat.engine import TextStream
 
 logger = get_logger("chat_web")
 
@@ -179,33 +180,6 @@ def parse_chat_request(payload, openai_api=False, verifier_available=False):
 
 # -----------------------------------------------------------------------------
 # UTF-8-safe streaming
-
-class StreamDecoder:
-    """Turns token ids into text pieces that never split a character.
-
-    A byte-level BPE token can end in the middle of a multi-byte UTF-8 character; decoding it alone gives
-    U+FFFD. So we decode the ids not yet handed out and hold them back while the text ends in U+FFFD: the
-    next token usually completes the character. Once a piece ends in a whole character, the bytes so far end
-    on a character boundary and decode the same on their own, so only the pending ids are kept (linear time
-    over a reply). flush() gives whatever is left when generation ends."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.pending = []
-
-    def push(self, token_id):
-        self.pending.append(token_id)
-        text = self.tokenizer.decode(self.pending)
-        if text.endswith("\ufffd"):
-            return ""
-        self.pending = []
-        return text
-
-    def flush(self):
-        text = self.tokenizer.decode(self.pending) if self.pending else ""
-        self.pending = []
-        return text
-
 
 # -----------------------------------------------------------------------------
 # Workers: one replica per device, one generation at a time
@@ -419,7 +393,7 @@ def run_job(worker, tokenizer, verify_api, job, stop, emit, on_exit):
         if job["verify"]:
             finish, count, generated = _verified_reply(worker, tokenizer, verify_api, job["prompt"], job, stop, emit)
         else:
-            finish, count, generated = _sample_stream(worker.engine, StreamDecoder(tokenizer), job["prompt"], job, stop, emit)
+            finish, count, generated = _sample_stream(worker.engine, TextStream(tokenizer), job["prompt"], job, stop, emit)
         record.update(tokens=generated, finish_reason=finish)
         worker.tokens_generated += generated
         emit("end", {"finish_reason": finish, "completion_tokens": count, "prompt_tokens": len(job["prompt"])})

@@ -41,7 +41,7 @@ class ScriptedLetterModel(torch.nn.Module):
     def get_device(self):
         return self.dummy.device
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
         self.calls += 1
         B, T = idx.shape
         logits = torch.zeros(B, T, self.vocab)
@@ -55,7 +55,7 @@ class ScriptedLetterModel(torch.nn.Module):
                     logits[b, t, :] = 0.0
                     logits[b, t, self.non_letter] = 100.0
                     logits[b, t, self.letter_id[letter]] = 10.0
-        return logits
+        return logits[:, -1:] if last_only else logits
 
 
 class ScriptedEngine:

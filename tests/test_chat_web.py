@@ -18,6 +18,8 @@ import httpx
 import pytest
 import torch
 
+from nanochat.engine import TextStream
+
 from chat_web_fixtures import (InProcessServer, ServerProcess, make_babbler, make_workers, read_sse,
                                write_base_dir)
 import scripts.chat_web as chat_web
@@ -148,7 +150,7 @@ def test_stream_decoder_never_splits_a_character(tiny_tokenizer):
     text = "héllo wörld, 你好 🙂 ok"
     ids = tiny_tokenizer.encode(text)
     assert any("\ufffd" in tiny_tokenizer.decode([i]) for i in ids), "the test needs tokens that split a character"
-    decoder = chat_web.StreamDecoder(tiny_tokenizer)
+    decoder = TextStream(tiny_tokenizer)
     pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == text
@@ -157,10 +159,10 @@ def test_stream_decoder_never_splits_a_character(tiny_tokenizer):
     regular = tiny_tokenizer.get_vocab_size() - len(tiny_tokenizer.get_special_tokens())
     for _ in range(200):
         ids = [rng.randrange(regular) for _ in range(rng.randrange(1, 30))]
-        decoder = chat_web.StreamDecoder(tiny_tokenizer)
+        decoder = TextStream(tiny_tokenizer)
         assert "".join(decoder.push(i) for i in ids) + decoder.flush() == tiny_tokenizer.decode(ids)
     # a reply cut off in the middle of a character still hands out its bytes (as U+FFFD) at the end
-    cut = chat_web.StreamDecoder(tiny_tokenizer)
+    cut = TextStream(tiny_tokenizer)
     partial = tiny_tokenizer.encode("a🙂")[:-1]
     assert "".join(cut.push(i) for i in partial) + cut.flush() == tiny_tokenizer.decode(partial)
 

@@ -187,3 +187,11 @@ def test_naive_generate_is_deterministic_greedy():
     a = list(model.generate([1, 2, 3], max_tokens=6, temperature=0.0))
     b = list(model.generate([1, 2, 3], max_tokens=6, temperature=0.0))
     assert a == b and len(a) == 6
+
+
+def test_last_only_logits_match_full():
+    model = tiny_model().eval()
+    randomize_output_layers(model)
+    idx = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(model(idx, last_only=True), model(idx)[:, -1:], atol=1e-6)

@@ -1,0 +1,408 @@
+"""Tests of the Engine: KV-cache decoding against the naive full-recompute sampler, batches of different
+prompts, per-row stopping, the calculator tool, and the statistics of temperature / top-k sampling."""
+
+import collections
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nanochat.engine as engine_module
+from nanochat.engine import Engine, KVCache, sample_next_token
+from nanochat.execution import use_calculator
+from nanochat.gpt import GPT, GPTConfig
+
+SPECIAL_NAMES = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                 "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
+
+
+class StandInTokenizer:
+    """Just what the Engine asks of a tokenizer. Special tokens sit outside the model's vocabulary unless
+    remapped, so the model can never stop or call the tool and its output is comparable with GPT.generate."""
+
+    def __init__(self, **remap):
+        self.ids = {name: 10_000 + i for i, name in enumerate(SPECIAL_NAMES)}
+        for name, token in remap.items():
+            self.ids[f"<|{name}|>"] = token
+
+    def encode_special(self, name):
+        return self.ids[name]
+
+    def get_bos_token_id(self):
+        return self.ids["<|bos|>"]
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: on a busy 2-core machine a second intra-op thread only adds contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed=0, **overrides):
+    cfg = dict(sequence_len=64, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**cfg))
+    model.init_weights()
+    # init_weights zeroes the output projections, which would make every position look alike
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def naive(model, prompt, max_tokens):
+    return list(model.generate(prompt, max_tokens, temperature=0.0))
+
+
+def cut_at(tokens, stops):
+    for i, t in enumerate(tokens):
+        if t in stops:
+            return tokens[:i]
+    return tokens
+
+
+# -----------------------------------------------------------------------------
+# Greedy decoding equals the naive sampler
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_greedy_generate_equals_naive(num_samples):
+    model = tiny_model()
+    engine = Engine(model, StandInTokenizer())
+    for prompt in ([5], [1, 2, 3], list(range(10, 31))):
+        expected = naive(model, prompt, 20)
+        columns = list(engine.generate(prompt, num_samples=num_samples, max_tokens=20, temperature=0.0))
+        assert len(columns) == 20
+        for row in range(num_samples):
+            assert [col[row] for col, _ in columns] == expected
+            assert all(mask[row] == 1 for _, mask in columns)
+        results, masks = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=20, temperature=0.0)
+        assert results == [prompt + expected] * num_samples
+        assert masks == [[0] * len(prompt) + [1] * 20] * num_samples
+
+
+@pytest.mark.parametrize("num_samples", [1, 2])
+def test_generate_prompts_of_different_lengths_equal_naive(num_samples):
+    model = tiny_model(n_kv_head=1)
+    engine = Engine(model, StandInTokenizer())
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (4, 1, 13, 7)]
+    out = engine.generate_prompts(prompts, num_samples=num_samples, max_tokens=16, temperature=0.0)
+    assert len(out) == len(prompts) * num_samples
+    for i, (completion, mask) in enumerate(out):
+        assert completion == naive(model, prompts[i // num_samples], 16), f"row {i}"
+        assert mask == [1] * 16
+
+
+class BatchRecordingGPT(GPT):
+    """Records the batch size of every forward call."""
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
+        self.batch_sizes.append(idx.size(0))
+        return super().forward(idx, targets=targets, kv_cache=kv_cache, loss_reduction=loss_reduction, last_only=last_only)
+
+
+def test_rows_stop_independently_and_dropping_finished_rows_changes_nothing():
+    model = tiny_model(seed=4)
+    model.__class__ = BatchRecordingGPT
+    model.batch_sizes = []
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (3, 8, 5, 11, 2, 6)]
+    references = [naive(model, p, 24) for p in prompts]
+    # make a token the model actually emits the assistant_end, so rows finish at different steps
+    counts = collections.Counter(t for ref in references for t in ref[1:12])
+    stop = counts.most_common(1)[0][0]
+    expected = [cut_at(ref, {stop}) for ref in references]
+    lengths = sorted(len(e) for e in expected)
+    assert lengths[0] < lengths[-2], f"test needs rows that finish at different times: {lengths}"
+
+    engine = Engine(model, StandInTokenizer(assistant_end=stop))
+    model.batch_sizes = []
+    out = engine.generate_prompts(prompts, num_samples=2, max_tokens=24, temperature=0.0)
+    for i, (completion, mask) in enumerate(out):
+        assert completion == expected[i // 2], f"row {i}"
+        assert mask == [1] * len(completion)
+    sizes = model.batch_sizes
+    assert sizes[0] == len(prompts)        # each prompt prefilled once
+    assert sizes[1] == 2 * len(prompts)    # then fanned out to its samples
+    assert sizes[-1] < sizes[1]            # finished rows were dropped from the batch
+    assert len(sizes) - 1 == max(len(e) for e in expected) + (0 if max(lengths) == 24 else 1) - 1
+
+    # streaming: finished rows repeat their stop token with mask 0, and the stream ends once all are done
+    columns = list(engine.generate(prompts[0], num_samples=2, max_tokens=24, temperature=0.0))
+    n = len(expected[0])
+    assert len(columns) == (n + 1 if n < 24 else 24)
+    if n < 24:
+        assert columns[-1] == ([stop, stop], [1, 1])
+
+
+def test_max_tokens_none_fills_the_sequence_len_and_zero_yields_nothing():
+    model = tiny_model(sequence_len=16)
+    engine = Engine(model, StandInTokenizer())
+    assert len(list(engine.generate([1, 2], max_tokens=None, temperature=0.0))) == 16
+    assert list(engine.generate([1, 2], max_tokens=0)) == []
+    assert engine.generate_prompts([]) == []
+
+
+def test_generation_stops_at_the_rotary_table():
+    model = tiny_model(sequence_len=8)  # rotary table of 80 positions
+    engine = Engine(model, StandInTokenizer())
+    prompt = [3] * 75
+    columns = list(engine.generate(prompt, max_tokens=50, temperature=0.0))
+    assert len(columns) == 6  # feeds positions 75..79, samples one more from the last
+    assert [tokens[0] for tokens, _ in columns] == naive(model, prompt, 6)
+    with pytest.raises(ValueError, match="rotary"):
+        list(engine.generate([3] * 80, max_tokens=1))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-1.0), "temperature"), (dict(top_k=-2), "top_k"), (dict(max_tokens=-1), "max_tokens"),
+    (dict(num_samples=0), "num_samples"), (dict(tokens=[]), "prompt"), (dict(tokens=[1, 97]), "prompt"),
+])
+def test_bad_arguments_raise_clear_errors(kwargs, message):
+    engine = Engine(tiny_model(), StandInTokenizer())
+    kwargs = dict(dict(tokens=[1, 2], max_tokens=3), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        engine.generate_batch(**kwargs)
+
+
+# -----------------------------------------------------------------------------
+# Tool use
+
+class ScriptedGPT(GPT):
+    """A real GPT (the cache is filled for real) whose next token is dictated by a script: call i of
+    forward puts all probability on script[i]. Records what was fed at every decode step."""
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
+        logits = super().forward(idx, kv_cache=kv_cache, last_only=last_only)
+        if idx.size(1) == 1:
+            self.fed.append(idx[:, 0].tolist())
+        step = min(self.calls, len(self.script) - 1)
+        self.calls += 1
+        logits = torch.full_like(logits, -1e4)
+        logits[:, -1, self.script[step]] = 0.0
+        return logits
+
+
+def scripted_engine(tokenizer, script):
+    model = tiny_model(vocab_size=tokenizer.get_vocab_size(), n_layer=1)
+    model.__class__ = ScriptedGPT
+    model.script, model.calls, model.fed = script, 0, []
+    return Engine(model, tokenizer), model
+
+
+def test_python_call_gets_calculator_output_forced(tiny_tokenizer):
+    tok = tiny_tokenizer
+    s = tok.encode_special
+    expression = tok.encode("2+3")
+    result = tok.encode("5")
+    filler = tok.encode("x")[0]  # what the model "wants" while the tool output is forced: must be ignored
+    script = [s("<|python_start|>")] + expression + [s("<|python_end|>")] + [filler] * (len(result) + 2) \
+        + [s("<|assistant_end|>")]
+    engine, model = scripted_engine(tok, script)
+    prompt = tok.encode("what is 2+3?", prepend="<|bos|>")
+    results, masks = engine.generate_batch(prompt, num_samples=2, max_tokens=30, temperature=1.0)
+    completion = [s("<|python_start|>")] + expression + [s("<|python_end|>"), s("<|output_start|>")] + result \
+        + [s("<|output_end|>")]
+    expected_mask = [1] * (len(expression) + 2) + [0] * (len(result) + 2)
+    assert results == [prompt + completion] * 2
+    assert masks == [[0] * len(prompt) + expected_mask] * 2
+    # the forced tokens went into the model (and so into its KV cache), not just into the output
+    assert [f[0] for f in model.fed] == completion
+    assert tok.decode(completion).endswith("<|output_start|>5<|output_end|>")
+
+
+@pytest.mark.parametrize("expression", [
+    "2+", "__import__('os').system('touch pwned')", "open('/etc/passwd').read()", "1/0", "9**9**9**9",
+    "(lambda: 1)()", "[x for x in range(10**9)]", ")(", "", "x" * 400,
+])
+def test_malformed_or_malicious_python_yields_the_error_string(tiny_tokenizer, tmp_path, monkeypatch, expression):
+    monkeypatch.chdir(tmp_path)
+    tok = tiny_tokenizer
+    s = tok.encode_special
+    expected_text = use_calculator(expression)
+    assert expected_text.startswith("Error:")
+    n_forced = len(tok.encode(expected_text)) + 2
+    script = [s("<|python_start|>")] + tok.encode(expression) + [s("<|python_end|>")] + [0] * n_forced \
+        + [s("<|assistant_end|>")]
+    engine, _ = scripted_engine(tok, script)
+    (completion, mask), = engine.generate_prompts([tok.encode("hi", prepend="<|bos|>")], max_tokens=len(script) + 5)
+    forced = completion[-n_forced:]
+    assert tok.decode(forced) == f"<|output_start|>{expected_text}<|output_end|>"
+    assert mask[-n_forced:] == [0] * n_forced and all(mask[:-n_forced])
+    assert not os.path.exists(tmp_path / "pwned")
+
+
+def test_a_raising_calculator_still_yields_an_error_string(tiny_tokenizer, monkeypatch):
+    def broken(expr):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(engine_module, "use_calculator", broken)
+    s = tiny_tokenizer.encode_special
+    script = [s("<|python_start|>"), 50, s("<|python_end|>")] + [0] * 20
+    engine, _ = scripted_engine(tiny_tokenizer, script)
+    (completion, mask), = engine.generate_prompts([[1, 2]], max_tokens=30)
+    assert "<|output_start|>Error: RuntimeError<|output_end|>" in tiny_tokenizer.decode(completion)
+
+
+def test_stray_python_end_and_stop_at_first_step(tiny_tokenizer):
+    s = tiny_tokenizer.encode_special
+    engine, _ = scripted_engine(tiny_tokenizer, [s("<|python_end|>"), 7, s("<|bos|>")])
+    (completion, mask), = engine.generate_prompts([[1]], max_tokens=10)
+    assert completion == [s("<|python_end|>"), 7] and mask == [1, 1]  # no tool output without a call
+    engine, _ = scripted_engine(tiny_tokenizer, [s("<|assistant_end|>")])
+    assert len(list(engine.generate([1], num_samples=3, max_tokens=10))) == 1
+
+
+# -----------------------------------------------------------------------------
+# Sampling statistics
+
+class FixedLogitsGPT(GPT):
+    """The same next-token logits at every position: a known distribution to sample from."""
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
+        if kv_cache is not None:
+            kv_cache.advance(idx.size(1))
+        return self.fixed_logits.expand(idx.size(0), 1 if last_only else idx.size(1), -1)
+
+
+FIXED_LOGITS = torch.tensor([1.0, 2.5, -0.5, 2.0, 0.0, 1.5, -1.0, 0.5, -2.0, 0.2, -3.0, 1.2])
+
+
+def fixed_logits_engine():
+    torch.manual_seed(0)
+    model = FixedLogitsGPT(GPTConfig(sequence_len=8, vocab_size=len(FIXED_LOGITS), n_layer=1, n_head=1,
+                                     n_kv_head=1, n_embd=8))
+    model.fixed_logits = FIXED_LOGITS
+    return Engine(model, StandInTokenizer())
+
+
+def first_token_frequencies(engine, n, **kwargs):
+    (column, _), = list(engine.generate([0], num_samples=n, max_tokens=1, **kwargs))
+    counts = torch.bincount(torch.tensor(column), minlength=len(FIXED_LOGITS))
+    return counts.float() / n
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_sample_frequencies_match_softmax_over_temperature(temperature):
+    n = 20_000
+    freq = first_token_frequencies(fixed_logits_engine(), n, temperature=temperature, seed=int(temperature * 10))
+    probs = F.softmax(FIXED_LOGITS / temperature, dim=-1)
+    tolerance = 5 * (probs * (1 - probs) / n).sqrt() + 1e-3  # 5 standard errors
+    assert torch.all((freq - probs).abs() < tolerance), (freq, probs)
+
+
+def test_top_k_never_leaves_the_top_k_and_renormalises():
+    n = 20_000
+    freq = first_token_frequencies(fixed_logits_engine(), n, temperature=1.0, top_k=3)
+    top = torch.topk(FIXED_LOGITS, 3).indices
+    outside = torch.ones(len(FIXED_LOGITS), dtype=torch.bool)
+    outside[top] = False
+    assert freq[outside].sum() == 0
+    probs = F.softmax(FIXED_LOGITS[top], dim=-1)
+    assert torch.all((freq[top] - probs).abs() < 5 * (probs * (1 - probs) / n).sqrt() + 1e-3), (freq[top], probs)
+
+
+def test_top_k_one_and_temperature_zero_are_greedy():
+    engine = fixed_logits_engine()
+    argmax = int(FIXED_LOGITS.argmax())
+    assert first_token_frequencies(engine, 500, temperature=1.0, top_k=1)[argmax] == 1.0
+    assert first_token_frequencies(engine, 500, temperature=0.0, top_k=5)[argmax] == 1.0
+    model = tiny_model()
+    engine = Engine(model, StandInTokenizer())
+    greedy = engine.generate_batch([4, 5], max_tokens=12, temperature=0.0)
+    assert engine.generate_batch([4, 5], max_tokens=12, temperature=0.7, top_k=1, seed=9) == greedy
+
+
+def test_seeds_reproduce_and_differ_and_samples_are_independent():
+    engine = Engine(tiny_model(), StandInTokenizer())
+    run = lambda seed: engine.generate_batch([1, 2, 3], num_samples=4, max_tokens=10, temperature=1.0, seed=seed)
+    a, b, c = run(7), run(7), run(8)
+    assert a == b
+    assert a[0] != c[0]
+    first_tokens = {row[3] for row in a[0]}
+    assert len(first_tokens) > 1, "every sample drew the same first token"
+    prompts = [[1, 2, 3], [9] * 6]
+    assert engine.generate_prompts(prompts, 3, max_tokens=8, seed=1) == engine.generate_prompts(prompts, 3, max_tokens=8, seed=1)
+
+
+def test_sample_next_token_shapes():
+    logits = torch.randn(5, 11)
+    rng = torch.Generator().manual_seed(0)
+    assert sample_next_token(logits, rng, 0.0).tolist() == logits.argmax(-1).tolist()
+    drawn = sample_next_token(logits, rng, 1.0, top_k=4)
+    assert drawn.shape == (5,)
+    assert all(t in torch.topk(logits[i], 4).indices.tolist() for i, t in enumerate(drawn.tolist()))
+
+
+# -----------------------------------------------------------------------------
+# KVCache extensions
+
+def test_kv_cache_prefill_rows_and_keep_rows():
+    source = KVCache(3, 2, 5, 4, 2, pad_lengths=[0, 2, 1])
+    source.k.normal_()
+    source.v.normal_()
+    source.advance(5)
+    cache = KVCache(4, 2, 8, 4, 2)
+    cache.prefill_rows(source, [2, 2, 0, 1])
+    assert cache.get_pos() == 5
+    assert torch.equal(cache.k[:, 0, :, :5], source.k[:, 2]) and torch.equal(cache.v[:, 3, :, :5], source.v[:, 1])
+    assert cache.pad_lengths.tolist() == [1, 1, 0, 2]
+    cache.keep_rows([3, 0])
+    assert cache.batch_size == 2 and cache.capacity == 8 and cache.get_pos() == 5
+    assert torch.equal(cache.k[:, 0, :, :5], source.k[:, 1]) and torch.equal(cache.k[:, 1, :, :5], source.k[:, 2])
+    assert cache.pad_lengths.tolist() == [2, 1]
+    cache.keep_rows([1])
+    assert cache.pad_lengths.tolist() == [1]
+
+
+# -----------------------------------------------------------------------------
+# Chat front-end helpers
+
+def test_fit_to_context_drops_whole_old_turns_first():
+    bos, turn = 100, 101
+    chat = [bos, turn, 1, 2, 3, turn, 4, 5, turn, 6, 7, 8]
+    assert engine_module.fit_to_context(chat, 20, turn) == (chat, 0)
+    kept, dropped = engine_module.fit_to_context(chat, 8, turn)
+    assert kept == [bos, turn, 4, 5, turn, 6, 7, 8] and dropped == 4
+    kept, dropped = engine_module.fit_to_context(chat, 5, turn)
+    assert kept == [bos, turn, 6, 7, 8] and dropped == 7
+    kept, dropped = engine_module.fit_to_context(chat, 3, turn)  # the newest turn alone is too long: keep its end
+    assert kept == [bos, 7, 8] and dropped == 9
+    with pytest.raises(ValueError):
+        engine_module.fit_to_context(chat, 1, turn)
+
+
+def test_text_stream_never_splits_a_character(tiny_tokenizer):
+    text = "naïve café → 日本語 😀 done"
+    ids = tiny_tokenizer.encode(text)
+    assert len(ids) > len(text) // 2  # the tiny vocab spells these characters in byte pieces
+    stream = engine_module.TextStream(tiny_tokenizer)
+    pieces = [stream.push(t) for t in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + stream.flush() == text
+    broken = engine_module.TextStream(tiny_tokenizer)
+    partial = tiny_tokenizer.encode("😀")[:1]  # a lone lead byte: held back, then flushed as-is at the end
+    assert broken.push(partial[0]) == "" and broken.flush() == "\ufffd"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_generation_runs_deterministically_under_autocast():
+    model = tiny_model().to("cuda")
+    engine = Engine(model, StandInTokenizer())
+    prompts = [[1, 2, 3], [4] * 9]
+    a = engine.generate_prompts(prompts, num_samples=3, max_tokens=12, temperature=0.8, top_k=20, seed=3)
+    b = engine.generate_prompts(prompts, num_samples=3, max_tokens=12, temperature=0.8, top_k=20, seed=3)
+    assert a == b and all(len(c) == 12 and all(0 <= t < 97 for t in c) for c, _ in a)
+    greedy = engine.generate_prompts(prompts, max_tokens=4, temperature=0.0)
+    assert greedy[0][0][0] == naive(model, prompts[0], 1)[0]  # bf16 may drift later, not on the first token
