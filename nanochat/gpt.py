@@ -241,8 +241,10 @@ class GPT(nn.Module):
         the LM head's cost when prefilling a prompt — or, with targets, the cross-entropy loss."""
         B, T = idx.shape
         device = idx.device
+        # checked on Python ints: a .item() here would sync the device and break torch.compile's graph
+        last = T if kv_cache is None else kv_cache.get_pos() + T
+        assert last <= self.cos.size(0), f"position {last} is past the rotary table ({self.cos.size(0)})"
         positions, mask = self._positions_and_mask(B, T, kv_cache, device)
-        assert positions.max().item() < self.cos.size(0), "sequence longer than the rotary table"
         cos = self.cos[positions].unsqueeze(1)  # (B or 1, 1, T, D/2)
         sin = self.sin[positions].unsqueeze(1)
 

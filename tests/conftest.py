@@ -44,6 +44,17 @@ _TINY_PARAGRAPHS = [
 TINY_CORPUS = [p for _ in range(3) for p in _TINY_PARAGRAPHS]
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and with other processes on a 2-core machine two
+    threads can run many times slower (they wait on each other)."""
+    import torch
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus():
     return list(TINY_CORPUS)

@@ -1,0 +1,125 @@
+"""
+Training throughput: tokens/s and MFU of one full training step (forward, backward, optimizer step,
+zero_grad) of the GPT, the same step scripts/base_train.py takes, on random tokens.
+
+    python -m dev.bench_train                     # CPU rows (d4 = the anchor, d8); GPU rows too when CUDA is there
+    python -m dev.bench_train --configs anchor --compile both --steps 10
+    python -m dev.bench_train --configs d12,d20 --steps 20      # on a GPU: bf16 autocast + torch.compile
+
+The "anchor" row is the configuration measured for karpathy/nanochat on this project's CPU machine
+kind (depth 4, n_embd 256, head_dim 64, vocab 32,768, seq 512, batch 4, torch.compile): ~1,077 tok/s
+median when the machine is quiet (see /work/shared/research/anchors_cpu.md). MFU on a CPU is against
+the nominal 1 TFLOP/s of nanochat.common.get_peak_flops, so only its ratios mean anything there.
+Results and the commands that made them are kept in dev/bench_train.md.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from nanochat.common import autocast_context, get_peak_flops, synchronize
+from nanochat.gpt import GPT, config_from_depth
+
+# name: (depth, aspect_ratio, head_dim, vocab, seq_len, batch, device kind)
+CONFIGS = {
+    "anchor": (4, 64, 64, 32768, 512, 4, "cpu"),   # depth 4: nanochat's CPU anchor configuration
+    "d8": (8, 64, 64, 32768, 512, 4, "cpu"),
+    "d12": (12, 64, 128, 32768, 2048, 32, "cuda"),
+    "d20": (20, 64, 128, 32768, 2048, 32, "cuda"),
+}
+
+
+def bench_config(name, compile_model, steps, warmup, device):
+    depth, aspect, head_dim, vocab, seq_len, batch, _ = CONFIGS[name]
+    torch.manual_seed(0)
+    config = config_from_depth(depth, vocab_size=vocab, sequence_len=seq_len, aspect_ratio=aspect, head_dim=head_dim)
+    model = GPT(config).to(device)
+    model.init_weights()
+    optimizer = model.setup_optimizers()
+    step_model = torch.compile(model, dynamic=False) if compile_model else model
+    x = torch.randint(0, vocab, (batch, seq_len), device=device)
+    y = torch.randint(0, vocab, (batch, seq_len), device=device)
+    flops_per_token = model.estimate_flops()
+
+    def one_step():
+        with autocast_context(device.type):
+            loss = step_model(x, y)
+        loss.backward()
+        optimizer.step(grad_clip=1.0)
+        model.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        one_step()
+    synchronize(device)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        t = time.perf_counter()
+        loss = one_step()
+        loss.item()
+        synchronize(device)
+        times.append(time.perf_counter() - t)
+    dt = statistics.median(times)
+    tokens = batch * seq_len
+    return dict(name=name, depth=depth, n_embd=config.n_embd, head_dim=head_dim, vocab=vocab, seq=seq_len, batch=batch,
+                params=model.num_params(), compile=compile_model, warmup_s=first, step_s=dt,
+                tok_s=tokens / dt, tok_s_min=tokens / max(times), tok_s_max=tokens / min(times),
+                gflops=flops_per_token * tokens / dt / 1e9, mfu=100 * flops_per_token * tokens / dt / get_peak_flops(device))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="tokens/s and MFU of one full GPT training step")
+    parser.add_argument("--configs", default=None,
+                        help=f"comma-separated subset of {','.join(CONFIGS)} (default: the CPU ones, plus the CUDA ones on a GPU)")
+    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off", "both"],
+                        help="torch.compile (auto: on for CUDA, both on and off for the CPU anchor, off for other CPU rows)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    has_cuda = torch.cuda.is_available()
+    names = args.configs.split(",") if args.configs else [n for n, c in CONFIGS.items() if c[-1] == "cpu" or has_cuda]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
+
+    rows = []
+    for name in names:
+        kind = CONFIGS[name][-1]
+        if kind == "cuda" and not has_cuda:
+            print(f"skipping {name}: needs a CUDA GPU")
+            continue
+        device = torch.device(kind)
+        if args.compile == "both" or (args.compile == "auto" and name == "anchor"):
+            modes = [False, True]
+        elif args.compile == "auto":
+            modes = [kind == "cuda"]
+        else:
+            modes = [args.compile == "on"]
+        for compile_model in modes:
+            print(f"running {name} (compile={compile_model}) ...", flush=True)
+            rows.append(bench_config(name, compile_model, args.steps, args.warmup, device))
+
+    device_name = torch.cuda.get_device_name() if has_cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\ntorch {torch.__version__} | {device_name} | dtype on CUDA: bf16 autocast | median of {args.steps} steps")
+    header = f"| {'config':<7} | {'depth':>5} | {'n_embd':>6} | {'params':>11} | {'seq x batch':>11} | {'compile':>7} | " \
+             f"{'step (s)':>8} | {'tok/s (min-max)':>22} | {'GFLOP/s':>8} | {'MFU %':>6} | {'warm-up (s)':>11} |"
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for r in rows:
+        spread = f"{r['tok_s']:,.0f} ({r['tok_s_min']:,.0f}-{r['tok_s_max']:,.0f})"
+        print(f"| {r['name']:<7} | {r['depth']:>5} | {r['n_embd']:>6} | {r['params']:>11,} | {r['seq']:>5} x {r['batch']:<3} | "
+              f"{str(r['compile']):>7} | {r['step_s']:>8.3f} | {spread:>22} | {r['gflops']:>8.1f} | {r['mfu']:>6.2f} | "
+              f"{r['warmup_s']:>11.1f} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
