@@ -156,6 +156,14 @@ def compute_cleanup():
         dist.destroy_process_group()
 
 
+def all_reduce_sums(values, device):
+    """Python numbers summed over all ranks (returned as-is without torch.distributed), in one collective."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from nanochat.common import autocast_context
+from nanochat.common import autocast_context, all_reduce_sums
 
 
 @dataclass
@@ -205,13 +205,6 @@ def policy_gradient_loss(logp, targets, advantages, weights=None, old_logp=None,
     return total / normalizer
 
 
-def _global_sum(value, device):
-    t = torch.tensor(float(value), device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.item()
-
-
 def grpo_update(model, optimizer, rollouts, token_advantages, pad_id, device, device_batch_size,
                 sample_weights=None, normalization="token", ppo_epochs=1, clip_eps=0.2, ref_model=None,
                 kl_coef=0.0, grad_clip=0.0, lr_multiplier=1.0):
@@ -224,7 +217,7 @@ def grpo_update(model, optimizer, rollouts, token_advantages, pad_id, device, de
     inputs, targets, advantages, weights = collate_rollouts(rollouts, token_advantages, pad_id, device, sample_weights)
     num_tokens = (targets != -1).sum().item()
     count = num_tokens if normalization == "token" else len(rollouts)
-    normalizer = max(_global_sum(count, device), 1.0) / world  # the optimizer averages over ranks
+    normalizer = max(all_reduce_sums([count], device)[0], 1.0) / world  # the optimizer averages over ranks
 
     old_logp, ref_logp = None, None
     if ppo_epochs > 1 or (ref_model is not None and kl_coef > 0):

@@ -34,7 +34,8 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, get_base_dir, autocast_context
+from nanochat.common import (compute_init, compute_cleanup, print0, init_wandb, get_base_dir, autocast_context,
+                             all_reduce_sums)
 from nanochat.checkpoint_manager import (load_model, save_checkpoint, load_checkpoint, find_last_step,
                                          CHECKPOINT_DIRS)
 from nanochat.engine import Engine
@@ -151,13 +152,6 @@ def phase_schedule(args):
 
 def question_of(conversation):
     return next(m["content"] for m in conversation["messages"] if m["role"] == "user")
-
-
-def all_reduce_sums(values, device):
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 def move(model, device):

@@ -17,9 +17,8 @@ import time
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 
-from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, get_base_dir
+from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, get_base_dir, all_reduce_sums
 from nanochat.checkpoint_manager import load_model, save_checkpoint, load_checkpoint, find_last_step, CHECKPOINT_DIRS
 from nanochat.engine import Engine
 from nanochat.grpo import sample_and_score, group_advantages, grpo_update, pass_at_k
@@ -115,10 +114,7 @@ def main(argv=None):
         indices = list(range(rank, min(args.eval_examples, len(val_task)), world_size))
         n, p1, pk, _ = pass_at_k(engine, tokenizer, val_task, indices, args.eval_samples, args.max_new_tokens,
                                  args.temperature, args.top_k, seed=args.seed + 7919 * step + rank)
-        totals = torch.tensor([n, p1, pk], dtype=torch.float64, device=device)
-        if ddp:
-            dist.all_reduce(totals)
-        n, p1, pk = totals.tolist()
+        n, p1, pk = all_reduce_sums([n, p1, pk], device)
         print0(f"step {step:5d} | eval pass@1 {p1 / max(n, 1):.4f} | pass@{args.eval_samples} {pk / max(n, 1):.4f} ({int(n)} problems)")
         wandb_run.log({"step": step, "eval/pass@1": p1 / max(n, 1), f"eval/pass@{args.eval_samples}": pk / max(n, 1)})
         report.log_curve("rl/eval_pass@1", step, p1 / max(n, 1), kind="accuracy")
@@ -144,14 +140,12 @@ def main(argv=None):
                             normalization=args.normalization, ppo_epochs=args.ppo_epochs, clip_eps=args.clip_eps,
                             ref_model=ref_model, kl_coef=args.kl_coef, grad_clip=args.grad_clip, lr_multiplier=lrm)
         dt = time.time() - t0
-        summary = torch.tensor([rewards.sum().item(), rewards.numel(), sum(r.info["correct"] for r in rollouts),
-                                sum(len(r.completion_ids) for r in rollouts),
-                                float(((rewards.max(1).values - rewards.min(1).values) == 0).sum())], device=device, dtype=torch.float64)
-        if ddp:
-            dist.all_reduce(summary)
-        mean_reward, accuracy = summary[0].item() / summary[1].item(), summary[2].item() / summary[1].item()
-        mean_len = summary[3].item() / summary[1].item()
-        zero_var = summary[4].item() / (args.examples_per_step)
+        total_reward, count, correct, length, zero_var_groups = all_reduce_sums(
+            [rewards.sum().item(), rewards.numel(), sum(r.info["correct"] for r in rollouts),
+             sum(len(r.completion_ids) for r in rollouts),
+             float(((rewards.max(1).values - rewards.min(1).values) == 0).sum())], device)
+        mean_reward, accuracy, mean_len = total_reward / count, correct / count, length / count
+        zero_var = zero_var_groups / args.examples_per_step
         record = {"step": step, "reward": mean_reward, "accuracy": accuracy, "seq_len": mean_len,
                   "zero_variance_groups": zero_var, "lr_multiplier": lrm, "time_generate": t_gen, "time_step": dt,
                   "loss": stats["loss"], "entropy_proxy": stats["entropy_proxy"]}
