@@ -26,11 +26,14 @@ from nanochat.gpt import GPT, config_from_depth
 def make_base_dir(args):
     from nanochat.tokenizer import Tokenizer, save_token_bytes
     base = tempfile.mkdtemp(prefix="bench_cotrain_")
-    # a tokenizer trained on the arithmetic task's own text: enough for realistic token counts
-    from tasks.arithmetic import ArithmeticTask
-    task = ArithmeticTask(split="train", size=2000)
-    texts = [task.get_labelled_solution(i)["question"] + "\n" + task.get_labelled_solution(i)["solution"] for i in range(2000)]
-    tokenizer = Tokenizer.train_from_iterator(iter(texts), args.vocab_size)
+    if args.tokenizer_dir:  # e.g. on a GPU box whose Python has no build of our Rust trainer
+        tokenizer = Tokenizer.from_directory(args.tokenizer_dir)
+    else:
+        # a tokenizer trained on the arithmetic task's own text: enough for realistic token counts
+        from tasks.arithmetic import ArithmeticTask
+        task = ArithmeticTask(split="train", size=2000)
+        texts = [task.get_labelled_solution(i)["question"] + "\n" + task.get_labelled_solution(i)["solution"] for i in range(2000)]
+        tokenizer = Tokenizer.train_from_iterator(iter(texts), args.vocab_size)
     tokenizer.save(os.path.join(base, "tokenizer"))
     save_token_bytes(tokenizer, os.path.join(base, "tokenizer"))
     for depth in {args.depth_g, args.depth_v}:
@@ -54,6 +57,8 @@ def main():
     p.add_argument("--ver_tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=3, help="generator steps timed (the first is a warm-up)")
     p.add_argument("--device_type", default="cpu")
+    p.add_argument("--tokenizer_dir", default=None, help="load a saved tokenizer instead of training one")
+    p.add_argument("--cotrain_args", default="", help="more chat_cotrain flags for both arms, e.g. '--offload_frozen'")
     args = p.parse_args()
     os.environ["NANOCHAT_BASE_DIR"] = make_base_dir(args)
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -64,6 +69,9 @@ def main():
               "--num_gen_steps", str(args.steps), "--gen_steps", str(args.steps), "--verifier_warmup_steps", "0",
               "--eval_examples", "0", "--ver_eval_examples", "0", "--eval_every", "0", "--save_every", "0",
               "--device_batch_size", "16", "--device_type", args.device_type, "--stop_after", str(args.steps)]
+    common += args.cotrain_args.split()
+    if args.device_type == "cuda":
+        common.append("--print_memory")  # estimates next to what CUDA reports
     results = {}
     for name, extra in (("baseline GRPO step", ["--alpha", "0", "--no_verifier", "--output_tag", "bench_base"]),
                         ("co-training generator step", ["--alpha", "0.1", "--output_tag", "bench_co"])):

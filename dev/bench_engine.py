@@ -4,6 +4,7 @@ every token), on one randomly initialised model, in one process so the two share
 
     python -m dev.bench_engine                      # the tables in dev/bench_engine.md
     python -m dev.bench_engine --new_tokens 32 --batch_sizes 1 --skip_anchor   # a quick smoke run
+    python -m dev.bench_engine --device cuda --depth 20 --skip_anchor [--bf16_weights]   # on a GPU
 
 Table 1: prompt of --prompt_len tokens, --new_tokens new tokens, batch 1/8/32 through the Engine, and
 the naive sampler at batch 1. Table 2 (nanochat's CPU anchor configuration): depth 4, n_embd 256,
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from nanochat.engine import Engine
+from nanochat.engine import Engine, inference_context
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.tokenizer import SPECIAL_TOKENS
 
@@ -43,10 +44,13 @@ class NoStopTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
-def build_model(depth, vocab_size, sequence_len, seed=0):
+def build_model(depth, vocab_size, sequence_len, seed=0, device="cpu", bf16_weights=False):
     torch.manual_seed(seed)
     model = GPT(config_from_depth(depth, vocab_size=vocab_size, sequence_len=sequence_len, head_dim=64))
     model.init_weights()
+    model = model.to(device)
+    if bf16_weights:  # inference only: halves the bytes every decode step must read
+        model = model.to(torch.bfloat16)
     return model.eval()
 
 
@@ -66,7 +70,8 @@ def time_engine(engine, prompt, batch, new_tokens, temperature, top_k):
 
 def time_naive(model, prompt, new_tokens, temperature, top_k):
     t0 = time.perf_counter()
-    n = sum(1 for _ in model.generate(prompt, new_tokens, temperature=temperature, top_k=top_k))
+    with inference_context(model.get_device().type):  # the same precision and kernels as the Engine
+        n = sum(1 for _ in model.generate(prompt, new_tokens, temperature=temperature, top_k=top_k))
     assert n == new_tokens
     return time.perf_counter() - t0
 
@@ -102,6 +107,12 @@ def run_table(title, model, prompt_len, new_tokens, batch_sizes, naive_tokens, t
                      batch * new_tokens / total, decode_rate))
 
     c = model.config
+    if next(model.parameters()).is_cuda:
+        # batch-1 decode reads every weight once per step: its floor is weight bytes / memory bandwidth
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        best_step = min(r[4] for r in rows if r[1] == 1 and r[0].startswith("Engine")) / 1000
+        print(f"\nweights {weight_bytes / 1e9:.2f} GB ({next(model.parameters()).dtype}); batch-1 step {1000 * best_step:.2f} ms "
+              f"= {weight_bytes / best_step / 1e12:.2f} TB/s of weight reads; floor at 3.35 TB/s: {1000 * weight_bytes / 3.35e12:.2f} ms")
     print(f"\n### {title}\n")
     print(f"depth {c.n_layer}, n_embd {c.n_embd}, {c.n_head} heads, vocab {vocab}, {model.num_params() / 1e6:.1f}M params; "
           f"prompt {prompt_len} tokens; temperature {temperature}, top_k {top_k}; {torch.get_num_threads()} threads\n")
@@ -111,6 +122,22 @@ def run_table(title, model, prompt_len, new_tokens, batch_sizes, naive_tokens, t
         ratio = f"{total_rate / naive_rate:.1f}x" if naive_rate else "-"
         prefill = "-" if prefill_ms != prefill_ms else f"{prefill_ms:.1f}"
         print(f"| {label} | {batch} | {tokens} | {prefill} | {step_ms:.2f} | {total_rate:.1f} | {decode_rate:.1f} | {ratio} |")
+
+
+def profile_decode(model, steps=16):
+    """Where a decode step's time goes: with a small batch, a step is hundreds of small kernels, and the
+    host's per-op dispatch (not the GPU) can set the pace."""
+    from torch.profiler import ProfilerActivity, profile
+    engine = Engine(model, NoStopTokenizer(model.config.vocab_size))
+    prompt = list(range(16))
+    time_engine(engine, prompt, 1, steps, 1.0, 50)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if next(model.parameters()).is_cuda else [])
+    with profile(activities=activities) as prof:
+        time_engine(engine, prompt, 1, steps, 1.0, 50)
+    events = prof.key_averages()
+    kernels = sum(e.count for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+    print(f"\n### Profile of {steps} batch-1 decode steps: {kernels / steps:.0f} GPU kernels per step\n")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 def main():
@@ -126,6 +153,9 @@ def main():
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=50)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (bf16 autocast on CUDA)")
+    parser.add_argument("--bf16_weights", action="store_true", help="cast the weights to bf16 (inference-only speed-up)")
+    parser.add_argument("--profile", action="store_true", help="also profile 16 batch-1 decode steps (op and kernel counts)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,9 +166,11 @@ def main():
     probe_before = matmul_probe()
     t0 = time.perf_counter()
     # sequence_len only sizes the rotary table here (10x): it must cover prompt + new tokens
-    model = build_model(args.depth, args.vocab_size, sequence_len=1024)
+    model = build_model(args.depth, args.vocab_size, sequence_len=1024, device=args.device, bf16_weights=args.bf16_weights)
     run_table(f"Decode: {args.new_tokens} new tokens, KV cache vs naive recompute", model, args.prompt_len,
               args.new_tokens, batch_sizes, naive_tokens, args.temperature, args.top_k)
+    if args.profile:
+        profile_decode(model)
     if not args.skip_anchor:
         run_table("nanochat CPU anchor configuration: 384-token prompt, 128 new tokens", model, 384, 128, [1, 8],
                   args.anchor_naive_tokens, args.temperature, args.top_k)

@@ -31,8 +31,9 @@ CONFIGS = {
 }
 
 
-def bench_config(name, compile_model, steps, warmup, device):
-    depth, aspect, head_dim, vocab, seq_len, batch, _ = CONFIGS[name]
+def bench_config(name, compile_model, steps, warmup, device, batch=None):
+    depth, aspect, head_dim, vocab, seq_len, default_batch, _ = CONFIGS[name]
+    batch = batch or default_batch
     torch.manual_seed(0)
     config = config_from_depth(depth, vocab_size=vocab, sequence_len=seq_len, aspect_ratio=aspect, head_dim=head_dim)
     model = GPT(config).to(device)
@@ -65,6 +66,9 @@ def bench_config(name, compile_model, steps, warmup, device):
         synchronize(device)
         times.append(time.perf_counter() - t)
     dt = statistics.median(times)
+    if device.type == "cuda":
+        print(f"  peak CUDA memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB", flush=True)
+        torch.cuda.reset_peak_memory_stats(device)
     tokens = batch * seq_len
     return dict(name=name, depth=depth, n_embd=config.n_embd, head_dim=head_dim, vocab=vocab, seq=seq_len, batch=batch,
                 params=model.num_params(), compile=compile_model, warmup_s=first, step_s=dt,
@@ -104,8 +108,18 @@ def main(argv=None):
         else:
             modes = [args.compile == "on"]
         for compile_model in modes:
-            print(f"running {name} (compile={compile_model}) ...", flush=True)
-            rows.append(bench_config(name, compile_model, args.steps, args.warmup, device))
+            batch = CONFIGS[name][5]
+            while True:
+                print(f"running {name} (compile={compile_model}, batch {batch}) ...", flush=True)
+                try:
+                    rows.append(bench_config(name, compile_model, args.steps, args.warmup, device, batch))
+                    break
+                except torch.OutOfMemoryError:
+                    if batch == 1:
+                        raise
+                    batch //= 2  # the row reports the batch that fit
+                    torch._dynamo.reset()
+                    torch.cuda.empty_cache()
 
     device_name = torch.cuda.get_device_name() if has_cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"\ntorch {torch.__version__} | {device_name} | dtype on CUDA: bf16 autocast | median of {args.steps} steps")

@@ -553,9 +553,9 @@ def main(argv=None):
             history["gen"].append(generator_step())
         else:
             history["ver"].append(verifier_step())
-        if args.print_memory and (report := cuda_memory_report(device)):
-            print0(f"  CUDA memory after {phase} step: peak allocated {report['peak_allocated'] / 2**30:.2f} GiB, "
-                   f"reserved {report['reserved'] / 2**30:.2f} GiB")
+        if args.print_memory and (measured := cuda_memory_report(device)):
+            print0(f"  CUDA memory after {phase} step: peak allocated {measured['peak_allocated'] / 2**30:.2f} GiB, "
+                   f"reserved {measured['reserved'] / 2**30:.2f} GiB")
         state["global_step"] += 1
         if phase == "G" and args.eval_every > 0 and state["gen_step"] % args.eval_every == 0 and state["global_step"] < len(phases):
             history["eval"].append({"gen_step": state["gen_step"], **evaluate(f"gen step {state['gen_step']}")})

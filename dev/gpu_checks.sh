@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, in two parts that each fit a 10-minute slot:
+#   bash dev/gpu_checks.sh 1   # the CUDA tests, training throughput/MFU at d12/d20, Engine decode at d20
+#   bash dev/gpu_checks.sh 2   # co-training step cost at d20 + d12 with memory, a short real base_train at d20
+# Logs go to $OUT (or ./gpu_logs). Part 2 needs a tokenizer (and shards for base_train) under
+# $NANOCHAT_BASE_DIR, e.g. made here with dev/make_corpus + scripts.tok_train, because a GPU box's Python
+# may have no build of our Rust trainer. Figures are recorded in dev/gpu_results.md.
+set -uo pipefail
+PY=${PYTHON:-python3}
+LOGS=${OUT:-gpu_logs}
+mkdir -p "$LOGS"
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+stage() {  # name, seconds, command...: a stage may fail or time out without stopping the others
+    local name=$1 limit=$2; shift 2
+    echo "=== $name ($(date +%T))"
+    timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
+    echo "=== $name: exit ${PIPESTATUS[0]}"
+}
+
+if [ "${1:-1}" = 1 ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(), 'bf16', torch.cuda.is_bf16_supported())"
+    stage cuda_tests 110 $PY -m pytest -q -p no:cacheprovider -k "cuda or flash" tests/test_gpt.py tests/test_engine.py tests/test_dataloader.py
+    stage bench_train 270 $PY -m dev.bench_train --configs d12,d20 --steps 10 --warmup 3
+    stage bench_engine 90 $PY -m dev.bench_engine --device cuda --depth 20 --skip_anchor --new_tokens 256 --batch_sizes 1,8,32
+    stage bench_engine_bf16 75 $PY -m dev.bench_engine --device cuda --depth 20 --skip_anchor --new_tokens 256 --batch_sizes 1,8,32 --naive_tokens 64 --bf16_weights
+else
+    : "${NANOCHAT_BASE_DIR:?set NANOCHAT_BASE_DIR to a directory with tokenizer/ (and base_data/ for base_train)}"
+    stage cuda_tests_gpt 60 $PY -m pytest -q -p no:cacheprovider -k cuda tests/test_gpt.py
+    stage bench_cotrain 280 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 --samples 16 \
+        --gen_tokens 256 --ver_tokens 256 --steps 3 --tokenizer_dir "$NANOCHAT_BASE_DIR/tokenizer"
+    stage engine_profile 50 $PY -m dev.bench_engine --device cuda --depth 20 --skip_anchor --new_tokens 16 --batch_sizes 1 --naive_tokens 0 --profile
+    stage base_train 190 $PY -m scripts.base_train --depth 20 --num_iterations 20 --device_batch_size 16 --max_seq_len 2048 \
+        --total_batch_size 262144 --eval_every 10 --eval_tokens 65536 --core_metric_every -1 --sample_every -1 --save_every -1 --model_tag gpu_check
+fi
