@@ -8,6 +8,9 @@ without a trained tokenizer on disk (and never touches /work/shared or the netwo
     def test_y(tiny_base_dir, monkeypatch):     # a base dir holding tokenizer/ and token_bytes.pt
         monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tiny_base_dir))
         tok = nanochat.tokenizer.get_tokenizer()
+
+    def test_z(sft_base):                       # NANOCHAT_BASE_DIR set to a fresh dir with tiny SFT checkpoints d2, d1
+        scripts.chat_rl.main(["--model_tag", "d2", ...])
 """
 
 import os
@@ -75,3 +78,34 @@ def tiny_base_dir(tiny_tokenizer, tmp_path_factory):
     tiny_tokenizer.save(str(tokenizer_dir))
     save_token_bytes(tiny_tokenizer, str(tokenizer_dir))
     return base_dir
+
+
+def make_tiny_checkpoint(base_dir, source_dir, tag, n_layer, vocab_size, seed):
+    """A random GPT of width 32 saved as step 0 under <base_dir>/<source_dir>/<tag>. Its output layers get
+    noise: init_weights zeros them, and a model whose logits are all equal samples no useful variety."""
+    from dataclasses import asdict
+    import torch
+    from nanochat.checkpoint_manager import save_checkpoint
+    from nanochat.gpt import GPT, GPTConfig
+    torch.manual_seed(seed)
+    config = GPTConfig(sequence_len=512, vocab_size=vocab_size, n_layer=n_layer, n_head=2, n_kv_head=2, n_embd=32)
+    model = GPT(config)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    save_checkpoint(os.path.join(base_dir, source_dir, tag), 0, model.state_dict(), None, {"model_config": asdict(config)})
+
+
+@pytest.fixture()
+def sft_base(tiny_base_dir, tiny_tokenizer, monkeypatch, tmp_path):
+    """A fresh base dir (NANOCHAT_BASE_DIR) with the tiny tokenizer and random tiny SFT checkpoints d2 and d1."""
+    base = tmp_path / "base"
+    base.mkdir()
+    os.symlink(tiny_base_dir / "tokenizer", base / "tokenizer")
+    vocab = tiny_tokenizer.get_vocab_size()
+    make_tiny_checkpoint(str(base), "chatsft_checkpoints", "d2", 2, vocab, seed=1)
+    make_tiny_checkpoint(str(base), "chatsft_checkpoints", "d1", 1, vocab, seed=2)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    return base
