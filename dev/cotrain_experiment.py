@@ -4,6 +4,7 @@ number of generator updates, over several seeds, evaluated on held-out problems.
 
     python -m dev.cotrain_experiment --gen_tag d4 --ver_tag d4 --seeds 1 2 3 --num_gen_steps 24 \
         --out dev/cotrain_experiment.md
+    python -m dev.cotrain_experiment ... --arms baseline,cotrain,shared   # also one GPT in both roles
 
 Each run is a separate process (`--parallel 2` runs two at a time with one thread each). Any flag after
 `--` is passed to both chat_rl and chat_cotrain (shared RL settings); `--cotrain_args "..."` to co-training only.
@@ -42,6 +43,9 @@ def worker(kind, argv, out_path):
         json.dump(summary, f)
 
 
+ARM_NAMES = {"baseline": "GRPO baseline", "cotrain": "co-trained (two models)", "shared": "co-trained (one shared model)"}
+
+
 def run(kind, seed, args, shared, tmpdir):
     common = ["--task", args.task, "--seed", str(seed), "--eval_every", "0", "--device_type", "cpu"] + shared
     if kind == "baseline":
@@ -50,11 +54,14 @@ def run(kind, seed, args, shared, tmpdir):
     else:
         argv = common + ["--gen_source", "sft", "--gen_tag", args.gen_tag, "--ver_source", args.ver_source,
                          "--ver_tag", args.ver_tag, "--num_gen_steps", str(args.num_gen_steps),
-                         "--output_tag", f"exp_cotrain_s{seed}"] + shlex.split(args.cotrain_args)
+                         "--output_tag", f"exp_{kind}_s{seed}"] + shlex.split(args.cotrain_args)
+        if kind == "shared":
+            argv.append("--shared_model")
     out_path = os.path.join(tmpdir, f"{kind}_{seed}.json")
     log_path = os.path.join(args.log_dir, f"{kind}_s{seed}.log")
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, 2 // args.parallel)))
-    cmd = [sys.executable, "-m", "dev.cotrain_experiment", "--worker", kind, "--worker_out", out_path, "--", *argv]
+    cmd = [sys.executable, "-m", "dev.cotrain_experiment", "--worker", "baseline" if kind == "baseline" else "cotrain",
+           "--worker_out", out_path, "--", *argv]
     t0 = time.time()
     with open(log_path, "w") as log:
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
@@ -101,45 +108,51 @@ def main():
     p.add_argument("--parallel", type=int, default=1, help="runs at a time (each gets 2/parallel threads)")
     p.add_argument("--log_dir", default=None, help="per-run logs (default: a temp dir)")
     p.add_argument("--out", default="dev/cotrain_experiment.md")
+    p.add_argument("--arms", default="baseline,cotrain",
+                   help="comma-separated, baseline first: baseline, cotrain (two models), shared (--shared_model)")
     args = p.parse_args(argv)
+    arms = args.arms.split(",")
+    if arms[0] != "baseline" or len(arms) < 2 or any(a not in ARM_NAMES for a in arms):
+        p.error(f"--arms must start with baseline and name at least one of cotrain, shared (got {args.arms!r})")
     tmpdir = tempfile.mkdtemp(prefix="cotrain_experiment_")
     args.log_dir = args.log_dir or tmpdir
     os.makedirs(args.log_dir, exist_ok=True)
-    jobs = [(kind, seed) for seed in args.seeds for kind in ("baseline", "cotrain")]
+    jobs = [(kind, seed) for seed in args.seeds for kind in arms]
     t0 = time.time()
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         futures = {job: pool.submit(run, *job, args, shared, tmpdir) for job in jobs}
         results = {job: f.result() for job, f in futures.items()}
     minutes = (time.time() - t0) / 60
 
-    base = [results[("baseline", s)] for s in args.seeds]
-    co = [results[("cotrain", s)] for s in args.seeds]
-    k_key = next(k for k in base[0]["final"] if k.startswith("pass@") and k != "pass@1")
-    rows = [("generator pass@1 (held-out, T=1)", [r["final"]["pass@1"] for r in base], [r["final"]["pass@1"] for r in co]),
-            (f"generator {k_key}", [r["final"][k_key] for r in base], [r["final"][k_key] for r in co])]
+    per_arm = {arm: [results[(arm, s)] for s in args.seeds] for arm in arms}
+    co_arms = arms[1:]
+    nan = [float("nan")] * len(args.seeds)
+    k_key = next(k for k in per_arm["baseline"][0]["final"] if k.startswith("pass@") and k != "pass@1")
+    rows = [(label, [[r["final"][key] for r in per_arm[arm]] for arm in arms])
+            for label, key in (("generator pass@1 (held-out, T=1)", "pass@1"), (f"generator {k_key}", k_key))]
     extra = [("majority vote", "majority@"), ("verifier-reranked best-of-N", "verifier_best_of_"),
              ("verifier accuracy (labelled, greedy)", "verifier_accuracy"),
              ("verifier F1 on incorrect solutions", "verifier_f1_incorrect"),
              ("verifier first-error-step accuracy", "verifier_first_error_accuracy"),
              ("verifier share of 'Correct' verdicts (eval)", "verifier_share_said_correct")]
     for label, prefix in extra:
-        key = next((k for k in co[0]["final"] if k.startswith(prefix)), None)
+        key = next((k for k in per_arm[co_arms[0]][0]["final"] if k.startswith(prefix)), None)
         if key:
-            rows.append((label, [float("nan")] * len(base), [r["final"][key] for r in co]))
+            rows.append((label, [nan] + [[r["final"].get(key, float("nan")) for r in per_arm[a]] for a in co_arms]))
     for label, key in [("verifier 'Correct' share during training (collapse detector)", "verifier_share_said_correct_mean"),
                        ("gold share of correct solutions in verifier batches", "verifier_gold_correct_rate_mean"),
                        ("verifier balanced accuracy (last verifier step)", "verifier_balanced_accuracy_last"),
                        ("step counts aligned (verifier gave exactly K verdicts)", "steps_aligned_mean"),
                        ("verifier step verdicts agreeing with gold step labels", "verifier_step_agreement_mean")]:
-        rows.append((label, [float("nan")] * len(base), [r[key] for r in co]))
+        rows.append((label, [nan] + [[r[key] for r in per_arm[a]] for a in co_arms]))
+    names = [ARM_NAMES[a] for a in arms]
     lines = [f"# Co-training vs GRPO baseline ({args.task}, {len(args.seeds)} seeds, {args.num_gen_steps} generator updates each)",
              "", f"Command: `python -m dev.cotrain_experiment {' '.join(sys.argv[1:])}`", "",
              f"Wall time {minutes:.1f} min. Mean ± std over seeds {args.seeds}.", "",
-             "| metric | GRPO baseline | co-trained |", "|---|---|---|"]
-    lines += [f"| {label} | {fmt(b)} | {fmt(c)} |" for label, b, c in rows]
+             "| metric | " + " | ".join(names) + " |", "|---" * (len(arms) + 1) + "|"]
+    lines += [f"| {label} | " + " | ".join(fmt(v) for v in values) + " |" for label, values in rows]
     lines += ["", "Per seed (pass@1): " + ", ".join(
-        f"seed {s}: {results[('baseline', s)]['final']['pass@1']:.3f} vs {results[('cotrain', s)]['final']['pass@1']:.3f}"
-        for s in args.seeds)]
+        f"seed {s}: " + " vs ".join(f"{results[(a, s)]['final']['pass@1']:.3f}" for a in arms) for s in args.seeds)]
     text = "\n".join(lines) + "\n"
     with open(args.out, "w") as f:
         f.write(text)

@@ -233,3 +233,23 @@ def test_cotrain_sh_toy_run_writes_the_comparison(sft_base, tmp_path):
     assert "| metric | GRPO baseline | co-trained |" in table
     assert len([line for line in table.splitlines() if line.startswith("| ")]) >= 3, table  # header + >= 1 metric
     assert "cotrain_vs_baseline.md" in out
+
+
+@pytest.mark.slow
+def test_experiment_script_compares_three_arms(sft_base, tmp_path):
+    """dev/cotrain_experiment.py end to end at the smallest size: baseline, two models and one shared model."""
+    out = tmp_path / "table.md"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "dev.cotrain_experiment", "--gen_tag", "d2", "--ver_tag", "d1", "--seeds", "1",
+           "--num_gen_steps", "1", "--arms", "baseline,cotrain,shared", "--out", str(out), "--log_dir", str(tmp_path / "logs"),
+           "--cotrain_args", "--verifier_warmup_steps 1 --ver_examples_per_step 2 --ver_solutions 1 --ver_samples 2 "
+                             "--ver_max_tokens 12 --gen_max_tokens 12 --ver_eval_examples 2",
+           "--", "--examples_per_step", "2", "--num_samples", "2", "--device_batch_size", "4", "--eval_examples", "2",
+           "--eval_samples", "2"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = out.read_text()
+    assert "| metric | GRPO baseline | co-trained (two models) | co-trained (one shared model) |" in table
+    pass1 = next(line for line in table.splitlines() if line.startswith("| generator pass@1"))
+    assert pass1.count("|") == 5
+    assert "seed 1: " in table and table.count(" vs ") >= 2
