@@ -249,3 +249,18 @@ def test_cuda_training_step_matches_cpu():
             # AdamW's first step is ~lr*sign(g): bf16 noise flips the signs of tiny gradients (0.12 measured
             # for wte with CPU bf16 autocast); Muon's orthogonalised update is steadier (0.01-0.04)
             assert gap < (0.3 if name in ("transformer.wte.weight", "lm_head.weight") else 0.1), (name, gap.item())
+
+
+def test_cpu_decode_projection_matches_linear():
+    """The few-rows CPU path of the LM head (weight @ x^T) computes nn.Linear's function, gradients included."""
+    model = tiny_model(vocab_size=9000)
+    randomize_output_layers(model)
+    x = torch.randn(2, 3, 32, requires_grad=True)
+    fast = model.project_to_vocab(x)
+    reference = model.lm_head(x)
+    assert fast.shape == (2, 3, 9000)
+    assert torch.allclose(fast, reference, atol=1e-5)
+    grad = torch.randn_like(fast)
+    (gx_fast,) = torch.autograd.grad(fast, x, grad)
+    (gx_ref,) = torch.autograd.grad(reference, x, grad)
+    assert torch.allclose(gx_fast, gx_ref, atol=1e-4)
