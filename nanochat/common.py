@@ -153,6 +153,9 @@ def compute_init(device_type="", seed=42):
 
 def compute_cleanup():
     if dist.is_available() and dist.is_initialized():
+        # every rank must be done with its collectives before any tears down: a gloo rank that destroyed its
+        # group while rank 0 was still writing the report once made rank 0 abort at exit
+        dist.barrier()
         dist.destroy_process_group()
 
 
