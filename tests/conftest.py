@@ -86,15 +86,13 @@ def make_tiny_checkpoint(base_dir, source_dir, tag, n_layer, vocab_size, seed):
     from dataclasses import asdict
     import torch
     from nanochat.checkpoint_manager import save_checkpoint
-    from nanochat.gpt import GPT, GPTConfig
-    torch.manual_seed(seed)
-    config = GPTConfig(sequence_len=512, vocab_size=vocab_size, n_layer=n_layer, n_head=2, n_kv_head=2, n_embd=32)
-    model = GPT(config)
-    model.init_weights()
+    from tests.fixtures.chat.chat_helpers import tiny_gpt
+    model = tiny_gpt(vocab_size, seed=seed, n_layer=n_layer, sequence_len=512)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    save_checkpoint(os.path.join(base_dir, source_dir, tag), 0, model.state_dict(), None, {"model_config": asdict(config)})
+    save_checkpoint(os.path.join(base_dir, source_dir, tag), 0, model.state_dict(), None,
+                    {"model_config": asdict(model.config)})
 
 
 @pytest.fixture()

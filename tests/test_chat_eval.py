@@ -14,15 +14,6 @@ from tasks.by_name import load_eval_task, parse_task_names
 from tests.fixtures.chat.chat_helpers import FIXTURE_DIR, make_base_dir
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: on a busy 2-core machine a second intra-op thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ScriptedLetterModel(torch.nn.Module):
     """At the position that ends a registered prompt, the logits favour that prompt's scripted letter;
     everywhere else they favour `decoy` (so reading the wrong position gives a wrong answer). A huge

@@ -18,14 +18,6 @@ from tests.fixtures.chat.chat_helpers import FIXTURE_DIR, make_base_dir, tiny_gp
 IDENTITY = os.path.join(FIXTURE_DIR, "identity.jsonl")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _conversations():
     return [
         {"messages": [{"role": "user", "content": "What is 3 plus 4?"},

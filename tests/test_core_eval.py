@@ -23,15 +23,6 @@ from nanochat.core_eval import (EvalBundleError, build_example, centered_accurac
 BUNDLE = os.path.join(os.path.dirname(__file__), "fixtures", "core_bundle")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second thread only adds synchronisation (ruinous when the machine is busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def task_and_data(label):
     task = next(t for t in load_core_tasks(BUNDLE) if t["label"] == label)
     return task, load_task_data(BUNDLE, task)

@@ -39,15 +39,6 @@ class StandInTokenizer:
         return bytes(ids).decode("utf-8", errors="replace")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: on a busy 2-core machine a second intra-op thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(seed=0, **overrides):
     cfg = dict(sequence_len=64, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
     cfg.update(overrides)

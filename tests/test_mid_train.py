@@ -21,14 +21,6 @@ from tests.fixtures.chat.chat_helpers import FIXTURE_DIR, make_base_dir
 IDENTITY = os.path.join(FIXTURE_DIR, "identity.jsonl")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _stream(task, tokenizer, rank=0, world_size=1, count=None):
     """Oracle: this rank's conversations rendered and concatenated (ids, mask), over repeated epochs."""
     ids, mask = [], []
