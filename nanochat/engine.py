@@ -3,10 +3,9 @@ Inference: a preallocated KV cache and (below it, added by the Engine work) batc
 tool use. RL, co-training, evaluation and the web server all generate through this file.
 """
 
+import contextlib
 import numbers
 from collections import deque
-
-import contextlib
 
 import torch
 import torch.nn.functional as F
