@@ -159,21 +159,28 @@ def letters_for(n):
     return [chr(ord("A") + k) for k in range(n)]
 
 
+# Model output is parsed with linear-time patterns only (possessive runs, no two unbounded quantifiers that
+# can trade characters) and only its last/first MAX_PARSE_CHARS characters are scanned: a degenerate
+# completion (a run of whitespace, a keyword repeated) must never stall the training loop.
+# tests/test_parsers_linear.py times every parser on 10^5-character inputs and lists every such pattern.
+MAX_PARSE_CHARS = 20_000
+
 # Explicit answer statements, forward: "Answer: C", "the answer is (c)", "**Answer:** C", "Ans - C",
 # "correct option is C)", "CORRECT OPTION: OPTION E", "\boxed{C}"
 _ANSWER_FORWARD = re.compile(
-    r"\b(?:answer|ans|correct\s+(?:option|choice))\b[*\s]*(?:(?:is|would\s+be|will\s+be|should\s+be)\b)?[*\s]*[:=\-,]?[*\s]*"
-    r"(?:(?:option|choice)\b\s*[:\-]?\s*)?(?:\(([A-Za-z])\)|\[([A-Za-z])\]|\\boxed\{([A-Za-z])\}|([A-Za-z])(?![A-Za-z0-9]))",
+    r"\b(?:answer|ans|correct\s++(?:option|choice))\b[*\s]*+(?:(?:is|would\s++be|will\s++be|should\s++be)\b)?[*\s]*+[:=\-,]?[*\s]*+"
+    r"(?:(?:option|choice)\b\s*+[:\-]?\s*+)?(?:\(([A-Za-z])\)|\[([A-Za-z])\]|\\boxed\{([A-Za-z])\}|([A-Za-z])(?![A-Za-z0-9]))",
     re.IGNORECASE)
 # ... and backward: "D is the answer", "Option B is correct", "(C) is the right choice" (capital letters only)
 _ANSWER_BACKWARD = re.compile(
-    r"(?<![A-Za-z0-9'])(?:[Oo]ption\s+|[Cc]hoice\s+)?\(?([A-Z])\)?\s+is\s+(?:the\s+)?(?:(?:correct|right)\b(?:\s+(?:answer|option|choice)\b)?|answer\b)")
+    r"(?<![A-Za-z0-9'])(?:[Oo]ption\s++|[Cc]hoice\s++)?\(?([A-Z])\)?\s++is\s++(?:the\s++)?(?:(?:correct|right)\b(?:\s++(?:answer|option|choice)\b)?|answer\b)")
 # a last line that is only a letter: "D", "(B)", "Option C", "c."
-_LETTER_LINE = re.compile(r"^[*`'\"\s]*(?:(?:option|choice)\s*[:\-]?\s*)?[(\[]?([A-Za-z])[)\]]?[.:]?[*`'\"\s]*$", re.IGNORECASE)
+_LETTER_LINE = re.compile(r"^[*`'\"\s]*+(?:(?:option|choice)\s*+[:\-]?\s*+)?[(\[]?([A-Za-z])[)\]]?[.:]?[*`'\"\s]*+$", re.IGNORECASE)
 _MARKED_LETTER = re.compile(r"(?:\(([A-Z])\)|(?<![A-Za-z0-9/])([A-Z])\))")   # "(C)" or "C)", not "P(A/B)"
-_ANSWER_TAIL = re.compile(r"\banswer\b[*\s]*(?:(?:is|would\s+be|will\s+be|should\s+be)\b)?[*\s]*[:=\-,]?\s*(.+)", re.IGNORECASE)
+_ANSWER_TAIL = re.compile(r"\banswer\b[*\s]*+(?:(?:is|would\s++be|will\s++be|should\s++be)\b)?[*\s]*+[:=\-,]?\s*+(.+)", re.IGNORECASE)
 # after a lowercase letter only punctuation may follow on its line ("the answer is a number" is not an answer)
-_LINE_END = re.compile(r"[ \t*]*[.)\]!,;:]*[ \t*]*(?:\n|$)")
+# (applied right after a letter; the lookbehind only keeps a search over a long run linear)
+_LINE_END = re.compile(r"(?<![ \t*.)\]!,;:])[ \t*]*+[.)\]!,;:]*+[ \t*]*+(?:\n|$)")
 
 
 def _normalize_option_text(text):
@@ -192,6 +199,7 @@ def extract_choice_letter(text, letters, options=None):
     """
     if not isinstance(text, str):
         return None
+    text = text[-MAX_PARSE_CHARS:]  # the answer a response commits to is near its end
     allowed = {letter.upper() for letter in letters}
     explicit = []
     for m in _ANSWER_FORWARD.finditer(text):
@@ -225,7 +233,7 @@ def extract_choice_letter(text, letters, options=None):
 # -----------------------------------------------------------------------------
 # Numeric answers ("#### N", GSM8K style)
 
-_HASH_ANSWER = re.compile(r"####\s*\$?\s*(-?\s*[\d,]*\.?\d+)")
+_HASH_ANSWER = re.compile(r"####\s*+\$?\s*+(-?\s*+(?:[\d,]*+\.\d++|(?:,*+\d)++))")
 
 
 def parse_number(text):
@@ -245,7 +253,7 @@ def extract_hash_answer(text):
     """The number after the first '####' in text (commas, '$' and a trailing '.' tolerated), as a string; else None."""
     if not isinstance(text, str):
         return None
-    m = _HASH_ANSWER.search(text)
+    m = _HASH_ANSWER.search(text[:MAX_PARSE_CHARS])  # the first '####' counts
     if m is None:
         return None
     number = parse_number(m.group(1))

@@ -10,7 +10,7 @@ import re
 from nanochat.execution import execute_code
 from tasks.common import DatasetTask, default_data_dir, load_records
 
-_CODE_BLOCK = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+_CODE_BLOCK = re.compile(r"```(?:python|py|Python)?[ \t]*+\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
 def extract_program(completion):
@@ -27,7 +27,8 @@ def prompt_imports(prompt):
 def build_test_program(prompt, completion, test, entry_point):
     code = extract_program(completion)
     # a completion that only continues the body (no `def entry_point`) is completed onto the prompt
-    if not re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE):
+    # `[^\S\n]` not `\s`: only the last line start before `def` is tried, so a run of blank lines stays linear
+    if not re.search(rf"^[^\S\n]*+def\s++{re.escape(entry_point)}\s*+\(", code, re.MULTILINE):
         code = prompt + code
     return "\n".join(prompt_imports(prompt)) + "\n\n" + code + "\n\n" + test + f"\n\ncheck({entry_point})\n"
 

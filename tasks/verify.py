@@ -26,12 +26,19 @@ from dataclasses import dataclass, field
 from nanochat.execution import use_calculator
 
 ARROW = "→"
-PYTHON_CALL = re.compile(r"<\|python_start\|>(.*?)<\|python_end\|>(?:<\|output_start\|>(.*?)<\|output_end\|>)?", re.S)
-CALC = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
-BINARY_OP = re.compile(r"(?<=[\d.)\s])\s*[-+*/]\s*(?=[\d.(\s-])")
+# Every pattern here sees model output, so each runs in linear time: runs of whitespace/stars are possessive
+# (`*+`), a lazy body only tries positions where its terminator can start, a tool call's body stops at the
+# next tool-call token. tests/test_parsers_linear.py times them on 10^5-character inputs.
+MAX_PARSE_CHARS = 20_000  # parse_verification reads at most this much of a verification
+PYTHON_CALL = re.compile(r"<\|python_start\|>((?:[^<]++|<(?!\|python_(?:start|end)\|>))*+)<\|python_end\|>"
+                         r"(?:<\|output_start\|>((?:[^<]++|<(?!\|output_end\|>|\|python_start\|>|\|output_start\|>))*+)<\|output_end\|>)?")
+CALC = re.compile(r"<<([^<>=]*+)=([^<>]*+)>>")
+BINARY_OP = re.compile(r"(?<=[\d.)\s])[-+*/](?=[\d.(\s-])")  # one match per operator (callers count them)
 FINAL_ANSWER = re.compile(r"####.*$", re.S)
-STEP_LINE = re.compile(r"^\s*\**\s*step\s*(\d+)\s*\**\s*[:.)-]\s*(.*?)\s*(?:→|->|=>|:|-)\s*\**\s*(correct|incorrect)\s*\**\s*\.?\s*$", re.I)
-OVERALL_LINE = re.compile(r"^\s*\**\s*overall\s*\**\s*[:\-]?\s*\**\s*(correct|incorrect)\b", re.I)
+# the step's text is lazy but may only end on a non-space (or be empty), so the separator is tried once per word
+STEP_LINE = re.compile(r"^\s*+\**+\s*+step\s*+(\d{1,9}+)\s*+\**+\s*+[:.)-]\s*+((?:.*?\S)??)\s*+(?:→|->|=>|:|-)"
+                       r"\s*+\**+\s*+(correct|incorrect)\s*+\**+\s*+\.?\s*+$", re.I)
+OVERALL_LINE = re.compile(r"^\s*+\**+\s*+overall\s*+\**+\s*+[:\-]?\s*+\**+\s*+(correct|incorrect)\b", re.I)
 
 
 # -----------------------------------------------------------------------------
@@ -90,6 +97,8 @@ def _to_number(text):
 
 def calculations(step_text):
     """(expression, stated value) pairs of a step, in display notation."""
+    if "<" not in step_text:  # no calculation can be there; keeps a solution of 10^4 empty-ish lines cheap
+        return []
     return [(m.group(1).strip(), m.group(2).strip()) for m in CALC.finditer(to_display(step_text))]
 
 
@@ -188,7 +197,7 @@ def parse_verification(text):
     if not isinstance(text, str):
         return result
     stray = False
-    for line in text.splitlines():
+    for line in text[:MAX_PARSE_CHARS].splitlines():
         if not line.strip():
             continue
         step = STEP_LINE.match(line)
