@@ -16,7 +16,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from nanochat.execution import use_calculator
+from nanochat.calculator import use_calculator
 from tasks.aqua import AQuA
 from tasks.common import same_number
 from tasks.gsm8k import GSM8K

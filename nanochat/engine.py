@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanochat.common import COMPUTE_DTYPE, autocast_context
-from nanochat.execution import use_calculator
+from nanochat.calculator import use_calculator
 
 
 class KVCache:

@@ -27,7 +27,7 @@ import hashlib
 import random
 from fractions import Fraction
 
-from nanochat.execution import format_number
+from nanochat.calculator import format_number
 from tasks.common import Task, extract_hash_answer, same_number
 from tasks.gsm8k import solution_to_parts
 

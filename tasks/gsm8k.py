@@ -13,7 +13,7 @@ Data: HF `openai/gsm8k` ("main", splits train/test) or local gsm8k/{train,test}.
 
 import re
 
-from nanochat.execution import use_calculator
+from nanochat.calculator import use_calculator
 from tasks.common import DatasetTask, default_data_dir, extract_hash_answer, load_records, local_candidates, parse_number, same_number
 
 _ANNOTATION = re.compile(r"<<(.*?)>>")

@@ -23,7 +23,7 @@ import re
 import random
 from dataclasses import dataclass, field
 
-from nanochat.execution import use_calculator
+from nanochat.calculator import use_calculator
 
 ARROW = "→"
 # Every pattern here sees model output, so each runs in linear time: runs of whitespace/stars are possessive

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from nanochat.execution import use_calculator
+from nanochat.calculator import use_calculator
 from tasks.arithmetic import DIFFICULTY_PRESETS, ArithmeticTask
 from tasks.common import extract_hash_answer, same_number
 

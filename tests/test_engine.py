@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import nanochat.engine as engine_module
 from nanochat.engine import Engine, KVCache, sample_next_token
-from nanochat.execution import use_calculator
+from nanochat.calculator import use_calculator
 from nanochat.gpt import GPT, GPTConfig
 
 SPECIAL_NAMES = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",

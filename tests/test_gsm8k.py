@@ -5,7 +5,7 @@ import os
 import pytest
 
 import tasks.common as common
-from nanochat.execution import use_calculator
+from nanochat.calculator import use_calculator
 from tasks.common import extract_hash_answer, parse_number, same_number
 from tasks.gsm8k import GSM8K, solution_steps, solution_to_parts
 

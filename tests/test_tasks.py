@@ -328,7 +328,7 @@ def test_customjson_missing_or_empty_file(tmp_path):
 
 
 def test_spellingbee_examples_are_correct_and_deterministic():
-    from nanochat.execution import use_calculator
+    from nanochat.calculator import use_calculator
     task = SpellingBee("train", size=200, seed=3)
     assert [ex["messages"][0]["content"] for ex in task] == [ex["messages"][0]["content"] for ex in SpellingBee("train", size=200, seed=3)]
     assert [ex["messages"][0]["content"] for ex in task] != [ex["messages"][0]["content"] for ex in SpellingBee("test", size=200, seed=3)]
