@@ -68,6 +68,18 @@ if [ "${NANOCHAT_NO_BROWSER:-0}" != "1" ] && ! command -v chromium >/dev/null 2>
     fi
 fi
 
+# 3b. bubblewrap: the kernel-level sandbox for model-written code (nanochat/execution.py; HumanEval runs it).
+#    Skipped where apt is unavailable: execute_code then falls back to in-process guards and warns loudly.
+if ! command -v bwrap >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        log "installing Debian's bubblewrap (the sandbox for model-written code)"
+        apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends bubblewrap >/dev/null \
+            || log "warning: could not install bubblewrap; model-written code will run without kernel isolation"
+    else
+        log "note: no bwrap and no root apt-get; model-written code will run without kernel isolation (install bubblewrap)"
+    fi
+fi
+
 # 4. The environment.
 if [ ! -x .venv/bin/python ]; then
     log "creating .venv"
