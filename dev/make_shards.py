@@ -22,7 +22,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.dataset import shard_filename, list_parquet_files, TEXT_COLUMN
+from nanochat.dataset import HASH_SUFFIX, TEXT_COLUMN, list_parquet_files, record_hash, shard_filename
 
 TEXT_EXTENSIONS = (".txt", ".md")
 JSONL_EXTENSIONS = (".jsonl",)
@@ -105,12 +105,14 @@ def plan_shards(docs, docs_per_shard=None, chars_per_shard=None, val_docs=0):
 
 
 def write_shard(docs, path, row_group_size=1024):
-    """Write one shard atomically (temporary file, then rename) with zstd compression."""
+    """Write one shard atomically (temporary file, then rename) with zstd compression, and record its
+    content hash beside it (shard_XXXXX.parquet.sha256), checked whenever the shard is first read."""
     table = pa.table({TEXT_COLUMN: pa.array(docs, type=pa.string())})
     tmp_path = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         pq.write_table(table, tmp_path, row_group_size=row_group_size, compression="zstd")
         os.replace(tmp_path, path)
+        record_hash(path)
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
@@ -135,6 +137,8 @@ def write_shards(docs, out_dir, docs_per_shard=None, chars_per_shard=None, row_g
         raise FileExistsError(f"{out_dir} already holds {len(existing)} shard(s); pick another --out_dir or pass --overwrite")
     for path in existing:
         os.remove(path)
+        if os.path.exists(path + HASH_SUFFIX):
+            os.remove(path + HASH_SUFFIX)
     if len(shards) < 2:
         log("warning: only one shard was written; it is the validation split and leaves no training data "
             "(use --val_docs or a smaller shard size)")

@@ -15,10 +15,19 @@ Downloads stream into a temporary file, are checked by opening them as parquet, 
 renamed into place, so a shard under its final name is always complete. A damaged shard already on
 disk is detected (footer / row-group metadata), deleted and fetched again; reading one raises a
 CorruptShardError that names the file.
+
+Content hashes: every shard has a sidecar `shard_XXXXX.parquet.sha256` (`sha256sum` format) written when
+the shard is made (dev/make_shards.py) or downloaded (here; compared with the server's sha256 ETag when
+it sends one). A flipped bit in a shard's body can decode to silently different text, which no footer
+check sees; so the first time a process reads a shard, its SHA-256 is compared with the sidecar, and a
+mismatch is a CorruptShardError naming the file (the downloader deletes and re-fetches it). A shard
+without a sidecar (made before hashes existed) is decoded in full once and its hash recorded then.
 """
 
 import argparse
+import hashlib
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -33,6 +42,7 @@ from nanochat.common import get_base_dir
 DEFAULT_BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 DEFAULT_TOTAL_SHARDS = 1823
 TEXT_COLUMN = "text"
+HASH_SUFFIX = ".sha256"
 
 
 class CorruptShardError(RuntimeError):
@@ -106,16 +116,87 @@ def read_row_group(pf, rg_idx, path="?"):
     """The documents of one row group as a list of str, with decode errors reported per file."""
     try:
         table = pf.read_row_group(rg_idx, columns=[TEXT_COLUMN])
+        return table.column(TEXT_COLUMN).to_pylist()  # decoding to str is where a damaged body raises UnicodeDecodeError
     except Exception as e:
         raise CorruptShardError(f"shard {path}: row group {rg_idx} cannot be read ({type(e).__name__}: {e})") from e
-    return table.column(TEXT_COLUMN).to_pylist()
+
+
+# -----------------------------------------------------------------------------
+# Content hashes
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def recorded_hash(path):
+    """The SHA-256 recorded for a shard (hex), or None when it has no sidecar."""
+    try:
+        with open(path + HASH_SUFFIX, encoding="utf-8") as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return None
+    digest = text.split()[0].lower() if text else ""
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise CorruptShardError(f"hash file {path + HASH_SUFFIX} is malformed; delete it and the shard, then fetch or rebuild")
+    return digest
+
+
+def record_hash(path, digest=None):
+    """Write the shard's sidecar atomically (`sha256sum -c` reads it); returns the digest."""
+    digest = digest or file_sha256(path)
+    tmp = f"{path}{HASH_SUFFIX}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(f"{digest}  {os.path.basename(path)}\n")
+    os.replace(tmp, path + HASH_SUFFIX)
+    return digest
+
+
+def check_hash(path):
+    """Raise CorruptShardError naming the file when its content differs from its recorded hash.
+    Returns the recorded digest, or None when there is none to check against."""
+    expected = recorded_hash(path)
+    if expected is None:
+        return None
+    actual = file_sha256(path)
+    if actual != expected:
+        raise CorruptShardError(f"shard {path} is damaged: its SHA-256 {actual[:16]}... differs from the one recorded "
+                                f"when it was made or downloaded ({expected[:16]}..., {os.path.basename(path)}{HASH_SUFFIX}); "
+                                f"delete it and download (python -m nanochat.dataset) or rebuild it")
+    return expected
+
+
+_checked = {}  # path -> (size, mtime) of the version this process has already checked
+
+
+def check_shard_once(path, log=print):
+    """Check a shard's content the first time this process reads it (hashing every shard up front would
+    cost minutes at full scale). Without a recorded hash the shard is decoded in full and one is recorded."""
+    st = os.stat(path)
+    key = (st.st_size, st.st_mtime_ns)
+    if _checked.get(path) == key:
+        return
+    if check_hash(path) is None:
+        pf = open_shard(path)
+        for rg in range(pf.metadata.num_row_groups):
+            read_row_group(pf, rg, path)
+        try:
+            record_hash(path)
+            log(f"{os.path.basename(path)}: no recorded content hash; decoded it in full and recorded one")
+        except OSError as e:  # a read-only data directory: keep going, checked by decoding only
+            log(f"warning: {path} has no recorded content hash and none can be written ({e})")
+    _checked[path] = key
 
 
 def verify_shard(path, full=False):
-    """True when the shard opens cleanly; with full=True every row group is also decoded (used right
-    after a download, where a damaged body would otherwise only show up mid-training)."""
+    """True when the shard opens cleanly and matches its recorded hash (if it has one); with full=True
+    every row group is also decoded (used right after a download)."""
     try:
         pf = open_shard(path)
+        check_hash(path)
         if full:
             for rg in range(pf.metadata.num_row_groups):
                 read_row_group(pf, rg, path)
@@ -146,6 +227,7 @@ def parquets_iter_batched(split, start=0, step=1, data_dir=None):
     current_idx, current_pf = None, None
     for pq_idx, rg_idx in rank_row_groups(files, start, step):
         if pq_idx != current_idx:
+            check_shard_once(files[pq_idx])
             current_idx, current_pf = pq_idx, open_shard(files[pq_idx])
         yield read_row_group(current_pf, rg_idx, files[pq_idx])
 
@@ -157,11 +239,24 @@ class DownloadError(RuntimeError):
     pass
 
 
+def _server_sha256(headers):
+    # Hugging Face (git LFS) sends the file's SHA-256 as its ETag (X-Linked-Etag on redirects); other servers
+    # send something else or nothing, and then there is nothing to compare with
+    for name in ("X-Linked-Etag", "ETag"):
+        value = (headers.get(name) or "").strip().removeprefix("W/").strip('"').lower()
+        if re.fullmatch(r"[0-9a-f]{64}", value):
+            return value
+    return None
+
+
 def _fetch_to_file(url, tmp_path, timeout, chunk_size=1 << 20):
-    """Stream url into tmp_path; raises when the body is shorter than its Content-Length."""
+    """Stream url into tmp_path; raises when the body is shorter than its Content-Length or differs from
+    the SHA-256 the server states. Returns (bytes received, SHA-256 hex of what was written)."""
     request = urllib.request.Request(url, headers={"User-Agent": "nanochat-cotrain"})
+    digest = hashlib.sha256()
     with urllib.request.urlopen(request, timeout=timeout) as response:
         expected = response.headers.get("Content-Length")
+        stated = _server_sha256(response.headers)
         received = 0
         with open(tmp_path, "wb") as f:
             while True:
@@ -169,12 +264,15 @@ def _fetch_to_file(url, tmp_path, timeout, chunk_size=1 << 20):
                 if not chunk:
                     break
                 f.write(chunk)
+                digest.update(chunk)
                 received += len(chunk)
             f.flush()
             os.fsync(f.fileno())
     if expected is not None and received != int(expected):
         raise DownloadError(f"got {received} bytes of {expected} from {url}")
-    return received
+    if stated is not None and digest.hexdigest() != stated:
+        raise DownloadError(f"{url}: SHA-256 of the body {digest.hexdigest()[:16]}... differs from the server's {stated[:16]}...")
+    return received, digest.hexdigest()
 
 
 def _is_permanent(error):
@@ -186,8 +284,9 @@ def download_single_file(index, base_url=None, data_dir=None, max_attempts=5, ba
                          timeout=30, sleep=time.sleep, log=print):
     """Make sure shard `index` is present and intact in the data directory, downloading it if needed.
 
-    An existing shard is checked first; a damaged one is deleted and fetched again. Each attempt
-    streams into a temporary file that is verified as parquet before an atomic rename, so a failed or
+    An existing shard is checked first (footer, and content against its recorded hash); a damaged one is
+    deleted and fetched again. Each attempt streams into a temporary file that is verified as parquet (and
+    against the server's SHA-256 when it states one) before an atomic rename, so a failed or
     truncated transfer never leaves a file under the shard's name. Failed attempts are retried after
     backoff_s * 2**(attempt-1) seconds (`sleep` is injectable for tests). Returns the shard's path;
     raises DownloadError after the last attempt."""
@@ -198,9 +297,13 @@ def download_single_file(index, base_url=None, data_dir=None, max_attempts=5, ba
     path = os.path.join(data_dir, filename)
     if os.path.exists(path):
         if verify_shard(path):
+            if recorded_hash(path) is None and verify_shard(path, full=True):
+                record_hash(path)  # a shard from before hashes existed: decoded in full, then trusted
             return path
-        log(f"{filename}: existing file is corrupt or truncated; deleting it and downloading again")
+        log(f"{filename}: existing file is corrupt, truncated or differs from its recorded hash; deleting it and downloading again")
         os.remove(path)
+        if os.path.exists(path + HASH_SUFFIX):
+            os.remove(path + HASH_SUFFIX)
 
     url = f"{base_url}/{filename}"
     tmp_path = os.path.join(data_dir, f".{filename}.{os.getpid()}.tmp")
@@ -208,10 +311,11 @@ def download_single_file(index, base_url=None, data_dir=None, max_attempts=5, ba
     for attempt in range(1, max_attempts + 1):
         try:
             t0 = time.time()
-            nbytes = _fetch_to_file(url, tmp_path, timeout)
+            nbytes, digest = _fetch_to_file(url, tmp_path, timeout)
             if not verify_shard(tmp_path, full=True):
                 raise DownloadError(f"downloaded {filename} ({nbytes} bytes) is not a readable parquet shard")
             os.replace(tmp_path, path)
+            record_hash(path, digest)
             log(f"{filename}: {nbytes / 1e6:.1f} MB in {time.time() - t0:.1f}s")
             return path
         except Exception as e:

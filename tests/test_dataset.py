@@ -1,7 +1,9 @@
 """Tests for nanochat/dataset.py (shard listing, splits, rank striding, downloads with retries and
 corruption handling against a local HTTP server) and dev/make_shards.py (text/JSONL -> shards)."""
 
+import hashlib
 import http.server
+import random
 import json
 import os
 import threading
@@ -94,6 +96,65 @@ def test_corrupt_local_shard_raises_naming_the_file(tmp_path):
         open_shard(str(tmp_path / shard_filename(0)))
 
 
+def flip_bit(data, bit):
+    data = bytearray(data)
+    data[bit // 8] ^= 1 << (bit % 8)
+    return bytes(data)
+
+
+def body_bits(path):
+    """Bit positions inside the data pages: after the 4-byte magic, before the footer (metadata + length + magic)."""
+    data = open(path, "rb").read()
+    footer = int.from_bytes(data[-8:-4], "little") + 8
+    return range(4 * 8, (len(data) - footer) * 8)
+
+
+def test_every_bit_flip_in_a_body_is_refused_naming_the_file(tmp_path):
+    # issue #19: of 300 single-bit flips with the footer intact, 114 decoded to silently different text
+    write_fixture_shards(tmp_path, [40, 40, 40], row_group_size=8)
+    path = str(tmp_path / shard_filename(1))
+    good = open(path, "rb").read()
+    rng = random.Random(0)
+    for bit in rng.sample(body_bits(path), 40):
+        with open(path, "wb") as f:
+            f.write(flip_bit(good, bit))
+        dataset._checked.clear()  # a fresh process
+        with pytest.raises(CorruptShardError, match="shard_00001.parquet"):
+            list(parquets_iter_batched("train", data_dir=tmp_path))
+        assert not dataset.verify_shard(path)
+    with open(path, "wb") as f:
+        f.write(good)
+    dataset._checked.clear()
+    assert len(list(parquets_iter_batched("train", data_dir=tmp_path))) == 10  # intact again: all row groups read
+
+
+def test_shard_without_a_hash_is_decoded_in_full_once_and_then_hashed(tmp_path):
+    write_fixture_shards(tmp_path, [8, 8], row_group_size=4)
+    path = str(tmp_path / shard_filename(0))
+    os.remove(path + dataset.HASH_SUFFIX)
+    dataset._checked.clear()
+    messages = []
+    dataset.check_shard_once(path, log=messages.append)
+    assert dataset.recorded_hash(path) == dataset.file_sha256(path)
+    assert any("no recorded content hash" in m for m in messages)
+
+
+def test_undecodable_text_is_a_corrupt_shard_error_not_a_unicode_error(tmp_path):
+    # uncompressed, so one byte of a document can be made invalid UTF-8 while parquet's structure stays intact
+    path = str(tmp_path / shard_filename(0))
+    pq.write_table(pa.table({"text": ["hello world " * 20] * 4}), path, compression="NONE", row_group_size=2)
+    data = bytearray(open(path, "rb").read())
+    data[data.index(b"hello world")] = 0xFF
+    open(path, "wb").write(bytes(data))
+    pf = open_shard(path)
+    with pytest.raises(CorruptShardError, match="shard_00000.parquet"):
+        dataset.read_row_group(pf, 0, path)
+    dataset._checked.clear()
+    with pytest.raises(CorruptShardError, match="shard_00000.parquet"):  # no hash recorded: the full decode catches it
+        dataset.check_shard_once(path)
+    assert dataset.recorded_hash(path) is None  # and nothing was trusted
+
+
 # ------------------------------------------------------------------------------ downloads
 
 class ShardServer:
@@ -121,9 +182,13 @@ class ShardServer:
                     self.send_error(500)
                     return
                 body = open(path, "rb").read()
+                sha = hashlib.sha256(body).hexdigest()
                 if behaviour == "truncated":
                     body = body[: len(body) // 2]
+                if behaviour == "flipped":  # one bit of the body changed in transit; the ETag still names the real file
+                    body = flip_bit(body, len(body) // 3 * 8)
                 self.send_response(200)
+                self.send_header("ETag", f'"{sha}"')  # as Hugging Face does for LFS files
                 self.send_header("Content-Length", str(len(open(path, "rb").read()) if behaviour == "short" else len(body)))
                 self.end_headers()
                 self.wfile.write(body[: len(body) // 2] if behaviour == "short" else body)
@@ -224,20 +289,46 @@ def test_corrupt_local_shard_is_replaced(server, tmp_path):
     assert any("corrupt" in m for m in messages)
 
 
+def test_bit_flipped_local_shard_is_downloaded_again(server, tmp_path):
+    local = tmp_path / "local"
+    download_single_file(0, base_url=server.url, data_dir=str(local), sleep=lambda s: None, log=lambda *a: None)
+    name = shard_filename(0)
+    good = (local / name).read_bytes()
+    assert dataset.recorded_hash(str(local / name)) == hashlib.sha256(good).hexdigest()
+    (local / name).write_bytes(flip_bit(good, body_bits(str(local / name))[100]))
+    messages = []
+    download_single_file(0, base_url=server.url, data_dir=str(local), sleep=lambda s: None, log=messages.append)
+    assert (local / name).read_bytes() == good
+    assert server.requests == [name, name]
+    assert any("recorded hash" in m for m in messages)
+
+
+def test_download_differing_from_the_servers_hash_is_retried(server, tmp_path):
+    local = tmp_path / "local"
+    name = shard_filename(2)
+    server.script[name] = ["flipped"]
+    messages = []
+    download_single_file(2, base_url=server.url, data_dir=str(local), sleep=lambda s: None, log=messages.append)
+    assert (local / name).read_bytes() == (tmp_path / "remote" / name).read_bytes()
+    assert server.requests == [name, name]
+    assert any("SHA-256" in m for m in messages)
+    assert no_leftovers(local)
+
+
 def test_partial_failure_keeps_the_good_shards(server, tmp_path):
     local = tmp_path / "local"
     server.script[shard_filename(1)] = ["404"]
     with pytest.raises(DownloadError, match="1 shard"):
         download_shards(-1, num_workers=2, base_url=server.url, data_dir=str(local), total_shards=4,
                         sleep=lambda s: None, log=lambda *a: None)
-    assert sorted(os.listdir(local)) == [shard_filename(i) for i in (0, 2, 3)]
+    assert sorted(n for n in os.listdir(local) if n.endswith(".parquet")) == [shard_filename(i) for i in (0, 2, 3)]
 
 
 def test_cli(server, tmp_path, monkeypatch, capsys):
     local = tmp_path / "local"
     monkeypatch.setenv("NANOCHAT_DATA_URL", server.url)
     assert dataset.main(["-n", "2", "-w", "2", "--total_shards", "4", "--data_dir", str(local)]) == 0
-    assert sorted(os.listdir(local)) == [shard_filename(0), shard_filename(3)]
+    assert sorted(n for n in os.listdir(local) if n.endswith(".parquet")) == [shard_filename(0), shard_filename(3)]
     assert [os.path.basename(p) for p in split_files("val", local)] == [shard_filename(3)]
     assert dataset.main(["-n", "-1", "--total_shards", "5", "--data_dir", str(local)]) == 1  # shard 4 is not served
     assert "shard_00004" in capsys.readouterr().err
