@@ -6,15 +6,25 @@ A checkpoint of step N in a directory is three kinds of file:
     optim_{N:06d}_rank{r}.pt     each rank's optimizer state (the distributed optimizers shard it)
     meta_{N:06d}.json            model config, step, loop and data-loader state, user flags
 
-Every file is written to a temporary name and renamed into place, so a reader never sees half a file,
-and the meta JSON is written last: it is the commit marker. A step without its meta file is an
-interrupted save and is ignored, so a crash mid-save leaves the previous checkpoint as the latest.
+Every file is written to a temporary name and renamed into place (then the directory is fsynced, so the
+rename itself survives a power cut), so a reader never sees half a file, and the meta JSON is written
+last: it is the commit marker. A step without its meta file is an interrupted save and is ignored, so a
+crash mid-save leaves the previous checkpoint as the latest; the next save deletes what such a crash
+left behind (temp files, uncommitted model/optimizer files), which a SIGKILL gives no chance to clean.
+
+Guards for the trainers (library halves; the scripts decide when to call them):
+- first_nonfinite / all_finite find NaN/inf in a model, state dict or optimizer state, and
+  save_checkpoint(..., check_finite=True) refuses to write non-finite weights (NonFiniteCheckpointError);
+- config_differences compares a checkpoint's run config with the command's for --resume, ignoring the
+  schedule length and purely operational flags (RESUME_IGNORED_KEYS says which and why), and
+  find_resume_step picks the latest committed step whose config matches.
 """
 
 import os
 import re
 import glob
 import json
+import math
 import tempfile
 
 import torch
@@ -36,26 +46,111 @@ CHECKPOINT_DIRS = {
 }
 
 
+TMP_PREFIX = ".tmp_"
+
+
+def _fsync_dir(directory):
+    # a rename lives in the directory's entries: without this a power cut can undo a committed checkpoint
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path, write_fn):
-    """Write through a temp file in the same directory, fsync, then rename over the target."""
+    """Write through a temp file in the same directory, fsync, rename over the target, fsync the directory."""
     directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path) + ".", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path) + ".", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(directory)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
 
 
-def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
+def remove_interrupted_saves(checkpoint_dir, keep_step=None):
+    """Delete what killed saves left: temp files and model/optimizer files of steps that never got their meta
+    (keep_step's are kept: that step is being written now). Only call it while no save is in flight, as
+    save_checkpoint does (rank 0, before writing, between barriers). Returns the deleted file names."""
+    committed = set(list_steps(checkpoint_dir))
+    removed = []
+    for name in sorted(os.listdir(checkpoint_dir)):
+        m = re.fullmatch(r"(?:model_(\d+)\.pt|optim_(\d+)_rank\d+\.pt)", name)
+        step = int(m.group(1) or m.group(2)) if m else None
+        stale = name.startswith(TMP_PREFIX) or (step is not None and step not in committed and step != keep_step)
+        if stale:
+            try:
+                os.remove(os.path.join(checkpoint_dir, name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    if removed:
+        logger.info(f"removed {len(removed)} file(s) left by interrupted saves in {checkpoint_dir}: {removed[:5]}")
+    return removed
+
+
+# -----------------------------------------------------------------------------
+# Non-finite weights
+
+class NonFiniteCheckpointError(ValueError):
+    """Refusing to save weights that hold NaN or inf."""
+
+
+def first_nonfinite(obj, prefix=""):
+    """The name of the first floating-point tensor holding NaN or inf in a module, a state dict, or nested
+    dicts/lists of them (optimizer state, {"generator": ..., "verifier": ...}); None when all are finite.
+    Non-finite Python floats count too."""
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, torch.Tensor):
+        if (obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all()):
+            return prefix or "<tensor>"
+        return None
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (prefix or "<float>")
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for key, value in items:
+        name = first_nonfinite(value, f"{prefix}.{key}" if prefix else str(key))
+        if name is not None:
+            return name
+    return None
+
+
+def all_finite(obj):
+    """True when every floating-point tensor in a module / state dict / nested state is free of NaN and inf."""
+    return first_nonfinite(obj) is None
+
+
+def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0, check_finite=False):
     """Rank 0 writes the model and meta, every rank its own optimizer shard (if any).
-    Call it on all ranks: a barrier makes sure every shard is on disk before the meta commits the step."""
+    Call it on all ranks: a barrier makes sure every shard is on disk before the meta commits the step.
+    Files left by earlier interrupted saves are deleted first. With check_finite=True a model_data holding
+    NaN/inf raises NonFiniteCheckpointError before anything is written; under DDP only rank 0 has the
+    weights, so a trainer should agree on finiteness across ranks (all-reduce) before calling this."""
     os.makedirs(checkpoint_dir, exist_ok=True)
+    if check_finite and model_data is not None:
+        bad = first_nonfinite(model_data)
+        if bad is not None:
+            steps = list_steps(checkpoint_dir)
+            last = f"step {steps[-1]}" if steps else "none"
+            raise NonFiniteCheckpointError(f"refusing to save step {step} to {checkpoint_dir}: tensor {bad} holds NaN/inf "
+                                           f"(the last checkpoint there is {last})")
+    if rank == 0:
+        remove_interrupted_saves(checkpoint_dir, keep_step=step)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank starts writing while rank 0 is still cleaning up
     if rank == 0 and model_data is not None:
         _atomic_write(os.path.join(checkpoint_dir, f"model_{step:06d}.pt"), lambda f: torch.save(model_data, f))
     if optimizer_data is not None:
@@ -128,6 +223,62 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
             raise FileNotFoundError(f"optimizer shard {optim_path} missing (was the run saved with a different world size?)")
         optimizer_data = torch.load(optim_path, map_location=device, weights_only=False)
     return model_data, optimizer_data, meta
+
+
+# -----------------------------------------------------------------------------
+# Resuming: is this checkpoint the same run as this command?
+
+# Flags a resumed run may change. Schedule length: how long the run goes on (extending or shortening a run
+# is what --resume is for; num_iterations also moves the warmdown, which the trainer warns about).
+SCHEDULE_KEYS = frozenset({"num_iterations", "num_steps", "num_epochs", "num_gen_steps", "target_flops",
+                           "target_param_data_ratio", "stop_after"})
+# Operational: what is logged, evaluated, saved, where it runs, and how the same batch is split into
+# micro-batches or kept in memory; none of them changes the weights the run produces (beyond float rounding).
+OPERATIONAL_KEYS = frozenset({"run", "device_type", "compile", "dry_run", "resume", "resume_from_step", "model_tag",
+                              "output_tag", "save_every", "eval_every", "eval_tokens", "eval_steps", "eval_examples",
+                              "eval_samples", "eval_metrics_every", "eval_metrics_tasks", "eval_metrics_max_problems",
+                              "eval_max_new_tokens", "ver_eval_examples", "core_metric_every", "core_metric_max_per_task",
+                              "bundle_dir", "sample_every", "print_memory", "device_batch_size", "offload_frozen",
+                              "grad_checkpointing"})
+RESUME_IGNORED_KEYS = SCHEDULE_KEYS | OPERATIONAL_KEYS
+
+
+def _comparable(value):
+    # the saved config went through JSON (tuples became lists, objects strings): compare in that form
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def config_differences(saved, current, ignore=RESUME_IGNORED_KEYS):
+    """{key: (saved value, current value)} for every run-config key whose values differ, a key missing on one
+    side counting as None, except the keys in `ignore` (by default the schedule-length and operational flags)."""
+    saved, current = _comparable(dict(saved or {})), _comparable(dict(current or {}))
+    return {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))
+            if k not in ignore and saved.get(k) != current.get(k)}
+
+
+class ResumeMismatchError(ValueError):
+    """No checkpoint in the directory was written by a run with this command's config."""
+
+
+def find_resume_step(checkpoint_dir, user_config, config_key="user_config", ignore=RESUME_IGNORED_KEYS):
+    """The latest committed step whose saved run config (meta[config_key]) matches `user_config` up to the
+    ignored keys. Raises FileNotFoundError when there is no checkpoint, ResumeMismatchError naming the
+    differences of the latest one when none matches (so --resume never continues another run's weights)."""
+    steps = list_steps(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint (model_*.pt + meta_*.json) in {checkpoint_dir}")
+    latest_diff = None
+    for step in reversed(steps):
+        with open(os.path.join(checkpoint_dir, f"meta_{step:06d}.json"), encoding="utf-8") as f:
+            saved = json.load(f).get(config_key)
+        diff = config_differences(saved, user_config, ignore)
+        if not diff:
+            return step
+        latest_diff = latest_diff or (step, diff)
+    step, diff = latest_diff
+    detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
+    raise ResumeMismatchError(f"no checkpoint in {checkpoint_dir} was written with this run config; the latest (step {step}) "
+                              f"differs in {detail}. Use the same flags, another --model_tag, or name a step explicitly")
 
 
 def clean_state_dict(state_dict, device):
