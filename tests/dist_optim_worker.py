@@ -190,6 +190,7 @@ def main():
     dist.init_process_group(backend="gloo")
     if args.batch % dist.get_world_size():
         fail(f"--batch {args.batch} does not split over {dist.get_world_size()} ranks")
+    finished = False
     try:
         for ns_name in args.ns:
             for grad_clip in (args.grad_clip, None):
@@ -198,7 +199,16 @@ def main():
         dist.barrier()
         if dist.get_rank() == 0:
             print(f"OK: distributed == single process over {args.steps} steps on {dist.get_world_size()} ranks", flush=True)
+        finished = True
     finally:
+        # Tear down in step: flush, wait until every rank is done with its collectives, then destroy the group.
+        # A rank that destroyed (or exited) while the other still had gloo traffic in flight made the other
+        # abort at exit ("terminate called without an active exception") after printing OK. On a failure the
+        # other rank may be gone, so no barrier there: just destroy and let the error exit non-zero.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -8,13 +8,12 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from conftest import TINY_CORPUS
+from multirank import run_torchrun
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -190,11 +189,10 @@ def test_bad_flags_and_missing_checkpoint(base_dir):
 
 def test_two_rank_torchrun_on_cpu(base_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", NANOCHAT_BASE_DIR=str(base_dir), WANDB_MODE="disabled")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "scripts.base_train", "--", *TINY_MODEL, "--device_batch_size=2", "--total_batch_size=256",
-           "--num_iterations=3", "--eval_every=3", "--model_tag=ddp"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_torchrun(["-m", "scripts.base_train", "--", *TINY_MODEL, "--device_batch_size=2", "--total_batch_size=256",
+                         "--num_iterations=3", "--eval_every=3", "--model_tag=ddp"], nproc=2,
+                        log_dir=tmp_path / "torchrun", env=env, cwd=REPO, timeout=240)
+    assert proc.returncode == 0, proc.report()
     assert "grad accumulation 2 (2 x 32 x 2 ranks" in proc.stdout
     assert "step 00003/00003" in proc.stdout and "val bpb" in proc.stdout
     checkpoint_dir = os.path.join(base_dir, "base_checkpoints", "ddp")

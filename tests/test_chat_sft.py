@@ -231,8 +231,7 @@ def test_two_ranks_match_one_rank_under_torchrun(tiny_tokenizer, tmp_path):
     (Muon and AdamW barely care about a global gradient scale, so this catches wrong relative weighting
     and wrong data assignment; test_accumulation_is_a_token_mean checks the scale itself.)"""
     import json
-    import subprocess
-    import sys
+    from multirank import run_torchrun
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     results = {}
     for nproc in (1, 2):
@@ -241,12 +240,11 @@ def test_two_ranks_match_one_rank_under_torchrun(tiny_tokenizer, tmp_path):
         env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1", "PYTHONPATH": repo,
                "WANDB_MODE": "disabled"}
         env.pop("RANK", None)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-               "scripts.chat_sft", "--device_type", "cpu", "--tasks", "identity|arithmetic:16", "--identity_file", IDENTITY,
-               "--device_batch_size", "2", "--examples_per_step", "8", "--num_iterations", "3", "--init_lr_frac", "0.5",
-               "--max_seq_len", "96", "--eval_every", "-1", "--eval_metrics_tasks", ""]
-        proc = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        args = ["-m", "scripts.chat_sft", "--device_type", "cpu", "--tasks", "identity|arithmetic:16", "--identity_file", IDENTITY,
+                "--device_batch_size", "2", "--examples_per_step", "8", "--num_iterations", "3", "--init_lr_frac", "0.5",
+                "--max_seq_len", "96", "--eval_every", "-1", "--eval_metrics_tasks", ""]
+        proc = run_torchrun(args, nproc=nproc, log_dir=tmp_path / f"torchrun{nproc}", env=env, cwd=repo, timeout=300)
+        assert proc.returncode == 0, proc.report()
         ckpt = base / "chatsft_checkpoints" / "d1"
         results[nproc] = torch.load(ckpt / "model_000003.pt")
         meta = json.loads((ckpt / "meta_000003.json").read_text())

@@ -116,13 +116,13 @@ def test_resume_is_exact(sft_base):
             assert torch.equal(a[role][k], b[role][k]), (role, k)
 
 
-def test_two_ranks_under_torchrun(sft_base):
+def test_two_ranks_under_torchrun(sft_base, tmp_path):
+    from multirank import run_torchrun
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scripts.chat_cotrain",
-           *TINY, "--num_gen_steps", "2", "--gen_steps", "1", "--ver_steps", "1", "--verifier_warmup_steps", "0",
-           "--output_tag", "ddp"]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    args = ["-m", "scripts.chat_cotrain", *TINY, "--num_gen_steps", "2", "--gen_steps", "1", "--ver_steps", "1",
+            "--verifier_warmup_steps", "0", "--output_tag", "ddp"]
+    result = run_torchrun(args, nproc=2, log_dir=tmp_path / "torchrun", env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.report()
     assert "eval [final]" in result.stdout
     assert find_last_step(os.path.join(os.environ["NANOCHAT_BASE_DIR"], "cotrain_checkpoints", "ddp")) == 3
 

@@ -7,8 +7,6 @@ import itertools
 import json
 import os
 import random
-import subprocess
-import sys
 import sysconfig
 
 import pyarrow.parquet as pq
@@ -19,6 +17,7 @@ from hypothesis import given, settings, strategies as st
 from nanochat.dataloader import best_fit_pack, tokenizing_distributed_data_loader
 from nanochat.dataset import list_parquet_files, parquets_iter_batched, shard_filename
 from dev import make_corpus, make_shards
+from multirank import run_torchrun
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -270,10 +269,9 @@ def test_two_ranks_under_torchrun(id_data, tmp_path):
     data_dir, shards = id_data
     out = tmp_path / "ranks.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(REPO_ROOT, "tests", "dist_dataloader_worker.py"), data_dir, str(out)]
-    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_torchrun([os.path.join(REPO_ROOT, "tests", "dist_dataloader_worker.py"), data_dir, str(out)], nproc=2,
+                        log_dir=tmp_path / "torchrun", env=env, cwd=REPO_ROOT, timeout=180)
+    assert proc.returncode == 0, proc.report()
     result = json.loads(out.read_text())
     assert [r["rank"] for r in result] == [0, 1] and all(r["world_size"] == 2 for r in result)
     # the reading layer: disjoint row groups that together are the whole split

@@ -6,9 +6,6 @@ single-process optimizer itself.
 
 import copy
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,7 @@ import torch.optim._muon as torch_muon
 
 from nanochat import optim
 from nanochat.optim import MuonAdamW, NS_COEFFICIENTS, newton_schulz_orthogonalize
+from multirank import run_torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 MUON_SHAPES = [(32, 32), (64, 32), (32, 96), (32, 32), (64, 32)]   # square, tall, wide; repeats stack
@@ -345,24 +343,14 @@ def test_bad_input_gets_clear_errors():
 # -----------------------------------------------------------------------------
 # distributed (2 CPU ranks, gloo) vs single process
 
-def test_distributed_matches_single_process():
+def test_distributed_matches_single_process(tmp_path):
     """tests/dist_optim_worker.py checks, on every rank: identical params across ranks; params
     equal to a single-process MuonAdamW on the global batch (to ~1e-6 with an fp64 Newton-Schulz,
     within 5% of the movement with the real bf16 one); equal grad norms with clipping on; sharded
     state; and a per-rank state_dict round trip."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "dist_optim_worker.py"), "--steps", "3"]
-    # own session, so a hang takes torchrun's workers down with it
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("torchrun with 2 ranks did not finish in 240 s")
-    failures = [line for line in stderr.splitlines() if "FAIL" in line or "Error" in line]
-    assert proc.returncode == 0, "\n".join(failures) or stderr[-3000:]
-    assert "OK: distributed == single process" in stdout
+    result = run_torchrun([str(REPO / "tests" / "dist_optim_worker.py"), "--steps", "3"], nproc=2,
+                          log_dir=tmp_path / "torchrun", env=env, cwd=REPO, timeout=240)
+    assert result.returncode == 0, result.report()  # each rank's own error, not just ChildFailedError
+    assert "OK: distributed == single process" in result.stdout
