@@ -10,7 +10,9 @@ Exits non-zero (with the reason on stderr) on any mismatch.
 
 import argparse
 import copy
+import gc
 import io
+import os
 import sys
 
 import torch
@@ -202,15 +204,22 @@ def main():
         finished = True
     finally:
         # Tear down in step: flush, wait until every rank is done with its collectives, then destroy the group.
-        # A rank that destroyed (or exited) while the other still had gloo traffic in flight made the other
-        # abort at exit ("terminate called without an active exception") after printing OK. On a failure the
-        # other rank may be gone, so no barrier there: just destroy and let the error exit non-zero.
+        # On a failure the other rank may be gone, so no barrier there: destroy and let the error exit non-zero.
         sys.stdout.flush()
         sys.stderr.flush()
         if finished:
             dist.barrier()
         dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    code = main()
+    # Even after a clean destroy, 1 run in ~10 under load had rank 1 abort in interpreter finalization
+    # ("terminate called without an active exception", SIGABRT) after printing OK: gloo-side objects freed
+    # while Python is being torn down. Everything is flushed and the group is gone, so skip finalization.
+    gc.collect()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+

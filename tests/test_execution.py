@@ -218,10 +218,14 @@ def test_unguard_prelude_really_undoes_the_guards():
 
 @needs_bwrap
 def test_runs_as_the_unprivileged_sandbox_user_with_an_empty_environment(monkeypatch):
-    result = execute_code("import os\nprint(os.getuid(), os.getgid(), sorted(os.environ))")
+    monkeypatch.setenv("NANOCHAT_SECRET_TOKEN", "hunter2")
+    result = execute_code("import os\nprint(os.getuid(), os.getgid(), os.geteuid())\nprint(' '.join(sorted(os.environ)))")
     assert result.success, result
-    uid, gid, *rest = result.stdout.split(maxsplit=2)
-    assert (int(uid), int(gid)) == (SANDBOX_UID, SANDBOX_UID)
+    ids, names = result.stdout.splitlines()
+    assert [int(x) for x in ids.split()] == [SANDBOX_UID] * 3
+    # nothing of ours: only the few variables the sandbox sets itself
+    assert set(names.split()) <= {"PATH", "HOME", "TMPDIR", "LANG", "PYTHONIOENCODING", "OMP_NUM_THREADS",
+                                  "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "LC_CTYPE"}, names
 
 
 @needs_bwrap
@@ -341,3 +345,17 @@ def test_fallback_warns_loudly(monkeypatch, capfd):
     assert execution.isolation() == "none"
     assert "WARNING" in capfd.readouterr().err
     assert execute_code("print(2 + 2)").stdout == "4\n"  # the fallback still runs code
+
+
+@needs_bwrap
+def test_process_count_is_limited():
+    # bounded at 40 attempts whatever happens, so even a broken limit cannot turn this into a fork bomb
+    code = UNGUARD + ("made = 0\n"
+                      "for _ in range(40):\n"
+                      "    try:\n        pid = posix.fork()\n    except OSError:\n        break\n"
+                      "    if pid == 0:\n        import time; time.sleep(30); posix._exit(0)\n"
+                      "    made += 1\n"
+                      "print(made)\n")
+    result = execute_code(code, timeout=10.0)
+    assert result.success, result
+    assert int(result.stdout.split()[-1]) < 20  # RLIMIT_NPROC in the sandbox is 16 processes

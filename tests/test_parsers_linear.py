@@ -157,6 +157,8 @@ REVIEWED = {
     r"^timestamp: (.+)$": "report files we write",
     r"^- ([^:\n]+): *([-+0-9.eE,]+)\s*$": "report files we write",
     r"meta_(\d+)\.json": "checkpoint file names",
+    r"(?:model_(\d+)\.pt|optim_(\d+)_rank\d+\.pt)": "checkpoint file names",
+    r"[0-9a-f]{64}": "shard hash files we write and a server's ETag header",
     r"d(\d+)": "checkpoint tag names",
     r"<\|[a-z_]+\|>": "dev/gen_synthetic_data: a teacher API's output, offline tool, not the training loop",
     r"```(?:json)?\s*(.*?)```": "dev/gen_synthetic_data: a teacher API's output, offline tool, not the training loop",
