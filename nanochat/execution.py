@@ -295,11 +295,12 @@ _isolation = None              # "bwrap" or "none", decided once per process
 _sandbox_python = None         # the interpreter bwrap runs
 
 
-def _drop_to_sandbox_user():
-    # runs in the child between fork and exec, as root: bwrap itself then starts unprivileged
-    os.setgroups([])
-    os.setgid(SANDBOX_UID)
-    os.setuid(SANDBOX_UID)
+def _as_sandbox_user():
+    """Popen arguments that start bwrap itself unprivileged when we are root (set between fork and exec by
+    subprocess, which unlike a preexec_fn is safe in a threaded process such as the web server)."""
+    if os.geteuid() != 0:
+        return {}
+    return {"user": SANDBOX_UID, "group": SANDBOX_UID, "extra_groups": []}
 
 
 def _bwrap_command(inner, scratch, ro):
@@ -334,8 +335,7 @@ def _probe_bwrap(python):
     root = _make_run_dir()
     try:
         cmd = _bwrap_command([python, "-I", "-S", "-c", "print('ok')"], os.path.join(root, "work"), os.path.join(root, "ro"))
-        proc = subprocess.run(cmd, capture_output=True, timeout=30, stdin=subprocess.DEVNULL,
-                              preexec_fn=_drop_to_sandbox_user if os.geteuid() == 0 else None)
+        proc = subprocess.run(cmd, capture_output=True, timeout=30, stdin=subprocess.DEVNULL, **_as_sandbox_user())
         return proc.returncode == 0 and proc.stdout.strip() == b"ok"
     except (OSError, subprocess.SubprocessError):
         return False
@@ -388,7 +388,6 @@ def execute_code(code: str, timeout: float = 5.0, memory_limit_mb: int = 256) ->
             with open(os.path.join(ro, name), "w", encoding="utf-8") as f:
                 f.write(text)
             os.chmod(os.path.join(ro, name), 0o644)
-        as_root = os.geteuid() == 0
         # the completion channel: the runner writes the token it was handed to result_w only after the program returned
         token = secrets.token_hex(16).encode()
         result_r, result_w = os.pipe()
@@ -415,7 +414,7 @@ def execute_code(code: str, timeout: float = 5.0, memory_limit_mb: int = 256) ->
         with open(out_path, "wb") as out_f, open(err_path, "wb") as err_f:
             proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_f, stderr=err_f,
                                     start_new_session=True, close_fds=True, pass_fds=pass_fds,
-                                    preexec_fn=_drop_to_sandbox_user if isolated and as_root else None)
+                                    **(_as_sandbox_user() if isolated else {}))
             for fd in (result_w, token_r):
                 os.close(fd)
                 fds.remove(fd)
