@@ -21,6 +21,8 @@ import random
 import re
 from decimal import Decimal, InvalidOperation
 
+from nanochat.common import UserInputError
+
 DATA_DIR_ENV = "NANOCHAT_TASK_DATA"
 
 # -----------------------------------------------------------------------------
@@ -304,7 +306,8 @@ def fold_system_message(messages):
 # Data loading
 
 
-class DataNotFoundError(RuntimeError):
+class DataNotFoundError(UserInputError, RuntimeError):
+    """The data of a task could not be found locally or on the hub (a RuntimeError, for older callers)."""
     pass
 
 
