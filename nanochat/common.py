@@ -202,6 +202,21 @@ def all_reduce_sums(values, device):
     return t.tolist()
 
 
+def all_reduce_dict(values, device):
+    """A dict of Python numbers summed over all ranks, by name (every rank must pass the same keys)."""
+    keys = sorted(values)
+    return dict(zip(keys, all_reduce_sums([values[k] for k in keys], device)))
+
+
+def all_gather_list(values):
+    """Every rank's list, concatenated in rank order (the list itself without torch.distributed)."""
+    if not is_distributed():
+        return list(values)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(values))
+    return [v for part in gathered for v in part]
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from nanochat.common import autocast_context, all_reduce_sums
+from nanochat.common import autocast_context, all_gather_list, all_reduce_sums, is_distributed
 
 
 @dataclass
 class Rollout:
-    """One sampled completion of one prompt."""
+    """One sampled completion of one prompt. `completion_ids` ends with <|assistant_end|> when the sample
+    finished (so the policy is trained to stop); `text` is the completion decoded without it."""
     example_index: int
     prompt_ids: list
     completion_ids: list
@@ -28,23 +29,31 @@ class Rollout:
     text: str = ""
     reward: float = 0.0
     info: dict = field(default_factory=dict)
+    finished: bool = False
+
+    @property
+    def body_ids(self):
+        """The completion without its terminal token: what the model said."""
+        return self.completion_ids[:-1] if self.finished else self.completion_ids
 
 
-def generate_rollouts(engine, prompts, example_indices, num_samples, max_new_tokens, temperature, top_k, seed,
-                      assistant_end_id=None):
-    """Sample `num_samples` completions of every prompt in one batched pass (prompt-major order)."""
+def generate_rollouts(engine, tokenizer, prompts, example_indices, num_samples, max_new_tokens, temperature, top_k, seed):
+    """Sample `num_samples` completions of every prompt in one batched pass (prompt-major order). The one
+    place that turns Engine outputs into rollouts, and so the one place that handles <|assistant_end|>:
+    the engine drops the terminal token, and a completion shorter than the budget ended with it."""
     outputs = engine.generate_prompts(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
                                       temperature=temperature, top_k=top_k, seed=seed)
+    assistant_end = tokenizer.encode_special("<|assistant_end|>")
     rollouts = []
     for i, (tokens, mask) in enumerate(outputs):
         p = i // num_samples
         tokens, mask = list(tokens), list(mask)
+        text = tokenizer.decode(tokens)
         finished = len(tokens) < max_new_tokens
-        if assistant_end_id is not None and finished:
-            # the engine drops the terminal token; putting it back teaches the policy to stop
-            tokens.append(assistant_end_id)
+        if finished:
+            tokens.append(assistant_end)
             mask.append(1)
-        rollouts.append(Rollout(example_indices[p], list(prompts[p]), tokens, mask))
+        rollouts.append(Rollout(example_indices[p], list(prompts[p]), tokens, mask, text=text, finished=finished))
     return rollouts
 
 
@@ -88,6 +97,33 @@ def mix_advantages(outcome_adv, process_adv, alpha):
     return (1.0 - alpha) * outcome_adv.unsqueeze(-1) + alpha * process_adv
 
 
+def token_advantages(rollouts, num_samples, alpha=0.0, judgements=None, mix="advantage", normalize_std=False):
+    """The advantage of every rollout (prompt-major groups of `num_samples`), ready for grpo_update: a scalar
+    per rollout from the outcome rewards alone, or a per-token tensor once a process signal is mixed in.
+
+    judgements[i] (tasks.verify.Judgement, or None without a verifier) carries rollout i's step rewards and
+    step ends. mix="advantage" (Tango): (1 - alpha) A_out + alpha A_proc, each normalised on its own;
+    mix="reward": one group baseline over r_out + alpha * (share of steps judged correct)."""
+    rewards = torch.tensor([r.reward for r in rollouts]).view(-1, num_samples)
+    if judgements is None or alpha <= 0:
+        return group_advantages(rewards, normalize_std=normalize_std).view(-1).tolist()
+    if mix == "reward":
+        fractions = torch.tensor([j.process_fraction for j in judgements]).view(-1, num_samples)
+        return group_advantages(rewards + alpha * fractions, normalize_std=normalize_std).view(-1).tolist()
+    if mix != "advantage":
+        raise ValueError(f"mix must be 'advantage' or 'reward', got {mix!r}")
+    outcome = group_advantages(rewards, normalize_std=normalize_std).view(-1)
+    out = []
+    for start in range(0, len(rollouts), num_samples):
+        group = range(start, start + num_samples)
+        length = max(len(rollouts[i].completion_ids) for i in group)
+        process = process_advantages([judgements[i].step_rewards for i in group],
+                                     [judgements[i].step_ends for i in group], length)
+        mixed = mix_advantages(outcome[start:start + num_samples], process, alpha)
+        out += [mixed[k, :len(rollouts[i].completion_ids)] for k, i in enumerate(group)]
+    return out
+
+
 def alpha_schedule(step, total_steps, alpha_start=0.1, alpha_end=0.001):
     """Exponential decay from alpha_start at step 0 to alpha_end at total_steps (then held)."""
     if alpha_start <= 0:
@@ -117,6 +153,8 @@ class ClassBalancer:
         self.counts = {0: 0.0, 1: 0.0}
 
     def update(self, labels):
+        """Count this step's labels, gathered from every rank (the weights must agree across ranks)."""
+        labels = all_gather_list(labels)
         for c in (0, 1):
             n = sum(1 for l in labels if int(l) == c)
             self.counts[c] = self.decay * self.counts[c] + (1 - self.decay) * n if self.counts[c] else float(n)
@@ -213,7 +251,7 @@ def grpo_update(model, optimizer, rollouts, token_advantages, pad_id, device, de
 
     Under DDP each rank holds its own rollouts. Each rank divides by (global count / world size): the
     optimizer averages gradients over ranks, so the result is the gradient of the global objective."""
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = dist.get_world_size() if is_distributed() else 1
     inputs, targets, advantages, weights = collate_rollouts(rollouts, token_advantages, pad_id, device, sample_weights)
     num_tokens = (targets != -1).sum().item()
     count = num_tokens if normalization == "token" else len(rollouts)
@@ -264,19 +302,31 @@ def grpo_update(model, optimizer, rollouts, token_advantages, pad_id, device, de
 # Sampling and scoring a task, shared by chat_rl, chat_cotrain and their evaluations
 
 def sample_and_score(engine, tokenizer, task, indices, num_samples, max_new_tokens, temperature, top_k, seed):
-    """Rollouts for task examples `indices` (num_samples each), decoded and rewarded by the task's exact checker."""
+    """Rollouts for task examples `indices` (num_samples each), rewarded by the task's exact checker."""
     conversations = [task[i] for i in indices]
     prompts = [tokenizer.render_for_completion(c) for c in conversations]
-    assistant_end = tokenizer.encode_special("<|assistant_end|>")
-    rollouts = generate_rollouts(engine, prompts, indices, num_samples, max_new_tokens, temperature, top_k, seed,
-                                 assistant_end_id=assistant_end)
+    rollouts = generate_rollouts(engine, tokenizer, prompts, indices, num_samples, max_new_tokens, temperature, top_k, seed)
     for j, r in enumerate(rollouts):
         r.info["conversation"] = conversations[j // num_samples]
-        body = r.completion_ids[:-1] if r.completion_ids and r.completion_ids[-1] == assistant_end else r.completion_ids
-        r.text = tokenizer.decode(body)
         r.reward = float(task.reward(r.info["conversation"], r.text))
         r.info["correct"] = int(task.evaluate(r.info["conversation"], r.text))
     return rollouts
+
+
+def rank_indices(step, per_step, rank, world_size, num_examples, from_end=False):
+    """This rank's example indices for one step: the step's block of `per_step` examples (all ranks), strided
+    over ranks, wrapping around the task. from_end counts from the other end of the split (co-training's
+    verifier steps use it so their questions differ from the generator's)."""
+    positions = [step * per_step + rank + world_size * i for i in range(per_step // world_size)]
+    return [((num_examples - 1 - i) if from_end else i) % num_examples for i in positions]
+
+
+def majority_vote(task, rollouts):
+    """Self-play labels: 1 for the rollouts whose answer (as the task reads it) is the group's majority answer.
+    `rollouts` is one group (all of one prompt)."""
+    answers = [task.extract_answer(r.info["conversation"], r.text) for r in rollouts]
+    majority = majority_answers(answers)
+    return [int(majority is not None and a == majority) for a in answers]
 
 
 def pass_at_k(engine, tokenizer, task, indices, k, max_new_tokens, temperature, top_k, seed):

@@ -18,10 +18,10 @@ from dataclasses import asdict
 
 import torch
 
-from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, get_base_dir, all_reduce_sums
+from nanochat.common import all_reduce_sums, compute_init, get_base_dir, init_wandb, print0, run_stage
 from nanochat.checkpoint_manager import load_model, save_checkpoint, load_checkpoint, find_last_step, CHECKPOINT_DIRS
 from nanochat.engine import Engine
-from nanochat.grpo import sample_and_score, group_advantages, grpo_update, pass_at_k
+from nanochat.grpo import group_advantages, grpo_update, majority_answers, pass_at_k, rank_indices, sample_and_score
 from nanochat.report import get_report
 from tasks.by_name import build_rl_task, RL_TASKS
 
@@ -78,7 +78,7 @@ def main(argv=None):
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
     master = rank == 0
     if args.examples_per_step % world_size:
-        raise SystemExit(f"--examples_per_step ({args.examples_per_step}) must be divisible by the world size ({world_size})")
+        raise ValueError(f"--examples_per_step ({args.examples_per_step}) must be divisible by the world size ({world_size})")
     wandb_run = init_wandb("nanochat-rl", args.run, vars(args), master)
     report = get_report()
 
@@ -105,7 +105,7 @@ def main(argv=None):
         print0(f"resumed from step {step}; continuing at step {start_step}")
 
     def save(step_done):
-        meta_out = {"model_config": asdict(model.config), "user_config": vars(args), "model_tag": model_tag,
+        meta_out = {"model_config": asdict(model.config), "user_config": vars(args), "model_tag": model_tag, "task": args.task,
                     "loop_state": {"next_step": step_done + 1}, "source": args.source}
         save_checkpoint(out_dir, step_done, model.state_dict(), optimizer.state_dict(), meta_out, rank)
 
@@ -120,15 +120,13 @@ def main(argv=None):
         report.log_curve("rl/eval_pass@1", step, p1 / max(n, 1), kind="accuracy")
         return p1 / max(n, 1), pk / max(n, 1)
 
-    examples_per_rank = args.examples_per_step // world_size
     history = []
     for step in range(start_step, num_steps):
         if args.eval_every > 0 and step % args.eval_every == 0:
             evaluate(step)
         t0 = time.time()
         model.eval()
-        base = step * args.examples_per_step
-        indices = [(base + rank + world_size * i) % len(train_task) for i in range(examples_per_rank)]
+        indices = rank_indices(step, args.examples_per_step, rank, world_size, len(train_task))
         rollouts = sample_and_score(engine, tokenizer, train_task, indices, args.num_samples, args.max_new_tokens,
                                     args.temperature, args.top_k, seed=args.seed + 1_000_003 * step + rank)
         t_gen = time.time() - t0
@@ -149,10 +147,11 @@ def main(argv=None):
         record = {"step": step, "reward": mean_reward, "accuracy": accuracy, "seq_len": mean_len,
                   "zero_variance_groups": zero_var, "lr_multiplier": lrm, "time_generate": t_gen, "time_step": dt,
                   "loss": stats["loss"], "entropy_proxy": stats["entropy_proxy"]}
-        if args.task == "aqua":
-            letters = [val_task.extract_letter(r.text) if hasattr(val_task, "extract_letter") else None for r in rollouts]
-            for letter in "ABCDE":
-                record[f"letter_{letter}"] = sum(l == letter for l in letters) / max(len(letters), 1)
+        # the answers the task reads in the completions: a policy collapsing onto one answer shows up here
+        answers = [train_task.extract_answer(r.info["conversation"], r.text) for r in rollouts]
+        top = majority_answers(answers)
+        record["answered"] = sum(a is not None for a in answers) / len(answers)
+        record["top_answer_share"] = sum(a == top for a in answers) / len(answers) if top is not None else 0.0
         history.append(record)
         print0(f"step {step:5d}/{num_steps} | reward {mean_reward:.4f} | acc {accuracy:.4f} | len {mean_len:6.1f} | "
                f"zero-var {zero_var:.2f} | lrm {lrm:.3f} | gen {t_gen:.1f}s | step {dt:.1f}s")
@@ -164,9 +163,8 @@ def main(argv=None):
     final_pass1, final_passk = evaluate(num_steps)
     report.log(section="Chat RL", data=[vars(args), {"final pass@1": final_pass1, f"final pass@{args.eval_samples}": final_passk}])
     wandb_run.finish()
-    compute_cleanup()
     return {"train": history, "final": {"pass@1": final_pass1, f"pass@{args.eval_samples}": final_passk}}
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

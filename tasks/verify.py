@@ -20,7 +20,6 @@ is not the next value of that chain (a wrong operand, a skipped step).
 """
 
 import re
-import random
 from dataclasses import dataclass, field
 
 from nanochat.execution import use_calculator
@@ -256,20 +255,79 @@ def labelled_example(question, solution, overall_correct, step_labels):
     return build_verifier_conversation(question, solution, target=target)
 
 
-def gsm8k_style_labelled(question, reference_solution, rng):
-    """From a reference solution: either itself (all correct) or a one-slip corruption (first error known)."""
-    if rng.random() < 0.5:
-        labels, _ = gold_step_labels(reference_solution)
-        return reference_solution, labels, True, -1
-    corrupted = perturb_solution(reference_solution, rng)
-    if corrupted is None:
-        labels, _ = gold_step_labels(reference_solution)
-        return reference_solution, labels, True, -1
-    solution, first_error = corrupted
-    n = len(split_steps(solution))
-    labels = [1 if i < first_error else 0 for i in range(n)]
-    return solution, labels, False, first_error
+# -----------------------------------------------------------------------------
+# A judged solution: what the verifier said, lined up with the solution's steps and tokens
+
+@dataclass
+class Judgement:
+    """One verifier reading of one solution. `step_ends[k]` is the index (into the solution's completion
+    tokens) of the token that finishes step k, where the process reward of step k lands; `step_rewards`
+    is +-1/K per step when the verifier gave exactly one verdict per step, else None (no process signal)."""
+    verification: Verification
+    num_steps: int
+    step_ends: list
+    step_rewards: object
+
+    @property
+    def aligned(self):
+        return self.verification.num_steps == self.num_steps
+
+    @property
+    def process_fraction(self):
+        """Share of the solution's steps judged correct (0 without a process signal), the `--mix reward` term."""
+        return sum(self.verification.step_verdicts) / self.num_steps if self.step_rewards else 0.0
 
 
-def seeded_rng(seed, index):
-    return random.Random(seed * 1_000_003 + index)
+def judge(solution_token_texts, verifier_text):
+    """The Judgement of a solution, given the decoded text of each of its completion tokens (without the
+    terminal token) and what the verifier wrote about it."""
+    verification = parse_verification(verifier_text)
+    step_ends = step_end_tokens(solution_token_texts)
+    return Judgement(verification, len(step_ends), step_ends, process_step_rewards(verification, len(step_ends)))
+
+
+# -----------------------------------------------------------------------------
+# Scoring verdicts against gold labels, and ranking solutions by verdicts
+
+def count_verdicts(said_overall, gold_correct):
+    """The confusion counts of overall verdicts against gold labels, with *incorrect* solutions as the
+    positive class (finding errors is the verifier's job). A verdict that cannot be read counts as the
+    wrong call for its solution: a miss (fn) on an incorrect one, a false alarm (fp) on a correct one."""
+    counts = {"tp": 0, "fp": 0, "tn": 0, "fn": 0, "unparsed": 0, "said_correct": 0}
+    for said, gold in zip(said_overall, gold_correct):
+        counts["unparsed"] += said is None
+        counts["said_correct"] += said is True
+        if gold:
+            counts["tn" if said is True else "fp"] += 1
+        else:
+            counts["tp" if said is False else "fn"] += 1
+    return counts
+
+
+def verdict_metrics(counts):
+    """Accuracy, balanced accuracy, precision / recall / F1 on incorrect solutions, parse rate and the
+    share of "Correct" verdicts, from (summed) count_verdicts counts."""
+    tp, fp, tn, fn = counts["tp"], counts["fp"], counts["tn"], counts["fn"]
+    n = max(tp + fp + tn + fn, 1)
+    recall_incorrect, recall_correct = tp / max(tp + fn, 1), tn / max(tn + fp, 1)
+    return {"accuracy": (tp + tn) / n, "balanced_accuracy": 0.5 * (recall_incorrect + recall_correct),
+            "precision_incorrect": tp / max(tp + fp, 1), "recall_incorrect": recall_incorrect,
+            "f1_incorrect": 2 * tp / max(2 * tp + fp + fn, 1), "parse_rate": 1 - counts["unparsed"] / n,
+            "share_said_correct": counts["said_correct"] / n}
+
+
+def first_error_step(verification):
+    """Index of the first step judged incorrect (-1 if none): ProcessBench's prediction."""
+    return next((i for i, ok in enumerate(verification.step_verdicts) if not ok), -1)
+
+
+def verdict_score(verification):
+    """How good a solution looks to the verifier, for best-of-N: an Overall "Correct" first, then the share
+    of steps judged correct, then a well-formed verification."""
+    steps = verification.step_verdicts
+    return (verification.overall is True, sum(steps) / max(len(steps), 1), verification.format_ok)
+
+
+def best_of_n(verifications):
+    """Index of the solution the verifier ranks highest (the earliest one on ties)."""
+    return max(range(len(verifications)), key=lambda i: (verdict_score(verifications[i]), -i))

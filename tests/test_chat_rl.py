@@ -143,3 +143,20 @@ def test_a_few_steps_raise_the_reward_on_average_over_seeds(sft_base, monkeypatc
         gains.append(sum(rewards[-2:]) / 2 - sum(rewards[:2]) / 2)
     print("reward gain per seed:", gains)
     assert sum(gains) / len(gains) > 0.02, gains
+
+
+@pytest.mark.parametrize("task", ["gsm8k", "aqua", "arithmetic"])
+def test_two_steps_and_evaluations_on_every_rl_task(sft_base, task):
+    """chat_rl trains and evaluates on every task in RL_TASKS (AQuA's first evaluation once crashed)."""
+    import scripts.chat_rl as chat_rl
+    from tasks.by_name import RL_TASKS
+    assert task in RL_TASKS
+    fixtures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+    flags = [f for f in COMMON if f not in ("arithmetic",)]
+    flags[flags.index("--task") + 1:flags.index("--task") + 1] = [task]
+    result = chat_rl.main(flags + ["--data_dir", fixtures, "--num_steps", "2", "--eval_every", "1", "--eval_examples", "2",
+                                   "--output_tag", f"every_{task}"])
+    assert len(result["train"]) == 2 and 0 <= result["final"]["pass@1"] <= 1
+    assert {"answered", "top_answer_share"} <= set(result["train"][0])
+    _, meta = final_weights(f"every_{task}")
+    assert meta["task"] == task
