@@ -17,11 +17,12 @@ def no_hub(monkeypatch):
     monkeypatch.setattr(records, "_load_from_hub", offline)
 
 
-def test_splits_map_to_the_release_files():
+def test_splits_map_to_the_release_files(tmp_path):
     assert len(AQuA("validation", data_dir=FIXTURES)) == 2   # dev.json
     assert len(AQuA("test", data_dir=FIXTURES)) == 1
+    assert len(AQuA("train", data_dir=FIXTURES)) == 2
     with pytest.raises(records.DataNotFoundError):
-        AQuA("train", data_dir=FIXTURES)
+        AQuA("train", data_dir=str(tmp_path))
     assert len(AQuA("dev", data_dir=FIXTURES)) == 2           # the release's name for validation
     with pytest.raises(ValueError):
         AQuA("val", data_dir=FIXTURES)
