@@ -29,7 +29,7 @@ import argparse
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
@@ -40,8 +40,9 @@ from nanochat.common import (all_reduce_dict, autocast_context, compute_init, ge
 from nanochat.engine import Engine
 from nanochat.grpo import (ClassBalancer, alpha_schedule, generate_rollouts, grpo_update, majority_vote, pass_at_k,
                            rank_indices, sample_and_score, token_advantages)
-from nanochat.memory import cuda_memory_report, estimate_memory, format_memory
+from nanochat.memory import cuda_memory_report, print_role_estimates
 from nanochat.report import get_report
+from nanochat.roles import Roles
 from tasks import verify
 from tasks.by_name import RL_TASKS, build_rl_task
 
@@ -151,21 +152,6 @@ def phase_schedule(args):
 # -----------------------------------------------------------------------------
 # The two roles
 
-@dataclass
-class Roles:
-    """The generator and the verifier with their engines and optimizers. Without a verifier (--no_verifier)
-    its fields are None; with --shared_model they are the generator's own objects."""
-    generator: object
-    verifier: object
-    tokenizer: object
-    gen_engine: object
-    ver_engine: object
-    gen_optimizer: object
-    ver_optimizer: object
-    device: torch.device
-    offload_frozen: bool = False
-
-
 def make_optimizer(args, model, lr_frac):
     return model.setup_optimizers(unembedding_lr=args.unembedding_lr * lr_frac, embedding_lr=args.embedding_lr * lr_frac,
                                   matrix_lr=args.matrix_lr * lr_frac)
@@ -191,31 +177,13 @@ def load_roles(args, device):
                  device, args.offload_frozen)
 
 
-def sampling(roles, model):
-    """Put `model` on the device in eval mode, to sample from it."""
-    if model.get_device() != roles.device:
-        model.to(roles.device)
-    model.eval()
-
-
-def training(roles, role):
-    """Put the model of `role` ("G" or "V") in training mode on the device; freeze (maybe offload) the other."""
-    active, frozen = (roles.generator, roles.verifier) if role == "G" else (roles.verifier, roles.generator)
-    if frozen is not None and frozen is not active:
-        if roles.offload_frozen and frozen.get_device() != torch.device("cpu"):
-            frozen.to("cpu")
-        frozen.eval()
-    sampling(roles, active)
-    active.train()
-
-
 def judge(args, roles, task, solutions, num_verifications, temperature, seed):
     """The verifier reads every solution `num_verifications` times in one batched pass. Returns its rollouts
     (solution-major, for training it) and one tasks.verify.Judgement per rollout."""
     tokenizer = roles.tokenizer
     prompts = [tokenizer.render_for_completion(verify.build_verifier_conversation(task.question(s.info["conversation"]), s.text))
                for s in solutions]
-    sampling(roles, roles.verifier)
+    roles.sampling(roles.verifier)
     readings = generate_rollouts(roles.ver_engine, tokenizer, prompts, [s.example_index for s in solutions],
                                  num_verifications, args.ver_max_tokens, temperature, args.top_k, seed)
     token_texts = [[tokenizer.decode([t]) for t in s.body_ids] for s in solutions]
@@ -230,13 +198,13 @@ def generator_step(args, roles, task, step, rank, world_size):
     """Sample, judge, mix the advantages, update the generator. Returns the step's metrics (all ranks)."""
     timer = {}
     t0 = time.time()
-    sampling(roles, roles.generator)
-    K = args.num_samples
+    roles.sampling(roles.generator)
+    group = args.num_samples
     rollouts = sample_and_score(roles.gen_engine, roles.tokenizer, task, rank_indices(step, args.examples_per_step, rank, world_size, len(task)),
-                                K, args.gen_max_tokens, args.gen_temperature, args.top_k, seed=args.seed + 1_000_003 * step + rank)
+                                group, args.gen_max_tokens, args.gen_temperature, args.top_k, seed=args.seed + 1_000_003 * step + rank)
     if args.reward == "majority":  # self-play: the group's majority answer stands in for the gold answer
-        for p in range(0, len(rollouts), K):
-            for r, label in zip(rollouts[p:p + K], majority_vote(task, rollouts[p:p + K])):
+        for p in range(0, len(rollouts), group):
+            for r, label in zip(rollouts[p:p + group], majority_vote(task, rollouts[p:p + group])):
                 r.reward = float(label)
     timer["generate"] = time.time() - t0
 
@@ -262,14 +230,14 @@ def generator_step(args, roles, task, step, rank, world_size):
     timer["verify"] = time.time() - t1
 
     t2 = time.time()
-    advantages = token_advantages(rollouts, K, alpha, judgements, args.mix, args.normalize_std)
-    training(roles, "G")
+    advantages = token_advantages(rollouts, group, alpha, judgements, args.mix, args.normalize_std)
+    roles.training("G")
     lrm = 1.0 - step / args.num_gen_steps
     stats = grpo_update(roles.generator, roles.gen_optimizer, rollouts, advantages, roles.tokenizer.get_bos_token_id(),
                         roles.device, args.device_batch_size, grad_clip=args.grad_clip, lr_multiplier=lrm)
     timer["train"] = time.time() - t2
 
-    rewards = torch.tensor([r.reward for r in rollouts]).view(-1, K)
+    rewards = torch.tensor([r.reward for r in rollouts]).view(-1, group)
     counts.update(reward=rewards.sum().item(), n=len(rollouts), correct=sum(r.info["correct"] for r in rollouts),
                   zero_variance=float(((rewards.max(1).values - rewards.min(1).values) == 0).sum()),
                   length=sum(len(r.completion_ids) for r in rollouts))
@@ -283,7 +251,7 @@ def generator_step(args, roles, task, step, rank, world_size):
               "gen/verifier_step_agreement": s["gold_agree"] / max(s["gold_compared"], 1),
               "gen/entropy_proxy": stats["entropy_proxy"], "gen/lr_multiplier": lrm, **{f"gen/time_{k}": v for k, v in timer.items()}}
     print0(f"G {step:4d} | reward {record['gen/outcome_reward']:.3f} | acc {record['gen/accuracy']:.3f} | "
-           f"alpha {alpha:.4f} | proc {record['gen/process_reward']:.3f} | K-aligned {record['gen/steps_exact']:.2f} | "
+           f"alpha {alpha:.4f} | proc {record['gen/process_reward']:.3f} | steps-aligned {record['gen/steps_exact']:.2f} | "
            f"zero-var {record['gen/zero_variance_groups']:.2f} | gen {timer['generate']:.1f}s ver {timer['verify']:.1f}s train {timer['train']:.1f}s")
     return record
 
@@ -293,7 +261,7 @@ def verifier_step(args, roles, task, step, rank, world_size, balancer):
     the right Overall verdict (plus format). Returns the step's metrics (all ranks)."""
     timer = {}
     t0 = time.time()
-    sampling(roles, roles.generator)
+    roles.sampling(roles.generator)
     indices = rank_indices(step, args.ver_examples_per_step, rank, world_size, len(task), from_end=True)
     solutions = sample_and_score(roles.gen_engine, roles.tokenizer, task, indices, args.ver_solutions, args.gen_max_tokens,
                                  args.gen_temperature, args.top_k, seed=args.seed + 3_000_017 * step + rank)
@@ -309,7 +277,7 @@ def verifier_step(args, roles, task, step, rank, world_size, balancer):
     t2 = time.time()
     balancer.update([s.info["correct"] for s in solutions])
     weights = None if args.no_class_balance else balancer.weights(gold)
-    training(roles, "V")
+    roles.training("V")
     stats = grpo_update(roles.verifier, roles.ver_optimizer, readings, token_advantages(readings, V),
                         roles.tokenizer.get_bos_token_id(), roles.device, args.device_batch_size, sample_weights=weights,
                         grad_clip=args.grad_clip)
@@ -337,7 +305,7 @@ def verifier_sft(args, roles, task, rank, world_size):
     a verification without its Overall line would teach the wrong format. Returns [(step, loss)]."""
     rng = random.Random(args.seed + rank)
     optimizer = make_optimizer(args, roles.verifier, args.ver_sft_lr_frac)
-    training(roles, "V")
+    roles.training("V")
     losses = []
     for step in range(args.verifier_sft_steps):
         rows = []
@@ -361,7 +329,7 @@ def verifier_sft(args, roles, task, rank, world_size):
 def evaluate(args, roles, task, rank, world_size):
     """Held-out pass@1 / pass@k / majority@k of the generator; with a verifier also its best-of-k and its
     ProcessBench-style metrics on labelled solutions (greedy)."""
-    sampling(roles, roles.generator)
+    roles.sampling(roles.generator)
     indices = list(range(rank, min(args.eval_examples, len(task)), world_size))
     k = args.eval_samples
     n, pass1, passk, rollouts = pass_at_k(roles.gen_engine, roles.tokenizer, task, indices, k, args.gen_max_tokens,
@@ -382,10 +350,8 @@ def evaluate(args, roles, task, rank, world_size):
     if "reranked" in s:
         labelled = verify.verdict_metrics({key[4:]: v for key, v in s.items() if key.startswith("ver_")})
         m = max(s["ver_n"], 1)
-        metrics.update({f"verifier_best_of_{k}": s["reranked"] / n, "verifier_accuracy": labelled["accuracy"],
-                        "verifier_balanced_accuracy": labelled["balanced_accuracy"], "verifier_f1_incorrect": labelled["f1_incorrect"],
-                        "verifier_first_error_accuracy": s["ver_first_error"] / m,
-                        "verifier_share_said_correct": labelled["share_said_correct"], "verifier_gold_share_correct": s["ver_gold"] / m,
+        metrics.update({f"verifier_best_of_{k}": s["reranked"] / n, **{f"verifier_{key}": v for key, v in labelled.items()},
+                        "verifier_first_error_accuracy": s["ver_first_error"] / m, "verifier_gold_share_correct": s["ver_gold"] / m,
                         "verifier_steps_aligned": s["ver_aligned"] / m})
     return metrics
 
@@ -395,7 +361,7 @@ def labelled_verifier_counts(args, roles, task, rank, world_size):
     rng = random.Random(args.seed + 99)
     items = [task.labelled_solution(i, rng) for i in range(min(args.ver_eval_examples, len(task)))][rank::world_size]
     prompts = [roles.tokenizer.render_for_completion(verify.build_verifier_conversation(it["question"], it["solution"])) for it in items]
-    sampling(roles, roles.verifier)
+    roles.sampling(roles.verifier)
     readings = generate_rollouts(roles.ver_engine, roles.tokenizer, prompts, list(range(len(items))), 1, args.ver_max_tokens,
                                  0.0, None, args.seed) if items else []
     said = [verify.parse_verification(r.text) for r in readings]
@@ -437,15 +403,6 @@ def resume(args, roles, out_dir, balancer, rank):
     return state
 
 
-def print_memory_estimates(args, roles, world_size):
-    rows, seq = args.num_samples * args.examples_per_step // world_size, args.gen_max_tokens + 256
-    for role, model, kv_rows in (("generator", roles.generator, rows), ("verifier", roles.verifier, args.ver_samples * rows)):
-        if model is not None:
-            print0(format_memory(f"{role} (training)", estimate_memory(model.config, train=True, rows=args.device_batch_size, seq_len=seq,
-                                                                       world_size=world_size, grad_checkpointing=args.grad_checkpointing)))
-            print0(format_memory(f"{role} (sampling)", estimate_memory(model.config, train=False, kv_rows=kv_rows, kv_len=seq)))
-
-
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -467,7 +424,9 @@ def main(argv=None):
     phases = phase_schedule(args)
     balancer = ClassBalancer(decay=0.8)
     if args.print_memory:
-        print_memory_estimates(args, roles, world_size)
+        samples = args.num_samples * args.examples_per_step // world_size
+        print_role_estimates({"generator": (roles.generator, samples), "verifier": (roles.verifier, args.ver_samples * samples)},
+                             args.device_batch_size, args.gen_max_tokens + 256, world_size, args.grad_checkpointing)
     state = {"global_step": 0, "gen_step": 0, "ver_step": 0, "ver_sft_done": False}
     if args.resume:
         state = resume(args, roles, out_dir, balancer, rank)
