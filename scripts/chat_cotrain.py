@@ -64,6 +64,8 @@ def get_args(argv=None):
     p.add_argument("--ver_step", type=int, default=None, help="verifier checkpoint step (default: last)")
     p.add_argument("--shared_model", action="store_true", help="one GPT plays both roles (one optimizer)")
     p.add_argument("--no_verifier", action="store_true", help="no verifier at all: plain GRPO (use with --alpha 0)")
+    p.add_argument("--oracle_verifier", action="store_true",
+                   help="no verifier model: step verdicts come from the task's exact gold step labels (the ceiling and control)")
     p.add_argument("--output_tag", default=None, help="checkpoint tag (default: g<depth>_v<depth>)")
     # task
     p.add_argument("--task", default="gsm8k", choices=RL_TASKS)
@@ -126,6 +128,8 @@ def get_args(argv=None):
         p.error("step counts must be >= 0")
     if args.no_verifier and args.alpha != 0:
         p.error("--no_verifier needs --alpha 0 (there is no process signal without a verifier)")
+    if args.oracle_verifier and (args.no_verifier or args.shared_model):
+        p.error("--oracle_verifier replaces the verifier model: it excludes --no_verifier and --shared_model")
     if args.no_verifier and args.shared_model:
         p.error("--shared_model needs a verifier role")
     if not 0.0 <= args.alpha <= 1.0:
@@ -136,7 +140,7 @@ def get_args(argv=None):
 def phase_schedule(args):
     """The global step sequence as phase letters: 'V' warm-up steps, then rounds of G..G V..V, until
     num_gen_steps generator steps. A pure function of the flags, so a resumed run finds its place."""
-    if args.no_verifier:
+    if args.no_verifier or args.oracle_verifier:
         return ["G"] * args.num_gen_steps
     phases = ["V"] * args.verifier_warmup_steps
     gen_done = 0
@@ -161,7 +165,7 @@ def load_roles(args, device):
     generator, tokenizer, _ = load_model(args.gen_source, device, phase="train", model_tag=args.gen_tag or f"d{args.depth_g}",
                                          step=args.gen_step)
     verifier = generator if args.shared_model else None
-    if not args.shared_model and not args.no_verifier:
+    if not (args.shared_model or args.no_verifier or args.oracle_verifier):
         verifier, ver_tokenizer, _ = load_model(args.ver_source, device, phase="train",
                                                 model_tag=args.ver_tag or f"d{args.depth_v}", step=args.ver_step)
         if ver_tokenizer.get_vocab_size() != tokenizer.get_vocab_size():
@@ -177,6 +181,11 @@ def load_roles(args, device):
                  device, args.offload_frozen)
 
 
+def token_texts(tokenizer, rollout):
+    """The decoded text of each token the model wrote (steps are located in it)."""
+    return [tokenizer.decode([t]) for t in rollout.body_ids]
+
+
 def judge(args, roles, task, solutions, num_verifications, temperature, seed):
     """The verifier reads every solution `num_verifications` times in one batched pass. Returns its rollouts
     (solution-major, for training it) and one tasks.verify.Judgement per rollout."""
@@ -186,13 +195,18 @@ def judge(args, roles, task, solutions, num_verifications, temperature, seed):
     roles.sampling(roles.verifier)
     readings = generate_rollouts(roles.ver_engine, tokenizer, prompts, [s.example_index for s in solutions],
                                  num_verifications, args.ver_max_tokens, temperature, args.top_k, seed)
-    token_texts = [[tokenizer.decode([t]) for t in s.body_ids] for s in solutions]
-    judgements = [verify.judge(token_texts[i // num_verifications], r.text) for i, r in enumerate(readings)]
+    texts = [token_texts(tokenizer, s) for s in solutions]
+    judgements = [verify.judge(texts[i // num_verifications], r.text) for i, r in enumerate(readings)]
     return readings, judgements
 
 
 # -----------------------------------------------------------------------------
 # One generator step, one verifier step, the verifier's SFT warm start, evaluation
+
+def gold_labels(task, rollout):
+    """Exact step labels of one of the generator's own solutions, where they can be computed."""
+    return verify.gold_step_labels(rollout.text, reference_values=task.reference_chain(rollout.example_index))[0]
+
 
 def generator_step(args, roles, task, step, rank, world_size):
     """Sample, judge, mix the advantages, update the generator. Returns the step's metrics (all ranks)."""
@@ -212,8 +226,11 @@ def generator_step(args, roles, task, step, rank, world_size):
     alpha = alpha_schedule(step, args.num_gen_steps, args.alpha, args.alpha_end) if args.alpha > 0 else 0.0
     judgements = None
     counts = dict.fromkeys(("exact", "missing", "extra", "judged_correct", "judged_steps", "gold_agree", "gold_compared", "process"), 0)
-    if roles.verifier is not None:
+    if args.oracle_verifier:
+        judgements = [verify.oracle_judge(token_texts(roles.tokenizer, r), gold_labels(task, r)) for r in rollouts]
+    elif roles.verifier is not None:
         _, judgements = judge(args, roles, task, rollouts, 1, args.ver_temperature, seed=args.seed + 2_000_003 * step + rank)
+    if judgements is not None:
         for r, j in zip(rollouts, judgements):
             said = j.verification
             counts["exact"] += said.num_steps == j.num_steps
@@ -223,7 +240,7 @@ def generator_step(args, roles, task, step, rank, world_size):
             counts["judged_steps"] += said.num_steps
             counts["process"] += j.process_fraction
             # where gold step labels are computable, how often the verifier's step verdicts agree with them
-            gold, _ = verify.gold_step_labels(r.text, reference_values=task.reference_chain(r.example_index))
+            gold = gold_labels(task, r)
             if gold and said.num_steps == len(gold):
                 counts["gold_agree"] += sum(int(v) == label for v, label in zip(said.step_verdicts, gold))
                 counts["gold_compared"] += len(gold)

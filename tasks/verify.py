@@ -286,6 +286,17 @@ def judge(solution_token_texts, verifier_text):
     return Judgement(verification, len(step_ends), step_ends, process_step_rewards(verification, len(step_ends)))
 
 
+def oracle_judge(solution_token_texts, step_labels):
+    """The Judgement of a perfect process verifier: one verdict per step, read from exact gold step labels
+    (gold_step_labels). It is the ceiling and the control for a learned verifier: a protocol that cannot
+    show a gain with it cannot show one with a learned verifier either."""
+    verdicts = [bool(label) for label in step_labels]
+    verification = Verification(step_verdicts=verdicts, overall=all(verdicts) if verdicts else None,
+                                format_ok=bool(verdicts), step_numbers=list(range(1, len(verdicts) + 1)))
+    step_ends = step_end_tokens(solution_token_texts)
+    return Judgement(verification, len(step_ends), step_ends, process_step_rewards(verification, len(step_ends)))
+
+
 # -----------------------------------------------------------------------------
 # Scoring verdicts against gold labels, and ranking solutions by verdicts
 

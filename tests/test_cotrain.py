@@ -276,3 +276,16 @@ def test_experiment_script_compares_three_arms(sft_base, tmp_path):
     pass1 = next(line for line in table.splitlines() if line.startswith("| generator pass@1"))
     assert pass1.count("|") == 5
     assert "seed 1: " in table and table.count(" vs ") >= 2
+
+
+def test_oracle_verifier_feeds_gold_step_labels_through_the_process_path(sft_base, varied_rewards):
+    import scripts.chat_cotrain as cotrain
+    args = cotrain.get_args(TINY + ["--num_gen_steps", "2", "--alpha", "0.5", "--oracle_verifier"])
+    assert cotrain.phase_schedule(args) == ["G", "G"]
+    roles = cotrain.load_roles(args, torch.device("cpu"))
+    assert roles.verifier is None  # no verifier model is loaded
+    record = cotrain.generator_step(args, roles, build_rl_task("arithmetic", "train"), 0, 0, 1)
+    assert record["gen/steps_exact"] == 1.0  # one verdict per step for every sample
+    assert record["gen/verifier_step_agreement"] == 1.0
+    with pytest.raises(SystemExit):
+        cotrain.get_args(["--oracle_verifier", "--shared_model"])

@@ -176,3 +176,12 @@ def test_verifier_conversation():
     prompt = conv["messages"][0]["content"]
     assert "Step 1:" in prompt and "Step 2:" in prompt and "(2 steps)" in prompt and "#### 17" in prompt
     assert conv["messages"][1]["role"] == "assistant"
+
+
+def test_oracle_judge_reads_gold_labels():
+    tokens = ["He has 3*4=", "<<3*4=12>>12.", "\n", "Then 12+5=", "<<12+5=18>>18.", "\n#### 18"]
+    labels, first = verify.gold_step_labels("".join(tokens))
+    assert labels == [1, 0] and first == 1
+    j = verify.oracle_judge(tokens, labels)
+    assert j.aligned and j.step_rewards == [0.5, -0.5] and j.verification.overall is False and j.step_ends == [1, 4]
+    assert verify.oracle_judge(tokens, [1]).step_rewards is None  # labels that do not line up give no signal
