@@ -144,13 +144,18 @@ def majority_answers(answers):
 
 
 class ClassBalancer:
-    """Per-sample loss weights proportional to 1/sqrt(running count of the sample's class), renormalised to
-    mean 1 over the batch. Keeps a verifier from learning "always Incorrect" from a generator that is right
-    5% of the time. Counts are an exponential moving average across batches (Tango uses decay 0.8)."""
+    """Per-sample loss weights proportional to 1/count^power of the sample's class (running count), renormalised
+    to mean 1 over the batch. Keeps a verifier from learning "always Incorrect" from a generator that is right
+    5% of the time. Counts are an exponential moving average across batches (Tango: decay 0.8, power 0.5;
+    power 1 gives both classes equal total weight).
 
-    def __init__(self, decay=0.8):
-        self.decay = decay
+    It also watches for collapse: a verifier whose share of "Correct" verdicts strays more than `margin` from
+    the gold share for `patience` verifier steps in a row gets 1/count weights from then on."""
+
+    def __init__(self, decay=0.8, power=0.5, margin=0.3, patience=3):
+        self.decay, self.power, self.margin, self.patience = decay, power, margin, patience
         self.counts = {0: 0.0, 1: 0.0}
+        self.strikes = 0
 
     def update(self, labels):
         """Count this step's labels, gathered from every rank (the weights must agree across ranks)."""
@@ -160,15 +165,32 @@ class ClassBalancer:
             self.counts[c] = self.decay * self.counts[c] + (1 - self.decay) * n if self.counts[c] else float(n)
 
     def weights(self, labels):
-        raw = [1.0 / math.sqrt(max(self.counts[int(l)], 1e-3)) for l in labels]
+        if self.power == 0:
+            return [1.0] * len(labels)
+        if self.power == 0.5:
+            raw = [1.0 / math.sqrt(max(self.counts[int(l)], 1e-3)) for l in labels]
+        else:
+            raw = [max(self.counts[int(l)], 1e-3) ** -self.power for l in labels]
         mean = sum(raw) / len(raw) if raw else 1.0
         return [w / mean for w in raw]
 
+    def check_collapse(self, share_said_correct, gold_share):
+        """Call once per verifier step with global shares. Returns True on the step that escalates to 1/count."""
+        if self.power == 0 or self.patience <= 0:
+            return False
+        self.strikes = self.strikes + 1 if abs(share_said_correct - gold_share) > self.margin else 0
+        if self.strikes >= self.patience and self.power < 1.0:
+            self.power = 1.0
+            return True
+        return False
+
     def state_dict(self):
-        return {"decay": self.decay, "counts": {str(k): v for k, v in self.counts.items()}}
+        return {"decay": self.decay, "power": self.power, "strikes": self.strikes,
+                "counts": {str(k): v for k, v in self.counts.items()}}
 
     def load_state_dict(self, state):
         self.decay = state["decay"]
+        self.power, self.strikes = state.get("power", 0.5), state.get("strikes", 0)
         self.counts = {int(k): v for k, v in state["counts"].items()}
 
 

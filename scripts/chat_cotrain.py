@@ -96,7 +96,10 @@ def get_args(argv=None):
     p.add_argument("--ver_max_tokens", type=int, default=256)
     p.add_argument("--ver_temperature", type=float, default=1.0)
     p.add_argument("--format_weight", type=float, default=0.5, help="weight of the verifier's format score")
-    p.add_argument("--no_class_balance", action="store_true", help="turn off 1/sqrt(class count) loss weights")
+    p.add_argument("--class_balance", default="sqrt", choices=["sqrt", "inverse", "none"],
+                   help="verifier loss weights 1/sqrt(class count) (Tango), 1/count (balanced classes) or none")
+    p.add_argument("--collapse_patience", type=int, default=3,
+                   help="verifier steps with its 'Correct' share > 0.3 off the gold share before 1/count weights (0: never)")
     # optimisation (per model)
     p.add_argument("--device_batch_size", type=int, default=8)
     p.add_argument("--gen_init_lr_frac", type=float, default=0.05)
@@ -293,7 +296,7 @@ def verifier_step(args, roles, task, step, rank, world_size, balancer):
 
     t2 = time.time()
     balancer.update([s.info["correct"] for s in solutions])
-    weights = None if args.no_class_balance else balancer.weights(gold)
+    weights = None if args.class_balance == "none" else balancer.weights(gold)
     roles.training("V")
     stats = grpo_update(roles.verifier, roles.ver_optimizer, readings, token_advantages(readings, V),
                         roles.tokenizer.get_bos_token_id(), roles.device, args.device_batch_size, sample_weights=weights,
@@ -305,11 +308,14 @@ def verifier_step(args, roles, task, step, rank, world_size, balancer):
                   reward=sum(r.reward for r in readings), n=len(readings), gold_correct=sum(gold))
     s = all_reduce_dict(counts, roles.device)
     n = max(s["n"], 1)
+    if balancer.check_collapse(s["said_correct"] / n, s["gold_correct"] / n):
+        print0(f"warning: the verifier's share of 'Correct' verdicts has strayed from the gold share for {args.collapse_patience} "
+               "verifier steps (collapse to one class): switching to 1/count class weights")
     record = {"ver_step": step, "ver/reward": s["reward"] / n, **{f"ver/{k}": v for k, v in verify.verdict_metrics(s).items()},
               "ver/format_rate": s["format"] / n, "ver/steps_aligned": s["aligned"] / n, "ver/gold_correct_rate": s["gold_correct"] / n,
               "ver/entropy_proxy": stats["entropy_proxy"], "ver/class_count_correct": balancer.counts[1],
               "ver/class_count_incorrect": balancer.counts[0],
-              "ver/weight_correct": 1.0 if args.no_class_balance else balancer.weights([1, 0])[0],
+              "ver/weight_correct": balancer.weights([1, 0])[0], "ver/class_power": balancer.power,
               **{f"ver/time_{k}": t for k, t in timer.items()}}
     print0(f"V {step:4d} | reward {record['ver/reward']:.3f} | acc {record['ver/accuracy']:.3f} | bal-acc "
            f"{record['ver/balanced_accuracy']:.3f} | said-correct {record['ver/share_said_correct']:.2f} | "
@@ -439,7 +445,8 @@ def main(argv=None):
     output_tag = args.output_tag or f"g{roles.generator.config.n_layer}" + (f"_v{roles.verifier.config.n_layer}" if has_own_verifier else "")
     out_dir = os.path.join(get_base_dir(), CHECKPOINT_DIRS["cotrain"], output_tag)
     phases = phase_schedule(args)
-    balancer = ClassBalancer(decay=0.8)
+    balancer = ClassBalancer(decay=0.8, power={"sqrt": 0.5, "inverse": 1.0, "none": 0.0}[args.class_balance],
+                             patience=args.collapse_patience)
     if args.print_memory:
         samples = args.num_samples * args.examples_per_step // world_size
         print_role_estimates({"generator": (roles.generator, samples), "verifier": (roles.verifier, args.ver_samples * samples)},

@@ -160,3 +160,28 @@ def test_micro_batching_does_not_change_the_update():
         grpo_update(model, optimizer, rollouts, [1.0, -0.5, -0.5], pad_id=0, device="cpu", device_batch_size=device_batch_size)
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.allclose(results[0], results[1], atol=1e-6)
+
+
+def test_inverse_class_weights_balance_the_classes():
+    balancer = ClassBalancer(decay=0.8, power=1.0)
+    labels = [1] * 9 + [0]
+    balancer.update(labels)
+    weights = balancer.weights(labels)
+    total_correct, total_incorrect = sum(weights[:9]), weights[9]
+    assert abs(total_correct - total_incorrect) < 1e-9  # 1/count: each class carries the same total weight
+    sqrt = ClassBalancer(decay=0.8, power=0.5)
+    sqrt.update(labels)
+    w = sqrt.weights(labels)
+    assert abs(w[9] / w[0] - 3.0) < 1e-9  # 1/sqrt: the rare class weighs sqrt(9) = 3x per sample
+    assert ClassBalancer(power=0.0).weights(labels) == [1.0] * 10
+
+
+def test_collapse_guard_escalates_after_patience_and_resets():
+    balancer = ClassBalancer(power=0.5, margin=0.3, patience=3)
+    assert not balancer.check_collapse(0.95, 0.5) and not balancer.check_collapse(0.9, 0.5)
+    assert not balancer.check_collapse(0.6, 0.5)  # tracking again: the count restarts
+    assert [balancer.check_collapse(0.0, 0.5) for _ in range(3)] == [False, False, True]
+    assert balancer.power == 1.0 and not balancer.check_collapse(0.0, 0.5)  # escalates once
+    restored = ClassBalancer()
+    restored.load_state_dict(balancer.state_dict())
+    assert restored.power == 1.0 and restored.strikes == balancer.strikes
