@@ -35,7 +35,7 @@ import torch
 
 from nanochat.chat_data import set_learning_rates, sft_collate
 from nanochat.checkpoint_manager import CHECKPOINT_DIRS, find_last_step, load_checkpoint, load_model, save_checkpoint
-from nanochat.common import (all_reduce_dict, autocast_context, compute_init, get_base_dir, init_wandb, print0,
+from nanochat.common import (all_gather_list, all_reduce_dict, autocast_context, compute_init, get_base_dir, init_wandb, print0,
                              run_stage)
 from nanochat.engine import Engine
 from nanochat.grpo import (ClassBalancer, alpha_schedule, generate_rollouts, grpo_update, majority_vote, pass_at_k,
@@ -43,6 +43,7 @@ from nanochat.grpo import (ClassBalancer, alpha_schedule, generate_rollouts, grp
 from nanochat.memory import cuda_memory_report, print_role_estimates
 from nanochat.report import get_report
 from nanochat.roles import Roles
+from nanochat.scoring import choice_probabilities
 from tasks import verify
 from tasks.by_name import RL_TASKS, build_rl_task
 
@@ -95,6 +96,8 @@ def get_args(argv=None):
     p.add_argument("--ver_samples", type=int, default=5, help="verifications per solution (the verifier's group)")
     p.add_argument("--ver_max_tokens", type=int, default=256)
     p.add_argument("--ver_temperature", type=float, default=1.0)
+    p.add_argument("--process_score", default="text", choices=["text", "prob"],
+                   help="step verdicts as the words the verifier wrote (+-1/K) or as its p(Correct) ((2p-1)/K)")
     p.add_argument("--format_weight", type=float, default=0.5, help="weight of the verifier's format score")
     p.add_argument("--class_balance", default="sqrt", choices=["sqrt", "inverse", "none"],
                    help="verifier loss weights 1/sqrt(class count) (Tango), 1/count (balanced classes) or none")
@@ -199,8 +202,20 @@ def judge(args, roles, task, solutions, num_verifications, temperature, seed):
     readings = generate_rollouts(roles.ver_engine, tokenizer, prompts, [s.example_index for s in solutions],
                                  num_verifications, args.ver_max_tokens, temperature, args.top_k, seed)
     texts = [token_texts(tokenizer, s) for s in solutions]
-    judgements = [verify.judge(texts[i // num_verifications], r.text) for i, r in enumerate(readings)]
+    probs = verdict_probabilities(args, roles, readings) if args.process_score == "prob" else [None] * len(readings)
+    judgements = [verify.judge(texts[i // num_verifications], r.text, p) for i, (r, p) in enumerate(zip(readings, probs))]
     return readings, judgements
+
+
+def verdict_probabilities(args, roles, readings):
+    """p("Correct") of every verdict of every reading, from one teacher-forced pass of the verifier over what
+    it wrote ([] for a reading whose verdicts cannot all be located: no process signal from it)."""
+    queries = [verify.verdict_queries(roles.tokenizer, r.body_ids, r.text) for r in readings]
+    sequences = [r.prompt_ids + r.body_ids for r in readings]
+    located = [[(len(r.prompt_ids) + j, a, b) for j, a, b in q] if None not in q else [] for r, q in zip(readings, queries)]
+    probs = choice_probabilities(roles.verifier, sequences, located, roles.device, args.device_batch_size,
+                                 roles.tokenizer.get_bos_token_id())
+    return [p if q else [] for p, q in zip(probs, located)]
 
 
 # -----------------------------------------------------------------------------
@@ -366,7 +381,8 @@ def evaluate(args, roles, task, rank, world_size):
         _, judgements = judge(args, roles, task, rollouts, 1, 0.0, seed=args.seed)
         counts["reranked"] = sum(group[verify.best_of_n([j.verification for j in judgements[p * k:(p + 1) * k]])].info["correct"]
                                  for p, group in enumerate(groups))
-        counts.update(labelled_verifier_counts(args, roles, task, rank, world_size))
+        labelled_counts, overall_probs = labelled_verifier_counts(args, roles, task, rank, world_size)
+        counts.update(labelled_counts)
     s = all_reduce_dict(counts, roles.device)
     n = max(s["n"], 1)
     metrics = {"pass@1": s["pass1"] / n, f"pass@{k}": s["passk"] / n, f"majority@{k}": s["majority"] / n}
@@ -376,11 +392,15 @@ def evaluate(args, roles, task, rank, world_size):
         metrics.update({f"verifier_best_of_{k}": s["reranked"] / n, **{f"verifier_{key}": v for key, v in labelled.items()},
                         "verifier_first_error_accuracy": s["ver_first_error"] / m, "verifier_gold_share_correct": s["ver_gold"] / m,
                         "verifier_steps_aligned": s["ver_aligned"] / m})
+        # AUC of p(Overall = Correct) over the readings whose Overall verdict could be located (-1: one class only)
+        area = verify.auc([p for p, _ in overall_probs], [gold for _, gold in overall_probs])
+        metrics["verifier_auc"] = -1.0 if area is None else area
     return metrics
 
 
 def labelled_verifier_counts(args, roles, task, rank, world_size):
-    """Verdict counts of the greedy verifier on held-out labelled solutions (the same ones every time)."""
+    """Verdict counts of the greedy verifier on held-out labelled solutions (the same ones every time), and
+    (p(Overall = Correct), gold) pairs for the AUC (gathered from every rank)."""
     rng = random.Random(args.seed + 99)
     items = [task.labelled_solution(i, rng) for i in range(min(args.ver_eval_examples, len(task)))][rank::world_size]
     prompts = [roles.tokenizer.render_for_completion(verify.build_verifier_conversation(it["question"], it["solution"])) for it in items]
@@ -393,7 +413,9 @@ def labelled_verifier_counts(args, roles, task, rank, world_size):
                   aligned=sum(v.num_steps == len(it["step_labels"]) for v, it in zip(said, items)),
                   first_error=sum(v.overall is not None and verify.first_error_step(v) == it["first_error"]
                                   for v, it in zip(said, items)))
-    return {f"ver_{key}": value for key, value in counts.items()}
+    probs = verdict_probabilities(args, roles, readings)
+    pairs = [(p[v.num_steps], it["overall_correct"]) for p, v, it in zip(probs, said, items) if v.overall is not None and p]
+    return {f"ver_{key}": value for key, value in counts.items()}, all_gather_list(pairs)
 
 
 # -----------------------------------------------------------------------------

@@ -267,6 +267,8 @@ class Judgement:
     num_steps: int
     step_ends: list
     step_rewards: object
+    step_probs: object = None      # p("Correct") per step verdict when read as probabilities (see verdict_queries)
+    overall_prob: object = None
 
     @property
     def aligned(self):
@@ -274,16 +276,99 @@ class Judgement:
 
     @property
     def process_fraction(self):
-        """Share of the solution's steps judged correct (0 without a process signal), the `--mix reward` term."""
-        return sum(self.verification.step_verdicts) / self.num_steps if self.step_rewards else 0.0
+        """Share of the solution's steps judged correct (0 without a process signal), the `--mix reward` term;
+        the mean p("Correct") when the verdicts were read as probabilities."""
+        if not self.step_rewards:
+            return 0.0
+        if self.step_probs is not None:
+            return sum(self.step_probs) / self.num_steps
+        return sum(self.verification.step_verdicts) / self.num_steps
 
 
-def judge(solution_token_texts, verifier_text):
+def judge(solution_token_texts, verifier_text, probs=None):
     """The Judgement of a solution, given the decoded text of each of its completion tokens (without the
-    terminal token) and what the verifier wrote about it."""
+    terminal token) and what the verifier wrote about it. With `probs` (the verdict_queries probabilities,
+    steps first, then the overall verdict's if it has one) the process rewards are (2p - 1)/K per step:
+    the verifier's confidence rather than the word it sampled."""
     verification = parse_verification(verifier_text)
     step_ends = step_end_tokens(solution_token_texts)
-    return Judgement(verification, len(step_ends), step_ends, process_step_rewards(verification, len(step_ends)))
+    step_rewards = process_step_rewards(verification, len(step_ends))
+    step_probs = overall_prob = None
+    if probs is not None:
+        step_probs = probs[:verification.num_steps] if len(probs) >= verification.num_steps else None
+        overall_prob = probs[verification.num_steps] if len(probs) > verification.num_steps else None
+        if step_rewards is not None:
+            step_rewards = None if step_probs is None else [(2 * p - 1) / len(step_ends) for p in step_probs]
+    return Judgement(verification, len(step_ends), step_ends, step_rewards, step_probs, overall_prob)
+
+
+# Verdict words, located in the lines parse_verification reads (no nested quantifiers: linear time)
+VERDICT_WORD = re.compile(r"\b(?:in)?correct\b", re.I)
+
+
+def verdict_offsets(text):
+    """Character offsets of the verdict words parse_verification reads, in order: one per step line (its last
+    verdict word), then the Overall line's (if any)."""
+    offsets, pos, overall_seen = [], 0, False
+    for line in text.splitlines(keepends=True):
+        body = line.rstrip("\r\n")
+        if body.strip() and not overall_seen:
+            if STEP_LINE.match(body):
+                words = list(VERDICT_WORD.finditer(body))
+                if words:
+                    offsets.append(pos + words[-1].start())
+            elif OVERALL_LINE.match(body):
+                word = VERDICT_WORD.search(body, body.lower().find("overall") + 7)
+                if word:
+                    offsets.append(pos + word.start())
+                overall_seen = True
+        pos += len(line)
+    return offsets
+
+
+def verdict_queries(tokenizer, completion_ids, text):
+    """Where, in a verifier's completion tokens, each verdict is decided, as (token index, id that continues
+    to "Correct", id that continues to "Incorrect"): the first token at which the two words, written in
+    the verifier's own case after the same lead-in, tokenize differently. Returns one entry per
+    verdict_offsets offset, None where the written tokens do not follow that tokenization."""
+    # byte offsets: a multi-byte character (the arrow) can be split over tokens that decode to nothing alone
+    data = text.encode("utf-8")
+    ends, total = [], 0
+    for t in completion_ids:
+        total += len(tokenizer.decode_bytes([t]))
+        ends.append(total)
+    starts = [0] + ends[:-1]
+    queries = []
+    for offset in verdict_offsets(text):
+        at = len(text[:offset].encode("utf-8"))
+        index = next((i for i, end in enumerate(ends) if end > at), None)
+        if index is None:
+            queries.append(None)
+            continue
+        lead = data[starts[index]:at].decode("utf-8", errors="replace")
+        lower = text[offset] == "c" or text[offset:offset + 2] == "in"
+        correct, incorrect = ("correct", "incorrect") if lower else ("Correct", "Incorrect")
+        if text[offset:offset + 2].isupper():
+            correct, incorrect = "CORRECT", "INCORRECT"
+        a, b = tokenizer.encode(lead + correct), tokenizer.encode(lead + incorrect)
+        d = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), None)
+        written = list(completion_ids[index:index + (d or 0)])
+        if d is None or written != a[:d]:
+            queries.append(None)
+        else:
+            queries.append((index + d, a[d], b[d]))
+    return queries
+
+
+def auc(scores, labels):
+    """Area under the ROC curve of `scores` ranking label-1 items above label-0 ones (ties count half);
+    None with only one class."""
+    positives = [s for s, y in zip(scores, labels) if y]
+    negatives = [s for s, y in zip(scores, labels) if not y]
+    if not positives or not negatives:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+    return wins / (len(positives) * len(negatives))
 
 
 def oracle_judge(solution_token_texts, step_labels):
