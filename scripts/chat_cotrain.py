@@ -26,6 +26,7 @@ of each; reward = [Overall matches the gold label] + format_weight x format scor
 """
 
 import argparse
+import codecs
 import os
 import random
 import time
@@ -188,8 +189,10 @@ def load_roles(args, device):
 
 
 def token_texts(tokenizer, rollout):
-    """The decoded text of each token the model wrote (steps are located in it)."""
-    return [tokenizer.decode([t]) for t in rollout.body_ids]
+    """The text each token the model wrote adds, so that the pieces join into exactly the decoded text (steps
+    are located in it): a multi-byte character belongs to the token that completes it."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return [decoder.decode(tokenizer.decode_bytes([t])) for t in rollout.body_ids]
 
 
 def judge(args, roles, task, solutions, num_verifications, temperature, seed):

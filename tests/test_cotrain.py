@@ -303,3 +303,15 @@ def test_collapse_guard_switches_a_one_class_verifier_to_balanced_weights(sft_ba
     records = [cotrain.verifier_step(args, roles, task, step, 0, 1, balancer) for step in range(3)]
     assert all(r["ver/share_said_correct"] == 1.0 and r["ver/gold_correct_rate"] == 0.0 for r in records)
     assert [r["ver/class_power"] for r in records] == [0.5, 1.0, 1.0]
+
+
+def test_token_texts_join_into_the_text_with_multibyte_characters(tiny_tokenizer):
+    import scripts.chat_cotrain as cotrain
+    from nanochat.grpo import Rollout
+    text = "12+5 → 17 ✓\nthen 17*2 = 34 €\n#### 34"
+    ids = tiny_tokenizer.encode(text)
+    pieces = cotrain.token_texts(tiny_tokenizer, Rollout(0, [], ids, [1] * len(ids)))
+    assert len(pieces) == len(ids) and "".join(pieces) == text
+    # each step ends at the token that completes its last character
+    assert verify.step_end_tokens(pieces) == [next(i for i, p in enumerate(pieces) if "✓" in p),
+                                              next(i for i, p in enumerate(pieces) if "€" in p)]
