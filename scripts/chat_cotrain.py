@@ -509,6 +509,9 @@ def main(argv=None):
             record = verifier_step(args, roles, train_task, state["ver_step"], rank, world_size, balancer)
             report.log_curve("cotrain/verifier_balanced_acc", state["ver_step"], record["ver/balanced_accuracy"], kind="accuracy")
             report.log_curve("cotrain/verifier_reward", state["ver_step"], record["ver/reward"])
+            # collapse shows as the share of "Correct" verdicts leaving the gold share
+            report.log_curve("cotrain/verifier_share_correct", state["ver_step"], record["ver/share_said_correct"], kind="accuracy")
+            report.log_curve("cotrain/verifier_gold_share_correct", state["ver_step"], record["ver/gold_correct_rate"], kind="accuracy")
             history["ver"].append(record)
             state["ver_step"] += 1
         wandb_run.log(record)
@@ -526,7 +529,12 @@ def main(argv=None):
             print0(f"stopping after global step {state['global_step']} as asked (--stop_after); continue with --resume")
             return history
     history["eval"].append(log_eval("final"))
-    report.log(section="Chat cotrain", data=[vars(args), {f"final {k}": v for k, v in history["eval"][-1].items() if k != "gen_step"}])
+    final = history["eval"][-1]
+    summary = {name: final[key] for name, key in (("Verifier balanced accuracy", "verifier_balanced_accuracy"),
+               ("Verifier AUC", "verifier_auc"), ("Verifier share Correct", "verifier_share_said_correct"),
+               ("Verifier gold share Correct", "verifier_gold_share_correct"), ("Verifier steps aligned", "verifier_steps_aligned"))
+               if key in final}
+    report.log(section="Chat cotrain", data=[vars(args), {f"final {k}": v for k, v in final.items() if k != "gen_step"}, summary])
     wandb_run.finish()
     return history
 
