@@ -9,6 +9,7 @@ variants are flags: std division, sequence-level normalisation, a PPO-style clip
 feeds several optimizer steps, and a k3 KL penalty to a frozen reference policy.
 """
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat.common import autocast_context, all_gather_list, all_reduce_sums, is_distributed
+from nanochat.common import all_gather_list, all_reduce_dict, all_reduce_sums, autocast_context, is_distributed
 
 
 @dataclass
@@ -235,6 +236,7 @@ def dynamic_sampling(sample_round, group_size, wanted_groups, max_extra_rounds, 
     return [r for group in groups for r in group], rounds, short > 0
 
 
+@functools.lru_cache(maxsize=None)
 def load_reward_fn(spec):
     """'path/to/file.py:function' or 'package.module:function' -> the function. It is called as
     fn(conversation, completion_text) and must return a number. Raises ValueError with one clear line."""
@@ -543,6 +545,66 @@ def rank_indices(step, per_step, rank, world_size, num_examples, from_end=False)
     verifier steps use it so their questions differ from the generator's)."""
     positions = [step * per_step + rank + world_size * i for i in range(per_step // world_size)]
     return [((num_examples - 1 - i) if from_end else i) % num_examples for i in positions]
+
+
+def sample_batch(engine, tokenizer, task, step, num_steps, args, rank, world_size, device, reward_fn=None, seed_offset=0):
+    """One RL step's rollouts, the same way for chat_rl and co-training's generator: this rank's questions of
+    `step`, `args.num_samples` samples each, rewarded by the task (or `reward_fn`), the overlong penalty or
+    mask applied, and with args.dynamic_sampling > 0 extra rounds of questions for groups without variance.
+    args needs examples_per_step, num_samples, the sampling flags (max_new_tokens, temperature, top_k, seed)
+    and add_grpo_flags' flags. Returns (rollouts, extra rounds drawn)."""
+    buffer = args.overlong_buffer or max(1, args.max_new_tokens // 4)
+
+    def sample_round(extra_round):
+        # round 0 is the step's own questions; dynamic sampling draws later rounds from other steps' blocks
+        indices = rank_indices(step + extra_round * num_steps, args.examples_per_step, rank, world_size, len(task))
+        rollouts = sample_and_score(engine, tokenizer, task, indices, args.num_samples, args.max_new_tokens, args.temperature,
+                                    args.top_k, seed=args.seed + seed_offset + 1_000_003 * step + rank + 7_919 * extra_round)
+        for r in rollouts:
+            r.info["task_reward"] = r.reward
+            if reward_fn is not None:
+                r.reward = checked_reward(reward_fn, r.info["conversation"], r.text)
+        penalties = apply_overlong(rollouts, "penalty" if args.overlong == "penalty" else "none", args.max_new_tokens, buffer)
+        for r, penalty in zip(rollouts, penalties):
+            r.info["overlong_penalty"] = penalty
+        return rollouts
+
+    extra_rounds = 0
+    if args.dynamic_sampling > 0:
+        rollouts, extra_rounds, short = dynamic_sampling(sample_round, args.num_samples, args.examples_per_step // world_size,
+                                                         args.dynamic_sampling, device)
+        if short and rank == 0:
+            print(f"warning: dynamic sampling stopped at its cap ({args.dynamic_sampling} extra rounds) without enough groups "
+                  "with mixed rewards; training on what it has", flush=True)
+    else:
+        rollouts = sample_round(0)
+    if args.overlong == "mask":
+        apply_overlong(rollouts, "mask", args.max_new_tokens, buffer)
+    return rollouts, extra_rounds
+
+
+def batch_metrics(rollouts, num_samples, stats, extra_rounds, device):
+    """What to log about one RL batch and its update, over all ranks: reward and its parts, accuracy, lengths,
+    groups without variance (no gradient), truncation, and the update's diagnostics (rank 0's entropy, KL,
+    clip fraction and grad norm). These catch the runs that fail silently."""
+    rewards = torch.tensor([r.reward for r in rollouts]).view(-1, num_samples)
+    lengths = [len(r.body_ids) for r in rollouts]
+    world = dist.get_world_size() if is_distributed() else 1
+    s = all_reduce_dict({"reward": rewards.sum().item(), "n": rewards.numel(), "correct": sum(r.info["correct"] for r in rollouts),
+                         "length": sum(len(r.completion_ids) for r in rollouts), "groups": rewards.size(0),
+                         "zero_var": float(((rewards.max(1).values - rewards.min(1).values) == 0).sum()),
+                         "truncated": sum(not r.finished for r in rollouts),
+                         "task_reward": sum(r.info.get("task_reward", r.reward) for r in rollouts),
+                         "overlong_penalty": sum(r.info.get("overlong_penalty", 0.0) for r in rollouts),
+                         "skipped_microbatches": stats["skipped_microbatches"], "extra_rounds": extra_rounds}, device)
+    n = max(s["n"], 1)
+    return {"reward": s["reward"] / n, "accuracy": s["correct"] / n, "seq_len": s["length"] / n,
+            "zero_variance_groups": s["zero_var"] / max(s["groups"], 1), "truncated": s["truncated"] / n,
+            "length_min": min(lengths), "length_max": max(lengths), "reward/task": s["task_reward"] / n,
+            "reward/overlong_penalty": s["overlong_penalty"] / n, "loss": stats["loss"], "entropy": stats["entropy"],
+            "entropy_proxy": stats["entropy_proxy"], "kl": stats["kl"], "clip_frac": stats["clip_frac"],
+            "grad_norm": stats.get("grad_norm", 0.0), "skipped_microbatches": s["skipped_microbatches"],
+            "skipped_step": stats["skipped_step"], "dynamic_sampling_rounds": s["extra_rounds"] / world}
 
 
 def majority_vote(task, rollouts):

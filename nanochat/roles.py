@@ -25,6 +25,7 @@ class Roles:
     ver_optimizer: object
     device: torch.device
     offload_frozen: bool = False
+    reference: object = None  # a frozen copy of the starting generator, for the KL penalty (--kl_coef)
 
     def sampling(self, model):
         """Put `model` on the device in eval mode, to sample from it."""

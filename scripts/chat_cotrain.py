@@ -27,6 +27,7 @@ of each; reward = [Overall matches the gold label] + format_weight x format scor
 
 import argparse
 import codecs
+import copy
 import os
 import random
 import time
@@ -39,8 +40,9 @@ from nanochat.checkpoint_manager import CHECKPOINT_DIRS, find_last_step, load_ch
 from nanochat.common import (all_gather_list, all_reduce_dict, autocast_context, compute_init, get_base_dir, init_wandb, print0,
                              run_stage)
 from nanochat.engine import Engine
-from nanochat.grpo import (ClassBalancer, alpha_schedule, generate_rollouts, grpo_update, majority_vote, pass_at_k,
-                           rank_indices, sample_and_score, token_advantages)
+from nanochat.grpo import (ClassBalancer, add_grpo_flags, alpha_schedule, batch_metrics, check_grpo_flags, checked_reward,
+                           generate_rollouts, grpo_update, load_reward_fn, majority_vote, pass_at_k, rank_indices,
+                           rl_lr_multiplier, sample_and_score, sample_batch, token_advantages)
 from nanochat.memory import cuda_memory_report, print_role_estimates
 from nanochat.report import get_report
 from nanochat.roles import Roles
@@ -84,13 +86,14 @@ def get_args(argv=None):
     # generator
     p.add_argument("--examples_per_step", type=int, default=16, help="questions per generator step (all ranks)")
     p.add_argument("--num_samples", type=int, default=16, help="samples per question (the generator's GRPO group)")
-    p.add_argument("--gen_max_tokens", type=int, default=256)
-    p.add_argument("--gen_temperature", type=float, default=1.0)
+    p.add_argument("--gen_max_tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=256)
+    p.add_argument("--gen_temperature", "--temperature", dest="temperature", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=50)
     p.add_argument("--mix", default="advantage", choices=["advantage", "reward"])
     p.add_argument("--alpha", type=float, default=0.1, help="initial weight of the process signal (0: outcome only)")
     p.add_argument("--alpha_end", type=float, default=0.001, help="alpha decays exponentially to this")
     p.add_argument("--normalize_std", action="store_true", help="divide outcome advantages by the group std")
+    add_grpo_flags(p)  # the generator's update: aggregation, clipping, KL, dynamic sampling, overlong, reward_fn, LR schedule
     # verifier
     p.add_argument("--ver_examples_per_step", type=int, default=8, help="questions per verifier step (all ranks)")
     p.add_argument("--ver_solutions", type=int, default=2, help="generator solutions per question in a verifier step")
@@ -127,7 +130,7 @@ def get_args(argv=None):
     p.add_argument("--stop_after", type=int, default=-1,
                    help="checkpoint and exit after this many global steps (for time-limited jobs; resume later)")
     args = p.parse_args(argv)
-    for name in ("examples_per_step", "num_samples", "gen_max_tokens", "ver_examples_per_step", "ver_solutions",
+    for name in ("examples_per_step", "num_samples", "max_new_tokens", "ver_examples_per_step", "ver_solutions",
                  "ver_samples", "ver_max_tokens", "device_batch_size", "num_gen_steps", "gen_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
@@ -141,6 +144,9 @@ def get_args(argv=None):
         p.error("--shared_model needs a verifier role")
     if not 0.0 <= args.alpha <= 1.0:
         p.error("--alpha must be in [0, 1]")
+    if args.reward == "majority" and (args.reward_fn or args.dynamic_sampling):
+        p.error("--reward majority replaces the reward: it excludes --reward_fn and --dynamic_sampling")
+    check_grpo_flags(p, args)
     return args
 
 
@@ -184,8 +190,9 @@ def load_roles(args, device):
     if verifier is not None:
         ver_optimizer = gen_optimizer if args.shared_model else make_optimizer(args, verifier, args.ver_init_lr_frac)
         ver_engine = Engine(verifier, tokenizer)
+    reference = copy.deepcopy(generator).eval() if args.kl_coef > 0 else None
     return Roles(generator, verifier, tokenizer, Engine(generator, tokenizer), ver_engine, gen_optimizer, ver_optimizer,
-                 device, args.offload_frozen)
+                 device, args.offload_frozen, reference)
 
 
 def token_texts(tokenizer, rollout):
@@ -235,12 +242,12 @@ def generator_step(args, roles, task, step, rank, world_size):
     t0 = time.time()
     roles.sampling(roles.generator)
     group = args.num_samples
-    rollouts = sample_and_score(roles.gen_engine, roles.tokenizer, task, rank_indices(step, args.examples_per_step, rank, world_size, len(task)),
-                                group, args.gen_max_tokens, args.gen_temperature, args.top_k, seed=args.seed + 1_000_003 * step + rank)
+    rollouts, extra_rounds = sample_batch(roles.gen_engine, roles.tokenizer, task, step, args.num_gen_steps, args, rank, world_size,
+                                          roles.device, load_reward_fn(args.reward_fn) if args.reward_fn else None)
     if args.reward == "majority":  # self-play: the group's majority answer stands in for the gold answer
         for p in range(0, len(rollouts), group):
             for r, label in zip(rollouts[p:p + group], majority_vote(task, rollouts[p:p + group])):
-                r.reward = float(label)
+                r.reward = float(label) - r.info["overlong_penalty"]
     timer["generate"] = time.time() - t0
 
     t1 = time.time()
@@ -270,24 +277,22 @@ def generator_step(args, roles, task, step, rank, world_size):
     t2 = time.time()
     advantages = token_advantages(rollouts, group, alpha, judgements, args.mix, args.normalize_std)
     roles.training("G")
-    lrm = 1.0 - step / args.num_gen_steps
+    lrm = rl_lr_multiplier(step, args.num_gen_steps, args.lr_schedule, args.warmup_steps)
     stats = grpo_update(roles.generator, roles.gen_optimizer, rollouts, advantages, roles.tokenizer.get_bos_token_id(),
-                        roles.device, args.device_batch_size, grad_clip=args.grad_clip, lr_multiplier=lrm)
+                        roles.device, args.device_batch_size, normalization=args.loss_agg, ppo_epochs=args.ppo_epochs,
+                        clip_eps=args.clip_low, clip_high=args.clip_high, ref_model=roles.reference, kl_coef=args.kl_coef,
+                        grad_clip=args.grad_clip, lr_multiplier=lrm, max_completion_tokens=args.max_new_tokens)
     timer["train"] = time.time() - t2
 
-    rewards = torch.tensor([r.reward for r in rollouts]).view(-1, group)
-    counts.update(reward=rewards.sum().item(), n=len(rollouts), correct=sum(r.info["correct"] for r in rollouts),
-                  zero_variance=float(((rewards.max(1).values - rewards.min(1).values) == 0).sum()),
-                  length=sum(len(r.completion_ids) for r in rollouts))
-    s = all_reduce_dict(counts, roles.device)
+    s = all_reduce_dict({**counts, "n": len(rollouts)}, roles.device)
     n = max(s["n"], 1)
-    record = {"gen_step": step, "gen/outcome_reward": s["reward"] / n, "gen/accuracy": s["correct"] / n,
-              "gen/zero_variance_groups": s["zero_variance"] / args.examples_per_step, "gen/seq_len": s["length"] / n,
-              "gen/alpha": alpha, "gen/process_reward": s["process"] / n, "gen/total_reward": (s["reward"] + alpha * s["process"]) / n,
+    batch = batch_metrics(rollouts, group, stats, extra_rounds, roles.device)
+    record = {"gen_step": step, **{f"gen/{k}": v for k, v in batch.items()}, "gen/outcome_reward": batch["reward"],
+              "gen/alpha": alpha, "gen/process_reward": s["process"] / n, "gen/total_reward": batch["reward"] + alpha * s["process"] / n,
               "gen/steps_exact": s["exact"] / n, "gen/steps_missing": s["missing"] / n, "gen/steps_extra": s["extra"] / n,
               "gen/share_steps_judged_correct": s["judged_correct"] / max(s["judged_steps"], 1),
               "gen/verifier_step_agreement": s["gold_agree"] / max(s["gold_compared"], 1),
-              "gen/entropy_proxy": stats["entropy_proxy"], "gen/lr_multiplier": lrm, **{f"gen/time_{k}": v for k, v in timer.items()}}
+              "gen/lr_multiplier": lrm, **{f"gen/time_{k}": v for k, v in timer.items()}}
     print0(f"G {step:4d} | reward {record['gen/outcome_reward']:.3f} | acc {record['gen/accuracy']:.3f} | "
            f"alpha {alpha:.4f} | proc {record['gen/process_reward']:.3f} | steps-aligned {record['gen/steps_exact']:.2f} | "
            f"zero-var {record['gen/zero_variance_groups']:.2f} | gen {timer['generate']:.1f}s ver {timer['verify']:.1f}s train {timer['train']:.1f}s")
@@ -301,8 +306,8 @@ def verifier_step(args, roles, task, step, rank, world_size, balancer):
     t0 = time.time()
     roles.sampling(roles.generator)
     indices = rank_indices(step, args.ver_examples_per_step, rank, world_size, len(task), from_end=True)
-    solutions = sample_and_score(roles.gen_engine, roles.tokenizer, task, indices, args.ver_solutions, args.gen_max_tokens,
-                                 args.gen_temperature, args.top_k, seed=args.seed + 3_000_017 * step + rank)
+    solutions = sample_and_score(roles.gen_engine, roles.tokenizer, task, indices, args.ver_solutions, args.max_new_tokens,
+                                 args.temperature, args.top_k, seed=args.seed + 3_000_017 * step + rank)
     timer["generate"] = time.time() - t0
     t1 = time.time()
     V = args.ver_samples
@@ -373,8 +378,8 @@ def evaluate(args, roles, task, rank, world_size):
     roles.sampling(roles.generator)
     indices = list(range(rank, min(args.eval_examples, len(task)), world_size))
     k = args.eval_samples
-    n, pass1, passk, rollouts = pass_at_k(roles.gen_engine, roles.tokenizer, task, indices, k, args.gen_max_tokens,
-                                          args.gen_temperature, args.top_k, seed=args.seed + 5_000_011)
+    n, pass1, passk, rollouts = pass_at_k(roles.gen_engine, roles.tokenizer, task, indices, k, args.max_new_tokens,
+                                          args.temperature, args.top_k, seed=args.seed + 5_000_011)
     counts = {"n": n, "pass1": pass1, "passk": passk, "majority": 0}
     groups = [rollouts[p:p + k] for p in range(0, len(rollouts), k)]
     for group in groups:
@@ -466,6 +471,8 @@ def main(argv=None):
 
     roles = load_roles(args, device)
     train_task, val_task = build_rl_task(args.task, "train", args.data_dir), build_rl_task(args.task, "test", args.data_dir)
+    if args.reward_fn:
+        checked_reward(load_reward_fn(args.reward_fn), train_task[0], "")  # fails here, not mid-run
     has_own_verifier = roles.verifier is not None and not args.shared_model
     output_tag = args.output_tag or f"g{roles.generator.config.n_layer}" + (f"_v{roles.verifier.config.n_layer}" if has_own_verifier else "")
     out_dir = os.path.join(get_base_dir(), CHECKPOINT_DIRS["cotrain"], output_tag)
@@ -475,7 +482,7 @@ def main(argv=None):
     if args.print_memory:
         samples = args.num_samples * args.examples_per_step // world_size
         print_role_estimates({"generator": (roles.generator, samples), "verifier": (roles.verifier, args.ver_samples * samples)},
-                             args.device_batch_size, args.gen_max_tokens + 256, world_size, args.grad_checkpointing)
+                             args.device_batch_size, args.max_new_tokens + 256, world_size, args.grad_checkpointing)
     state = {"global_step": 0, "gen_step": 0, "ver_step": 0, "ver_sft_done": False}
     if args.resume:
         state = resume(args, roles, out_dir, balancer, rank)

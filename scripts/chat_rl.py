@@ -19,12 +19,11 @@ from dataclasses import asdict
 
 import torch
 
-from nanochat.common import all_reduce_dict, all_reduce_sums, compute_init, get_base_dir, init_wandb, print0, run_stage
+from nanochat.common import all_reduce_sums, compute_init, get_base_dir, init_wandb, print0, run_stage
 from nanochat.checkpoint_manager import load_model, save_checkpoint, load_checkpoint, find_last_step, CHECKPOINT_DIRS
 from nanochat.engine import Engine
-from nanochat.grpo import (add_grpo_flags, apply_overlong, check_grpo_flags, checked_reward, dynamic_sampling,
-                           group_advantages, grpo_update, load_reward_fn, majority_answers, pass_at_k, rank_indices,
-                           rl_lr_multiplier, sample_and_score)
+from nanochat.grpo import (add_grpo_flags, batch_metrics, check_grpo_flags, checked_reward, group_advantages, grpo_update,
+                           load_reward_fn, majority_answers, pass_at_k, rl_lr_multiplier, sample_batch)
 from nanochat.report import get_report
 from tasks.by_name import build_rl_task, RL_TASKS
 
@@ -94,7 +93,6 @@ def main(argv=None):
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     if reward_fn is not None:
         checked_reward(reward_fn, train_task[0], "")  # a function that cannot score fails here, not mid-run
-    overlong_buffer = args.overlong_buffer or max(1, args.max_new_tokens // 4)
     optimizer = model.setup_optimizers(unembedding_lr=args.unembedding_lr * args.init_lr_frac,
                                        embedding_lr=args.embedding_lr * args.init_lr_frac,
                                        matrix_lr=args.matrix_lr * args.init_lr_frac, weight_decay=args.weight_decay)
@@ -131,32 +129,7 @@ def main(argv=None):
             evaluate(step)
         t0 = time.time()
         model.eval()
-
-        def sample_round(extra_round):
-            # round 0 is the step's own questions; dynamic sampling draws later rounds from other blocks
-            indices = rank_indices(step + extra_round * num_steps, args.examples_per_step, rank, world_size, len(train_task))
-            rollouts = sample_and_score(engine, tokenizer, train_task, indices, args.num_samples, args.max_new_tokens, args.temperature,
-                                        args.top_k, seed=args.seed + 1_000_003 * step + rank + 7_919 * extra_round)
-            for r in rollouts:
-                r.info["task_reward"] = r.reward
-                if reward_fn is not None:
-                    r.reward = checked_reward(reward_fn, r.info["conversation"], r.text)
-            penalties = apply_overlong(rollouts, "penalty" if args.overlong == "penalty" else "none", args.max_new_tokens, overlong_buffer)
-            for r, penalty in zip(rollouts, penalties):
-                r.info["overlong_penalty"] = penalty
-            return rollouts
-
-        extra_rounds, short = 0, False
-        if args.dynamic_sampling > 0:
-            rollouts, extra_rounds, short = dynamic_sampling(sample_round, args.num_samples, args.examples_per_step // world_size,
-                                                             args.dynamic_sampling, device)
-            if short:
-                print0(f"warning: dynamic sampling stopped at its cap ({args.dynamic_sampling} extra rounds) without enough "
-                       "groups with mixed rewards; training on what it has")
-        else:
-            rollouts = sample_round(0)
-        if args.overlong == "mask":
-            apply_overlong(rollouts, "mask", args.max_new_tokens, overlong_buffer)
+        rollouts, extra_rounds = sample_batch(engine, tokenizer, train_task, step, num_steps, args, rank, world_size, device, reward_fn)
         t_gen = time.time() - t0
         rewards = torch.tensor([r.reward for r in rollouts]).view(-1, args.num_samples)
         advantages = group_advantages(rewards, normalize_std=args.normalize_std).view(-1)
@@ -167,24 +140,9 @@ def main(argv=None):
                             clip_high=args.clip_high, ref_model=ref_model, kl_coef=args.kl_coef, grad_clip=args.grad_clip,
                             lr_multiplier=lrm, max_completion_tokens=args.max_new_tokens)
         dt = time.time() - t0
-        lengths = [len(r.body_ids) for r in rollouts]
-        s = all_reduce_dict({"reward": rewards.sum().item(), "n": rewards.numel(), "correct": sum(r.info["correct"] for r in rollouts),
-                             "length": sum(len(r.completion_ids) for r in rollouts), "groups": rewards.size(0),
-                             "zero_var": float(((rewards.max(1).values - rewards.min(1).values) == 0).sum()),
-                             "truncated": sum(not r.finished for r in rollouts), "task_reward": sum(r.info["task_reward"] for r in rollouts),
-                             "overlong_penalty": sum(r.info["overlong_penalty"] for r in rollouts),
-                             "skipped_microbatches": stats["skipped_microbatches"], "extra_rounds": extra_rounds}, device)
-        mean_reward, accuracy, mean_len = s["reward"] / s["n"], s["correct"] / s["n"], s["length"] / s["n"]
-        zero_var = s["zero_var"] / s["groups"]
-        # diagnostics of silent failures (rank 0's entropy, KL, clip fraction and grad norm; the counts are global)
-        record = {"step": step, "reward": mean_reward, "accuracy": accuracy, "seq_len": mean_len,
-                  "zero_variance_groups": zero_var, "lr_multiplier": lrm, "time_generate": t_gen, "time_step": dt,
-                  "loss": stats["loss"], "entropy": stats["entropy"], "entropy_proxy": stats["entropy_proxy"],
-                  "kl": stats["kl"], "clip_frac": stats["clip_frac"], "grad_norm": stats.get("grad_norm", 0.0),
-                  "truncated": s["truncated"] / s["n"], "length_min": min(lengths), "length_max": max(lengths),
-                  "reward/task": s["task_reward"] / s["n"], "reward/overlong_penalty": s["overlong_penalty"] / s["n"],
-                  "skipped_microbatches": s["skipped_microbatches"], "skipped_step": stats["skipped_step"],
-                  "dynamic_sampling_rounds": s["extra_rounds"] / world_size}
+        record = {"step": step, **batch_metrics(rollouts, args.num_samples, stats, extra_rounds, device),
+                  "lr_multiplier": lrm, "time_generate": t_gen, "time_step": dt}
+        mean_reward, accuracy, mean_len, zero_var = record["reward"], record["accuracy"], record["seq_len"], record["zero_variance_groups"]
         # the answers the task reads in the completions: a policy collapsing onto one answer shows up here
         answers = [train_task.extract_answer(r.info["conversation"], r.text) for r in rollouts]
         top = majority_answers(answers)
@@ -192,7 +150,7 @@ def main(argv=None):
         record["top_answer_share"] = sum(a == top for a in answers) / len(answers) if top is not None else 0.0
         history.append(record)
         print0(f"step {step:5d}/{num_steps} | reward {mean_reward:.4f} | acc {accuracy:.4f} | len {mean_len:6.1f} | "
-               f"zero-var {zero_var:.2f} | entropy {stats['entropy']:.3f} | cut {record['truncated']:.2f} | "
+               f"zero-var {zero_var:.2f} | entropy {record['entropy']:.3f} | cut {record['truncated']:.2f} | "
                f"grad {record['grad_norm']:.3f} | lrm {lrm:.3f} | gen {t_gen:.1f}s | step {dt:.1f}s")
         wandb_run.log(record)
         report.log_curve("rl/reward", step, mean_reward)

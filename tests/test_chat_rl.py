@@ -54,7 +54,8 @@ def test_each_variant_flag_reaches_the_update_and_changes_it(graded, monkeypatch
         calls.append({"normalize_std": normalize_std})
         return real_advantages(rewards, normalize_std=normalize_std)
 
-    real_sample = chat_rl.sample_and_score
+    import nanochat.grpo as grpo
+    real_sample = grpo.sample_and_score
 
     def uneven_lengths(*args, **kwargs):
         # a random tiny model rarely stops early, and with equal lengths sequence- and token-level
@@ -65,7 +66,7 @@ def test_each_variant_flag_reaches_the_update_and_changes_it(graded, monkeypatch
             r.completion_ids, r.completion_mask = r.completion_ids[:keep], r.completion_mask[:keep]
         return rollouts
 
-    monkeypatch.setattr(chat_rl, "sample_and_score", uneven_lengths)
+    monkeypatch.setattr(grpo, "sample_and_score", uneven_lengths)
     monkeypatch.setattr(chat_rl, "grpo_update", recording_update)
     monkeypatch.setattr(chat_rl, "group_advantages", recording_advantages)
     chat_rl.main(COMMON + ["--num_steps", "2", "--output_tag", "default"])
