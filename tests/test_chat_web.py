@@ -187,7 +187,7 @@ BAD_REQUESTS = [
     ("unknown role", {"messages": [{"role": "robot", "content": "hi"}]}, "role must be one of", "messages[0].role"),
     ("missing role", {"messages": [{"content": "hi"}]}, "role must be one of", "messages[0].role"),
     ("system not first", {"messages": [*HELLO, {"role": "assistant", "content": "x"},
-                                       {"role": "system", "content": "y"}]}, "only the first message", "messages[2].role"),
+                                       {"role": "system", "content": "y"}]}, "must come before the conversation", "messages[2].role"),
     ("system alone", {"messages": [{"role": "system", "content": "be nice"}]}, "followed by a user message", "messages"),
     ("content not a string", {"messages": [{"role": "user", "content": 12}]}, "must be a string", "messages[0].content"),
     ("empty message", {"messages": [{"role": "user", "content": "  \n "}]}, "is empty", "messages[0].content"),
