@@ -150,7 +150,9 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
         probs = F.softmax(values / temperature, dim=-1)
         if nucleus:
             # keep a token while the mass before it is under top_p: the most likely one always stays
-            probs = probs * ((probs.cumsum(dim=-1) - probs) < top_p)
+            keep = (probs.cumsum(dim=-1) - probs) < top_p
+            keep[:, 0] = True
+            probs = probs * keep
         choice = torch.multinomial(probs, num_samples=1, generator=rng)
         return ids.gather(-1, choice).squeeze(-1)
     probs = F.softmax(logits / temperature, dim=-1)

@@ -236,7 +236,7 @@ def test_openai_only_fields_and_body_size(server2):
         response = httpx.post(server2.url + "/v1/chat/completions", json=body)
         assert response.status_code == 400 and message in response.json()["error"]["message"]
     huge = b'{"messages": [{"role": "user", "content": "' + b"a" * (chat_web.MAX_BODY_BYTES + 10) + b'"}]}'
-    response = httpx.post(server2.url + "/chat/completions", content=huge)
+    response = httpx.post(server2.url + "/chat/completions", content=huge, headers={"Content-Type": "application/json"})
     assert response.status_code == 413 and "limit" in response.json()["error"]["message"]
 
 
