@@ -1241,7 +1241,8 @@ def parse_args(argv=None):
     parser.add_argument("--device_type", default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 to serve the network)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--verifier", default=None, metavar="TAG", help="model tag of a process verifier: enables best-of-N with 'verify'")
+    parser.add_argument("--verifier", default=None, metavar="TAG", help="checkpoint tag holding a process verifier (a co-training checkpoint holds it under the "
+                             "generator's tag, e.g. d4 after dev/runcpu.sh): enables best-of-N with 'verify'")
     parser.add_argument("--verifier_source", default="cotrain", choices=sorted(CHECKPOINT_DIRS),
                         help="which checkpoints the verifier comes from")
     parser.add_argument("--verifier_step", type=int, default=None, help="verifier checkpoint step; default: the last one")

@@ -508,3 +508,32 @@ def test_bad_setup_fails_clearly(monkeypatch, tmp_path, tiny_tokenizer):
         chat_web.create_app([], tiny_tokenizer)
     with pytest.raises(ValueError, match="no verifier engine"):
         chat_web.create_app(make_workers(tiny_tokenizer), tiny_tokenizer, verify_api=RecordingVerifyAPI())
+
+
+# -----------------------------------------------------------------------------
+# Example prompts from the checkpoint's recorded training task
+
+def test_example_prompts_follow_the_recorded_task():
+    from tasks.arithmetic import ArithmeticTask
+    from tasks.spellingbee import SimpleSpelling
+    arithmetic = [ArithmeticTask(split="test", size=50)[i]["messages"][0]["content"] for i in range(3)]
+    # RL and co-training record --task; SFT and mid-training --tasks (a preset or a list)
+    assert chat_web.example_prompts({"user_config": {"task": "arithmetic"}}) == {"task": "Arithmetic", "prompts": arithmetic}
+    assert chat_web.example_prompts({"user_config": {"tasks": "offline"}})["prompts"] == arithmetic
+    spelling = chat_web.example_prompts({"user_config": {"tasks": "simplespelling:300|arithmetic"}})
+    assert spelling["task"] == "SimpleSpelling"
+    assert spelling["prompts"] == [SimpleSpelling(split="test", size=50)[i]["messages"][0]["content"] for i in range(3)]
+    # a task with nothing to show (identity has only a train split) is skipped for the next; nothing usable gives None
+    assert chat_web.example_prompts({"user_config": {"tasks": "identity?|arithmetic"}}, count=1) == \
+        {"task": "Arithmetic", "prompts": arithmetic[:1]}
+    for meta in (None, {}, {"user_config": {}}, {"user_config": {"task": "no-such-task"}}, {"user_config": {"task": 5}}):
+        assert chat_web.example_prompts(meta) is None
+
+
+def test_served_checkpoint_shows_its_task(tmp_path, tiny_tokenizer):
+    write_base_dir(tmp_path, tiny_tokenizer, user_config={"tasks": "arithmetic", "model_tag": "d2"})
+    with ServerProcess(tmp_path) as server:
+        health = httpx.get(server.url + "/health").json()
+    from tasks.arithmetic import ArithmeticTask
+    assert health["task"] == "Arithmetic"
+    assert health["examples"] == [ArithmeticTask(split="test", size=50)[i]["messages"][0]["content"] for i in range(3)]
