@@ -615,12 +615,13 @@ def _judge(worker, verify_api, tokenizer, question, answer, max_tokens, stop):
         return {"step_verdicts": [], "overall": None, "format_ok": False,
                 "note": f"too long to verify ({len(prompt)} tokens, the verifier's context is {engine.model.config.sequence_len})"}
     ids = []
+    end_tokens = engine.stop_tokens | ReplyDecoder(tokenizer).end_tokens  # a new turn ends the verification too
     stream = engine.generate(prompt, num_samples=1, max_tokens=min(max_tokens, room), temperature=0.0, seed=0)
     try:
         for column, _ in stream:
             if stop.is_set():
                 return None
-            if column[0] in engine.stop_tokens:
+            if column[0] in end_tokens:
                 break
             ids.append(column[0])
     finally:
@@ -628,7 +629,7 @@ def _judge(worker, verify_api, tokenizer, question, answer, max_tokens, stop):
     text = tokenizer.decode(ids)
     verdict = verify_api.parse_verification(text)
     return {"step_verdicts": [bool(v) for v in verdict.step_verdicts], "overall": verdict.overall,
-            "format_ok": bool(verdict.format_ok), "verifier_text": text}
+            "format_ok": bool(verdict.format_ok), "verifier_text": reply_text(tokenizer, ids)}
 
 
 def verdict_score(verdict):

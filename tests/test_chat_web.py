@@ -338,6 +338,7 @@ def test_client_that_leaves_the_queue_is_dropped(server1):
     wait_until(lambda: not worker.busy, what="the worker to be freed")
     assert [r["finish_reason"] for r in worker.history] == ["cancelled"]
     assert response.status_code == 200
+    wait_until(lambda: pool.admitted == 0, what="every queue place to be given back")
 
 
 def test_a_failing_generation_reports_an_error_and_frees_the_worker(server1, monkeypatch):

@@ -607,6 +607,8 @@ def test_tool_calls_are_readable_and_no_special_token_leaks(tiny_tokenizer, monk
 def test_verified_answers_carry_no_special_tokens(tiny_tokenizer, monkeypatch):
     workers = make_workers(tiny_tokenizer, verifier=True)
     monkeypatch.setattr(workers[0].engine, "generate", scripted_generate(tiny_tokenizer, TOOL_SCRIPT))
+    monkeypatch.setattr(workers[0].verifier_engine, "generate", scripted_generate(
+        tiny_tokenizer, ["Step 1: fine -> Correct", "<|user_end|>", "<|user_start|>", "more"]))
 
     class Judge:
         @staticmethod
@@ -616,12 +618,13 @@ def test_verified_answers_carry_no_special_tokens(tiny_tokenizer, monkeypatch):
         @staticmethod
         def parse_verification(text):
             return type("V", (), {"step_verdicts": [True], "overall": True, "format_ok": True})()
-    app = chat_web.create_app(workers, tiny_tokenizer, verify_api=Judge(), verify_samples=2, verifier_max_tokens=4)
+    app = chat_web.create_app(workers, tiny_tokenizer, verify_api=Judge(), verify_samples=2, verifier_max_tokens=40)
     with InProcessServer(app) as s:
         body = httpx.post(s.url + "/v1/chat/completions", timeout=60,
                           json={"messages": HELLO, "max_tokens": 50, "verify": True, "stop": " apples"}).json()
     assert body["choices"][0]["message"]["content"] == "Tom has <<3*4=12>>"
     assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["verification"]["verifier_text"] == "Step 1: fine -> Correct"  # the verifier's turn ends at <|user_end|>
 
 
 def test_stop_scanner_holds_back_partial_matches():
