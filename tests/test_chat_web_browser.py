@@ -2,7 +2,10 @@
 The chat UI (nanochat/ui.html) driven by a real browser: Playwright controls Debian's Chromium against the
 chat server on 127.0.0.1. A person's session: the page loads, a message gets a streamed reply, Stop cuts a
 long reply short (and the server stops generating), Regenerate and Edit work, an over-long message shows
-the server's error and keeps the text, New conversation clears, and verified answers show step verdicts.
+the server's error and keeps the text, New conversation clears, and verified answers show step verdicts,
+one line per answer step. Scrolling up while a reply streams stops the auto-scroll; a reply cut off by a
+dying server is marked incomplete; an empty conversation offers example questions from the trained task;
+a page on another origin cannot make the browser start a generation.
 
 Needs the `playwright` Python package (dev extras) and /usr/bin/chromium (`apt-get install -y chromium`);
 without them the tests skip and say so. Screenshots go to a tmp dir; their paths are printed.
@@ -320,3 +323,43 @@ def test_empty_conversation_shows_examples_from_the_trained_task(page, tiny_toke
         page.goto(server.url)
         expect(page.locator(".empty-hint")).to_have_text("Start a conversation below.")
     assert page.js_errors == []
+
+
+def test_a_page_on_another_origin_cannot_make_the_browser_generate(page, tiny_tokenizer):
+    """The attack of the issue, in a real browser: a page from another origin (here another server on
+    another port) posts to the chat server with every trick a page has. None may start a generation."""
+    target_app = chat_web.create_app(make_workers(tiny_tokenizer), tiny_tokenizer, model_name="target")
+    other_app = chat_web.create_app(make_workers(tiny_tokenizer), tiny_tokenizer, model_name="other")
+    with InProcessServer(target_app) as target, InProcessServer(other_app) as other:
+        page.goto(other.url)
+        body = '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}'
+        outcomes = page.evaluate("""async ([url, body]) => {
+            const out = {};
+            const attempt = async (name, init) => {
+                try { const r = await fetch(url, init); out[name] = r.type === "opaque" ? "opaque" : r.status; }
+                catch (e) { out[name] = "blocked"; }
+            };
+            await attempt("no-cors text/plain", { method: "POST", mode: "no-cors", headers: { "Content-Type": "text/plain" }, body });
+            await attempt("no-cors form", { method: "POST", mode: "no-cors", body: new URLSearchParams({ x: body }) });
+            await attempt("cors json", { method: "POST", headers: { "Content-Type": "application/json" }, body });
+            return out;
+        }""", [target.url + "/chat/completions", body])
+        # a classic form post, navigating a hidden iframe
+        page.evaluate("""(url) => {
+            const frame = document.createElement("iframe"); frame.name = "sink"; document.body.append(frame);
+            const form = document.createElement("form"); form.method = "POST"; form.action = url; form.target = "sink";
+            form.enctype = "text/plain";
+            const field = document.createElement("input"); field.name = '{"messages": [{"role": "user", "content": "hi"}], "x": "';
+            field.value = '"}'; form.append(field); document.body.append(form); form.submit();
+        }""", target.url + "/v1/chat/completions")
+        page.wait_for_timeout(1000)
+        print("cross-origin attempts:", outcomes)
+        assert outcomes["cors json"] == "blocked"  # the preflight was refused
+        assert target.pool.requests_served == 0 and len(target.pool.workers[0].history) == 0
+        # while the server's own page (same origin) still works
+        page.goto(target.url)
+        page.click("#settings-button")
+        page.fill("#max-tokens", "3")
+        send(page, "hello")
+        wait_idle(page)
+        assert len(target.pool.workers[0].history) == 1
