@@ -118,11 +118,10 @@ class RequestError(Exception):
         self.message, self.param, self.status, self.code, self.headers = message, param, status, code, headers
 
 
-ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 503: "server_busy"}
-
-
 def error_body(message, status=400, param=None, code=None):
-    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    """OpenAI's error object: type says whose fault it is (OpenAI uses invalid_request_error for every 4xx),
+    code the machine-readable reason."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -435,6 +434,19 @@ class Worker:
         self.history = deque(maxlen=1000)  # {"start", "end", "tokens", "finish_reason"} per generation
 
 
+class Ticket:
+    """A request's place in the server (generating or queued). release() gives it back; a second call is a no-op,
+    so every way a request can end may call it."""
+
+    def __init__(self, pool):
+        self.pool, self.held = pool, True
+
+    def release(self):
+        if self.held:
+            self.held = False
+            self.pool.admitted -= 1
+
+
 class WorkerPool:
     """Idle workers wait in an asyncio.Queue; a request takes one and the generation thread returns it.
 
@@ -469,16 +481,7 @@ class WorkerPool:
                                f"request(s) queued (the queue holds {self.max_queue}); try again shortly",
                                status=503, code="server_busy", headers={"Retry-After": str(RETRY_AFTER_S)})
         self.admitted += 1
-        pool = self
-
-        class Ticket:
-            held = True
-
-            def release(self):
-                if self.held:
-                    self.held = False
-                    pool.admitted -= 1
-        return Ticket()
+        return Ticket(self)
 
     async def acquire(self, is_disconnected=None):
         """The next idle worker; None if the client went away while it waited; "shutdown" if the server began
