@@ -363,3 +363,22 @@ def test_a_page_on_another_origin_cannot_make_the_browser_generate(page, tiny_to
         send(page, "hello")
         wait_idle(page)
         assert len(target.pool.workers[0].history) == 1
+
+
+def test_an_empty_reply_stays_in_the_conversation(page, tiny_tokenizer):
+    """The model may answer with nothing: the UI shows that (and sends it back next turn) rather than
+    treating it as a refused request."""
+    from playwright.sync_api import expect
+    app = chat_web.create_app(make_workers(tiny_tokenizer, stop_logit=15.0), tiny_tokenizer, model_name="mute")
+    with InProcessServer(app) as server:
+        page.goto(server.url)
+        send(page, "Say nothing")
+        wait_idle(page)
+        expect(page.locator(".message")).to_have_count(2)
+        expect(page.locator(".message.assistant .note")).to_have_text("the model ended its reply without writing anything")
+        assert page.input_value("#input") == ""
+        send(page, "Still there?")  # the history with the empty reply is accepted
+        wait_idle(page)
+        expect(page.locator(".message")).to_have_count(4)
+        expect(page.locator("#error")).to_be_hidden()
+    assert page.js_errors == []
