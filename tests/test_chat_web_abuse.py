@@ -417,12 +417,13 @@ def test_full_queue_answers_503_with_retry_after(tiny_tokenizer):
 
 def test_sigterm_finishes_running_replies_and_refuses_queued_ones(tmp_path, tiny_tokenizer):
     write_base_dir(tmp_path, tiny_tokenizer)
-    with ServerProcess(tmp_path, "--shutdown_timeout", "3") as proc:
-        # how fast does this machine generate? a reply that should take about 1 s, and one far longer than 3 s
+    with ServerProcess(tmp_path, "--shutdown_timeout", "6") as proc:
+        # how fast does this machine generate? a reply that should take about half a second, well inside the
+        # 6 s deadline even on a loaded machine
         start = time.monotonic()
         httpx.post(proc.url + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 200}, timeout=60)
         per_token = (time.monotonic() - start) / 200
-        short_tokens = max(20, min(3000, int(1.0 / per_token)))
+        short_tokens = max(20, min(3000, int(0.5 / per_token)))
         results = {}
 
         def run(name, payload, path="/chat/completions"):
@@ -455,7 +456,7 @@ def test_sigterm_finishes_running_replies_and_refuses_queued_ones(tmp_path, tiny
     assert_error(results["queued_v1"], 503, "shutting down")
     status, events = results["running"]  # started before the signal, finished within the deadline
     assert status == 200 and events[-1]["finish_reason"] == "length" and events[-1]["completion_tokens"] == short_tokens
-    assert exited_after < 3 + 2.5
+    assert exited_after < 6 + 2.5
     assert proc.proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it caught, once it is done
 
 
@@ -475,7 +476,7 @@ def test_sigterm_cuts_a_reply_that_runs_past_the_deadline(tmp_path, tiny_tokeniz
         proc.proc.wait(15)
     error = json.loads(rest[-2][6:])["error"]
     assert rest[-1] == "data: [DONE]" and error["code"] == "shutting_down" and "incomplete" in error["message"]
-    assert 0.8 < cut_after < 3.0, cut_after
+    assert 0.8 < cut_after < 5.0, cut_after
     assert proc.proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it caught, once it is done
 
 
