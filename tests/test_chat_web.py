@@ -187,7 +187,7 @@ BAD_REQUESTS = [
     ("unknown role", {"messages": [{"role": "robot", "content": "hi"}]}, "role must be one of", "messages[0].role"),
     ("missing role", {"messages": [{"content": "hi"}]}, "role must be one of", "messages[0].role"),
     ("system not first", {"messages": [*HELLO, {"role": "assistant", "content": "x"},
-                                       {"role": "system", "content": "y"}]}, "only the first message", "messages[2].role"),
+                                       {"role": "system", "content": "y"}]}, "must come before the conversation", "messages[2].role"),
     ("system alone", {"messages": [{"role": "system", "content": "be nice"}]}, "followed by a user message", "messages"),
     ("content not a string", {"messages": [{"role": "user", "content": 12}]}, "must be a string", "messages[0].content"),
     ("empty message", {"messages": [{"role": "user", "content": "  \n "}]}, "is empty", "messages[0].content"),
@@ -236,7 +236,7 @@ def test_openai_only_fields_and_body_size(server2):
         response = httpx.post(server2.url + "/v1/chat/completions", json=body)
         assert response.status_code == 400 and message in response.json()["error"]["message"]
     huge = b'{"messages": [{"role": "user", "content": "' + b"a" * (chat_web.MAX_BODY_BYTES + 10) + b'"}]}'
-    response = httpx.post(server2.url + "/chat/completions", content=huge)
+    response = httpx.post(server2.url + "/chat/completions", content=huge, headers={"Content-Type": "application/json"})
     assert response.status_code == 413 and "limit" in response.json()["error"]["message"]
 
 
@@ -338,6 +338,7 @@ def test_client_that_leaves_the_queue_is_dropped(server1):
     wait_until(lambda: not worker.busy, what="the worker to be freed")
     assert [r["finish_reason"] for r in worker.history] == ["cancelled"]
     assert response.status_code == 200
+    wait_until(lambda: pool.admitted == 0, what="every queue place to be given back")
 
 
 def test_a_failing_generation_reports_an_error_and_frees_the_worker(server1, monkeypatch):
@@ -508,3 +509,32 @@ def test_bad_setup_fails_clearly(monkeypatch, tmp_path, tiny_tokenizer):
         chat_web.create_app([], tiny_tokenizer)
     with pytest.raises(ValueError, match="no verifier engine"):
         chat_web.create_app(make_workers(tiny_tokenizer), tiny_tokenizer, verify_api=RecordingVerifyAPI())
+
+
+# -----------------------------------------------------------------------------
+# Example prompts from the checkpoint's recorded training task
+
+def test_example_prompts_follow_the_recorded_task():
+    from tasks.arithmetic import ArithmeticTask
+    from tasks.spellingbee import SimpleSpelling
+    arithmetic = [ArithmeticTask(split="test", size=50)[i]["messages"][0]["content"] for i in range(3)]
+    # RL and co-training record --task; SFT and mid-training --tasks (a preset or a list)
+    assert chat_web.example_prompts({"user_config": {"task": "arithmetic"}}) == {"task": "Arithmetic", "prompts": arithmetic}
+    assert chat_web.example_prompts({"user_config": {"tasks": "offline"}})["prompts"] == arithmetic
+    spelling = chat_web.example_prompts({"user_config": {"tasks": "simplespelling:300|arithmetic"}})
+    assert spelling["task"] == "SimpleSpelling"
+    assert spelling["prompts"] == [SimpleSpelling(split="test", size=50)[i]["messages"][0]["content"] for i in range(3)]
+    # a task with nothing to show (identity has only a train split) is skipped for the next; nothing usable gives None
+    assert chat_web.example_prompts({"user_config": {"tasks": "identity?|arithmetic"}}, count=1) == \
+        {"task": "Arithmetic", "prompts": arithmetic[:1]}
+    for meta in (None, {}, {"user_config": {}}, {"user_config": {"task": "no-such-task"}}, {"user_config": {"task": 5}}):
+        assert chat_web.example_prompts(meta) is None
+
+
+def test_served_checkpoint_shows_its_task(tmp_path, tiny_tokenizer):
+    write_base_dir(tmp_path, tiny_tokenizer, user_config={"tasks": "arithmetic", "model_tag": "d2"})
+    with ServerProcess(tmp_path) as server:
+        health = httpx.get(server.url + "/health").json()
+    from tasks.arithmetic import ArithmeticTask
+    assert health["task"] == "Arithmetic"
+    assert health["examples"] == [ArithmeticTask(split="test", size=50)[i]["messages"][0]["content"] for i in range(3)]
