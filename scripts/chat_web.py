@@ -51,7 +51,8 @@ from collections import deque
 from importlib import resources
 from urllib.parse import urlsplit
 
-from nanochat.common import get_logger
+from nanochat.common import UserInputError, get_logger, run_stage
+from tasks import verify
 from nanochat.engine import TextStream
 
 logger = get_logger("chat_web")
@@ -635,26 +636,10 @@ def _judge(worker, verify_api, tokenizer, question, answer, max_tokens, stop):
             "format_ok": bool(verdict.format_ok), "verifier_text": reply_text(tokenizer, ids)}
 
 
-def verdict_score(verdict):
-    """Rank answers: judged Correct overall first, then more steps judged correct, then fewer judged wrong."""
-    steps = verdict["step_verdicts"]
-    return (verdict["overall"] is True, sum(steps), -(len(steps) - sum(steps)), verdict["format_ok"])
-
-
-def pick_best(verdicts):
-    """Index of the best verdict; the earliest one wins ties."""
-    return max(range(len(verdicts)), key=lambda i: (verdict_score(verdicts[i]), -i))
-
-
-def _answer_steps(verify_api, text):
-    """The steps the verifier was shown, for the UI, when tasks.verify exposes its splitter."""
-    split, display = getattr(verify_api, "split_steps", None), getattr(verify_api, "to_display", None)
-    if split is None:
-        return None
-    try:
-        return split(display(text) if display else text)
-    except Exception:  # the splitter is a nicety for the UI; a failure must not lose the answer
-        return None
+def _as_verification(verdict):
+    """A judged answer's dict (see _judge) as the tasks.verify.Verification that best-of-N ranks."""
+    return verify.Verification(step_verdicts=list(verdict["step_verdicts"]), overall=verdict["overall"],
+                               format_ok=bool(verdict["format_ok"]))
 
 
 def _verified_reply(worker, tokenizer, verify_api, prompt, job, stop, emit):
@@ -680,14 +665,15 @@ def _verified_reply(worker, tokenizer, verify_api, prompt, job, stop, emit):
         if verdict is None:
             return "cancelled", 0, generated
         verdicts.append(verdict)
-    best = pick_best(verdicts)
+    ranked = [_as_verification(v) for v in verdicts]
+    best = verify.best_of_n(ranked)  # the same ranking co-training's best-of-N evaluation uses
     if texts[best]:
         emit("text", texts[best])
     emit("verification", {
-        "chosen": best, "num_samples": n, "steps": _answer_steps(verify_api, texts[best]),
+        "chosen": best, "num_samples": n, "steps": verify_api.split_steps(texts[best]),  # texts are display text already
         **{k: verdicts[best].get(k) for k in ("step_verdicts", "overall", "format_ok", "verifier_text")},
         "candidates": [{"step_verdicts": v["step_verdicts"], "overall": v["overall"], "format_ok": v["format_ok"],
-                        "score": list(verdict_score(v)), "preview": t[:120]} for v, t in zip(verdicts, texts)],
+                        "score": list(verify.verdict_score(r)), "preview": t[:120]} for v, r, t in zip(verdicts, ranked, texts)],
     })
     return ("stop" if ended[best] else "length"), len(replies[best]), generated
 
@@ -934,8 +920,8 @@ def load_ui_html():
 def create_app(workers, tokenizer, model_name="nanochat", verify_api=None, verify_samples=4,
                verifier_max_tokens=VERIFIER_MAX_TOKENS, max_queue=DEFAULT_MAX_QUEUE, allow_origins=None,
                api_key=None, allowed_hosts=None, shutdown_timeout=DEFAULT_SHUTDOWN_TIMEOUT, examples=None):
-    """The FastAPI app over already-loaded workers (see load_workers). verify_api: an object with
-    build_verifier_conversation(question, solution) and parse_verification(text) (tasks.verify);
+    """The FastAPI app over already-loaded workers (see load_workers). verify_api: the module tasks.verify
+    (build_verifier_conversation, parse_verification, split_steps; tests pass stand-ins with those three);
     verification is offered when it is given and every worker has a verifier engine. allow_origins,
     api_key, allowed_hosts: see RequestGuard. examples: what example_prompts returns, shown on an empty chat.
     app.state.begin_shutdown() (callable from any thread) starts a graceful shutdown."""
@@ -1185,29 +1171,16 @@ def create_app(workers, tokenizer, model_name="nanochat", verify_api=None, verif
 # -----------------------------------------------------------------------------
 # Loading models and the command line
 
-def load_verify_api():
-    """tasks.verify (the verifier's prompt builder and output parser), or a clear startup error."""
-    try:
-        import tasks.verify as verify_api
-    except ImportError as e:
-        raise SystemExit(f"--verifier needs the verifier task tasks/verify.py, which could not be imported ({e}). "
-                         f"Start without --verifier, or install a version of this project that has it.")
-    missing = [name for name in ("build_verifier_conversation", "parse_verification") if not hasattr(verify_api, name)]
-    if missing:
-        raise SystemExit(f"--verifier: tasks.verify lacks {', '.join(missing)}; it does not match this server")
-    return verify_api
-
-
 def worker_devices(device_type, num_gpus):
     """The devices to put replicas on: cuda:0..N-1, or the single CPU/MPS device."""
     import torch
     if device_type == "cuda":
         available = torch.cuda.device_count()
         if num_gpus > available:
-            raise SystemExit(f"--num_gpus {num_gpus} asks for more GPUs than the {available} visible")
+            raise ValueError(f"--num_gpus {num_gpus} asks for more GPUs than the {available} visible")
         return [torch.device("cuda", i) for i in range(num_gpus)]
     if num_gpus != 1:
-        raise SystemExit(f"--num_gpus {num_gpus}: only CUDA serves several replicas; on {device_type} use --num_gpus 1")
+        raise ValueError(f"--num_gpus {num_gpus}: only CUDA serves several replicas; on {device_type} use --num_gpus 1")
     return [torch.device(device_type)]
 
 
@@ -1286,11 +1259,11 @@ def parse_args(argv=None):
 def main(argv=None):
     import uvicorn
     args = parse_args(argv)
-    verify_api = load_verify_api() if args.verifier else None  # fail before the slow model loading
+    verify_api = verify if args.verifier else None
     try:
         workers, tokenizer, model_name, meta = load_workers(args)
     except (FileNotFoundError, ValueError, RuntimeError, KeyError) as e:
-        raise SystemExit(f"could not load the model: {type(e).__name__}: {e}")
+        raise UserInputError(f"could not load the model: {type(e).__name__}: {e}") from None
     examples = example_prompts(meta)
     app = create_app(workers, tokenizer, model_name=model_name, verify_api=verify_api, verify_samples=args.verify_samples,
                      verifier_max_tokens=args.verifier_max_tokens, max_queue=args.max_queue,
@@ -1314,4 +1287,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -18,7 +18,9 @@ import httpx
 import pytest
 import torch
 
+from nanochat.common import UserInputError
 from nanochat.engine import TextStream
+from tasks import verify
 
 from chat_web_fixtures import (InProcessServer, ServerProcess, make_babbler, make_workers, read_sse,
                                write_base_dir)
@@ -450,8 +452,7 @@ def test_verify_picks_the_best_judged_answer(tiny_tokenizer):
                   engine.generate_batch(prompt, num_samples=3, max_tokens=8, temperature=1.0, top_k=50, seed=5)[0]]
     assert api.solutions == candidates and api.questions == [HELLO[-1]["content"]] * 3
     verification = next(e["verification"] for e in events if "verification" in e)
-    judged = [{"step_verdicts": v.step_verdicts, "overall": v.overall, "format_ok": True} for v in api.verdicts]
-    best = max(range(3), key=lambda i: (chat_web.verdict_score(judged[i]), -i))
+    best = verify.best_of_n(api.verdicts)  # co-training's best-of-N ranking
     assert verification["chosen"] == best and text_of(events) == candidates[best]
     assert verification["step_verdicts"] == api.verdicts[best].step_verdicts
     assert verification["overall"] == api.verdicts[best].overall
@@ -460,20 +461,8 @@ def test_verify_picks_the_best_judged_answer(tiny_tokenizer):
     assert events[-1]["done"] is True
 
 
-def test_pick_best_ranking():
-    def v(steps, overall):
-        return {"step_verdicts": steps, "overall": overall, "format_ok": True}
-    assert chat_web.pick_best([v([True, True], False), v([False, False], True)]) == 1      # overall Correct first
-    assert chat_web.pick_best([v([True, False], None), v([True, True], None)]) == 1        # then more correct steps
-    assert chat_web.pick_best([v([True, False, False], None), v([True], None)]) == 1      # then fewer wrong ones
-    assert chat_web.pick_best([v([True], True), v([True], True)]) == 0                    # ties: the first
-
-
 def test_verify_with_the_real_verifier_task(tiny_tokenizer):
-    verify = pytest.importorskip("tasks.verify", reason="tasks/verify.py is not in this checkout yet")
-    api = chat_web.load_verify_api()
-    assert api is verify
-    app = chat_web.create_app(make_workers(tiny_tokenizer, verifier=True), tiny_tokenizer, verify_api=api, verify_samples=2,
+    app = chat_web.create_app(make_workers(tiny_tokenizer, verifier=True), tiny_tokenizer, verify_api=verify, verify_samples=2,
                               verifier_max_tokens=12)
     with InProcessServer(app) as server:
         body = httpx.post(server.url + "/v1/chat/completions", timeout=120,
@@ -488,22 +477,15 @@ def test_verify_with_the_real_verifier_task(tiny_tokenizer):
 # -----------------------------------------------------------------------------
 # Start-up errors
 
-def test_verifier_flag_without_the_verifier_task_fails_clearly(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "tasks.verify", None)  # makes `import tasks.verify` raise ImportError
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
-    with pytest.raises(SystemExit, match="tasks/verify.py"):
-        chat_web.main(["--verifier", "d2", "--device_type", "cpu"])
-
-
 def test_bad_setup_fails_clearly(monkeypatch, tmp_path, tiny_tokenizer):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
-    with pytest.raises(SystemExit, match="could not load the model: FileNotFoundError: no checkpoints directory"):
+    with pytest.raises(UserInputError, match="could not load the model: FileNotFoundError: no checkpoints directory"):
         chat_web.main(["--device_type", "cpu"])
     with pytest.raises(SystemExit):
         chat_web.parse_args(["--num_gpus", "0"])
     with pytest.raises(SystemExit):
         chat_web.parse_args(["--verify_samples", "99"])
-    with pytest.raises(SystemExit, match="only CUDA"):
+    with pytest.raises(ValueError, match="only CUDA"):
         chat_web.worker_devices("cpu", 2)
     with pytest.raises(ValueError, match="at least one worker"):
         chat_web.create_app([], tiny_tokenizer)

@@ -619,6 +619,10 @@ def test_verified_answers_carry_no_special_tokens(tiny_tokenizer, monkeypatch):
         @staticmethod
         def parse_verification(text):
             return type("V", (), {"step_verdicts": [True], "overall": True, "format_ok": True})()
+
+        @staticmethod
+        def split_steps(text):
+            return [text]
     app = chat_web.create_app(workers, tiny_tokenizer, verify_api=Judge(), verify_samples=2, verifier_max_tokens=40)
     with InProcessServer(app) as s:
         body = httpx.post(s.url + "/v1/chat/completions", timeout=60,
