@@ -58,7 +58,7 @@ fi
 
 # ------------------------------------------------------------------ 3-4. co-training and the baseline
 # shellcheck disable=SC2086
-run_stage scripts.chat_cotrain --depth_g="$DEPTH_G" --depth_v="$DEPTH_V" --task="$TASK" --num_gen_steps="$GEN_STEPS" \
+run_stage scripts.chat_cotrain --gen_tag="d$DEPTH_G" --ver_tag="d$DEPTH_V" --task="$TASK" --num_gen_steps="$GEN_STEPS" \
     --output_tag="d$DEPTH_G" --run="$WANDB_RUN" $COTRAIN_ARGS
 # shellcheck disable=SC2086
 run_stage scripts.chat_rl --source=sft --model_tag="d$DEPTH_G" --task="$TASK" --num_steps="$GEN_STEPS" \

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from nanochat.calculator import use_calculator
 from tasks.aqua import AQuA
-from tasks.common import same_number
+from tasks.answers import same_number
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
 

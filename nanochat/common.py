@@ -151,20 +151,70 @@ def compute_init(device_type="", seed=42):
     return ddp, rank, local_rank, world_size, device
 
 
-def compute_cleanup():
-    if dist.is_available() and dist.is_initialized():
-        # every rank must be done with its collectives before any tears down: a gloo rank that destroyed its
-        # group while rank 0 was still writing the report once made rank 0 abort at exit
-        dist.barrier()
+def is_distributed():
+    """True inside a torch.distributed process group (torchrun)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def compute_cleanup(failed=False):
+    if is_distributed():
+        if not failed:
+            # every rank must be done with its collectives before any tears down: a gloo rank that destroyed its
+            # group while rank 0 was still writing the report once made rank 0 abort at exit. After a failure
+            # the other ranks may never get here, so a failing rank must not wait for them.
+            dist.barrier()
         dist.destroy_process_group()
+
+
+class UserInputError(Exception):
+    """Bad input from the user (flags, files, data) that a stage reports as one line, not a traceback."""
+
+
+# what run_stage reports as one line: bad flags and values, missing checkpoints, data or tokenizer
+USER_ERRORS = (UserInputError, FileNotFoundError, ValueError)
+
+
+def run_stage(main, argv=None):
+    """The entry point every script shares: `main(argv)`, then cleanup whatever happened. Bad input ends
+    the process with one line, 'error: ...', and exit status 1; anything else keeps its traceback.
+
+        if __name__ == "__main__":
+            run_stage(main)
+    """
+    try:
+        result = main(argv)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        compute_cleanup(failed=True)
+        sys.exit(1)
+    except BaseException:
+        compute_cleanup(failed=True)
+        raise
+    compute_cleanup()
+    return result
 
 
 def all_reduce_sums(values, device):
     """Python numbers summed over all ranks (returned as-is without torch.distributed), in one collective."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def all_reduce_dict(values, device):
+    """A dict of Python numbers summed over all ranks, by name (every rank must pass the same keys)."""
+    keys = sorted(values)
+    return dict(zip(keys, all_reduce_sums([values[k] for k in keys], device)))
+
+
+def all_gather_list(values):
+    """Every rank's list, concatenated in rank order (the list itself without torch.distributed)."""
+    if not is_distributed():
+        return list(values)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(values))
+    return [v for part in gathered for v in part]
 
 
 def synchronize(device):

@@ -134,17 +134,25 @@ def check_sampling_args(max_tokens, temperature, top_k, num_samples=1):
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
 
 
-def sample_next_token(logits, rng, temperature=1.0, top_k=None):
+def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     """One token id per row of (B, V) logits -> (B,) long tensor.
 
     Temperature 0 is argmax. Otherwise a draw from softmax(logits / temperature), restricted to the
-    top_k largest logits when top_k is set (0 or None: the whole vocabulary)."""
+    top_k largest logits when top_k is set (0 or None: the whole vocabulary), then to the smallest set of
+    most likely tokens whose probability reaches top_p when top_p < 1 (nucleus sampling; None: off)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    if top_k and top_k < logits.size(-1):
+    nucleus = top_p is not None and top_p < 1
+    if (top_k and top_k < logits.size(-1)) or nucleus:
         # draw among exactly k candidates (a threshold mask would let ties at the k-th value in)
-        values, ids = torch.topk(logits, top_k, dim=-1)
+        k = top_k if top_k and top_k < logits.size(-1) else logits.size(-1)
+        values, ids = torch.topk(logits, k, dim=-1)  # sorted, most likely first
         probs = F.softmax(values / temperature, dim=-1)
+        if nucleus:
+            # keep a token while the mass before it is under top_p: the most likely one always stays
+            keep = (probs.cumsum(dim=-1) - probs) < top_p
+            keep[:, 0] = True
+            probs = probs * keep
         choice = torch.multinomial(probs, num_samples=1, generator=rng)
         return ids.gather(-1, choice).squeeze(-1)
     probs = F.softmax(logits / temperature, dim=-1)
@@ -240,7 +248,7 @@ class Engine:
         return logits[:, -1, :]
 
     @torch.inference_mode()
-    def _stream(self, prompts, num_samples, max_tokens, temperature, top_k, seed):
+    def _stream(self, prompts, num_samples, max_tokens, temperature, top_k, seed, top_p=None):
         """Yield one (token_column, mask_column) per step for len(prompts) * num_samples rows, prompt-major.
         Rows that have finished repeat their stop token with mask 0 until every row is done."""
         check_sampling_args(max_tokens, temperature, top_k, num_samples)
@@ -290,7 +298,7 @@ class Engine:
         active = list(range(num_rows))  # cache row j holds output row active[j]
         generated = 0
         while True:
-            sampled = sample_next_token(logits, rng, temperature, top_k).tolist()
+            sampled = sample_next_token(logits, rng, temperature, top_k, top_p).tolist()
             column = [state.last_token for state in states]
             mask = [0] * num_rows
             for j, row in enumerate(active):
@@ -320,12 +328,14 @@ class Engine:
 
     # ---- public API
 
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42, top_p=None):
         """Stream num_samples continuations of one prompt: yields (token_column, mask_column), one entry
         per sample, until every sample has emitted <|assistant_end|> or <|bos|> or max_tokens columns
         were produced (None: up to the model's sequence_len). A finished sample's later entries repeat
         its stop token with mask 0. Deterministic for a given seed."""
-        yield from self._stream([tokens], num_samples, max_tokens, temperature, top_k, seed)
+        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 <= top_p <= 1):
+            raise ValueError(f"top_p must be a number in [0, 1] or None, got {top_p!r}")
+        yield from self._stream([tokens], num_samples, max_tokens, temperature, top_k, seed, top_p)
 
     def _collect(self, stream, num_rows):
         """Per-row completions and masks from a stream, each cut at (and without) its stop token."""

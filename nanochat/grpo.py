@@ -9,18 +9,21 @@ variants are flags: std division, sequence-level normalisation, a PPO-style clip
 feeds several optimizer steps, and a k3 KL penalty to a frozen reference policy.
 """
 
+import functools
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from nanochat.common import autocast_context, all_reduce_sums
+from nanochat.common import all_gather_list, all_reduce_dict, all_reduce_sums, autocast_context, is_distributed
 
 
 @dataclass
 class Rollout:
-    """One sampled completion of one prompt."""
+    """One sampled completion of one prompt. `completion_ids` ends with <|assistant_end|> when the sample
+    finished (so the policy is trained to stop); `text` is the completion decoded without it."""
     example_index: int
     prompt_ids: list
     completion_ids: list
@@ -28,23 +31,31 @@ class Rollout:
     text: str = ""
     reward: float = 0.0
     info: dict = field(default_factory=dict)
+    finished: bool = False
+
+    @property
+    def body_ids(self):
+        """The completion without its terminal token: what the model said."""
+        return self.completion_ids[:-1] if self.finished else self.completion_ids
 
 
-def generate_rollouts(engine, prompts, example_indices, num_samples, max_new_tokens, temperature, top_k, seed,
-                      assistant_end_id=None):
-    """Sample `num_samples` completions of every prompt in one batched pass (prompt-major order)."""
+def generate_rollouts(engine, tokenizer, prompts, example_indices, num_samples, max_new_tokens, temperature, top_k, seed):
+    """Sample `num_samples` completions of every prompt in one batched pass (prompt-major order). The one
+    place that turns Engine outputs into rollouts, and so the one place that handles <|assistant_end|>:
+    the engine drops the terminal token, and a completion shorter than the budget ended with it."""
     outputs = engine.generate_prompts(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
                                       temperature=temperature, top_k=top_k, seed=seed)
+    assistant_end = tokenizer.encode_special("<|assistant_end|>")
     rollouts = []
     for i, (tokens, mask) in enumerate(outputs):
         p = i // num_samples
         tokens, mask = list(tokens), list(mask)
+        text = tokenizer.decode(tokens)
         finished = len(tokens) < max_new_tokens
-        if assistant_end_id is not None and finished:
-            # the engine drops the terminal token; putting it back teaches the policy to stop
-            tokens.append(assistant_end_id)
+        if finished:
+            tokens.append(assistant_end)
             mask.append(1)
-        rollouts.append(Rollout(example_indices[p], list(prompts[p]), tokens, mask))
+        rollouts.append(Rollout(example_indices[p], list(prompts[p]), tokens, mask, text=text, finished=finished))
     return rollouts
 
 
@@ -88,6 +99,33 @@ def mix_advantages(outcome_adv, process_adv, alpha):
     return (1.0 - alpha) * outcome_adv.unsqueeze(-1) + alpha * process_adv
 
 
+def token_advantages(rollouts, num_samples, alpha=0.0, judgements=None, mix="advantage", normalize_std=False):
+    """The advantage of every rollout (prompt-major groups of `num_samples`), ready for grpo_update: a scalar
+    per rollout from the outcome rewards alone, or a per-token tensor once a process signal is mixed in.
+
+    judgements[i] (tasks.verify.Judgement, or None without a verifier) carries rollout i's step rewards and
+    step ends. mix="advantage" (Tango): (1 - alpha) A_out + alpha A_proc, each normalised on its own;
+    mix="reward": one group baseline over r_out + alpha * (share of steps judged correct)."""
+    rewards = torch.tensor([r.reward for r in rollouts]).view(-1, num_samples)
+    if judgements is None or alpha <= 0:
+        return group_advantages(rewards, normalize_std=normalize_std).view(-1).tolist()
+    if mix == "reward":
+        fractions = torch.tensor([j.process_fraction for j in judgements]).view(-1, num_samples)
+        return group_advantages(rewards + alpha * fractions, normalize_std=normalize_std).view(-1).tolist()
+    if mix != "advantage":
+        raise ValueError(f"mix must be 'advantage' or 'reward', got {mix!r}")
+    outcome = group_advantages(rewards, normalize_std=normalize_std).view(-1)
+    out = []
+    for start in range(0, len(rollouts), num_samples):
+        group = range(start, start + num_samples)
+        length = max(len(rollouts[i].completion_ids) for i in group)
+        process = process_advantages([judgements[i].step_rewards for i in group],
+                                     [judgements[i].step_ends for i in group], length)
+        mixed = mix_advantages(outcome[start:start + num_samples], process, alpha)
+        out += [mixed[k, :len(rollouts[i].completion_ids)] for k, i in enumerate(group)]
+    return out
+
+
 def alpha_schedule(step, total_steps, alpha_start=0.1, alpha_end=0.001):
     """Exponential decay from alpha_start at step 0 to alpha_end at total_steps (then held)."""
     if alpha_start <= 0:
@@ -108,30 +146,196 @@ def majority_answers(answers):
 
 
 class ClassBalancer:
-    """Per-sample loss weights proportional to 1/sqrt(running count of the sample's class), renormalised to
-    mean 1 over the batch. Keeps a verifier from learning "always Incorrect" from a generator that is right
-    5% of the time. Counts are an exponential moving average across batches (Tango uses decay 0.8)."""
+    """Per-sample loss weights proportional to 1/count^power of the sample's class (running count), renormalised
+    to mean 1 over the batch. Keeps a verifier from learning "always Incorrect" from a generator that is right
+    5% of the time. Counts are an exponential moving average across batches (Tango: decay 0.8, power 0.5;
+    power 1 gives both classes equal total weight).
 
-    def __init__(self, decay=0.8):
-        self.decay = decay
+    It also watches for collapse: a verifier whose share of "Correct" verdicts strays more than `margin` from
+    the gold share for `patience` verifier steps in a row gets 1/count weights from then on."""
+
+    def __init__(self, decay=0.8, power=0.5, margin=0.3, patience=3):
+        self.decay, self.power, self.margin, self.patience = decay, power, margin, patience
         self.counts = {0: 0.0, 1: 0.0}
+        self.strikes = 0
 
     def update(self, labels):
+        """Count this step's labels, gathered from every rank (the weights must agree across ranks)."""
+        labels = all_gather_list(labels)
         for c in (0, 1):
             n = sum(1 for l in labels if int(l) == c)
             self.counts[c] = self.decay * self.counts[c] + (1 - self.decay) * n if self.counts[c] else float(n)
 
     def weights(self, labels):
-        raw = [1.0 / math.sqrt(max(self.counts[int(l)], 1e-3)) for l in labels]
+        if self.power == 0:
+            return [1.0] * len(labels)
+        if self.power == 0.5:
+            raw = [1.0 / math.sqrt(max(self.counts[int(l)], 1e-3)) for l in labels]
+        else:
+            raw = [max(self.counts[int(l)], 1e-3) ** -self.power for l in labels]
         mean = sum(raw) / len(raw) if raw else 1.0
         return [w / mean for w in raw]
 
+    def check_collapse(self, share_said_correct, gold_share):
+        """Call once per verifier step with global shares. Returns True on the step that escalates to 1/count."""
+        if self.power == 0 or self.patience <= 0:
+            return False
+        self.strikes = self.strikes + 1 if abs(share_said_correct - gold_share) > self.margin else 0
+        if self.strikes >= self.patience and self.power < 1.0:
+            self.power = 1.0
+            return True
+        return False
+
     def state_dict(self):
-        return {"decay": self.decay, "counts": {str(k): v for k, v in self.counts.items()}}
+        return {"decay": self.decay, "power": self.power, "strikes": self.strikes,
+                "counts": {str(k): v for k, v in self.counts.items()}}
 
     def load_state_dict(self, state):
         self.decay = state["decay"]
+        self.power, self.strikes = state.get("power", 0.5), state.get("strikes", 0)
         self.counts = {int(k): v for k, v in state["counts"].items()}
+
+
+# -----------------------------------------------------------------------------
+# What TRL and verl users expect around the update: overlong handling, dynamic sampling, rewards as
+# functions, an LR schedule, and the flags for all of it (both RL scripts add them)
+
+def apply_overlong(rollouts, mode, max_new_tokens, buffer):
+    """Completions cut off at the budget (not finished). mode "mask": they leave the loss (DAPO's overlong
+    filtering: a cut answer is not a wrong answer); "penalty": DAPO's soft overlong punishment, a reward
+    penalty rising linearly from 0 to 1 over the last `buffer` tokens of the budget; "none": nothing.
+    Changes the rollouts in place; returns the penalties (0 for untouched rollouts)."""
+    penalties = [0.0] * len(rollouts)
+    for i, r in enumerate(rollouts):
+        if mode == "mask" and not r.finished:
+            r.completion_mask = [0] * len(r.completion_mask)
+        elif mode == "penalty" and buffer > 0:
+            over = len(r.body_ids) - (max_new_tokens - buffer)
+            penalties[i] = min(1.0, max(0.0, over / buffer))
+            r.reward -= penalties[i]
+    return penalties
+
+
+def dynamic_sampling(sample_round, group_size, wanted_groups, max_extra_rounds, device):
+    """DAPO's dynamic sampling. Groups whose samples all got the same reward carry no gradient, so keep
+    drawing rounds of fresh questions (sample_round(r) -> this rank's rollouts, prompt-major groups) until
+    this rank holds `wanted_groups` groups with mixed rewards on every rank, or `max_extra_rounds` extra
+    rounds are spent. A rank short of mixed groups fills up with constant ones (they train nothing, but
+    keep the batch shape). Returns (rollouts, extra rounds drawn, True if it stopped at the cap short)."""
+    mixed, constant, rounds = [], [], 0
+    while True:
+        rollouts = sample_round(rounds)
+        for start in range(0, len(rollouts), group_size):
+            group = rollouts[start:start + group_size]
+            (mixed if len({r.reward for r in group}) > 1 else constant).append(group)
+        short = all_reduce_sums([max(0, wanted_groups - len(mixed))], device)[0]
+        if short == 0 or rounds >= max_extra_rounds:
+            break
+        rounds += 1
+    groups = (mixed + constant)[:wanted_groups]
+    return [r for group in groups for r in group], rounds, short > 0
+
+
+@functools.lru_cache(maxsize=None)
+def load_reward_fn(spec):
+    """'path/to/file.py:function' or 'package.module:function' -> the function. It is called as
+    fn(conversation, completion_text) and must return a number. Raises ValueError with one clear line."""
+    import importlib
+    import importlib.util
+    import os
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name:
+        raise ValueError(f"--reward_fn {spec!r}: expected 'path/to/file.py:function' or 'module:function'")
+    try:
+        if where.endswith(".py") or os.sep in where:
+            if not os.path.isfile(where):
+                raise ValueError(f"--reward_fn: no file {where!r}")
+            module_spec = importlib.util.spec_from_file_location(f"reward_fn_{abs(hash(where))}", where)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"--reward_fn {spec!r} could not be loaded: {type(e).__name__}: {e}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"--reward_fn {spec!r}: {where} has no function {name!r}")
+    return fn
+
+
+def checked_reward(fn, conversation, text):
+    """fn(conversation, text) as a float; a ValueError naming the problem if it is not a finite number."""
+    try:
+        value = fn(conversation, text)
+    except Exception as e:
+        raise ValueError(f"--reward_fn raised {type(e).__name__}: {e}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise ValueError(f"--reward_fn must return a number, got {type(value).__name__}: {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"--reward_fn returned {value}, not a finite number")
+    return value
+
+
+def rl_lr_multiplier(step, num_steps, schedule="linear", warmup_steps=0):
+    """The LR multiplier of RL step `step` of `num_steps`: a linear warm-up over `warmup_steps`, then constant,
+    linear decay to 0 (nanochat's), or cosine decay to 0."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(num_steps - warmup_steps, 1)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return 1.0 - progress if warmup_steps else 1.0 - step / num_steps
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown LR schedule {schedule!r}")
+
+
+def add_grpo_flags(parser):
+    """The GRPO flags chat_rl and chat_cotrain (its generator) share."""
+    parser.add_argument("--loss_agg", "--normalization", dest="loss_agg", default="token-mean",
+                        choices=list(LOSS_AGGREGATIONS) + list(_AGGREGATION_ALIASES),
+                        help="how the token losses are summed and divided (see nanochat/grpo.py)")
+    parser.add_argument("--ppo_epochs", type=int, default=1, help=">1 reuses a batch with a clipped ratio")
+    parser.add_argument("--clip_low", "--clip_eps", dest="clip_low", type=float, default=0.2,
+                        help="the ratio is clipped below at 1 - clip_low (with --ppo_epochs > 1)")
+    parser.add_argument("--clip_high", type=float, default=None,
+                        help="the ratio is clipped above at 1 + clip_high (default: clip_low; DAPO: 0.28)")
+    parser.add_argument("--kl_coef", type=float, default=0.0, help="k3 KL penalty to the frozen starting policy")
+    parser.add_argument("--dynamic_sampling", type=int, default=0,
+                        help="extra rounds of questions drawn to replace groups whose rewards are all equal (0: off)")
+    parser.add_argument("--overlong", default="none", choices=["none", "mask", "penalty"],
+                        help="completions cut at the budget: leave them out of the loss, or a soft length penalty")
+    parser.add_argument("--overlong_buffer", type=int, default=None,
+                        help="tokens before the budget where the overlong penalty starts (default: a quarter of it)")
+    parser.add_argument("--reward_fn", default=None,
+                        help="'path/file.py:function' or 'module:function' called as fn(conversation, completion) -> number, "
+                             "replacing the task's reward (accuracy still uses the task's checker)")
+    parser.add_argument("--lr_schedule", default="linear", choices=["constant", "linear", "cosine"])
+    parser.add_argument("--warmup_steps", type=int, default=0, help="linear LR warm-up steps")
+
+
+def check_grpo_flags(parser, args):
+    """One-line errors (through parser.error) for contradictory GRPO flags, before any work starts."""
+    if args.ppo_epochs < 1:
+        parser.error("--ppo_epochs must be >= 1")
+    if not 0 < args.clip_low < 1:
+        parser.error(f"--clip_low must be in (0, 1), got {args.clip_low}")
+    if args.clip_high is not None and not args.clip_high > 0:
+        parser.error(f"--clip_high must be > 0, got {args.clip_high}")
+    if args.kl_coef < 0 or args.dynamic_sampling < 0 or args.warmup_steps < 0:
+        parser.error("--kl_coef, --dynamic_sampling and --warmup_steps must be >= 0")
+    if args.overlong_buffer is not None and args.overlong_buffer < 1:
+        parser.error("--overlong_buffer must be >= 1")
+    if args.reward_fn is not None:
+        try:
+            load_reward_fn(args.reward_fn)  # the script calls it once on a real example before training, too
+        except ValueError as e:
+            parser.error(str(e))
+    args.loss_agg = loss_aggregation(args.loss_agg)
 
 
 # -----------------------------------------------------------------------------
@@ -164,29 +368,69 @@ def collate_rollouts(rollouts, token_advantages, pad_id, device, sample_weights=
     return inputs.to(device), targets.to(device), advantages.to(device), weights.to(device)
 
 
-def token_logprobs(model, inputs, targets):
-    """log p(target) per position (0 where target is -1)."""
+def token_logprobs(model, inputs, targets, with_entropy=False):
+    """log p(target) per position (0 where target is -1); with_entropy also the policy's entropy at every
+    position (detached), read from the same logits."""
     with autocast_context(inputs.device.type):
-        nll = model(inputs, targets=targets, loss_reduction="none")
-    return -nll.float()
+        if not with_entropy:
+            return -model(inputs, targets=targets, loss_reduction="none").float()
+        logits = model(inputs)
+    nll = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="none")
+    with torch.no_grad():
+        logp_all = torch.log_softmax(logits.detach().float(), dim=-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return -nll.view(targets.shape).float(), entropy
+
+
+# How the per-token loss is summed and divided (TRL's loss_type, verl's loss_agg_mode):
+#   token-mean           sum over every trained token of the batch / their number (nanochat, DAPO, TRL "dapo")
+#   seq-mean-token-mean  each sequence's mean over its tokens, averaged over sequences (original GRPO, TRL "grpo"):
+#                        a token of a short answer weighs more than one of a long answer
+#   seq-mean-token-sum   each sequence's token sum, averaged over sequences: long answers weigh more
+#   dr-grpo              token sums / (sequences x the generation budget), a constant (Dr. GRPO, TRL "dr_grpo")
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "dr-grpo")
+_AGGREGATION_ALIASES = {"token": "token-mean", "sequence": "seq-mean-token-mean"}
+
+
+def loss_aggregation(name):
+    """The canonical name of a loss aggregation ('token' and 'sequence' are the older names)."""
+    name = _AGGREGATION_ALIASES.get(name, name)
+    if name not in LOSS_AGGREGATIONS:
+        raise ValueError(f"loss aggregation must be one of {', '.join(LOSS_AGGREGATIONS)}, got {name!r}")
+    return name
+
+
+def aggregation_count(targets, normalization, max_completion_tokens=None):
+    """What the loss of this batch is divided by, before summing over ranks (tokens or sequences)."""
+    mode = loss_aggregation(normalization)
+    if mode == "token-mean":
+        return (targets != -1).sum().item()
+    if mode == "dr-grpo":
+        if not max_completion_tokens:
+            raise ValueError("the dr-grpo aggregation needs the generation budget (max_completion_tokens)")
+        return len(targets) * max_completion_tokens
+    return len(targets)
 
 
 def policy_gradient_loss(logp, targets, advantages, weights=None, old_logp=None, ref_logp=None, clip_eps=0.2,
-                         kl_coef=0.0, normalization="token", normalizer=None):
+                         kl_coef=0.0, normalization="token", normalizer=None, clip_high=None, max_completion_tokens=None):
     """The GRPO objective, as a loss to minimise, summed over this micro-batch and divided by `normalizer`.
 
     - ratio: exp(logp - old_logp), where old_logp is the sampling policy (detached logp when on-policy,
       so the value is 1 and the gradient is the plain REINFORCE gradient A * grad log p);
-    - PPO clipping of the ratio at 1 +- clip_eps (only matters when old_logp is given);
+    - PPO clipping of the ratio to [1 - clip_eps, 1 + clip_high] (clip_high defaults to clip_eps; DAPO's
+      clip-higher raises it so that unlikely tokens with a positive advantage can grow, against entropy
+      collapse). Only matters when old_logp is given;
     - optional k3 KL estimate to a frozen reference policy, exp(ref - logp) - (ref - logp) - 1;
-    - normalization "token": sum over tokens / total tokens of the batch (DAPO, nanochat);
-      "sequence": each sequence's mean over its tokens, summed / number of sequences (original GRPO).
-    `normalizer` is the global count (tokens or sequences) over all micro-batches and ranks."""
+    - the aggregation `normalization` (see LOSS_AGGREGATIONS). `normalizer` is the global count over all
+      micro-batches and ranks (aggregation_count summed); without it the micro-batch's own count is used."""
+    mode = loss_aggregation(normalization)
+    clip_high = clip_eps if clip_high is None else clip_high
     mask = (targets != -1).float()
     old = logp.detach() if old_logp is None else old_logp
     ratio = torch.exp(logp - old)
     unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_high) * advantages
     per_token = -torch.minimum(unclipped, clipped)
     if ref_logp is not None and kl_coef > 0:
         log_ratio = ref_logp - logp
@@ -194,68 +438,88 @@ def policy_gradient_loss(logp, targets, advantages, weights=None, old_logp=None,
     per_token = per_token * mask
     if weights is not None:
         per_token = per_token * weights.unsqueeze(1)
-    if normalization == "token":
-        total = per_token.sum()
-        normalizer = normalizer if normalizer is not None else mask.sum().clamp(min=1.0)
-    elif normalization == "sequence":
+    if mode == "seq-mean-token-mean":
         total = (per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).sum()
-        normalizer = normalizer if normalizer is not None else float(len(targets))
     else:
-        raise ValueError(f"normalization must be 'token' or 'sequence', got {normalization!r}")
+        total = per_token.sum()
+    if normalizer is None:
+        normalizer = max(aggregation_count(targets, mode, max_completion_tokens), 1)
     return total / normalizer
 
 
 def grpo_update(model, optimizer, rollouts, token_advantages, pad_id, device, device_batch_size,
                 sample_weights=None, normalization="token", ppo_epochs=1, clip_eps=0.2, ref_model=None,
-                kl_coef=0.0, grad_clip=0.0, lr_multiplier=1.0):
+                kl_coef=0.0, grad_clip=0.0, lr_multiplier=1.0, clip_high=None, max_completion_tokens=None):
     """One batch of rollouts -> `ppo_epochs` optimizer steps. With ppo_epochs=1 this is on-policy: no
-    ratio, no clipping (the ratio is exactly 1). Returns stats for logging.
+    ratio, no clipping (the ratio is exactly 1). Returns stats for logging: loss, true token entropy, clip
+    fraction, KL to the reference, grad norm (before clipping), trained tokens, and the micro-batches
+    skipped for having no trained token (a batch with none at all leaves the weights untouched).
 
     Under DDP each rank holds its own rollouts. Each rank divides by (global count / world size): the
     optimizer averages gradients over ranks, so the result is the gradient of the global objective."""
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = dist.get_world_size() if is_distributed() else 1
     inputs, targets, advantages, weights = collate_rollouts(rollouts, token_advantages, pad_id, device, sample_weights)
     num_tokens = (targets != -1).sum().item()
-    count = num_tokens if normalization == "token" else len(rollouts)
-    normalizer = max(all_reduce_sums([count], device)[0], 1.0) / world  # the optimizer averages over ranks
+    count, global_tokens = all_reduce_sums([aggregation_count(targets, normalization, max_completion_tokens), num_tokens], device)
+    normalizer = max(count, 1.0) / world  # the optimizer averages over ranks
+    stats = {"loss": 0.0, "num_tokens": num_tokens, "clip_frac": 0.0, "entropy": 0.0, "entropy_proxy": 0.0, "kl": 0.0,
+             "skipped_microbatches": 0, "skipped_step": 0}
+    if global_tokens == 0:  # nothing to learn from anywhere: no step (momentum alone would still move the weights)
+        stats["skipped_step"] = 1
+        return stats
+    slices = [slice(i, i + device_batch_size) for i in range(0, len(inputs), device_batch_size)]
+    trainable = [sl for sl in slices if (targets[sl] != -1).any()]
+    stats["skipped_microbatches"] = len(slices) - len(trainable)
 
     old_logp, ref_logp = None, None
     if ppo_epochs > 1 or (ref_model is not None and kl_coef > 0):
         with torch.no_grad():
             if ppo_epochs > 1:
-                old_logp = torch.cat([token_logprobs(model, inputs[i:i + device_batch_size], targets[i:i + device_batch_size])
-                                      for i in range(0, len(inputs), device_batch_size)])
+                old_logp = torch.zeros(targets.shape, device=device)
+                for sl in trainable:
+                    old_logp[sl] = token_logprobs(model, inputs[sl], targets[sl])
             if ref_model is not None and kl_coef > 0:
-                ref_logp = torch.cat([token_logprobs(ref_model, inputs[i:i + device_batch_size], targets[i:i + device_batch_size])
-                                      for i in range(0, len(inputs), device_batch_size)])
+                ref_logp = torch.zeros(targets.shape, device=device)
+                for sl in trainable:
+                    ref_logp[sl] = token_logprobs(ref_model, inputs[sl], targets[sl])
 
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lr_multiplier
-    stats = {"loss": 0.0, "num_tokens": num_tokens, "clip_frac": 0.0, "entropy_proxy": 0.0}
-    for _ in range(ppo_epochs):
+    for epoch in range(ppo_epochs):
         model.zero_grad(set_to_none=True)
-        for i in range(0, len(inputs), device_batch_size):
-            sl = slice(i, i + device_batch_size)
-            logp = token_logprobs(model, inputs[sl], targets[sl])
+        for sl in trainable:
+            logp, entropy = token_logprobs(model, inputs[sl], targets[sl], with_entropy=True)
             loss = policy_gradient_loss(
                 logp, targets[sl], advantages[sl], weights[sl],
                 old_logp=None if old_logp is None else old_logp[sl],
                 ref_logp=None if ref_logp is None else ref_logp[sl],
-                clip_eps=clip_eps, kl_coef=kl_coef, normalization=normalization, normalizer=normalizer)
+                clip_eps=clip_eps, clip_high=clip_high, kl_coef=kl_coef, normalization=normalization,
+                normalizer=normalizer, max_completion_tokens=max_completion_tokens)
             loss.backward()
             stats["loss"] += loss.item()
             mask = targets[sl] != -1
-            stats["entropy_proxy"] += (-logp[mask]).sum().item()  # mean NLL of sampled tokens ~ entropy
+            if epoch == 0:
+                stats["entropy"] += entropy[mask].sum().item()
+                stats["entropy_proxy"] += (-logp.detach()[mask]).sum().item()  # mean NLL of the sampled tokens
+                if ref_logp is not None:
+                    log_ratio = ref_logp[sl][mask] - logp.detach()[mask]
+                    stats["kl"] += (torch.exp(log_ratio) - log_ratio - 1.0).sum().item()
             if old_logp is not None:
                 ratio = torch.exp(logp.detach() - old_logp[sl])[mask]
-                stats["clip_frac"] += ((ratio - 1).abs() > clip_eps).float().sum().item()
-        grad_norm = optimizer.step(grad_clip=grad_clip if grad_clip > 0 else None)
+                high = clip_eps if clip_high is None else clip_high
+                stats["clip_frac"] += ((ratio < 1 - clip_eps) | (ratio > 1 + high)).float().sum().item()
+        if not trainable:  # every rank must hand the optimizer the same set of gradients (all zero here)
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+        # grad_clip=inf measures the norm without changing the gradient
+        grad_norm = optimizer.step(grad_clip=grad_clip if grad_clip > 0 else float("inf"))
         model.zero_grad(set_to_none=True)
         if grad_norm is not None:
             stats["grad_norm"] = float(grad_norm)
-    denom = max(num_tokens, 1) * ppo_epochs
-    stats["entropy_proxy"] /= denom
-    stats["clip_frac"] /= denom
+    denom = max(num_tokens, 1)
+    for key in ("entropy", "entropy_proxy", "kl"):
+        stats[key] /= denom
+    stats["clip_frac"] /= denom * ppo_epochs
     stats["loss"] /= ppo_epochs
     return stats
 
@@ -264,19 +528,91 @@ def grpo_update(model, optimizer, rollouts, token_advantages, pad_id, device, de
 # Sampling and scoring a task, shared by chat_rl, chat_cotrain and their evaluations
 
 def sample_and_score(engine, tokenizer, task, indices, num_samples, max_new_tokens, temperature, top_k, seed):
-    """Rollouts for task examples `indices` (num_samples each), decoded and rewarded by the task's exact checker."""
+    """Rollouts for task examples `indices` (num_samples each), rewarded by the task's exact checker."""
     conversations = [task[i] for i in indices]
     prompts = [tokenizer.render_for_completion(c) for c in conversations]
-    assistant_end = tokenizer.encode_special("<|assistant_end|>")
-    rollouts = generate_rollouts(engine, prompts, indices, num_samples, max_new_tokens, temperature, top_k, seed,
-                                 assistant_end_id=assistant_end)
+    rollouts = generate_rollouts(engine, tokenizer, prompts, indices, num_samples, max_new_tokens, temperature, top_k, seed)
     for j, r in enumerate(rollouts):
         r.info["conversation"] = conversations[j // num_samples]
-        body = r.completion_ids[:-1] if r.completion_ids and r.completion_ids[-1] == assistant_end else r.completion_ids
-        r.text = tokenizer.decode(body)
         r.reward = float(task.reward(r.info["conversation"], r.text))
         r.info["correct"] = int(task.evaluate(r.info["conversation"], r.text))
     return rollouts
+
+
+def rank_indices(step, per_step, rank, world_size, num_examples, from_end=False):
+    """This rank's example indices for one step: the step's block of `per_step` examples (all ranks), strided
+    over ranks, wrapping around the task. from_end counts from the other end of the split (co-training's
+    verifier steps use it so their questions differ from the generator's)."""
+    positions = [step * per_step + rank + world_size * i for i in range(per_step // world_size)]
+    return [((num_examples - 1 - i) if from_end else i) % num_examples for i in positions]
+
+
+def sample_batch(engine, tokenizer, task, step, num_steps, args, rank, world_size, device, reward_fn=None, seed_offset=0):
+    """One RL step's rollouts, the same way for chat_rl and co-training's generator: this rank's questions of
+    `step`, `args.num_samples` samples each, rewarded by the task (or `reward_fn`), the overlong penalty or
+    mask applied, and with args.dynamic_sampling > 0 extra rounds of questions for groups without variance.
+    args needs examples_per_step, num_samples, the sampling flags (max_new_tokens, temperature, top_k, seed)
+    and add_grpo_flags' flags. Returns (rollouts, extra rounds drawn)."""
+    buffer = args.overlong_buffer or max(1, args.max_new_tokens // 4)
+
+    def sample_round(extra_round):
+        # round 0 is the step's own questions; dynamic sampling draws later rounds from other steps' blocks
+        indices = rank_indices(step + extra_round * num_steps, args.examples_per_step, rank, world_size, len(task))
+        rollouts = sample_and_score(engine, tokenizer, task, indices, args.num_samples, args.max_new_tokens, args.temperature,
+                                    args.top_k, seed=args.seed + seed_offset + 1_000_003 * step + rank + 7_919 * extra_round)
+        for r in rollouts:
+            r.info["task_reward"] = r.reward
+            if reward_fn is not None:
+                r.reward = checked_reward(reward_fn, r.info["conversation"], r.text)
+        penalties = apply_overlong(rollouts, "penalty" if args.overlong == "penalty" else "none", args.max_new_tokens, buffer)
+        for r, penalty in zip(rollouts, penalties):
+            r.info["overlong_penalty"] = penalty
+        return rollouts
+
+    extra_rounds = 0
+    if args.dynamic_sampling > 0:
+        rollouts, extra_rounds, short = dynamic_sampling(sample_round, args.num_samples, args.examples_per_step // world_size,
+                                                         args.dynamic_sampling, device)
+        if short and rank == 0:
+            print(f"warning: dynamic sampling stopped at its cap ({args.dynamic_sampling} extra rounds) without enough groups "
+                  "with mixed rewards; training on what it has", flush=True)
+    else:
+        rollouts = sample_round(0)
+    if args.overlong == "mask":
+        apply_overlong(rollouts, "mask", args.max_new_tokens, buffer)
+    return rollouts, extra_rounds
+
+
+def batch_metrics(rollouts, num_samples, stats, extra_rounds, device):
+    """What to log about one RL batch and its update, over all ranks: reward and its parts, accuracy, lengths,
+    groups without variance (no gradient), truncation, and the update's diagnostics (rank 0's entropy, KL,
+    clip fraction and grad norm). These catch the runs that fail silently."""
+    rewards = torch.tensor([r.reward for r in rollouts]).view(-1, num_samples)
+    lengths = [len(r.body_ids) for r in rollouts]
+    world = dist.get_world_size() if is_distributed() else 1
+    s = all_reduce_dict({"reward": rewards.sum().item(), "n": rewards.numel(), "correct": sum(r.info["correct"] for r in rollouts),
+                         "length": sum(len(r.completion_ids) for r in rollouts), "groups": rewards.size(0),
+                         "zero_var": float(((rewards.max(1).values - rewards.min(1).values) == 0).sum()),
+                         "truncated": sum(not r.finished for r in rollouts),
+                         "task_reward": sum(r.info.get("task_reward", r.reward) for r in rollouts),
+                         "overlong_penalty": sum(r.info.get("overlong_penalty", 0.0) for r in rollouts),
+                         "skipped_microbatches": stats["skipped_microbatches"], "extra_rounds": extra_rounds}, device)
+    n = max(s["n"], 1)
+    return {"reward": s["reward"] / n, "accuracy": s["correct"] / n, "seq_len": s["length"] / n,
+            "zero_variance_groups": s["zero_var"] / max(s["groups"], 1), "truncated": s["truncated"] / n,
+            "length_min": min(lengths), "length_max": max(lengths), "reward/task": s["task_reward"] / n,
+            "reward/overlong_penalty": s["overlong_penalty"] / n, "loss": stats["loss"], "entropy": stats["entropy"],
+            "entropy_proxy": stats["entropy_proxy"], "kl": stats["kl"], "clip_frac": stats["clip_frac"],
+            "grad_norm": stats.get("grad_norm", 0.0), "skipped_microbatches": s["skipped_microbatches"],
+            "skipped_step": stats["skipped_step"], "dynamic_sampling_rounds": s["extra_rounds"] / world}
+
+
+def majority_vote(task, rollouts):
+    """Self-play labels: 1 for the rollouts whose answer (as the task reads it) is the group's majority answer.
+    `rollouts` is one group (all of one prompt)."""
+    answers = [task.extract_answer(r.info["conversation"], r.text) for r in rollouts]
+    majority = majority_answers(answers)
+    return [int(majority is not None and a == majority) for a in answers]
 
 
 def pass_at_k(engine, tokenizer, task, indices, k, max_new_tokens, temperature, top_k, seed):

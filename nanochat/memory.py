@@ -17,6 +17,8 @@ Estimates per model, in bytes:
 
 import torch
 
+from nanochat.common import print0
+
 
 def estimate_memory(config, train=False, rows=1, seq_len=None, kv_rows=0, kv_len=0, world_size=1,
                     grad_checkpointing=False, act_bytes=2, kv_bytes=2):
@@ -53,3 +55,13 @@ def cuda_memory_report(device):
     if device.type != "cuda":
         return None
     return {"peak_allocated": torch.cuda.max_memory_allocated(device), "reserved": torch.cuda.memory_reserved(device)}
+
+
+def print_role_estimates(roles, train_rows, seq_len, world_size=1, grad_checkpointing=False):
+    """Training and sampling estimates of each model, printed on rank 0. roles: {name: (model or None,
+    rows of KV cache while it samples)}."""
+    for name, (model, kv_rows) in roles.items():
+        if model is not None:
+            print0(format_memory(f"{name} (training)", estimate_memory(model.config, train=True, rows=train_rows, seq_len=seq_len,
+                                                                       world_size=world_size, grad_checkpointing=grad_checkpointing)))
+            print0(format_memory(f"{name} (sampling)", estimate_memory(model.config, train=False, kv_rows=kv_rows, kv_len=seq_len)))

@@ -68,7 +68,10 @@ SECTIONS = [
 ]
 STAGE_COLUMNS = ["BASE", "MID", "SFT", "RL", "COTRAIN"]
 SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "AQuA",
-                   "Arithmetic", "ChatCORE"]
+                   "Arithmetic", "ChatCORE",
+                   # co-training's verifier, on held-out labelled solutions (greedy)
+                   "Verifier balanced accuracy", "Verifier AUC", "Verifier share Correct", "Verifier gold share Correct",
+                   "Verifier steps aligned"]
 
 # On-demand $/GPU-hour used for the cost estimate (list prices of common clouds, rounded)
 GPU_HOURLY_RATES = [("h100", 3.00), ("h200", 3.50), ("a100", 1.79), ("v100", 0.55)]

@@ -10,15 +10,15 @@ Schedule: `--verifier_warmup_steps` verifier-only steps, then rounds of `--gen_s
 `--ver_steps` verifier steps, a fresh batch of questions every step, both on-policy with one optimizer step
 per batch. The model not being trained runs in eval mode under no_grad (optionally offloaded to CPU).
 
-Generator step: K samples per question; the verifier judges every sample in one batched pass (sampled,
-T=1); outcome reward r_o in {0,1} from the exact checker (the verifier's Overall never replaces it); step
-k of a K-step solution scores +-1/K at its last token, used only when the verifier returned exactly K
-verdicts. `--mix advantage` (default, Tango): A = (1-alpha) A_out + alpha A_proc with the two normalised
-separately; `--mix reward`: r = r_o + alpha * (fraction of steps judged correct), one group baseline.
+Generator step: `--num_samples` samples per question; the verifier judges every sample in one batched pass
+(sampled, T=1); outcome reward r_o in {0,1} from the exact checker (the verifier's Overall never replaces
+it); step k of a K-step solution scores +-1/K at its last token, used only when the verifier returned
+exactly K verdicts. `--mix advantage` (default, Tango): A = (1-alpha) A_out + alpha A_proc with the two
+normalised separately; `--mix reward`: r = r_o + alpha * (fraction of steps judged correct).
 
-Verifier step: the frozen generator samples solutions; the verifier samples V verifications of each;
-reward = [Overall matches the gold label] + format_weight x format score; per-sample loss weights
-~ 1/sqrt(running count of the sample's class); groups = the V verifications of one solution.
+Verifier step: the frozen generator samples solutions; the verifier samples `--ver_samples` verifications
+of each; reward = [Overall matches the gold label] + format_weight x format score; per-sample loss weights
+~ 1/sqrt(running count of the sample's class); groups = the verifications of one solution.
 
     python -m scripts.chat_cotrain --task arithmetic --gen_source sft --ver_source sft ...
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_cotrain -- --depth_g=20 --depth_v=12
@@ -26,26 +26,29 @@ reward = [Overall matches the gold label] + format_weight x format score; per-sa
 """
 
 import argparse
+import codecs
+import copy
 import os
 import random
 import time
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 
-from nanochat.common import (compute_init, compute_cleanup, print0, init_wandb, get_base_dir, autocast_context,
-                             all_reduce_sums)
-from nanochat.checkpoint_manager import (load_model, save_checkpoint, load_checkpoint, find_last_step,
-                                         CHECKPOINT_DIRS)
+from nanochat.chat_data import set_learning_rates, sft_collate
+from nanochat.checkpoint_manager import CHECKPOINT_DIRS, find_last_step, load_checkpoint, load_model, save_checkpoint
+from nanochat.common import (all_gather_list, all_reduce_dict, autocast_context, compute_init, get_base_dir, init_wandb, print0,
+                             run_stage)
 from nanochat.engine import Engine
-from nanochat.grpo import (sample_and_score, group_advantages, process_advantages, mix_advantages, alpha_schedule,
-                           grpo_update, Rollout, majority_answers, ClassBalancer, pass_at_k)
-from nanochat.memory import estimate_memory, format_memory, cuda_memory_report
+from nanochat.grpo import (ClassBalancer, add_grpo_flags, alpha_schedule, batch_metrics, check_grpo_flags, checked_reward,
+                           generate_rollouts, grpo_update, load_reward_fn, majority_vote, pass_at_k, rank_indices,
+                           rl_lr_multiplier, sample_and_score, sample_batch, token_advantages)
+from nanochat.memory import cuda_memory_report, print_role_estimates
 from nanochat.report import get_report
-from tasks.common import extract_hash_answer
-from tasks.by_name import build_rl_task, RL_TASKS
+from nanochat.roles import Roles
+from nanochat.scoring import choice_probabilities
 from tasks import verify
+from tasks.by_name import RL_TASKS, build_rl_task
 
 
 def get_args(argv=None):
@@ -60,11 +63,13 @@ def get_args(argv=None):
     p.add_argument("--gen_source", default="sft", help="generator checkpoint stage (sft|rl|mid|base)")
     p.add_argument("--gen_tag", default=None, help="generator model tag (overrides --depth_g)")
     p.add_argument("--gen_step", type=int, default=None, help="generator checkpoint step (default: last)")
-    p.add_argument("--ver_source", default="sft", help="verifier checkpoint stage (sft|verifier_sft|mid|base)")
+    p.add_argument("--ver_source", default="sft", help="verifier checkpoint stage (sft|mid|base)")
     p.add_argument("--ver_tag", default=None, help="verifier model tag (overrides --depth_v)")
     p.add_argument("--ver_step", type=int, default=None, help="verifier checkpoint step (default: last)")
     p.add_argument("--shared_model", action="store_true", help="one GPT plays both roles (one optimizer)")
     p.add_argument("--no_verifier", action="store_true", help="no verifier at all: plain GRPO (use with --alpha 0)")
+    p.add_argument("--oracle_verifier", action="store_true",
+                   help="no verifier model: step verdicts come from the task's exact gold step labels (the ceiling and control)")
     p.add_argument("--output_tag", default=None, help="checkpoint tag (default: g<depth>_v<depth>)")
     # task
     p.add_argument("--task", default="gsm8k", choices=RL_TASKS)
@@ -80,22 +85,28 @@ def get_args(argv=None):
     p.add_argument("--verifier_sft_batch", type=int, default=16)
     # generator
     p.add_argument("--examples_per_step", type=int, default=16, help="questions per generator step (all ranks)")
-    p.add_argument("--num_samples", type=int, default=16, help="K: samples per question (the GRPO group)")
-    p.add_argument("--gen_max_tokens", type=int, default=256)
-    p.add_argument("--gen_temperature", type=float, default=1.0)
+    p.add_argument("--num_samples", type=int, default=16, help="samples per question (the generator's GRPO group)")
+    p.add_argument("--gen_max_tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=256)
+    p.add_argument("--gen_temperature", "--temperature", dest="temperature", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=50)
     p.add_argument("--mix", default="advantage", choices=["advantage", "reward"])
     p.add_argument("--alpha", type=float, default=0.1, help="initial weight of the process signal (0: outcome only)")
     p.add_argument("--alpha_end", type=float, default=0.001, help="alpha decays exponentially to this")
     p.add_argument("--normalize_std", action="store_true", help="divide outcome advantages by the group std")
+    add_grpo_flags(p)  # the generator's update: aggregation, clipping, KL, dynamic sampling, overlong, reward_fn, LR schedule
     # verifier
     p.add_argument("--ver_examples_per_step", type=int, default=8, help="questions per verifier step (all ranks)")
     p.add_argument("--ver_solutions", type=int, default=2, help="generator solutions per question in a verifier step")
-    p.add_argument("--ver_samples", type=int, default=5, help="V: verifications per solution (the verifier's group)")
+    p.add_argument("--ver_samples", type=int, default=5, help="verifications per solution (the verifier's group)")
     p.add_argument("--ver_max_tokens", type=int, default=256)
     p.add_argument("--ver_temperature", type=float, default=1.0)
+    p.add_argument("--process_score", default="text", choices=["text", "prob"],
+                   help="step verdicts as the words the verifier wrote (+-1/K) or as its p(Correct) ((2p-1)/K)")
     p.add_argument("--format_weight", type=float, default=0.5, help="weight of the verifier's format score")
-    p.add_argument("--no_class_balance", action="store_true", help="turn off 1/sqrt(class count) loss weights")
+    p.add_argument("--class_balance", default="sqrt", choices=["sqrt", "inverse", "none"],
+                   help="verifier loss weights 1/sqrt(class count) (Tango), 1/count (balanced classes) or none")
+    p.add_argument("--collapse_patience", type=int, default=3,
+                   help="verifier steps with its 'Correct' share > 0.3 off the gold share before 1/count weights (0: never)")
     # optimisation (per model)
     p.add_argument("--device_batch_size", type=int, default=8)
     p.add_argument("--gen_init_lr_frac", type=float, default=0.05)
@@ -119,7 +130,7 @@ def get_args(argv=None):
     p.add_argument("--stop_after", type=int, default=-1,
                    help="checkpoint and exit after this many global steps (for time-limited jobs; resume later)")
     args = p.parse_args(argv)
-    for name in ("examples_per_step", "num_samples", "gen_max_tokens", "ver_examples_per_step", "ver_solutions",
+    for name in ("examples_per_step", "num_samples", "max_new_tokens", "ver_examples_per_step", "ver_solutions",
                  "ver_samples", "ver_max_tokens", "device_batch_size", "num_gen_steps", "gen_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
@@ -127,17 +138,22 @@ def get_args(argv=None):
         p.error("step counts must be >= 0")
     if args.no_verifier and args.alpha != 0:
         p.error("--no_verifier needs --alpha 0 (there is no process signal without a verifier)")
+    if args.oracle_verifier and (args.no_verifier or args.shared_model):
+        p.error("--oracle_verifier replaces the verifier model: it excludes --no_verifier and --shared_model")
     if args.no_verifier and args.shared_model:
         p.error("--shared_model needs a verifier role")
     if not 0.0 <= args.alpha <= 1.0:
         p.error("--alpha must be in [0, 1]")
+    if args.reward == "majority" and (args.reward_fn or args.dynamic_sampling):
+        p.error("--reward majority replaces the reward: it excludes --reward_fn and --dynamic_sampling")
+    check_grpo_flags(p, args)
     return args
 
 
 def phase_schedule(args):
     """The global step sequence as phase letters: 'V' warm-up steps, then rounds of G..G V..V, until
     num_gen_steps generator steps. A pure function of the flags, so a resumed run finds its place."""
-    if args.no_verifier:
+    if args.no_verifier or args.oracle_verifier:
         return ["G"] * args.num_gen_steps
     phases = ["V"] * args.verifier_warmup_steps
     gen_done = 0
@@ -150,468 +166,385 @@ def phase_schedule(args):
     return phases
 
 
-def question_of(conversation):
-    return next(m["content"] for m in conversation["messages"] if m["role"] == "user")
+# -----------------------------------------------------------------------------
+# The two roles
+
+def make_optimizer(args, model, lr_frac):
+    return model.setup_optimizers(unembedding_lr=args.unembedding_lr * lr_frac, embedding_lr=args.embedding_lr * lr_frac,
+                                  matrix_lr=args.matrix_lr * lr_frac)
 
 
-def move(model, device):
-    if model is not None and model.get_device() != torch.device(device):
-        model.to(device)
+def load_roles(args, device):
+    generator, tokenizer, _ = load_model(args.gen_source, device, phase="train", model_tag=args.gen_tag or f"d{args.depth_g}",
+                                         step=args.gen_step)
+    verifier = generator if args.shared_model else None
+    if not (args.shared_model or args.no_verifier or args.oracle_verifier):
+        verifier, ver_tokenizer, _ = load_model(args.ver_source, device, phase="train",
+                                                model_tag=args.ver_tag or f"d{args.depth_v}", step=args.ver_step)
+        if ver_tokenizer.get_vocab_size() != tokenizer.get_vocab_size():
+            raise ValueError("the generator and the verifier must share the tokenizer")
+    for model in {id(m): m for m in (generator, verifier) if m is not None}.values():
+        model.grad_checkpointing = args.grad_checkpointing
+    gen_optimizer = make_optimizer(args, generator, args.gen_init_lr_frac)
+    ver_optimizer, ver_engine = None, None
+    if verifier is not None:
+        ver_optimizer = gen_optimizer if args.shared_model else make_optimizer(args, verifier, args.ver_init_lr_frac)
+        ver_engine = Engine(verifier, tokenizer)
+    reference = copy.deepcopy(generator).eval() if args.kl_coef > 0 else None
+    return Roles(generator, verifier, tokenizer, Engine(generator, tokenizer), ver_engine, gen_optimizer, ver_optimizer,
+                 device, args.offload_frozen, reference)
 
+
+def token_texts(tokenizer, rollout):
+    """The text each token the model wrote adds, so that the pieces join into exactly the decoded text (steps
+    are located in it): a multi-byte character belongs to the token that completes it."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return [decoder.decode(tokenizer.decode_bytes([t])) for t in rollout.body_ids]
+
+
+def judge(args, roles, task, solutions, num_verifications, temperature, seed):
+    """The verifier reads every solution `num_verifications` times in one batched pass. Returns its rollouts
+    (solution-major, for training it) and one tasks.verify.Judgement per rollout."""
+    tokenizer = roles.tokenizer
+    prompts = [tokenizer.render_for_completion(verify.build_verifier_conversation(task.question(s.info["conversation"]), s.text))
+               for s in solutions]
+    roles.sampling(roles.verifier)
+    readings = generate_rollouts(roles.ver_engine, tokenizer, prompts, [s.example_index for s in solutions],
+                                 num_verifications, args.ver_max_tokens, temperature, args.top_k, seed)
+    texts = [token_texts(tokenizer, s) for s in solutions]
+    probs = verdict_probabilities(args, roles, readings) if args.process_score == "prob" else [None] * len(readings)
+    judgements = [verify.judge(texts[i // num_verifications], r.text, p) for i, (r, p) in enumerate(zip(readings, probs))]
+    return readings, judgements
+
+
+def verdict_probabilities(args, roles, readings):
+    """p("Correct") of every verdict of every reading, from one teacher-forced pass of the verifier over what
+    it wrote ([] for a reading whose verdicts cannot all be located: no process signal from it)."""
+    queries = [verify.verdict_queries(roles.tokenizer, r.body_ids, r.text) for r in readings]
+    sequences = [r.prompt_ids + r.body_ids for r in readings]
+    located = [[(len(r.prompt_ids) + j, a, b) for j, a, b in q] if None not in q else [] for r, q in zip(readings, queries)]
+    probs = choice_probabilities(roles.verifier, sequences, located, roles.device, args.device_batch_size,
+                                 roles.tokenizer.get_bos_token_id())
+    return [p if q else [] for p, q in zip(probs, located)]
+
+
+# -----------------------------------------------------------------------------
+# One generator step, one verifier step, the verifier's SFT warm start, evaluation
+
+def gold_labels(task, rollout):
+    """Exact step labels of one of the generator's own solutions, where they can be computed."""
+    return verify.gold_step_labels(rollout.text, reference_values=task.reference_chain(rollout.example_index))[0]
+
+
+def generator_step(args, roles, task, step, rank, world_size):
+    """Sample, judge, mix the advantages, update the generator. Returns the step's metrics (all ranks)."""
+    timer = {}
+    t0 = time.time()
+    roles.sampling(roles.generator)
+    group = args.num_samples
+    rollouts, extra_rounds = sample_batch(roles.gen_engine, roles.tokenizer, task, step, args.num_gen_steps, args, rank, world_size,
+                                          roles.device, load_reward_fn(args.reward_fn) if args.reward_fn else None)
+    if args.reward == "majority":  # self-play: the group's majority answer stands in for the gold answer
+        for p in range(0, len(rollouts), group):
+            for r, label in zip(rollouts[p:p + group], majority_vote(task, rollouts[p:p + group])):
+                r.reward = float(label) - r.info["overlong_penalty"]
+    timer["generate"] = time.time() - t0
+
+    t1 = time.time()
+    alpha = alpha_schedule(step, args.num_gen_steps, args.alpha, args.alpha_end) if args.alpha > 0 else 0.0
+    judgements = None
+    counts = dict.fromkeys(("exact", "missing", "extra", "judged_correct", "judged_steps", "gold_agree", "gold_compared", "process"), 0)
+    if args.oracle_verifier:
+        judgements = [verify.oracle_judge(token_texts(roles.tokenizer, r), gold_labels(task, r)) for r in rollouts]
+    elif roles.verifier is not None:
+        _, judgements = judge(args, roles, task, rollouts, 1, args.ver_temperature, seed=args.seed + 2_000_003 * step + rank)
+    if judgements is not None:
+        for r, j in zip(rollouts, judgements):
+            said = j.verification
+            counts["exact"] += said.num_steps == j.num_steps
+            counts["missing"] += said.num_steps < j.num_steps
+            counts["extra"] += said.num_steps > j.num_steps
+            counts["judged_correct"] += sum(said.step_verdicts)
+            counts["judged_steps"] += said.num_steps
+            counts["process"] += j.process_fraction
+            # where gold step labels are computable, how often the verifier's step verdicts agree with them
+            gold = gold_labels(task, r)
+            if gold and said.num_steps == len(gold):
+                counts["gold_agree"] += sum(int(v) == label for v, label in zip(said.step_verdicts, gold))
+                counts["gold_compared"] += len(gold)
+    timer["verify"] = time.time() - t1
+
+    t2 = time.time()
+    advantages = token_advantages(rollouts, group, alpha, judgements, args.mix, args.normalize_std)
+    roles.training("G")
+    lrm = rl_lr_multiplier(step, args.num_gen_steps, args.lr_schedule, args.warmup_steps)
+    stats = grpo_update(roles.generator, roles.gen_optimizer, rollouts, advantages, roles.tokenizer.get_bos_token_id(),
+                        roles.device, args.device_batch_size, normalization=args.loss_agg, ppo_epochs=args.ppo_epochs,
+                        clip_eps=args.clip_low, clip_high=args.clip_high, ref_model=roles.reference, kl_coef=args.kl_coef,
+                        grad_clip=args.grad_clip, lr_multiplier=lrm, max_completion_tokens=args.max_new_tokens)
+    timer["train"] = time.time() - t2
+
+    s = all_reduce_dict({**counts, "n": len(rollouts)}, roles.device)
+    n = max(s["n"], 1)
+    batch = batch_metrics(rollouts, group, stats, extra_rounds, roles.device)
+    record = {"gen_step": step, **{f"gen/{k}": v for k, v in batch.items()}, "gen/outcome_reward": batch["reward"],
+              "gen/alpha": alpha, "gen/process_reward": s["process"] / n, "gen/total_reward": batch["reward"] + alpha * s["process"] / n,
+              "gen/steps_exact": s["exact"] / n, "gen/steps_missing": s["missing"] / n, "gen/steps_extra": s["extra"] / n,
+              "gen/share_steps_judged_correct": s["judged_correct"] / max(s["judged_steps"], 1),
+              "gen/verifier_step_agreement": s["gold_agree"] / max(s["gold_compared"], 1),
+              "gen/lr_multiplier": lrm, **{f"gen/time_{k}": v for k, v in timer.items()}}
+    print0(f"G {step:4d} | reward {record['gen/outcome_reward']:.3f} | acc {record['gen/accuracy']:.3f} | "
+           f"alpha {alpha:.4f} | proc {record['gen/process_reward']:.3f} | steps-aligned {record['gen/steps_exact']:.2f} | "
+           f"zero-var {record['gen/zero_variance_groups']:.2f} | gen {timer['generate']:.1f}s ver {timer['verify']:.1f}s train {timer['train']:.1f}s")
+    return record
+
+
+def verifier_step(args, roles, task, step, rank, world_size, balancer):
+    """The frozen generator writes solutions, the verifier judges each several times and is rewarded for
+    the right Overall verdict (plus format). Returns the step's metrics (all ranks)."""
+    timer = {}
+    t0 = time.time()
+    roles.sampling(roles.generator)
+    indices = rank_indices(step, args.ver_examples_per_step, rank, world_size, len(task), from_end=True)
+    solutions = sample_and_score(roles.gen_engine, roles.tokenizer, task, indices, args.ver_solutions, args.max_new_tokens,
+                                 args.temperature, args.top_k, seed=args.seed + 3_000_017 * step + rank)
+    timer["generate"] = time.time() - t0
+    t1 = time.time()
+    V = args.ver_samples
+    readings, judgements = judge(args, roles, task, solutions, V, args.ver_temperature, seed=args.seed + 4_000_037 * step + rank)
+    gold = [solutions[i // V].info["correct"] for i in range(len(readings))]
+    for r, j, label in zip(readings, judgements, gold):
+        r.reward = verify.verifier_reward(j.verification, label, j.num_steps, args.format_weight)
+    timer["verify"] = time.time() - t1
+
+    t2 = time.time()
+    balancer.update([s.info["correct"] for s in solutions])
+    weights = None if args.class_balance == "none" else balancer.weights(gold)
+    roles.training("V")
+    stats = grpo_update(roles.verifier, roles.ver_optimizer, readings, token_advantages(readings, V),
+                        roles.tokenizer.get_bos_token_id(), roles.device, args.device_batch_size, sample_weights=weights,
+                        grad_clip=args.grad_clip)
+    timer["train"] = time.time() - t2
+
+    counts = verify.count_verdicts([j.verification.overall for j in judgements], gold)
+    counts.update(format=sum(j.verification.format_ok for j in judgements), aligned=sum(j.aligned for j in judgements),
+                  reward=sum(r.reward for r in readings), n=len(readings), gold_correct=sum(gold))
+    s = all_reduce_dict(counts, roles.device)
+    n = max(s["n"], 1)
+    if balancer.check_collapse(s["said_correct"] / n, s["gold_correct"] / n):
+        print0(f"warning: the verifier's share of 'Correct' verdicts has strayed from the gold share for {args.collapse_patience} "
+               "verifier steps (collapse to one class): switching to 1/count class weights")
+    record = {"ver_step": step, "ver/reward": s["reward"] / n, **{f"ver/{k}": v for k, v in verify.verdict_metrics(s).items()},
+              "ver/format_rate": s["format"] / n, "ver/steps_aligned": s["aligned"] / n, "ver/gold_correct_rate": s["gold_correct"] / n,
+              "ver/entropy_proxy": stats["entropy_proxy"], "ver/class_count_correct": balancer.counts[1],
+              "ver/class_count_incorrect": balancer.counts[0],
+              "ver/weight_correct": balancer.weights([1, 0])[0], "ver/class_power": balancer.power,
+              **{f"ver/time_{k}": t for k, t in timer.items()}}
+    print0(f"V {step:4d} | reward {record['ver/reward']:.3f} | acc {record['ver/accuracy']:.3f} | bal-acc "
+           f"{record['ver/balanced_accuracy']:.3f} | said-correct {record['ver/share_said_correct']:.2f} | "
+           f"gold-correct {record['ver/gold_correct_rate']:.2f} | format {record['ver/format_rate']:.2f}")
+    return record
+
+
+def verifier_sft(args, roles, task, rank, world_size):
+    """Warm-start the verifier on labelled solutions (gold verification texts). Examples are never cut:
+    a verification without its Overall line would teach the wrong format. Returns [(step, loss)]."""
+    rng = random.Random(args.seed + rank)
+    optimizer = make_optimizer(args, roles.verifier, args.ver_sft_lr_frac)
+    roles.training("V")
+    losses = []
+    for step in range(args.verifier_sft_steps):
+        rows = []
+        for _ in range(args.verifier_sft_batch // world_size or 1):
+            item = task.labelled_solution(rng.randrange(len(task)), rng)
+            example = verify.labelled_example(item["question"], item["solution"], item["overall_correct"], item["step_labels"])
+            rows.append(roles.tokenizer.render_conversation(example, max_tokens=None))
+        inputs, targets = sft_collate(rows, roles.tokenizer.get_bos_token_id(), roles.device)
+        with autocast_context(roles.device.type):
+            loss = roles.verifier(inputs, targets=targets)
+        loss.backward()
+        set_learning_rates(optimizer, 1.0 - step / max(args.verifier_sft_steps, 1))
+        optimizer.step()
+        roles.verifier.zero_grad(set_to_none=True)
+        if step % 10 == 0 or step == args.verifier_sft_steps - 1:
+            print0(f"verifier SFT {step:4d}/{args.verifier_sft_steps} | loss {loss.item():.4f} | longest example {inputs.size(1) + 1} tokens")
+            losses.append((step, loss.item()))
+    return losses
+
+
+def evaluate(args, roles, task, rank, world_size):
+    """Held-out pass@1 / pass@k / majority@k of the generator; with a verifier also its best-of-k and its
+    ProcessBench-style metrics on labelled solutions (greedy)."""
+    roles.sampling(roles.generator)
+    indices = list(range(rank, min(args.eval_examples, len(task)), world_size))
+    k = args.eval_samples
+    n, pass1, passk, rollouts = pass_at_k(roles.gen_engine, roles.tokenizer, task, indices, k, args.max_new_tokens,
+                                          args.temperature, args.top_k, seed=args.seed + 5_000_011)
+    counts = {"n": n, "pass1": pass1, "passk": passk, "majority": 0}
+    groups = [rollouts[p:p + k] for p in range(0, len(rollouts), k)]
+    for group in groups:
+        votes = majority_vote(task, group)
+        counts["majority"] += next((r for r, vote in zip(group, votes) if vote), group[0]).info["correct"]
+    if roles.verifier is not None:
+        _, judgements = judge(args, roles, task, rollouts, 1, 0.0, seed=args.seed)
+        counts["reranked"] = sum(group[verify.best_of_n([j.verification for j in judgements[p * k:(p + 1) * k]])].info["correct"]
+                                 for p, group in enumerate(groups))
+        labelled_counts, overall_probs = labelled_verifier_counts(args, roles, task, rank, world_size)
+        counts.update(labelled_counts)
+    s = all_reduce_dict(counts, roles.device)
+    n = max(s["n"], 1)
+    metrics = {"pass@1": s["pass1"] / n, f"pass@{k}": s["passk"] / n, f"majority@{k}": s["majority"] / n}
+    if "reranked" in s:
+        labelled = verify.verdict_metrics({key[4:]: v for key, v in s.items() if key.startswith("ver_")})
+        m = max(s["ver_n"], 1)
+        metrics.update({f"verifier_best_of_{k}": s["reranked"] / n, **{f"verifier_{key}": v for key, v in labelled.items()},
+                        "verifier_first_error_accuracy": s["ver_first_error"] / m, "verifier_gold_share_correct": s["ver_gold"] / m,
+                        "verifier_steps_aligned": s["ver_aligned"] / m})
+        # AUC of p(Overall = Correct) over the readings whose Overall verdict could be located (-1: one class only)
+        area = verify.auc([p for p, _ in overall_probs], [gold for _, gold in overall_probs])
+        metrics["verifier_auc"] = -1.0 if area is None else area
+    return metrics
+
+
+def labelled_verifier_counts(args, roles, task, rank, world_size):
+    """Verdict counts of the greedy verifier on held-out labelled solutions (the same ones every time), and
+    (p(Overall = Correct), gold) pairs for the AUC (gathered from every rank)."""
+    rng = random.Random(args.seed + 99)
+    items = [task.labelled_solution(i, rng) for i in range(min(args.ver_eval_examples, len(task)))][rank::world_size]
+    prompts = [roles.tokenizer.render_for_completion(verify.build_verifier_conversation(it["question"], it["solution"])) for it in items]
+    roles.sampling(roles.verifier)
+    readings = generate_rollouts(roles.ver_engine, roles.tokenizer, prompts, list(range(len(items))), 1, args.ver_max_tokens,
+                                 0.0, None, args.seed) if items else []
+    said = [verify.parse_verification(r.text) for r in readings]
+    counts = verify.count_verdicts([v.overall for v in said], [it["overall_correct"] for it in items])
+    counts.update(n=len(items), gold=sum(it["overall_correct"] for it in items),
+                  aligned=sum(v.num_steps == len(it["step_labels"]) for v, it in zip(said, items)),
+                  first_error=sum(v.overall is not None and verify.first_error_step(v) == it["first_error"]
+                                  for v, it in zip(said, items)))
+    probs = verdict_probabilities(args, roles, readings)
+    pairs = [(p[v.num_steps], it["overall_correct"]) for p, v, it in zip(probs, said, items) if v.overall is not None and p]
+    return {f"ver_{key}": value for key, value in counts.items()}, all_gather_list(pairs)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+def save(args, roles, out_dir, state, balancer, rank):
+    model_data, optim_data = {"generator": roles.generator.state_dict()}, {"generator": roles.gen_optimizer.state_dict()}
+    configs = {"generator": asdict(roles.generator.config)}
+    if roles.verifier is not None:
+        model_data["verifier"] = roles.verifier.state_dict() if not args.shared_model else model_data["generator"]
+        configs["verifier"] = asdict(roles.verifier.config)
+        if not args.shared_model:
+            optim_data["verifier"] = roles.ver_optimizer.state_dict()
+    meta = {"model_config": configs["generator"], "model_configs": configs, "user_config": vars(args), "task": args.task,
+            "loop_state": dict(state), "class_balancer": balancer.state_dict(), "shared_model": args.shared_model}
+    save_checkpoint(out_dir, state["global_step"], model_data, optim_data, meta, rank)
+
+
+def resume(args, roles, out_dir, balancer, rank):
+    """Load the last co-training checkpoint into both roles; returns the loop state to continue from."""
+    model_data, optim_data, meta = load_checkpoint(out_dir, find_last_step(out_dir), roles.device, load_optimizer=True, rank=rank)
+    roles.generator.load_state_dict(model_data["generator"])
+    roles.gen_optimizer.load_state_dict(optim_data["generator"])
+    if roles.verifier is not None and not args.shared_model:
+        roles.verifier.load_state_dict(model_data["verifier"])
+        roles.ver_optimizer.load_state_dict(optim_data["verifier"])
+    balancer.load_state_dict(meta["class_balancer"])
+    state = meta["loop_state"]
+    print0(f"resumed co-training at global step {state['global_step']} (gen {state['gen_step']}, ver {state['ver_step']})")
+    return state
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
     args = get_args(argv)
-    ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
-    master = rank == 0
+    _, rank, _, world_size, device = compute_init(args.device_type, seed=args.seed)
     for name in ("examples_per_step", "ver_examples_per_step"):
         if getattr(args, name) % world_size:
-            raise SystemExit(f"--{name} ({getattr(args, name)}) must be divisible by the world size ({world_size})")
-    wandb_run = init_wandb("nanochat-cotrain", args.run, vars(args), master)
+            raise ValueError(f"--{name} ({getattr(args, name)}) must be divisible by the world size ({world_size})")
+    wandb_run = init_wandb("nanochat-cotrain", args.run, vars(args), rank == 0)
     wandb_run.define_metric("gen/*", step_metric="gen_step")
     wandb_run.define_metric("ver/*", step_metric="ver_step")
     report = get_report()
 
-    # ---- models and optimizers
-    gen_tag = args.gen_tag or f"d{args.depth_g}"
-    generator, tokenizer, gen_meta = load_model(args.gen_source, device, phase="train", model_tag=gen_tag, step=args.gen_step)
-    generator.grad_checkpointing = args.grad_checkpointing
-    verifier = None
-    if args.shared_model:
-        verifier = generator
-    elif not args.no_verifier:
-        ver_tag = args.ver_tag or f"d{args.depth_v}"
-        verifier, ver_tokenizer, _ = load_model(args.ver_source, device, phase="train", model_tag=ver_tag, step=args.ver_step)
-        if ver_tokenizer.get_vocab_size() != tokenizer.get_vocab_size():
-            raise SystemExit("generator and verifier must share the tokenizer")
-        verifier.grad_checkpointing = args.grad_checkpointing
-
-    def make_optimizer(model, lr_frac):
-        return model.setup_optimizers(unembedding_lr=args.unembedding_lr * lr_frac, embedding_lr=args.embedding_lr * lr_frac,
-                                      matrix_lr=args.matrix_lr * lr_frac)
-
-    gen_optimizer = make_optimizer(generator, args.gen_init_lr_frac)
-    ver_optimizer = gen_optimizer if args.shared_model else (None if verifier is None else make_optimizer(verifier, args.ver_init_lr_frac))
-    gen_engine = Engine(generator, tokenizer)
-    ver_engine = None if verifier is None else Engine(verifier, tokenizer)
-    pad_id = tokenizer.get_bos_token_id()
-    assistant_end = tokenizer.encode_special("<|assistant_end|>")
-
-    train_task = build_rl_task(args.task, "train", args.data_dir)
-    val_task = build_rl_task(args.task, "test", args.data_dir)
-    output_tag = args.output_tag or (f"g{generator.config.n_layer}" + ("" if verifier is None or args.shared_model else f"_v{verifier.config.n_layer}"))
+    roles = load_roles(args, device)
+    train_task, val_task = build_rl_task(args.task, "train", args.data_dir), build_rl_task(args.task, "test", args.data_dir)
+    if args.reward_fn:
+        checked_reward(load_reward_fn(args.reward_fn), train_task[0], "")  # fails here, not mid-run
+    has_own_verifier = roles.verifier is not None and not args.shared_model
+    output_tag = args.output_tag or f"g{roles.generator.config.n_layer}" + (f"_v{roles.verifier.config.n_layer}" if has_own_verifier else "")
     out_dir = os.path.join(get_base_dir(), CHECKPOINT_DIRS["cotrain"], output_tag)
     phases = phase_schedule(args)
-    balancer = ClassBalancer(decay=0.8)
-
+    balancer = ClassBalancer(decay=0.8, power={"sqrt": 0.5, "inverse": 1.0, "none": 0.0}[args.class_balance],
+                             patience=args.collapse_patience)
     if args.print_memory:
-        rows = args.num_samples * args.examples_per_step // world_size
-        seq = args.gen_max_tokens + 256
-        for role, model, train_rows, kv_rows in (("generator", generator, args.device_batch_size, rows),
-                                                 ("verifier", verifier, args.device_batch_size, args.ver_samples * rows)):
-            if model is None:
-                continue
-            train_est = estimate_memory(model.config, train=True, rows=train_rows, seq_len=seq, world_size=world_size,
-                                        grad_checkpointing=args.grad_checkpointing)
-            infer_est = estimate_memory(model.config, train=False, kv_rows=kv_rows, kv_len=seq)
-            print0(format_memory(f"{role} (training)", train_est))
-            print0(format_memory(f"{role} (sampling)", infer_est))
-
-    # ---- state, resume
+        samples = args.num_samples * args.examples_per_step // world_size
+        print_role_estimates({"generator": (roles.generator, samples), "verifier": (roles.verifier, args.ver_samples * samples)},
+                             args.device_batch_size, args.max_new_tokens + 256, world_size, args.grad_checkpointing)
     state = {"global_step": 0, "gen_step": 0, "ver_step": 0, "ver_sft_done": False}
     if args.resume:
-        step = find_last_step(out_dir)
-        model_data, optim_data, meta = load_checkpoint(out_dir, step, device, load_optimizer=True, rank=rank)
-        generator.load_state_dict(model_data["generator"])
-        gen_optimizer.load_state_dict(optim_data["generator"])
-        if verifier is not None and not args.shared_model:
-            verifier.load_state_dict(model_data["verifier"])
-            ver_optimizer.load_state_dict(optim_data["verifier"])
-        state = meta["loop_state"]
-        balancer.load_state_dict(meta["class_balancer"])
-        print0(f"resumed co-training at global step {state['global_step']} (gen {state['gen_step']}, ver {state['ver_step']})")
+        state = resume(args, roles, out_dir, balancer, rank)
 
-    def save():
-        model_data = {"generator": generator.state_dict()}
-        optim_data = {"generator": gen_optimizer.state_dict()}
-        configs = {"generator": asdict(generator.config)}
-        if verifier is not None and not args.shared_model:
-            model_data["verifier"] = verifier.state_dict()
-            optim_data["verifier"] = ver_optimizer.state_dict()
-            configs["verifier"] = asdict(verifier.config)
-        elif args.shared_model:
-            configs["verifier"] = configs["generator"]
-            model_data["verifier"] = model_data["generator"]
-        meta = {"model_config": configs["generator"], "model_configs": configs, "user_config": vars(args),
-                "loop_state": dict(state), "class_balancer": balancer.state_dict(), "shared_model": args.shared_model}
-        save_checkpoint(out_dir, state["global_step"], model_data, optim_data, meta, rank)
-
-    def training(role):
-        """Put the model of `role` in training mode on the device; freeze (and maybe offload) the other."""
-        active, frozen = (generator, verifier) if role == "G" else (verifier, generator)
-        if args.offload_frozen and frozen is not None and frozen is not active:
-            move(frozen, "cpu")
-        move(active, device)
-        active.train()
-        if frozen is not None and frozen is not active:
-            frozen.eval()
-
-    def sampling(model):
-        move(model, device)
-        model.eval()
-
-    # ---- verifier judging (used by generator steps, verifier steps and evaluation)
-    def judge(rollouts, num_verifications, temperature, seed):
-        """Verifier texts for every rollout, num_verifications each, in one batched pass."""
-        prompts = [tokenizer.render_for_completion(verify.build_verifier_conversation(question_of(r.info["conversation"]), r.text))
-                   for r in rollouts]
-        sampling(verifier)
-        outputs = ver_engine.generate_prompts(prompts, num_samples=num_verifications, max_tokens=args.ver_max_tokens,
-                                              temperature=temperature, top_k=args.top_k, seed=seed)
-        return prompts, outputs
-
-    # ---- the verifier's SFT warm start on labelled solutions
-    def verifier_sft():
-        rng = random.Random(args.seed + rank)
-        sft_optimizer = make_optimizer(verifier, args.ver_sft_lr_frac)
-        training("V")
-        for step in range(args.verifier_sft_steps):
-            batch = []
-            for _ in range(args.verifier_sft_batch // world_size or 1):
-                batch.append(labelled_verifier_example(train_task, rng))
-            rendered = [tokenizer.render_conversation(c, max_tokens=verifier.config.sequence_len) for c in batch]
-            T = max(len(ids) for ids, _ in rendered) - 1
-            inputs = torch.full((len(batch), T), pad_id, dtype=torch.long)
-            targets = torch.full((len(batch), T), -1, dtype=torch.long)
-            for i, (ids, mask) in enumerate(rendered):
-                ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
-                inputs[i, :len(ids) - 1] = ids_t[:-1]
-                targets[i, :len(ids) - 1] = torch.where(mask_t[1:] == 1, ids_t[1:], torch.full_like(ids_t[1:], -1))
-            inputs, targets = inputs.to(device), targets.to(device)
-            with autocast_context(device.type):
-                loss = verifier(inputs, targets=targets)
-            loss.backward()
-            lrm = 1.0 - step / max(args.verifier_sft_steps, 1)
-            for g in sft_optimizer.param_groups:
-                g["lr"] = g["initial_lr"] * lrm
-            sft_optimizer.step()
-            verifier.zero_grad(set_to_none=True)
-            if step % 10 == 0 or step == args.verifier_sft_steps - 1:
-                print0(f"verifier SFT {step:4d}/{args.verifier_sft_steps} | loss {loss.item():.4f}")
-                wandb_run.log({"ver_sft/loss": loss.item(), "ver_sft/step": step})
-
-    # ---- one generator step
-    def generator_step():
-        g = state["gen_step"]
-        timer = {}
-        t0 = time.time()
-        sampling(generator)
-        examples_per_rank = args.examples_per_step // world_size
-        base = g * args.examples_per_step
-        indices = [(base + rank + world_size * i) % len(train_task) for i in range(examples_per_rank)]
-        rollouts = sample_and_score(gen_engine, tokenizer, train_task, indices, args.num_samples, args.gen_max_tokens,
-                                    args.gen_temperature, args.top_k, seed=args.seed + 1_000_003 * g + rank)
-        K = args.num_samples
-        if args.reward == "majority":  # self-play: the group's majority answer stands in for the gold answer
-            for p in range(len(indices)):
-                group = rollouts[p * K:(p + 1) * K]
-                answers = [extract_hash_answer(r.text) for r in group]
-                majority = majority_answers(answers)
-                for r, a in zip(group, answers):
-                    r.reward = float(majority is not None and a == majority)
-        timer["generate"] = time.time() - t0
-
-        t1 = time.time()
-        alpha = alpha_schedule(g, args.num_gen_steps, args.alpha, args.alpha_end) if args.alpha > 0 else 0.0
-        step_rewards, step_ends = [], []
-        verdict_stats = {"exact": 0, "missing": 0, "extra": 0, "judged_correct": 0, "judged_steps": 0,
-                         "gold_agree": 0, "gold_compared": 0}
-        if verifier is not None:
-            _, outputs = judge(rollouts, 1, args.ver_temperature, seed=args.seed + 2_000_003 * g + rank)
-            for r, (tokens, _) in zip(rollouts, outputs):
-                verification = verify.parse_verification(tokenizer.decode(tokens))
-                body = r.completion_ids[:-1] if r.completion_ids and r.completion_ids[-1] == assistant_end else r.completion_ids
-                ends = verify.step_end_tokens([tokenizer.decode([t]) for t in body])
-                K_steps = len(ends)
-                rewards = verify.process_step_rewards(verification, K_steps)
-                verdict_stats["exact"] += verification.num_steps == K_steps
-                verdict_stats["missing"] += verification.num_steps < K_steps
-                verdict_stats["extra"] += verification.num_steps > K_steps
-                verdict_stats["judged_correct"] += sum(verification.step_verdicts)
-                verdict_stats["judged_steps"] += verification.num_steps
-                step_rewards.append(rewards)
-                step_ends.append(ends)
-                # where gold step labels are computable, how often the verifier's step verdicts agree with them
-                gold, _ = verify.gold_step_labels(r.text, reference_values=reference_chain(train_task, r.example_index))
-                if gold and verification.num_steps == len(gold):
-                    verdict_stats["gold_agree"] += sum(int(v) == g for v, g in zip(verification.step_verdicts, gold))
-                    verdict_stats["gold_compared"] += len(gold)
-                r.info["process_fraction"] = (sum(verification.step_verdicts) / K_steps) if rewards else 0.0
-        timer["verify"] = time.time() - t1
-
-        t2 = time.time()
-        rewards = torch.tensor([r.reward for r in rollouts]).view(len(indices), K)
-        if args.mix == "reward" and verifier is not None and alpha > 0:
-            total = rewards + alpha * torch.tensor([r.info["process_fraction"] for r in rollouts]).view(len(indices), K)
-            token_advantages = group_advantages(total, normalize_std=args.normalize_std).view(-1).tolist()
-        else:
-            outcome = group_advantages(rewards, normalize_std=args.normalize_std).view(-1)
-            if verifier is not None and alpha > 0:
-                token_advantages = []
-                for p in range(len(indices)):
-                    sl = slice(p * K, (p + 1) * K)
-                    length = max(len(r.completion_ids) for r in rollouts[sl])
-                    proc = process_advantages(step_rewards[sl], step_ends[sl], length)
-                    mixed = mix_advantages(outcome[sl], proc, alpha)
-                    token_advantages += [mixed[i, :len(rollouts[p * K + i].completion_ids)] for i in range(K)]
-            else:
-                token_advantages = outcome.tolist()
-        training("G")
-        lrm = 1.0 - g / args.num_gen_steps
-        stats = grpo_update(generator, gen_optimizer, rollouts, token_advantages, pad_id, device, args.device_batch_size,
-                            grad_clip=args.grad_clip, lr_multiplier=lrm)
-        timer["train"] = time.time() - t2
-
-        sums = all_reduce_sums([rewards.sum().item(), rewards.numel(), sum(r.info["correct"] for r in rollouts),
-                                float(((rewards.max(1).values - rewards.min(1).values) == 0).sum()),
-                                sum(len(r.completion_ids) for r in rollouts), verdict_stats["exact"],
-                                verdict_stats["missing"], verdict_stats["extra"], verdict_stats["judged_correct"],
-                                verdict_stats["judged_steps"], sum(r.info.get("process_fraction", 0.0) for r in rollouts),
-                                verdict_stats["gold_agree"], verdict_stats["gold_compared"]], device)
-        n = max(sums[1], 1)
-        record = {"gen_step": g, "gen/outcome_reward": sums[0] / n, "gen/accuracy": sums[2] / n,
-                  "gen/zero_variance_groups": sums[3] / args.examples_per_step, "gen/seq_len": sums[4] / n,
-                  "gen/alpha": alpha, "gen/process_reward": sums[10] / n,
-                  "gen/total_reward": sums[0] / n + alpha * sums[10] / n,
-                  "gen/steps_exact": sums[5] / n, "gen/steps_missing": sums[6] / n, "gen/steps_extra": sums[7] / n,
-                  "gen/share_steps_judged_correct": sums[8] / max(sums[9], 1), "gen/entropy_proxy": stats["entropy_proxy"],
-                  "gen/verifier_step_agreement": sums[11] / max(sums[12], 1),
-                  "gen/lr_multiplier": lrm, **{f"gen/time_{k}": v for k, v in timer.items()}}
-        print0(f"G {g:4d} | reward {record['gen/outcome_reward']:.3f} | acc {record['gen/accuracy']:.3f} | "
-               f"alpha {alpha:.4f} | proc {record['gen/process_reward']:.3f} | K-aligned {record['gen/steps_exact']:.2f} | "
-               f"zero-var {record['gen/zero_variance_groups']:.2f} | gen {timer['generate']:.1f}s ver {timer['verify']:.1f}s train {timer['train']:.1f}s")
-        wandb_run.log(record)
-        report.log_curve("cotrain/reward", g, record["gen/outcome_reward"])
-        state["gen_step"] += 1
-        return record
-
-    # ---- one verifier step
-    def verifier_step():
-        v = state["ver_step"]
-        timer = {}
-        t0 = time.time()
-        sampling(generator)
-        per_rank = args.ver_examples_per_step // world_size
-        base = v * args.ver_examples_per_step
-        # verifier questions come from the other end of the train split, so they differ from the generator's
-        indices = [(len(train_task) - 1 - (base + rank + world_size * i)) % len(train_task) for i in range(per_rank)]
-        solutions = sample_and_score(gen_engine, tokenizer, train_task, indices, args.ver_solutions, args.gen_max_tokens,
-                                     args.gen_temperature, args.top_k, seed=args.seed + 3_000_017 * v + rank)
-        timer["generate"] = time.time() - t0
-        t1 = time.time()
-        prompts, outputs = judge(solutions, args.ver_samples, args.ver_temperature, seed=args.seed + 4_000_037 * v + rank)
-        timer["verify"] = time.time() - t1
-        V = args.ver_samples
-        rollouts, rewards, labels, stats = [], [], [], {"tp": 0, "fp": 0, "tn": 0, "fn": 0, "format": 0, "said_correct": 0, "parsed": 0, "aligned": 0}
-        for j, sol in enumerate(solutions):
-            gold = sol.info["correct"]
-            K_steps = len(verify.split_steps(verify.to_display(sol.text)))
-            for s in range(V):
-                tokens, mask = outputs[j * V + s]
-                tokens, mask = list(tokens), list(mask)
-                if len(tokens) < args.ver_max_tokens:
-                    tokens.append(assistant_end)
-                    mask.append(1)
-                verification = verify.parse_verification(tokenizer.decode([t for t in tokens if t != assistant_end]))
-                reward = verify.verifier_reward(verification, gold, K_steps, args.format_weight)
-                rollouts.append(Rollout(sol.example_index, prompts[j], tokens, mask))
-                rewards.append(reward)
-                labels.append(gold)
-                said = verification.overall
-                stats["format"] += verification.format_ok
-                stats["parsed"] += said is not None
-                stats["said_correct"] += said is True
-                stats["aligned"] += verification.num_steps == K_steps
-                # positives are *incorrect* solutions: finding errors is the verifier's job
-                if said is not None:
-                    stats["tp"] += (not said) and (not gold)
-                    stats["fp"] += (not said) and bool(gold)
-                    stats["tn"] += bool(said) and bool(gold)
-                    stats["fn"] += bool(said) and (not gold)
-        t2 = time.time()
-        advantages = group_advantages(torch.tensor(rewards).view(len(solutions), V)).view(-1).tolist()
-        solution_labels = [sol.info["correct"] for sol in solutions]
-        balancer.update(_global_labels(solution_labels, device))
-        weights = None if args.no_class_balance else balancer.weights(labels)
-        training("V")
-        lrm = 1.0
-        stats_update = grpo_update(verifier, ver_optimizer, rollouts, advantages, pad_id, device, args.device_batch_size,
-                                   sample_weights=weights, grad_clip=args.grad_clip, lr_multiplier=lrm)
-        timer["train"] = time.time() - t2
-        keys = ["tp", "fp", "tn", "fn", "format", "said_correct", "parsed", "aligned"]
-        sums = dict(zip(keys + ["reward", "n", "gold_correct"],
-                        all_reduce_sums([stats[k] for k in keys] + [sum(rewards), len(rewards), sum(labels)], device)))
-        n = max(sums["n"], 1)
-        tp, fp, tn, fn = sums["tp"], sums["fp"], sums["tn"], sums["fn"]
-        recall_incorrect = tp / max(tp + fn, 1)
-        recall_correct = tn / max(tn + fp, 1)
-        record = {"ver_step": v, "ver/reward": sums["reward"] / n, "ver/accuracy": (tp + tn) / n,
-                  "ver/balanced_accuracy": 0.5 * (recall_incorrect + recall_correct),
-                  "ver/precision_incorrect": tp / max(tp + fp, 1), "ver/recall_incorrect": recall_incorrect,
-                  "ver/share_said_correct": sums["said_correct"] / n, "ver/format_rate": sums["format"] / n,
-                  "ver/parse_rate": sums["parsed"] / n, "ver/steps_aligned": sums["aligned"] / n,
-                  "ver/gold_correct_rate": sums["gold_correct"] / n, "ver/entropy_proxy": stats_update["entropy_proxy"],
-                  "ver/class_count_correct": balancer.counts[1], "ver/class_count_incorrect": balancer.counts[0],
-                  "ver/weight_correct": balancer.weights([1, 0])[0] if not args.no_class_balance else 1.0,
-                  **{f"ver/time_{k}": t for k, t in timer.items()}}
-        print0(f"V {v:4d} | reward {record['ver/reward']:.3f} | acc {record['ver/accuracy']:.3f} | bal-acc "
-               f"{record['ver/balanced_accuracy']:.3f} | said-correct {record['ver/share_said_correct']:.2f} | "
-               f"gold-correct {record['ver/gold_correct_rate']:.2f} | format {record['ver/format_rate']:.2f}")
-        wandb_run.log(record)
-        report.log_curve("cotrain/verifier_balanced_acc", v, record["ver/balanced_accuracy"], kind="accuracy")
-        report.log_curve("cotrain/verifier_reward", v, record["ver/reward"])
-        state["ver_step"] += 1
-        return record
-
-    # ---- evaluation
-    def evaluate(label):
-        sampling(generator)
-        indices = list(range(rank, min(args.eval_examples, len(val_task)), world_size))
-        k = args.eval_samples
-        n, p1, pk, rollouts = pass_at_k(gen_engine, tokenizer, val_task, indices, k, args.gen_max_tokens,
-                                        args.gen_temperature, args.top_k, seed=args.seed + 5_000_011)
-        majority_correct = reranked_correct = 0
-        for p in range(len(indices)):
-            group = rollouts[p * k:(p + 1) * k]
-            answers = [extract_hash_answer(r.text) for r in group]
-            majority = majority_answers(answers)
-            pick = next((r for r, a in zip(group, answers) if majority is not None and a == majority), group[0])
-            majority_correct += pick.info["correct"]
-        results = {"n": n, "pass1": p1, "passk": pk, "majority": majority_correct}
-        if verifier is not None:
-            _, outputs = judge(rollouts, 1, 0.0, seed=args.seed)
-            for p in range(len(indices)):
-                scored = []
-                for i in range(p * k, (p + 1) * k):
-                    ver = verify.parse_verification(tokenizer.decode(outputs[i][0]))
-                    frac = sum(ver.step_verdicts) / max(ver.num_steps, 1)
-                    scored.append(((ver.overall is True) + frac, -i, rollouts[i]))
-                reranked_correct += max(scored, key=lambda x: x[:2])[2].info["correct"]
-            results["reranked"] = reranked_correct
-            results.update(evaluate_verifier_on_labelled())
-        keys = sorted(results)
-        sums = dict(zip(keys, all_reduce_sums([results[key] for key in keys], device)))
-        n = max(sums.pop("n"), 1)
-        metrics = {"pass@1": sums["pass1"] / n, f"pass@{k}": sums["passk"] / n, f"majority@{k}": sums["majority"] / n}
-        if "reranked" in sums:
-            m = max(sums["ver_n"], 1)
-            metrics.update({f"verifier_best_of_{k}": sums["reranked"] / n, "verifier_accuracy": sums["ver_correct"] / m,
-                            "verifier_f1_incorrect": 2 * sums["ver_tp"] / max(2 * sums["ver_tp"] + sums["ver_fp"] + sums["ver_fn"], 1),
-                            "verifier_first_error_accuracy": sums["ver_first_error"] / m,
-                            "verifier_share_said_correct": sums["ver_said_correct"] / m})
-        print0(f"eval [{label}] " + " | ".join(f"{key} {val:.4f}" for key, val in metrics.items()))
-        wandb_run.log({"gen_step": state["gen_step"], **{f"eval/{key}": val for key, val in metrics.items()}})
+    def log_eval(label):
+        metrics = evaluate(args, roles, val_task, rank, world_size)
+        print0(f"eval [{label}] " + " | ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
+        wandb_run.log({"gen_step": state["gen_step"], **{f"eval/{key}": value for key, value in metrics.items()}})
         report.log_curve("cotrain/eval_pass@1", state["gen_step"], metrics["pass@1"], kind="accuracy")
-        return metrics
+        return {"gen_step": state["gen_step"], **metrics}
 
-    def evaluate_verifier_on_labelled():
-        """ProcessBench-style metrics on held-out labelled solutions (greedy verifier)."""
-        rng = random.Random(args.seed + 99)
-        examples = [labelled_solution(val_task, i, rng) for i in range(min(args.ver_eval_examples, len(val_task)))][rank::world_size]
-        if not examples:
-            return {"ver_n": 0, "ver_correct": 0, "ver_tp": 0, "ver_fp": 0, "ver_fn": 0, "ver_first_error": 0, "ver_said_correct": 0}
-        prompts = [tokenizer.render_for_completion(verify.build_verifier_conversation(q, s)) for q, s, _, _ in examples]
-        sampling(verifier)
-        outputs = ver_engine.generate_prompts(prompts, num_samples=1, max_tokens=args.ver_max_tokens, temperature=0.0,
-                                              top_k=None, seed=args.seed)
-        out = {"ver_n": len(examples), "ver_correct": 0, "ver_tp": 0, "ver_fp": 0, "ver_fn": 0, "ver_first_error": 0, "ver_said_correct": 0}
-        for (q, s, gold, first_error), (tokens, _) in zip(examples, outputs):
-            ver = verify.parse_verification(tokenizer.decode(tokens))
-            said_incorrect = ver.overall is False
-            out["ver_correct"] += ver.overall is not None and ver.overall == gold
-            out["ver_said_correct"] += ver.overall is True
-            out["ver_tp"] += said_incorrect and not gold
-            out["ver_fp"] += said_incorrect and gold
-            out["ver_fn"] += (not said_incorrect) and not gold
-            predicted_first = next((i for i, ok in enumerate(ver.step_verdicts) if not ok), -1)
-            out["ver_first_error"] += ver.overall is not None and predicted_first == first_error  # unparsable: wrong
-        return out
-
-    # ---- the run
-    if args.verifier_sft_steps > 0 and verifier is not None and not state["ver_sft_done"]:
-        verifier_sft()
+    if args.verifier_sft_steps > 0 and roles.verifier is not None and not state["ver_sft_done"]:
+        for step, loss in verifier_sft(args, roles, train_task, rank, world_size):
+            wandb_run.log({"ver_sft/loss": loss, "ver_sft/step": step})
         state["ver_sft_done"] = True
     print0(f"schedule: {phases.count('V')} verifier steps and {phases.count('G')} generator steps "
            f"({args.verifier_warmup_steps} warm-up, then {args.gen_steps}:{args.ver_steps})")
     history = {"gen": [], "ver": [], "eval": []}
     if state["global_step"] == 0:
-        history["eval"].append({"gen_step": 0, **evaluate("start")})
+        history["eval"].append(log_eval("start"))
     while state["global_step"] < len(phases):
         phase = phases[state["global_step"]]
         if device.type == "cuda" and args.print_memory:
             torch.cuda.reset_peak_memory_stats(device)
         if phase == "G":
-            history["gen"].append(generator_step())
+            record = generator_step(args, roles, train_task, state["gen_step"], rank, world_size)
+            report.log_curve("cotrain/reward", state["gen_step"], record["gen/outcome_reward"])
+            history["gen"].append(record)
+            state["gen_step"] += 1
         else:
-            history["ver"].append(verifier_step())
+            record = verifier_step(args, roles, train_task, state["ver_step"], rank, world_size, balancer)
+            report.log_curve("cotrain/verifier_balanced_acc", state["ver_step"], record["ver/balanced_accuracy"], kind="accuracy")
+            report.log_curve("cotrain/verifier_reward", state["ver_step"], record["ver/reward"])
+            # collapse shows as the share of "Correct" verdicts leaving the gold share
+            report.log_curve("cotrain/verifier_share_correct", state["ver_step"], record["ver/share_said_correct"], kind="accuracy")
+            report.log_curve("cotrain/verifier_gold_share_correct", state["ver_step"], record["ver/gold_correct_rate"], kind="accuracy")
+            history["ver"].append(record)
+            state["ver_step"] += 1
+        wandb_run.log(record)
         if args.print_memory and (measured := cuda_memory_report(device)):
             print0(f"  CUDA memory after {phase} step: peak allocated {measured['peak_allocated'] / 2**30:.2f} GiB, "
                    f"reserved {measured['reserved'] / 2**30:.2f} GiB")
         state["global_step"] += 1
-        if phase == "G" and args.eval_every > 0 and state["gen_step"] % args.eval_every == 0 and state["global_step"] < len(phases):
-            history["eval"].append({"gen_step": state["gen_step"], **evaluate(f"gen step {state['gen_step']}")})
+        done = state["global_step"] == len(phases)
+        if phase == "G" and args.eval_every > 0 and state["gen_step"] % args.eval_every == 0 and not done:
+            history["eval"].append(log_eval(f"gen step {state['gen_step']}"))
         stopping = state["global_step"] == args.stop_after
-        if (args.save_every > 0 and state["global_step"] % args.save_every == 0) or state["global_step"] == len(phases) or stopping:
-            save()
+        if (args.save_every > 0 and state["global_step"] % args.save_every == 0) or done or stopping:
+            save(args, roles, out_dir, state, balancer, rank)
         if stopping:
             print0(f"stopping after global step {state['global_step']} as asked (--stop_after); continue with --resume")
-            compute_cleanup()
             return history
-    final = evaluate("final")
-    history["eval"].append({"gen_step": state["gen_step"], **final})
-    report.log(section="Chat cotrain", data=[vars(args), {f"final {k}": v for k, v in final.items()}])
+    history["eval"].append(log_eval("final"))
+    final = history["eval"][-1]
+    summary = {name: final[key] for name, key in (("Verifier balanced accuracy", "verifier_balanced_accuracy"),
+               ("Verifier AUC", "verifier_auc"), ("Verifier share Correct", "verifier_share_said_correct"),
+               ("Verifier gold share Correct", "verifier_gold_share_correct"), ("Verifier steps aligned", "verifier_steps_aligned"))
+               if key in final}
+    report.log(section="Chat cotrain", data=[vars(args), {f"final {k}": v for k, v in final.items() if k != "gen_step"}, summary])
     wandb_run.finish()
-    compute_cleanup()
     return history
 
 
-def _global_labels(labels, device):
-    """All ranks' labels (for the class counts, which must agree on every rank)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return list(labels)
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, list(labels))
-    return [label for part in gathered for label in part]
-
-
-def reference_chain(task, index):
-    """The exact chain of intermediate results of a synthetic arithmetic problem (None for other tasks)."""
-    if not hasattr(task, "problem"):
-        return None
-    return [step["y"] for step in task.problem(index)["steps"]]
-
-
-def labelled_solution(task, index, rng):
-    """(question, solution, overall_correct, first_error) for verifier evaluation and SFT."""
-    conversation = task[index]
-    question = question_of(conversation)
-    if hasattr(task, "get_labelled_solution"):  # our arithmetic task knows its corruptions exactly
-        item = task.get_labelled_solution(index, corrupt=rng.random() < 0.5)
-        return question, item["solution"], bool(item["final_correct"]), item["first_error"]
-    reference = conversation["messages"][-1]["content"]
-    if isinstance(reference, list):
-        reference = "".join(part["text"] if part["type"] == "text" else
-                            (f"<<{part['text']}=" if part["type"] == "python" else f"{part['text']}>>") for part in reference)
-    solution, labels, overall, first_error = verify.gsm8k_style_labelled(question, reference, rng)
-    return question, solution, overall, first_error
-
-
-def labelled_verifier_example(task, rng):
-    index = rng.randrange(len(task))
-    question, solution, overall, first_error = labelled_solution(task, index, rng)
-    n = len(verify.split_steps(verify.to_display(solution)))
-    labels = [1 if first_error == -1 or i < first_error else 0 for i in range(n)]
-    return verify.labelled_example(question, solution, overall, labels)
-
-
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -111,7 +111,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from tasks.common import DataNotFoundError
+    from tasks.records import DataNotFoundError
     try:
         main()
     except (FileNotFoundError, ValueError, DataNotFoundError) as e:  # bad flags, missing data or checkpoints

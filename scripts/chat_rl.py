@@ -4,7 +4,8 @@ Single-model RL with GRPO: the baseline that co-training must beat.
 For each question sample a group of completions with the Engine, reward them with the task's exact
 checker, take advantage = reward - group mean (optionally / group std), and do one on-policy
 policy-gradient step with token-level normalisation. No reference model and no KL by default, as in
-nanochat; the known variants are flags (--normalize_std, --normalization, --ppo_epochs, --kl_coef).
+nanochat; the known variants are flags (--normalize_std, --loss_agg, --ppo_epochs with --clip_low/--clip_high,
+--kl_coef, --dynamic_sampling, --overlong, --reward_fn, --lr_schedule; see nanochat/grpo.py).
 
     python -m scripts.chat_rl --task arithmetic --num_steps 50
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl -- --task gsm8k
@@ -18,10 +19,11 @@ from dataclasses import asdict
 
 import torch
 
-from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, get_base_dir, all_reduce_sums
+from nanochat.common import all_reduce_sums, compute_init, get_base_dir, init_wandb, print0, run_stage
 from nanochat.checkpoint_manager import load_model, save_checkpoint, load_checkpoint, find_last_step, CHECKPOINT_DIRS
 from nanochat.engine import Engine
-from nanochat.grpo import sample_and_score, group_advantages, grpo_update, pass_at_k
+from nanochat.grpo import (add_grpo_flags, batch_metrics, check_grpo_flags, checked_reward, group_advantages, grpo_update,
+                           load_reward_fn, majority_answers, pass_at_k, rl_lr_multiplier, sample_batch)
 from nanochat.report import get_report
 from tasks.by_name import build_rl_task, RL_TASKS
 
@@ -54,12 +56,9 @@ def get_args(argv=None):
     parser.add_argument("--unembedding_lr", type=float, default=0.004)
     parser.add_argument("--weight_decay", type=float, default=0.0)
     parser.add_argument("--grad_clip", type=float, default=0.0, help="global grad-norm clip (0: off)")
-    # GRPO variants
+    # GRPO variants (nanochat/grpo.py: aggregation, clipping, KL, dynamic sampling, overlong, reward_fn, LR schedule)
     parser.add_argument("--normalize_std", action="store_true", help="divide advantages by the group std")
-    parser.add_argument("--normalization", default="token", choices=["token", "sequence"])
-    parser.add_argument("--ppo_epochs", type=int, default=1, help=">1 reuses a batch with a clipped ratio")
-    parser.add_argument("--clip_eps", type=float, default=0.2)
-    parser.add_argument("--kl_coef", type=float, default=0.0, help="k3 KL penalty to the frozen starting policy")
+    add_grpo_flags(parser)
     # evaluation and checkpoints
     parser.add_argument("--eval_every", type=int, default=60)
     parser.add_argument("--eval_examples", type=int, default=400)
@@ -67,9 +66,10 @@ def get_args(argv=None):
     parser.add_argument("--save_every", type=int, default=60)
     parser.add_argument("--resume", action="store_true", help="continue from the last RL checkpoint")
     args = parser.parse_args(argv)
-    for name in ("examples_per_step", "num_samples", "max_new_tokens", "device_batch_size", "ppo_epochs"):
+    for name in ("examples_per_step", "num_samples", "max_new_tokens", "device_batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
+    check_grpo_flags(parser, args)
     return args
 
 
@@ -78,7 +78,7 @@ def main(argv=None):
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
     master = rank == 0
     if args.examples_per_step % world_size:
-        raise SystemExit(f"--examples_per_step ({args.examples_per_step}) must be divisible by the world size ({world_size})")
+        raise ValueError(f"--examples_per_step ({args.examples_per_step}) must be divisible by the world size ({world_size})")
     wandb_run = init_wandb("nanochat-rl", args.run, vars(args), master)
     report = get_report()
 
@@ -90,6 +90,9 @@ def main(argv=None):
     train_task = build_rl_task(args.task, "train", args.data_dir)
     val_task = build_rl_task(args.task, "test", args.data_dir)
     num_steps = args.num_steps if args.num_steps > 0 else len(train_task) // args.examples_per_step
+    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
+    if reward_fn is not None:
+        checked_reward(reward_fn, train_task[0], "")  # a function that cannot score fails here, not mid-run
     optimizer = model.setup_optimizers(unembedding_lr=args.unembedding_lr * args.init_lr_frac,
                                        embedding_lr=args.embedding_lr * args.init_lr_frac,
                                        matrix_lr=args.matrix_lr * args.init_lr_frac, weight_decay=args.weight_decay)
@@ -105,7 +108,7 @@ def main(argv=None):
         print0(f"resumed from step {step}; continuing at step {start_step}")
 
     def save(step_done):
-        meta_out = {"model_config": asdict(model.config), "user_config": vars(args), "model_tag": model_tag,
+        meta_out = {"model_config": asdict(model.config), "user_config": vars(args), "model_tag": model_tag, "task": args.task,
                     "loop_state": {"next_step": step_done + 1}, "source": args.source}
         save_checkpoint(out_dir, step_done, model.state_dict(), optimizer.state_dict(), meta_out, rank)
 
@@ -120,42 +123,35 @@ def main(argv=None):
         report.log_curve("rl/eval_pass@1", step, p1 / max(n, 1), kind="accuracy")
         return p1 / max(n, 1), pk / max(n, 1)
 
-    examples_per_rank = args.examples_per_step // world_size
     history = []
     for step in range(start_step, num_steps):
         if args.eval_every > 0 and step % args.eval_every == 0:
             evaluate(step)
         t0 = time.time()
         model.eval()
-        base = step * args.examples_per_step
-        indices = [(base + rank + world_size * i) % len(train_task) for i in range(examples_per_rank)]
-        rollouts = sample_and_score(engine, tokenizer, train_task, indices, args.num_samples, args.max_new_tokens,
-                                    args.temperature, args.top_k, seed=args.seed + 1_000_003 * step + rank)
+        rollouts, extra_rounds = sample_batch(engine, tokenizer, train_task, step, num_steps, args, rank, world_size, device, reward_fn)
         t_gen = time.time() - t0
-        rewards = torch.tensor([r.reward for r in rollouts]).view(len(indices), args.num_samples)
+        rewards = torch.tensor([r.reward for r in rollouts]).view(-1, args.num_samples)
         advantages = group_advantages(rewards, normalize_std=args.normalize_std).view(-1)
         model.train()
-        lrm = 1.0 - step / num_steps  # linear decay to zero over the run
+        lrm = rl_lr_multiplier(step, num_steps, args.lr_schedule, args.warmup_steps)
         stats = grpo_update(model, optimizer, rollouts, advantages.tolist(), pad_id, device, args.device_batch_size,
-                            normalization=args.normalization, ppo_epochs=args.ppo_epochs, clip_eps=args.clip_eps,
-                            ref_model=ref_model, kl_coef=args.kl_coef, grad_clip=args.grad_clip, lr_multiplier=lrm)
+                            normalization=args.loss_agg, ppo_epochs=args.ppo_epochs, clip_eps=args.clip_low,
+                            clip_high=args.clip_high, ref_model=ref_model, kl_coef=args.kl_coef, grad_clip=args.grad_clip,
+                            lr_multiplier=lrm, max_completion_tokens=args.max_new_tokens)
         dt = time.time() - t0
-        total_reward, count, correct, length, zero_var_groups = all_reduce_sums(
-            [rewards.sum().item(), rewards.numel(), sum(r.info["correct"] for r in rollouts),
-             sum(len(r.completion_ids) for r in rollouts),
-             float(((rewards.max(1).values - rewards.min(1).values) == 0).sum())], device)
-        mean_reward, accuracy, mean_len = total_reward / count, correct / count, length / count
-        zero_var = zero_var_groups / args.examples_per_step
-        record = {"step": step, "reward": mean_reward, "accuracy": accuracy, "seq_len": mean_len,
-                  "zero_variance_groups": zero_var, "lr_multiplier": lrm, "time_generate": t_gen, "time_step": dt,
-                  "loss": stats["loss"], "entropy_proxy": stats["entropy_proxy"]}
-        if args.task == "aqua":
-            letters = [val_task.extract_letter(r.text) if hasattr(val_task, "extract_letter") else None for r in rollouts]
-            for letter in "ABCDE":
-                record[f"letter_{letter}"] = sum(l == letter for l in letters) / max(len(letters), 1)
+        record = {"step": step, **batch_metrics(rollouts, args.num_samples, stats, extra_rounds, device),
+                  "lr_multiplier": lrm, "time_generate": t_gen, "time_step": dt}
+        mean_reward, accuracy, mean_len, zero_var = record["reward"], record["accuracy"], record["seq_len"], record["zero_variance_groups"]
+        # the answers the task reads in the completions: a policy collapsing onto one answer shows up here
+        answers = [train_task.extract_answer(r.info["conversation"], r.text) for r in rollouts]
+        top = majority_answers(answers)
+        record["answered"] = sum(a is not None for a in answers) / len(answers)
+        record["top_answer_share"] = sum(a == top for a in answers) / len(answers) if top is not None else 0.0
         history.append(record)
         print0(f"step {step:5d}/{num_steps} | reward {mean_reward:.4f} | acc {accuracy:.4f} | len {mean_len:6.1f} | "
-               f"zero-var {zero_var:.2f} | lrm {lrm:.3f} | gen {t_gen:.1f}s | step {dt:.1f}s")
+               f"zero-var {zero_var:.2f} | entropy {record['entropy']:.3f} | cut {record['truncated']:.2f} | "
+               f"grad {record['grad_norm']:.3f} | lrm {lrm:.3f} | gen {t_gen:.1f}s | step {dt:.1f}s")
         wandb_run.log(record)
         report.log_curve("rl/reward", step, mean_reward)
         if (args.save_every > 0 and (step + 1) % args.save_every == 0) or step == num_steps - 1:
@@ -164,9 +160,8 @@ def main(argv=None):
     final_pass1, final_passk = evaluate(num_steps)
     report.log(section="Chat RL", data=[vars(args), {"final pass@1": final_pass1, f"final pass@{args.eval_samples}": final_passk}])
     wandb_run.finish()
-    compute_cleanup()
     return {"train": history, "final": {"pass@1": final_pass1, f"pass@{args.eval_samples}": final_passk}}
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -94,7 +94,7 @@ def parse_args(argv=None):
 def load_metric_tasks(spec, data_dir):
     """[(display name, task)] for the periodic accuracy; a task whose data is missing is left out with a warning."""
     from tasks.by_name import load_eval_task, parse_task_names
-    from tasks.common import DataNotFoundError
+    from tasks.records import DataNotFoundError
     if not spec.strip():
         return []
     out = []
@@ -276,7 +276,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from tasks.common import DataNotFoundError
+    from tasks.records import DataNotFoundError
     try:
         main()
     except (FileNotFoundError, ValueError, DataNotFoundError) as e:  # bad flags, missing data or checkpoints

@@ -14,7 +14,10 @@ The original release names the validation file dev.json; it (and test.json) are 
 
 import re
 
-from tasks.common import DatasetTask, default_data_dir, extract_choice_letter, load_records, local_candidates, render_mc
+from tasks.answers import extract_choice_letter, render_mc
+from tasks.common import DatasetTask, labels_from_first_error
+from tasks.records import default_data_dir, load_records, local_candidates
+from tasks.verify import split_steps
 
 LETTERS = ["A", "B", "C", "D", "E"]
 _OPTION_PREFIX = re.compile(r"^\s*\(?([A-Ea-e])\s*\)\s*")
@@ -84,3 +87,22 @@ class AQuA(DatasetTask):
 
     def format_reward(self, conversation, assistant_response):
         return float(self.extract_letter(conversation, assistant_response) is not None)
+
+    # --- answer knowledge for RL and co-training (see Task)
+
+    def extract_answer(self, conversation, assistant_response):
+        return self.extract_letter(conversation, assistant_response)
+
+    def labelled_solution(self, index, rng):
+        """The rationale ending in 'Answer: X', or the same rationale committing to another letter: its
+        last step, the answer line, is then the first error. (The rationales carry no calculator
+        annotations, so an arithmetic slip inside them cannot be placed exactly.)"""
+        conversation = self[index]
+        solution, first_error = conversation["messages"][-1]["content"], -1
+        if rng.random() >= 0.5:
+            wrong = rng.choice([letter for letter in conversation["letters"] if letter != conversation["answer"]])
+            solution = solution[:solution.rindex("Answer: ")] + f"Answer: {wrong}"
+            first_error = len(split_steps(solution)) - 1
+        return {"question": self.question(conversation), "solution": solution, "first_error": first_error,
+                "overall_correct": first_error < 0,
+                "step_labels": labels_from_first_error(len(split_steps(solution)), first_error)}

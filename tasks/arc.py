@@ -6,7 +6,9 @@ Data: HF `allenai/ai2_arc` (subset "ARC-Easy" / "ARC-Challenge", splits train/va
 files arc/<subset>/<split>.jsonl (or parquet) under data_dir.
 """
 
-from tasks.common import DatasetTask, default_data_dir, extract_choice_letter, letters_for, load_records, local_candidates, render_mc
+from tasks.common import DatasetTask
+from tasks.answers import extract_choice_letter, letters_for, render_mc
+from tasks.records import default_data_dir, load_records, local_candidates
 
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
 

@@ -28,7 +28,8 @@ import random
 from fractions import Fraction
 
 from nanochat.calculator import format_number
-from tasks.common import Task, extract_hash_answer, same_number
+from tasks.answers import extract_hash_answer, normalize_number, same_number
+from tasks.common import Task
 from tasks.gsm8k import solution_to_parts
 
 NAMES = [("Mia", "she", "her"), ("Emma", "she", "her"), ("Lily", "she", "her"), ("Zoe", "she", "her"),
@@ -270,3 +271,16 @@ class ArithmeticTask(Task):
 
     def evaluate(self, conversation, assistant_response):
         return int(same_number(extract_hash_answer(assistant_response), conversation["answer"]))
+
+    # --- answer knowledge for RL and co-training (see Task)
+
+    def extract_answer(self, conversation, assistant_response):
+        return normalize_number(extract_hash_answer(assistant_response))
+
+    def labelled_solution(self, index, rng):
+        item = self.get_labelled_solution(index, corrupt=rng.random() < 0.5)
+        return {"question": item["question"], "solution": item["solution"], "step_labels": item["step_labels"],
+                "overall_correct": bool(item["final_correct"]), "first_error": item["first_error"]}
+
+    def reference_chain(self, index):
+        return [step["y"] for step in self.problem(index)["steps"]]

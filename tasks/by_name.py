@@ -8,7 +8,8 @@ import os
 
 from nanochat.common import get_logger
 from nanochat.eval import CHANCE
-from tasks.common import DataNotFoundError, TaskMixture
+from tasks.common import TaskMixture
+from tasks.records import DataNotFoundError
 
 logger = get_logger(__name__)
 

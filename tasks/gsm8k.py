@@ -14,7 +14,10 @@ Data: HF `openai/gsm8k` ("main", splits train/test) or local gsm8k/{train,test}.
 import re
 
 from nanochat.calculator import use_calculator
-from tasks.common import DatasetTask, default_data_dir, extract_hash_answer, load_records, local_candidates, parse_number, same_number
+from tasks.answers import extract_hash_answer, normalize_number, parse_number, same_number
+from tasks.common import DatasetTask, labels_from_first_error
+from tasks.records import default_data_dir, load_records, local_candidates
+from tasks.verify import perturb_solution, split_steps
 
 _ANNOTATION = re.compile(r"<<(.*?)>>")
 
@@ -97,3 +100,20 @@ class GSM8K(DatasetTask):
 
     def evaluate(self, conversation, assistant_response):
         return int(same_number(extract_hash_answer(assistant_response), conversation["answer"]))
+
+    # --- answer knowledge for RL and co-training (see Task)
+
+    def extract_answer(self, conversation, assistant_response):
+        return normalize_number(extract_hash_answer(assistant_response))
+
+    def labelled_solution(self, index, rng):
+        """The reference solution (already in the verifier's <<expr=value>> notation) or a copy with one
+        calculation's stated result changed, an arithmetic slip whose step is the first error."""
+        question = self.question(self[index])
+        solution, first_error = self.record(self.underlying_index(index))["answer"], -1
+        if rng.random() >= 0.5:
+            corrupted = perturb_solution(solution, rng)
+            if corrupted is not None:
+                solution, first_error = corrupted
+        return {"question": question, "solution": solution, "first_error": first_error, "overall_correct": first_error < 0,
+                "step_labels": labels_from_first_error(len(split_steps(solution)), first_error)}

@@ -8,7 +8,8 @@ Data: HF `openai/openai_humaneval` (split test) or local humaneval/HumanEval.jso
 import re
 
 from nanochat.execution import execute_code
-from tasks.common import DatasetTask, default_data_dir, load_records
+from tasks.common import DatasetTask
+from tasks.records import default_data_dir, load_records
 
 _CODE_BLOCK = re.compile(r"```(?:python|py|Python)?[ \t]*+\n(.*?)(?:```|\Z)", re.DOTALL)
 

@@ -6,7 +6,9 @@ questions from other MC datasets) is training data.
 Data: HF `cais/mmlu` or local files mmlu/<subset>/<split>.jsonl (or parquet) under data_dir.
 """
 
-from tasks.common import DatasetTask, default_data_dir, extract_choice_letter, letters_for, load_records, local_candidates, render_mc
+from tasks.common import DatasetTask
+from tasks.answers import extract_choice_letter, letters_for, render_mc
+from tasks.records import default_data_dir, load_records, local_candidates
 
 
 class MMLU(DatasetTask):

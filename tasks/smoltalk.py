@@ -6,7 +6,8 @@ Data: HF `HuggingFaceTB/smol-smoltalk` (splits train/test) or local smoltalk/<sp
 under data_dir, each record with a "messages" list.
 """
 
-from tasks.common import DatasetTask, default_data_dir, fold_system_message, load_records, local_candidates, validate_messages
+from tasks.common import DatasetTask, fold_system_message, validate_messages
+from tasks.records import default_data_dir, load_records, local_candidates
 
 
 class SmolTalk(DatasetTask):

@@ -12,7 +12,8 @@ downloaded. A small word list is bundled; pass words=[...] or words_file=... (on
 import random
 import re
 
-from tasks.common import Task, extract_hash_answer, same_number
+from tasks.common import Task
+from tasks.answers import extract_hash_answer, same_number
 
 BUNDLED_WORDS = """
 apple banana cherry strawberry raspberry blueberry orange lemon melon mango papaya pineapple coconut

@@ -20,7 +20,6 @@ is not the next value of that chain (a wrong operand, a skipped step).
 """
 
 import re
-import random
 from dataclasses import dataclass, field
 
 from nanochat.calculator import use_calculator
@@ -265,20 +264,175 @@ def labelled_example(question, solution, overall_correct, step_labels):
     return build_verifier_conversation(question, solution, target=target)
 
 
-def gsm8k_style_labelled(question, reference_solution, rng):
-    """From a reference solution: either itself (all correct) or a one-slip corruption (first error known)."""
-    if rng.random() < 0.5:
-        labels, _ = gold_step_labels(reference_solution)
-        return reference_solution, labels, True, -1
-    corrupted = perturb_solution(reference_solution, rng)
-    if corrupted is None:
-        labels, _ = gold_step_labels(reference_solution)
-        return reference_solution, labels, True, -1
-    solution, first_error = corrupted
-    n = len(split_steps(solution))
-    labels = [1 if i < first_error else 0 for i in range(n)]
-    return solution, labels, False, first_error
+# -----------------------------------------------------------------------------
+# A judged solution: what the verifier said, lined up with the solution's steps and tokens
+
+@dataclass
+class Judgement:
+    """One verifier reading of one solution. `step_ends[k]` is the index (into the solution's completion
+    tokens) of the token that finishes step k, where the process reward of step k lands; `step_rewards`
+    is +-1/K per step when the verifier gave exactly one verdict per step, else None (no process signal)."""
+    verification: Verification
+    num_steps: int
+    step_ends: list
+    step_rewards: object
+    step_probs: object = None      # p("Correct") per step verdict when read as probabilities (see verdict_queries)
+    overall_prob: object = None
+
+    @property
+    def aligned(self):
+        return self.verification.num_steps == self.num_steps
+
+    @property
+    def process_fraction(self):
+        """Share of the solution's steps judged correct (0 without a process signal), the `--mix reward` term;
+        the mean p("Correct") when the verdicts were read as probabilities."""
+        if not self.step_rewards:
+            return 0.0
+        if self.step_probs is not None:
+            return sum(self.step_probs) / self.num_steps
+        return sum(self.verification.step_verdicts) / self.num_steps
 
 
-def seeded_rng(seed, index):
-    return random.Random(seed * 1_000_003 + index)
+def judge(solution_token_texts, verifier_text, probs=None):
+    """The Judgement of a solution, given the decoded text of each of its completion tokens (without the
+    terminal token) and what the verifier wrote about it. With `probs` (the verdict_queries probabilities,
+    steps first, then the overall verdict's if it has one) the process rewards are (2p - 1)/K per step:
+    the verifier's confidence rather than the word it sampled."""
+    verification = parse_verification(verifier_text)
+    step_ends = step_end_tokens(solution_token_texts)
+    step_rewards = process_step_rewards(verification, len(step_ends))
+    step_probs = overall_prob = None
+    if probs is not None:
+        step_probs = probs[:verification.num_steps] if len(probs) >= verification.num_steps else None
+        overall_prob = probs[verification.num_steps] if len(probs) > verification.num_steps else None
+        if step_rewards is not None:
+            step_rewards = None if step_probs is None else [(2 * p - 1) / len(step_ends) for p in step_probs]
+    return Judgement(verification, len(step_ends), step_ends, step_rewards, step_probs, overall_prob)
+
+
+# Verdict words, located in the lines parse_verification reads (no nested quantifiers: linear time)
+VERDICT_WORD = re.compile(r"\b(?:in)?correct\b", re.I)
+
+
+def verdict_offsets(text):
+    """Character offsets of the verdict words parse_verification reads, in order: one per step line (its last
+    verdict word), then the Overall line's (if any)."""
+    offsets, pos, overall_seen = [], 0, False
+    for line in text.splitlines(keepends=True):
+        body = line.rstrip("\r\n")
+        if body.strip() and not overall_seen:
+            if STEP_LINE.match(body):
+                words = list(VERDICT_WORD.finditer(body))
+                if words:
+                    offsets.append(pos + words[-1].start())
+            elif OVERALL_LINE.match(body):
+                word = VERDICT_WORD.search(body, body.lower().find("overall") + 7)
+                if word:
+                    offsets.append(pos + word.start())
+                overall_seen = True
+        pos += len(line)
+    return offsets
+
+
+def verdict_queries(tokenizer, completion_ids, text):
+    """Where, in a verifier's completion tokens, each verdict is decided, as (token index, id that continues
+    to "Correct", id that continues to "Incorrect"): the first token at which the two words, written in
+    the verifier's own case after the same lead-in, tokenize differently. Returns one entry per
+    verdict_offsets offset, None where the written tokens do not follow that tokenization."""
+    # byte offsets: a multi-byte character (the arrow) can be split over tokens that decode to nothing alone
+    data = text.encode("utf-8")
+    ends, total = [], 0
+    for t in completion_ids:
+        total += len(tokenizer.decode_bytes([t]))
+        ends.append(total)
+    starts = [0] + ends[:-1]
+    queries = []
+    for offset in verdict_offsets(text):
+        at = len(text[:offset].encode("utf-8"))
+        index = next((i for i, end in enumerate(ends) if end > at), None)
+        if index is None:
+            queries.append(None)
+            continue
+        lead = data[starts[index]:at].decode("utf-8", errors="replace")
+        lower = text[offset] == "c" or text[offset:offset + 2] == "in"
+        correct, incorrect = ("correct", "incorrect") if lower else ("Correct", "Incorrect")
+        if text[offset:offset + 2].isupper():
+            correct, incorrect = "CORRECT", "INCORRECT"
+        a, b = tokenizer.encode(lead + correct), tokenizer.encode(lead + incorrect)
+        d = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), None)
+        written = list(completion_ids[index:index + (d or 0)])
+        if d is None or written != a[:d]:
+            queries.append(None)
+        else:
+            queries.append((index + d, a[d], b[d]))
+    return queries
+
+
+def auc(scores, labels):
+    """Area under the ROC curve of `scores` ranking label-1 items above label-0 ones (ties count half);
+    None with only one class."""
+    positives = [s for s, y in zip(scores, labels) if y]
+    negatives = [s for s, y in zip(scores, labels) if not y]
+    if not positives or not negatives:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+    return wins / (len(positives) * len(negatives))
+
+
+def oracle_judge(solution_token_texts, step_labels):
+    """The Judgement of a perfect process verifier: one verdict per step, read from exact gold step labels
+    (gold_step_labels). It is the ceiling and the control for a learned verifier: a protocol that cannot
+    show a gain with it cannot show one with a learned verifier either."""
+    verdicts = [bool(label) for label in step_labels]
+    verification = Verification(step_verdicts=verdicts, overall=all(verdicts) if verdicts else None,
+                                format_ok=bool(verdicts), step_numbers=list(range(1, len(verdicts) + 1)))
+    step_ends = step_end_tokens(solution_token_texts)
+    return Judgement(verification, len(step_ends), step_ends, process_step_rewards(verification, len(step_ends)))
+
+
+# -----------------------------------------------------------------------------
+# Scoring verdicts against gold labels, and ranking solutions by verdicts
+
+def count_verdicts(said_overall, gold_correct):
+    """The confusion counts of overall verdicts against gold labels, with *incorrect* solutions as the
+    positive class (finding errors is the verifier's job). A verdict that cannot be read counts as the
+    wrong call for its solution: a miss (fn) on an incorrect one, a false alarm (fp) on a correct one."""
+    counts = {"tp": 0, "fp": 0, "tn": 0, "fn": 0, "unparsed": 0, "said_correct": 0}
+    for said, gold in zip(said_overall, gold_correct):
+        counts["unparsed"] += said is None
+        counts["said_correct"] += said is True
+        if gold:
+            counts["tn" if said is True else "fp"] += 1
+        else:
+            counts["tp" if said is False else "fn"] += 1
+    return counts
+
+
+def verdict_metrics(counts):
+    """Accuracy, balanced accuracy, precision / recall / F1 on incorrect solutions, parse rate and the
+    share of "Correct" verdicts, from (summed) count_verdicts counts."""
+    tp, fp, tn, fn = counts["tp"], counts["fp"], counts["tn"], counts["fn"]
+    n = max(tp + fp + tn + fn, 1)
+    recall_incorrect, recall_correct = tp / max(tp + fn, 1), tn / max(tn + fp, 1)
+    return {"accuracy": (tp + tn) / n, "balanced_accuracy": 0.5 * (recall_incorrect + recall_correct),
+            "precision_incorrect": tp / max(tp + fp, 1), "recall_incorrect": recall_incorrect,
+            "f1_incorrect": 2 * tp / max(2 * tp + fp + fn, 1), "parse_rate": 1 - counts["unparsed"] / n,
+            "share_said_correct": counts["said_correct"] / n}
+
+
+def first_error_step(verification):
+    """Index of the first step judged incorrect (-1 if none): ProcessBench's prediction."""
+    return next((i for i, ok in enumerate(verification.step_verdicts) if not ok), -1)
+
+
+def verdict_score(verification):
+    """How good a solution looks to the verifier, for best-of-N: an Overall "Correct" first, then the share
+    of steps judged correct, then a well-formed verification."""
+    steps = verification.step_verdicts
+    return (verification.overall is True, sum(steps) / max(len(steps), 1), verification.format_ok)
+
+
+def best_of_n(verifications):
+    """Index of the solution the verifier ranks highest (the earliest one on ties)."""
+    return max(range(len(verifications)), key=lambda i: (verdict_score(verifications[i]), -i))

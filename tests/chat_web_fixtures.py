@@ -74,8 +74,9 @@ def make_workers(tokenizer, num_workers=1, verifier=False, **babbler_kwargs):
     return workers
 
 
-def write_base_dir(base_dir, tokenizer, step=10, **babbler_kwargs):
-    """A NANOCHAT_BASE_DIR with tokenizer/ and chatsft_checkpoints/<MODEL_TAG>/ holding the babbler."""
+def write_base_dir(base_dir, tokenizer, step=10, user_config=None, **babbler_kwargs):
+    """A NANOCHAT_BASE_DIR with tokenizer/ and chatsft_checkpoints/<MODEL_TAG>/ holding the babbler.
+    user_config: the training flags to record in the checkpoint's meta (as chat_sft does)."""
     from nanochat.checkpoint_manager import save_checkpoint, CHECKPOINT_DIRS
     from nanochat.tokenizer import save_token_bytes
     tokenizer_dir = os.path.join(base_dir, "tokenizer")
@@ -83,7 +84,10 @@ def write_base_dir(base_dir, tokenizer, step=10, **babbler_kwargs):
     save_token_bytes(tokenizer, tokenizer_dir)
     model = make_babbler(tokenizer, **babbler_kwargs)
     checkpoint_dir = os.path.join(base_dir, CHECKPOINT_DIRS["sft"], MODEL_TAG)
-    save_checkpoint(checkpoint_dir, step, model.state_dict(), None, {"model_config": asdict(model.config)})
+    meta = {"model_config": asdict(model.config)}
+    if user_config is not None:
+        meta["user_config"] = user_config
+    save_checkpoint(checkpoint_dir, step, model.state_dict(), None, meta)
     return base_dir
 
 
@@ -175,6 +179,15 @@ class ServerProcess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def rss_kb(pid, field="VmRSS"):
+    """A process's resident memory (VmRSS) or its peak so far (VmHWM), in kB, from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/{pid}/status")
 
 
 def read_sse(response):

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-import tasks.common as common
+import tasks.records as records
 from tasks.aqua import AQuA, split_option
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -14,14 +14,15 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 def no_hub(monkeypatch):
     def offline(*args):
         raise ConnectionError("offline")
-    monkeypatch.setattr(common, "_load_from_hub", offline)
+    monkeypatch.setattr(records, "_load_from_hub", offline)
 
 
-def test_splits_map_to_the_release_files():
+def test_splits_map_to_the_release_files(tmp_path):
     assert len(AQuA("validation", data_dir=FIXTURES)) == 2   # dev.json
     assert len(AQuA("test", data_dir=FIXTURES)) == 1
-    with pytest.raises(common.DataNotFoundError):
-        AQuA("train", data_dir=FIXTURES)
+    assert len(AQuA("train", data_dir=FIXTURES)) == 2
+    with pytest.raises(records.DataNotFoundError):
+        AQuA("train", data_dir=str(tmp_path))
     assert len(AQuA("dev", data_dir=FIXTURES)) == 2           # the release's name for validation
     with pytest.raises(ValueError):
         AQuA("val", data_dir=FIXTURES)

@@ -10,7 +10,7 @@ import pytest
 
 from nanochat.calculator import use_calculator
 from tasks.arithmetic import DIFFICULTY_PRESETS, ArithmeticTask
-from tasks.common import extract_hash_answer, same_number
+from tasks.answers import extract_hash_answer, same_number
 
 ANNOTATION = re.compile(r"<<(.*?)=(.*?)>>")
 

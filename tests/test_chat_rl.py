@@ -34,7 +34,7 @@ def graded(sft_base, monkeypatch):
 
 VARIANTS = {
     "std": (["--normalize_std"], {}),
-    "sequence": (["--normalization", "sequence"], {"normalization": "sequence"}),
+    "sequence": (["--normalization", "sequence"], {"normalization": "seq-mean-token-mean"}),
     "ppo": (["--ppo_epochs", "2", "--clip_eps", "0.1"], {"ppo_epochs": 2, "clip_eps": 0.1}),
     "kl": (["--kl_coef", "0.5"], {"kl_coef": 0.5}),
 }
@@ -54,7 +54,8 @@ def test_each_variant_flag_reaches_the_update_and_changes_it(graded, monkeypatch
         calls.append({"normalize_std": normalize_std})
         return real_advantages(rewards, normalize_std=normalize_std)
 
-    real_sample = chat_rl.sample_and_score
+    import nanochat.grpo as grpo
+    real_sample = grpo.sample_and_score
 
     def uneven_lengths(*args, **kwargs):
         # a random tiny model rarely stops early, and with equal lengths sequence- and token-level
@@ -65,12 +66,12 @@ def test_each_variant_flag_reaches_the_update_and_changes_it(graded, monkeypatch
             r.completion_ids, r.completion_mask = r.completion_ids[:keep], r.completion_mask[:keep]
         return rollouts
 
-    monkeypatch.setattr(chat_rl, "sample_and_score", uneven_lengths)
+    monkeypatch.setattr(grpo, "sample_and_score", uneven_lengths)
     monkeypatch.setattr(chat_rl, "grpo_update", recording_update)
     monkeypatch.setattr(chat_rl, "group_advantages", recording_advantages)
     chat_rl.main(COMMON + ["--num_steps", "2", "--output_tag", "default"])
     default_calls = list(calls)
-    assert default_calls[0]["update"]["normalization"] == "token" and default_calls[0]["update"]["ppo_epochs"] == 1
+    assert default_calls[0]["update"]["normalization"] == "token-mean" and default_calls[0]["update"]["ppo_epochs"] == 1
     assert default_calls[0]["update"]["ref_model"] is None and not default_calls[0]["normalize_std"]
     default, _ = final_weights("default")
     for name, (flags, expected) in VARIANTS.items():
@@ -143,3 +144,71 @@ def test_a_few_steps_raise_the_reward_on_average_over_seeds(sft_base, monkeypatc
         gains.append(sum(rewards[-2:]) / 2 - sum(rewards[:2]) / 2)
     print("reward gain per seed:", gains)
     assert sum(gains) / len(gains) > 0.02, gains
+
+
+@pytest.mark.parametrize("task", ["gsm8k", "aqua", "arithmetic"])
+def test_two_steps_and_evaluations_on_every_rl_task(sft_base, task):
+    """chat_rl trains and evaluates on every task in RL_TASKS (AQuA's first evaluation once crashed)."""
+    import scripts.chat_rl as chat_rl
+    from tasks.by_name import RL_TASKS
+    assert task in RL_TASKS
+    fixtures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+    flags = [f for f in COMMON if f not in ("arithmetic",)]
+    flags[flags.index("--task") + 1:flags.index("--task") + 1] = [task]
+    result = chat_rl.main(flags + ["--data_dir", fixtures, "--num_steps", "2", "--eval_every", "1", "--eval_examples", "2",
+                                   "--output_tag", f"every_{task}"])
+    assert len(result["train"]) == 2 and 0 <= result["final"]["pass@1"] <= 1
+    assert {"answered", "top_answer_share"} <= set(result["train"][0])
+    _, meta = final_weights(f"every_{task}")
+    assert meta["task"] == task
+
+
+def test_new_grpo_flags_reach_the_update_and_change_it(graded, monkeypatch, tmp_path, capsys):
+    """--loss_agg, --clip_high, --overlong, --reward_fn and --lr_schedule each reach grpo_update (or the
+    rewards) and change the trained weights; dynamic sampling on a reward that is always 0 stops at its cap."""
+    import scripts.chat_rl as chat_rl
+    reward_file = tmp_path / "rewards.py"
+    reward_file.write_text("def vowels(conversation, text):\n    return sum(c in 'aeiou' for c in text) / 10\n\n"
+                           "def zero(conversation, text):\n    return 0.0\n\ndef word(conversation, text):\n    return 'good'\n")
+    calls = []
+    real_update = chat_rl.grpo_update
+
+    def recording_update(*args, **kwargs):
+        calls.append(kwargs)
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(chat_rl, "grpo_update", recording_update)
+    chat_rl.main(COMMON + ["--num_steps", "2", "--output_tag", "plain"])
+    default, _ = final_weights("plain")
+    variants = {
+        "seqsum": (["--loss_agg", "seq-mean-token-sum"], {"normalization": "seq-mean-token-sum"}),
+        "drgrpo": (["--loss_agg", "dr-grpo"], {"normalization": "dr-grpo", "max_completion_tokens": 10}),
+        "cliphigh": (["--ppo_epochs", "2", "--clip_low", "0.1", "--clip_high", "0.28"], {"clip_eps": 0.1, "clip_high": 0.28}),
+        "overlong": (["--overlong", "penalty", "--overlong_buffer", "6"], {}),
+        "rewardfn": (["--reward_fn", f"{reward_file}:vowels"], {}),
+        "constant": (["--lr_schedule", "constant", "--warmup_steps", "1"], {}),
+    }
+    for name, (flags, expected) in variants.items():
+        calls.clear()
+        result = chat_rl.main(COMMON + ["--num_steps", "2", "--output_tag", name] + flags)
+        for key, value in expected.items():
+            assert calls[0][key] == value, (name, key)
+        if name == "drgrpo":
+            # a random tiny model fills every completion to the budget, and then dr-grpo's divisor (sequences x
+            # budget) equals token-mean's (tokens): same update. Its maths is checked in tests/test_grpo.py.
+            continue
+        weights, _ = final_weights(name)
+        assert any(not torch.equal(weights[k], default[k]) for k in default), f"{name} changed nothing"
+    assert result["train"][0]["lr_multiplier"] == 1.0 and result["train"][1]["lr_multiplier"] == 1.0
+    for key in ("entropy", "grad_norm", "truncated", "length_max", "clip_frac", "kl", "reward/task", "skipped_microbatches"):
+        assert key in result["train"][0], key
+    capsys.readouterr()
+    result = chat_rl.main(COMMON + ["--num_steps", "1", "--output_tag", "dyn", "--reward_fn", f"{reward_file}:zero",
+                                    "--dynamic_sampling", "2"])
+    assert result["train"][0]["dynamic_sampling_rounds"] == 2 and result["train"][0]["zero_variance_groups"] == 1.0
+    assert "dynamic sampling stopped at its cap" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="must return a number"):
+        chat_rl.main(COMMON + ["--num_steps", "1", "--output_tag", "bad", "--reward_fn", f"{reward_file}:word"])
+    for bad in (["--reward_fn", f"{reward_file}:nothing"], ["--clip_low", "1.5"], ["--clip_high", "-0.1"]):
+        with pytest.raises(SystemExit):
+            chat_rl.get_args(COMMON + bad)

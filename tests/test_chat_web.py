@@ -18,7 +18,9 @@ import httpx
 import pytest
 import torch
 
+from nanochat.common import UserInputError
 from nanochat.engine import TextStream
+from tasks import verify
 
 from chat_web_fixtures import (InProcessServer, ServerProcess, make_babbler, make_workers, read_sse,
                                write_base_dir)
@@ -187,7 +189,7 @@ BAD_REQUESTS = [
     ("unknown role", {"messages": [{"role": "robot", "content": "hi"}]}, "role must be one of", "messages[0].role"),
     ("missing role", {"messages": [{"content": "hi"}]}, "role must be one of", "messages[0].role"),
     ("system not first", {"messages": [*HELLO, {"role": "assistant", "content": "x"},
-                                       {"role": "system", "content": "y"}]}, "only the first message", "messages[2].role"),
+                                       {"role": "system", "content": "y"}]}, "must come before the conversation", "messages[2].role"),
     ("system alone", {"messages": [{"role": "system", "content": "be nice"}]}, "followed by a user message", "messages"),
     ("content not a string", {"messages": [{"role": "user", "content": 12}]}, "must be a string", "messages[0].content"),
     ("empty message", {"messages": [{"role": "user", "content": "  \n "}]}, "is empty", "messages[0].content"),
@@ -236,7 +238,7 @@ def test_openai_only_fields_and_body_size(server2):
         response = httpx.post(server2.url + "/v1/chat/completions", json=body)
         assert response.status_code == 400 and message in response.json()["error"]["message"]
     huge = b'{"messages": [{"role": "user", "content": "' + b"a" * (chat_web.MAX_BODY_BYTES + 10) + b'"}]}'
-    response = httpx.post(server2.url + "/chat/completions", content=huge)
+    response = httpx.post(server2.url + "/chat/completions", content=huge, headers={"Content-Type": "application/json"})
     assert response.status_code == 413 and "limit" in response.json()["error"]["message"]
 
 
@@ -338,6 +340,7 @@ def test_client_that_leaves_the_queue_is_dropped(server1):
     wait_until(lambda: not worker.busy, what="the worker to be freed")
     assert [r["finish_reason"] for r in worker.history] == ["cancelled"]
     assert response.status_code == 200
+    wait_until(lambda: pool.admitted == 0, what="every queue place to be given back")
 
 
 def test_a_failing_generation_reports_an_error_and_frees_the_worker(server1, monkeypatch):
@@ -449,8 +452,7 @@ def test_verify_picks_the_best_judged_answer(tiny_tokenizer):
                   engine.generate_batch(prompt, num_samples=3, max_tokens=8, temperature=1.0, top_k=50, seed=5)[0]]
     assert api.solutions == candidates and api.questions == [HELLO[-1]["content"]] * 3
     verification = next(e["verification"] for e in events if "verification" in e)
-    judged = [{"step_verdicts": v.step_verdicts, "overall": v.overall, "format_ok": True} for v in api.verdicts]
-    best = max(range(3), key=lambda i: (chat_web.verdict_score(judged[i]), -i))
+    best = verify.best_of_n(api.verdicts)  # co-training's best-of-N ranking
     assert verification["chosen"] == best and text_of(events) == candidates[best]
     assert verification["step_verdicts"] == api.verdicts[best].step_verdicts
     assert verification["overall"] == api.verdicts[best].overall
@@ -459,20 +461,8 @@ def test_verify_picks_the_best_judged_answer(tiny_tokenizer):
     assert events[-1]["done"] is True
 
 
-def test_pick_best_ranking():
-    def v(steps, overall):
-        return {"step_verdicts": steps, "overall": overall, "format_ok": True}
-    assert chat_web.pick_best([v([True, True], False), v([False, False], True)]) == 1      # overall Correct first
-    assert chat_web.pick_best([v([True, False], None), v([True, True], None)]) == 1        # then more correct steps
-    assert chat_web.pick_best([v([True, False, False], None), v([True], None)]) == 1      # then fewer wrong ones
-    assert chat_web.pick_best([v([True], True), v([True], True)]) == 0                    # ties: the first
-
-
 def test_verify_with_the_real_verifier_task(tiny_tokenizer):
-    verify = pytest.importorskip("tasks.verify", reason="tasks/verify.py is not in this checkout yet")
-    api = chat_web.load_verify_api()
-    assert api is verify
-    app = chat_web.create_app(make_workers(tiny_tokenizer, verifier=True), tiny_tokenizer, verify_api=api, verify_samples=2,
+    app = chat_web.create_app(make_workers(tiny_tokenizer, verifier=True), tiny_tokenizer, verify_api=verify, verify_samples=2,
                               verifier_max_tokens=12)
     with InProcessServer(app) as server:
         body = httpx.post(server.url + "/v1/chat/completions", timeout=120,
@@ -487,24 +477,46 @@ def test_verify_with_the_real_verifier_task(tiny_tokenizer):
 # -----------------------------------------------------------------------------
 # Start-up errors
 
-def test_verifier_flag_without_the_verifier_task_fails_clearly(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "tasks.verify", None)  # makes `import tasks.verify` raise ImportError
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
-    with pytest.raises(SystemExit, match="tasks/verify.py"):
-        chat_web.main(["--verifier", "d2", "--device_type", "cpu"])
-
-
 def test_bad_setup_fails_clearly(monkeypatch, tmp_path, tiny_tokenizer):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
-    with pytest.raises(SystemExit, match="could not load the model: FileNotFoundError: no checkpoints directory"):
+    with pytest.raises(UserInputError, match="could not load the model: FileNotFoundError: no checkpoints directory"):
         chat_web.main(["--device_type", "cpu"])
     with pytest.raises(SystemExit):
         chat_web.parse_args(["--num_gpus", "0"])
     with pytest.raises(SystemExit):
         chat_web.parse_args(["--verify_samples", "99"])
-    with pytest.raises(SystemExit, match="only CUDA"):
+    with pytest.raises(ValueError, match="only CUDA"):
         chat_web.worker_devices("cpu", 2)
     with pytest.raises(ValueError, match="at least one worker"):
         chat_web.create_app([], tiny_tokenizer)
     with pytest.raises(ValueError, match="no verifier engine"):
         chat_web.create_app(make_workers(tiny_tokenizer), tiny_tokenizer, verify_api=RecordingVerifyAPI())
+
+
+# -----------------------------------------------------------------------------
+# Example prompts from the checkpoint's recorded training task
+
+def test_example_prompts_follow_the_recorded_task():
+    from tasks.arithmetic import ArithmeticTask
+    from tasks.spellingbee import SimpleSpelling
+    arithmetic = [ArithmeticTask(split="test", size=50)[i]["messages"][0]["content"] for i in range(3)]
+    # RL and co-training record --task; SFT and mid-training --tasks (a preset or a list)
+    assert chat_web.example_prompts({"user_config": {"task": "arithmetic"}}) == {"task": "Arithmetic", "prompts": arithmetic}
+    assert chat_web.example_prompts({"user_config": {"tasks": "offline"}})["prompts"] == arithmetic
+    spelling = chat_web.example_prompts({"user_config": {"tasks": "simplespelling:300|arithmetic"}})
+    assert spelling["task"] == "SimpleSpelling"
+    assert spelling["prompts"] == [SimpleSpelling(split="test", size=50)[i]["messages"][0]["content"] for i in range(3)]
+    # a task with nothing to show (identity has only a train split) is skipped for the next; nothing usable gives None
+    assert chat_web.example_prompts({"user_config": {"tasks": "identity?|arithmetic"}}, count=1) == \
+        {"task": "Arithmetic", "prompts": arithmetic[:1]}
+    for meta in (None, {}, {"user_config": {}}, {"user_config": {"task": "no-such-task"}}, {"user_config": {"task": 5}}):
+        assert chat_web.example_prompts(meta) is None
+
+
+def test_served_checkpoint_shows_its_task(tmp_path, tiny_tokenizer):
+    write_base_dir(tmp_path, tiny_tokenizer, user_config={"tasks": "arithmetic", "model_tag": "d2"})
+    with ServerProcess(tmp_path) as server:
+        health = httpx.get(server.url + "/health").json()
+    from tasks.arithmetic import ArithmeticTask
+    assert health["task"] == "Arithmetic"
+    assert health["examples"] == [ArithmeticTask(split="test", size=50)[i]["messages"][0]["content"] for i in range(3)]

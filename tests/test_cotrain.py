@@ -1,14 +1,22 @@
-"""Co-training end to end at toy size: the schedule, frozen models staying frozen, the alpha-0 baseline
-equalling chat_rl, exact resume, and a 2-rank torchrun run."""
+"""Co-training at toy size: the schedule, each step function training only its own model, the alpha-0 baseline
+equalling chat_rl, exact resume, every RL task, one shared model, and a 2-rank torchrun run."""
 
 import os
 import subprocess
 import sys
 
+import zlib
+
 import pytest
 import torch
 
-from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, find_last_step
+from nanochat.checkpoint_manager import find_last_step, load_checkpoint
+from nanochat.grpo import ClassBalancer
+from tasks import verify
+from tasks.by_name import RL_TASKS, build_rl_task
+
+REAL_PARSE = verify.parse_verification
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,37 +47,48 @@ def test_bad_flags_fail_clearly(capsys):
         get_args(["--num_samples", "0"])
 
 
-def test_frozen_model_does_not_change_and_run_completes(sft_base, monkeypatch):
+def varied_verdicts(text):
+    """A stand-in verifier reading that depends on the text, so verifier rewards vary (a random tiny model
+    writes no parsable verification) and both update paths have something to learn."""
+    h = zlib.crc32(text.encode())
+    lines = [f"Step {i + 1}: x → {'Correct' if (h >> i) & 1 else 'Incorrect'}" for i in range(h % 4)]
+    return REAL_PARSE("\n".join(lines + [f"Overall: {'Correct' if (h >> 8) & 1 else 'Incorrect'}"]))
+
+
+@pytest.fixture()
+def varied_rewards(monkeypatch):
+    """Rewards that vary between samples of a random tiny model: a text-dependent outcome and verifier."""
+    from tasks.arithmetic import ArithmeticTask
+    monkeypatch.setattr(ArithmeticTask, "reward", lambda self, conversation, text: float(len(text) % 3) / 2)
+    monkeypatch.setattr(verify, "parse_verification", varied_verdicts)
+
+
+def test_each_step_trains_only_its_own_model(sft_base, varied_rewards):
     import scripts.chat_cotrain as cotrain
-    models = []
-    real_load, real_update = cotrain.load_model, cotrain.grpo_update
+    args = cotrain.get_args(TINY + ["--num_gen_steps", "2", "--alpha", "0.3", "--num_samples", "4"])
+    roles = cotrain.load_roles(args, torch.device("cpu"))
+    task = build_rl_task("arithmetic", "train")
+    generator, verifier = checksum(roles.generator), checksum(roles.verifier)
+    record = cotrain.verifier_step(args, roles, task, 0, 0, 1, ClassBalancer())
+    assert checksum(roles.generator) == generator, "the frozen generator changed in a verifier step"
+    assert checksum(roles.verifier) != verifier, "the verifier did not train"
+    assert {"ver/balanced_accuracy", "ver/share_said_correct", "ver/steps_aligned", "ver/time_train"} <= set(record)
+    verifier = checksum(roles.verifier)
+    record = cotrain.generator_step(args, roles, task, 0, 0, 1)
+    assert checksum(roles.verifier) == verifier, "the frozen verifier changed in a generator step"
+    assert checksum(roles.generator) != generator, "the generator did not train"
+    assert record["gen/alpha"] == 0.3 and record["gen/steps_exact"] > 0  # the process signal reached the update
+    for key in ("gen/outcome_reward", "gen/process_reward", "gen/time_generate", "gen/time_verify", "gen/time_train"):
+        assert key in record
 
-    def recording_load(*args, **kwargs):
-        out = real_load(*args, **kwargs)
-        models.append(out[0])
-        return out
 
-    events = []
-
-    def checking_update(model, *args, **kwargs):
-        other = [m for m in models if m is not model]
-        before_other = [checksum(m) for m in other]
-        before_self = checksum(model)
-        stats = real_update(model, *args, **kwargs)
-        assert [checksum(m) for m in other] == before_other, "the frozen model changed"
-        events.append(("G" if model is models[0] else "V", checksum(model) != before_self))
-        return stats
-
-    monkeypatch.setattr(cotrain, "load_model", recording_load)
-    monkeypatch.setattr(cotrain, "grpo_update", checking_update)
+def test_run_completes_with_schedule_and_checkpoint(sft_base):
+    import scripts.chat_cotrain as cotrain
     history = cotrain.main(TINY + ["--num_gen_steps", "2", "--gen_steps", "1", "--ver_steps", "1",
                                    "--verifier_warmup_steps", "1", "--alpha", "0.1"])
-    assert [e[0] for e in events] == ["V", "G", "V", "G"]
-    assert len(history["gen"]) == 2 and len(history["ver"]) == 2 and history["eval"]
-    record = history["gen"][0]
-    for key in ("gen/outcome_reward", "gen/alpha", "gen/steps_exact", "gen/time_generate", "gen/time_verify", "gen/time_train"):
-        assert key in record
-    assert "ver/balanced_accuracy" in history["ver"][0] and "ver/share_said_correct" in history["ver"][0]
+    assert len(history["gen"]) == 2 and len(history["ver"]) == 2 and len(history["eval"]) == 2
+    assert {"verifier_balanced_accuracy", "verifier_share_said_correct", "verifier_gold_share_correct",
+            "verifier_steps_aligned"} <= set(history["eval"][-1])
     ckpt = os.path.join(os.environ["NANOCHAT_BASE_DIR"], "cotrain_checkpoints", "g2_v1")
     assert find_last_step(ckpt) == 4
 
@@ -101,7 +120,7 @@ def test_alpha_zero_without_verifier_reproduces_chat_rl(sft_base, monkeypatch):
         assert torch.equal(rl[k], co[k]), k
 
 
-def test_resume_is_exact(sft_base):
+def test_resume_is_exact(sft_base, varied_rewards):
     import scripts.chat_cotrain as cotrain
     flags = TINY + ["--num_gen_steps", "3", "--gen_steps", "1", "--ver_steps", "1", "--verifier_warmup_steps", "1"]
     cotrain.main(flags + ["--output_tag", "straight"])
@@ -110,8 +129,11 @@ def test_resume_is_exact(sft_base):
     base = os.environ["NANOCHAT_BASE_DIR"]
     a, _, meta_a = load_checkpoint(os.path.join(base, "cotrain_checkpoints", "straight"), 6, "cpu")
     b, _, meta_b = load_checkpoint(os.path.join(base, "cotrain_checkpoints", "resumed"), 6, "cpu")
+    middle, _, _ = load_checkpoint(os.path.join(base, "cotrain_checkpoints", "resumed"), 3, "cpu")
     assert meta_a["loop_state"] == meta_b["loop_state"] and meta_a["class_balancer"] == meta_b["class_balancer"]
     for role in ("generator", "verifier"):
+        # the steps after the resume point trained both models, so an inexact resume would show
+        assert any(not torch.equal(middle[role][k], a[role][k]) for k in a[role]), f"the {role} never moved"
         for k in a[role]:
             assert torch.equal(a[role][k], b[role][k]), (role, k)
 
@@ -147,64 +169,65 @@ def test_print_memory_and_offload_frozen_leave_training_unchanged(sft_base, caps
             assert torch.equal(a[role][k], b[role][k]), (role, k)
 
 
-def test_shared_model_plays_both_roles_with_one_optimizer(sft_base, monkeypatch):
+def test_shared_model_plays_both_roles_with_one_optimizer(sft_base, varied_rewards):
     import scripts.chat_cotrain as cotrain
-    from tasks.arithmetic import ArithmeticTask
-    # a random tiny model never solves a problem: a text-dependent reward gives generator steps a signal
-    monkeypatch.setattr(ArithmeticTask, "reward", lambda self, conversation, text: float(len(text) % 2))
-    loads, updates = [], []
-    real_load, real_update = cotrain.load_model, cotrain.grpo_update
-
-    def recording_load(*args, **kwargs):
-        out = real_load(*args, **kwargs)
-        loads.append(out[0])
-        return out
-
-    def recording_update(model, optimizer, *args, **kwargs):
-        before = checksum(model)
-        stats = real_update(model, optimizer, *args, **kwargs)
-        updates.append((model, optimizer, checksum(model) != before))
-        return stats
-
-    monkeypatch.setattr(cotrain, "load_model", recording_load)
-    monkeypatch.setattr(cotrain, "grpo_update", recording_update)
+    args = cotrain.get_args(TINY + ["--num_gen_steps", "2", "--shared_model"])
+    roles = cotrain.load_roles(args, torch.device("cpu"))
+    assert roles.verifier is roles.generator and roles.ver_optimizer is roles.gen_optimizer
     history = cotrain.main(TINY + ["--num_gen_steps", "2", "--gen_steps", "1", "--ver_steps", "1",
                                    "--verifier_warmup_steps", "1", "--shared_model", "--output_tag", "shared"])
-    assert len(loads) == 1, "--shared_model must load one GPT"
-    assert len(updates) == 4 and len(history["gen"]) == 2 and len(history["ver"]) == 2
-    assert all(m is loads[0] and o is updates[0][1] for m, o, _ in updates)  # both roles: one model, one optimizer
-    assert updates[1][2], "the generator step (which had a reward signal) did not move the shared model"
+    assert len(history["gen"]) == 2 and len(history["ver"]) == 2
     directory = os.path.join(os.environ["NANOCHAT_BASE_DIR"], "cotrain_checkpoints", "shared")
     data, _, meta = load_checkpoint(directory, find_last_step(directory), "cpu")
-    assert meta["shared_model"] is True
+    start, _, _ = load_checkpoint(os.path.join(os.environ["NANOCHAT_BASE_DIR"], "chatsft_checkpoints", "d2"), 0, "cpu")
+    assert meta["shared_model"] is True and meta["task"] == "arithmetic"
     assert all(torch.equal(data["generator"][k], data["verifier"][k]) for k in data["generator"])
+    assert any(not torch.equal(data["generator"][k], start[k]) for k in start), "the shared model did not train"
 
 
-def test_majority_reward_labels_by_the_group_vote(sft_base, monkeypatch):
-    """--reward majority ignores the gold answer: a sample is rewarded when its answer is the group's most common."""
+class ScriptedAnswers:
+    """The arithmetic task, except that the answers read from completions come from a script (in sampling
+    order) and the exact checker's reward is a constant that the majority vote must replace."""
+
+    def __init__(self, task, answers):
+        self.task, self.answers = task, iter(answers)
+
+    def __len__(self):
+        return len(self.task)
+
+    def __getitem__(self, i):
+        return self.task[i]
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def reward(self, conversation, text):
+        return 0.5
+
+    def extract_answer(self, conversation, text):
+        return next(self.answers)
+
+
+def test_majority_reward_labels_by_the_group_vote(sft_base):
     import scripts.chat_cotrain as cotrain
-    real_sample = cotrain.sample_and_score
-    answers = ["#### 7", "#### 5", "#### 7", "no answer", "#### 9", "#### 9"]  # two groups of three
+    args = cotrain.get_args(TINY + ["--num_gen_steps", "1", "--num_samples", "3", "--alpha", "0", "--no_verifier",
+                                    "--reward", "majority"])
+    roles = cotrain.load_roles(args, torch.device("cpu"))
+    task = ScriptedAnswers(build_rl_task("arithmetic", "train"), ["7", "5", "7", None, "9", "9"])  # two groups of three
+    record = cotrain.generator_step(args, roles, task, 0, 0, 1)
+    assert record["gen/outcome_reward"] == 4 / 6  # labels [1, 0, 1 | 0, 1, 1], not the checker's 0.5
 
-    def scripted_texts(*args, **kwargs):
-        rollouts = real_sample(*args, **kwargs)
-        for r, text in zip(rollouts, answers):
-            r.text = text
-            r.reward = 0.5  # the exact checker's reward must be replaced, not kept
-        return rollouts
 
-    rewards = []
-    real_update = cotrain.grpo_update
-
-    def recording_update(model, optimizer, rollouts, *args, **kwargs):
-        rewards.append([r.reward for r in rollouts])
-        return real_update(model, optimizer, rollouts, *args, **kwargs)
-
-    monkeypatch.setattr(cotrain, "sample_and_score", scripted_texts)
-    monkeypatch.setattr(cotrain, "grpo_update", recording_update)
-    cotrain.main(TINY + ["--num_gen_steps", "1", "--num_samples", "3", "--alpha", "0", "--no_verifier",
-                         "--reward", "majority", "--eval_examples", "0", "--output_tag", "majority"])
-    assert rewards == [[1.0, 0.0, 1.0, 0.0, 1.0, 1.0]]
+@pytest.mark.parametrize("task", RL_TASKS)
+def test_two_steps_on_every_rl_task_with_majority_reward(sft_base, task):
+    """Both co-training phases, majority@k and the labelled verifier evaluation run on every RL task."""
+    import scripts.chat_cotrain as cotrain
+    history = cotrain.main(TINY[2:] + ["--task", task, "--data_dir", FIXTURES, "--num_gen_steps", "2", "--gen_steps", "1",
+                                       "--ver_steps", "1", "--verifier_warmup_steps", "0", "--reward", "majority",
+                                       "--output_tag", f"every_{task}"])
+    assert len(history["gen"]) == 2 and len(history["ver"]) == 1
+    final = history["eval"][-1]
+    assert "majority@2" in final and 0 <= final["verifier_accuracy"] <= 1
 
 
 @pytest.mark.slow
@@ -253,3 +276,42 @@ def test_experiment_script_compares_three_arms(sft_base, tmp_path):
     pass1 = next(line for line in table.splitlines() if line.startswith("| generator pass@1"))
     assert pass1.count("|") == 5
     assert "seed 1: " in table and table.count(" vs ") >= 2
+
+
+def test_oracle_verifier_feeds_gold_step_labels_through_the_process_path(sft_base, varied_rewards):
+    import scripts.chat_cotrain as cotrain
+    args = cotrain.get_args(TINY + ["--num_gen_steps", "2", "--alpha", "0.5", "--oracle_verifier"])
+    assert cotrain.phase_schedule(args) == ["G", "G"]
+    roles = cotrain.load_roles(args, torch.device("cpu"))
+    assert roles.verifier is None  # no verifier model is loaded
+    record = cotrain.generator_step(args, roles, build_rl_task("arithmetic", "train"), 0, 0, 1)
+    assert record["gen/steps_exact"] == 1.0  # one verdict per step for every sample
+    assert record["gen/verifier_step_agreement"] == 1.0
+    with pytest.raises(SystemExit):
+        cotrain.get_args(["--oracle_verifier", "--shared_model"])
+
+
+def test_collapse_guard_switches_a_one_class_verifier_to_balanced_weights(sft_base, monkeypatch):
+    """A verifier that says "Correct" to everything while the (random) generator is always wrong has collapsed:
+    after --collapse_patience verifier steps its class weights become 1/count."""
+    import scripts.chat_cotrain as cotrain
+    monkeypatch.setattr(verify, "parse_verification", lambda text: REAL_PARSE("Step 1: x → Correct\nOverall: Correct"))
+    args = cotrain.get_args(TINY + ["--collapse_patience", "2"])
+    roles = cotrain.load_roles(args, torch.device("cpu"))
+    balancer = ClassBalancer(power=0.5, patience=args.collapse_patience)
+    task = build_rl_task("arithmetic", "train")
+    records = [cotrain.verifier_step(args, roles, task, step, 0, 1, balancer) for step in range(3)]
+    assert all(r["ver/share_said_correct"] == 1.0 and r["ver/gold_correct_rate"] == 0.0 for r in records)
+    assert [r["ver/class_power"] for r in records] == [0.5, 1.0, 1.0]
+
+
+def test_token_texts_join_into_the_text_with_multibyte_characters(tiny_tokenizer):
+    import scripts.chat_cotrain as cotrain
+    from nanochat.grpo import Rollout
+    text = "12+5 → 17 ✓\nthen 17*2 = 34 €\n#### 34"
+    ids = tiny_tokenizer.encode(text)
+    pieces = cotrain.token_texts(tiny_tokenizer, Rollout(0, [], ids, [1] * len(ids)))
+    assert len(pieces) == len(ids) and "".join(pieces) == text
+    # each step ends at the token that completes its last character
+    assert verify.step_end_tokens(pieces) == [next(i for i, p in enumerate(pieces) if "✓" in p),
+                                              next(i for i, p in enumerate(pieces) if "€" in p)]

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from nanochat.grpo import (Rollout, group_advantages, process_advantages, mix_advantages, alpha_schedule,
-                           policy_gradient_loss, collate_rollouts, ClassBalancer, majority_answers, grpo_update)
+                           policy_gradient_loss, collate_rollouts, ClassBalancer, majority_answers, grpo_update,
+                           apply_overlong, dynamic_sampling, load_reward_fn, checked_reward, rl_lr_multiplier)
 from nanochat.gpt import GPT, GPTConfig
 
 
@@ -160,3 +161,150 @@ def test_micro_batching_does_not_change_the_update():
         grpo_update(model, optimizer, rollouts, [1.0, -0.5, -0.5], pad_id=0, device="cpu", device_batch_size=device_batch_size)
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.allclose(results[0], results[1], atol=1e-6)
+
+
+def test_inverse_class_weights_balance_the_classes():
+    balancer = ClassBalancer(decay=0.8, power=1.0)
+    labels = [1] * 9 + [0]
+    balancer.update(labels)
+    weights = balancer.weights(labels)
+    total_correct, total_incorrect = sum(weights[:9]), weights[9]
+    assert abs(total_correct - total_incorrect) < 1e-9  # 1/count: each class carries the same total weight
+    sqrt = ClassBalancer(decay=0.8, power=0.5)
+    sqrt.update(labels)
+    w = sqrt.weights(labels)
+    assert abs(w[9] / w[0] - 3.0) < 1e-9  # 1/sqrt: the rare class weighs sqrt(9) = 3x per sample
+    assert ClassBalancer(power=0.0).weights(labels) == [1.0] * 10
+
+
+def test_collapse_guard_escalates_after_patience_and_resets():
+    balancer = ClassBalancer(power=0.5, margin=0.3, patience=3)
+    assert not balancer.check_collapse(0.95, 0.5) and not balancer.check_collapse(0.9, 0.5)
+    assert not balancer.check_collapse(0.6, 0.5)  # tracking again: the count restarts
+    assert [balancer.check_collapse(0.0, 0.5) for _ in range(3)] == [False, False, True]
+    assert balancer.power == 1.0 and not balancer.check_collapse(0.0, 0.5)  # escalates once
+    restored = ClassBalancer()
+    restored.load_state_dict(balancer.state_dict())
+    assert restored.power == 1.0 and restored.strikes == balancer.strikes
+
+
+# -----------------------------------------------------------------------------
+# Loss aggregation, clip-higher, overlong, dynamic sampling, reward functions, LR schedule, diagnostics
+
+def _two_rows():
+    """Two sequences of 3 and 1 trained tokens with per-token values the tests can sum by hand."""
+    targets = torch.tensor([[1, 1, 1, -1], [1, -1, -1, -1]])
+    advantages = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0]])
+    logp = torch.zeros(2, 4, requires_grad=True)  # on-policy: ratio 1, per-token loss = -advantage
+    return logp, targets, advantages
+
+
+def test_loss_aggregations_hand_computed():
+    logp, targets, advantages = _two_rows()
+    loss = lambda mode, **kw: policy_gradient_loss(logp, targets, advantages, normalization=mode, **kw).item()
+    assert loss("token-mean") == pytest.approx(-(1 + 2 + 3 + 4) / 4)
+    assert loss("token") == loss("token-mean")                                   # the older name
+    assert loss("seq-mean-token-mean") == pytest.approx(-((1 + 2 + 3) / 3 + 4 / 1) / 2)
+    assert loss("sequence") == loss("seq-mean-token-mean")
+    assert loss("seq-mean-token-sum") == pytest.approx(-((1 + 2 + 3) + 4) / 2)
+    assert loss("dr-grpo", max_completion_tokens=5) == pytest.approx(-(1 + 2 + 3 + 4) / (2 * 5))
+    with pytest.raises(ValueError):
+        loss("dr-grpo")  # needs the generation budget
+    with pytest.raises(ValueError):
+        loss("mean-of-everything")
+
+
+def test_clip_higher_is_asymmetric():
+    targets = torch.tensor([[1, 1, 1, 1]])
+    old = torch.zeros(1, 4)
+    ratios = torch.tensor([[0.7, 1.3, 1.3, 0.7]])
+    advantages = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
+    logp = torch.log(ratios).requires_grad_()
+    symmetric = policy_gradient_loss(logp, targets, advantages, old_logp=old, clip_eps=0.2).item()
+    higher = policy_gradient_loss(logp, targets, advantages, old_logp=old, clip_eps=0.2, clip_high=0.28).item()
+    # per token -min(r A, clip(r) A): A>0, r=0.7 -> 0.7; A>0, r=1.3 -> clipped to 1.2 (1.28 with clip-higher);
+    # A<0, r=1.3 -> -1.3; A<0, r=0.7 -> clipped to -0.8
+    assert symmetric == pytest.approx(-(0.7 + 1.2 - 1.3 - 0.8) / 4)
+    assert higher == pytest.approx(-(0.7 + 1.28 - 1.3 - 0.8) / 4)
+
+
+def test_overlong_penalty_and_mask():
+    finished = Rollout(0, [1], [2, 3, 0], [1, 1, 1], reward=1.0, finished=True)        # body of 2 tokens
+    near = Rollout(0, [1], [2] * 9 + [0], [1] * 10, reward=1.0, finished=True)         # body of 9 of 10
+    cut = Rollout(0, [1], [2] * 10, [1] * 10, reward=1.0, finished=False)                # hit the budget
+    penalties = apply_overlong([finished, near, cut], "penalty", max_new_tokens=10, buffer=4)
+    assert penalties == [0.0, pytest.approx(3 / 4), 1.0]  # linear over the last 4 tokens of the budget
+    assert [r.reward for r in (finished, near, cut)] == [1.0, pytest.approx(0.25), 0.0]
+    apply_overlong([finished, cut], "mask", max_new_tokens=10, buffer=4)
+    assert finished.completion_mask == [1, 1, 1] and cut.completion_mask == [0] * 10
+
+
+def test_dynamic_sampling_stops_at_the_cap_and_early_when_it_can():
+    rounds = []
+
+    def always_zero(r):
+        rounds.append(r)
+        return [Rollout(r, [1], [2], [1], reward=0.0) for _ in range(4)]  # two groups of two, no variance
+
+    rollouts, extra, short = dynamic_sampling(always_zero, group_size=2, wanted_groups=2, max_extra_rounds=3, device="cpu")
+    assert rounds == [0, 1, 2, 3] and extra == 3 and short and len(rollouts) == 4  # bounded, batch shape kept
+
+    def mixed_from_round_one(r):
+        rewards = [0.0, 0.0, 1.0, 0.0] if r else [0.0] * 4
+        return [Rollout(r, [1], [2], [1], reward=x) for x in rewards]
+
+    rollouts, extra, short = dynamic_sampling(mixed_from_round_one, group_size=2, wanted_groups=1, max_extra_rounds=5, device="cpu")
+    assert extra == 1 and not short and [r.reward for r in rollouts] == [1.0, 0.0]
+
+
+def test_reward_fn_loads_from_a_file_and_bad_specs_fail_clearly(tmp_path):
+    path = tmp_path / "my_reward.py"
+    path.write_text("def length_bonus(conversation, text):\n    return len(text) / 10\n\n"
+                    "def says_hi(conversation, text):\n    return 'hi'\n")
+    fn = load_reward_fn(f"{path}:length_bonus")
+    assert checked_reward(fn, {"messages": []}, "abcde") == 0.5
+    with pytest.raises(ValueError, match="must return a number"):
+        checked_reward(load_reward_fn(f"{path}:says_hi"), {}, "x")
+    for spec, message in ((f"{path}:missing", "no function"), (f"{tmp_path}/nope.py:f", "no file"),
+                          ("no_such_module_xyz:f", "could not be loaded"), ("justaname", "expected")):
+        with pytest.raises(ValueError, match=message):
+            load_reward_fn(spec)
+    assert load_reward_fn("math:sqrt") is __import__("math").sqrt  # module:function
+
+
+def test_rl_lr_schedules():
+    assert [rl_lr_multiplier(s, 4) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]  # nanochat's linear decay
+    assert rl_lr_multiplier(3, 4, "constant") == 1.0
+    assert rl_lr_multiplier(0, 4, "cosine") == 1.0 and rl_lr_multiplier(2, 4, "cosine") == pytest.approx(0.5)
+    assert [rl_lr_multiplier(s, 10, "constant", warmup_steps=2) for s in range(3)] == [0.5, 1.0, 1.0]
+
+
+def test_all_masked_microbatch_is_skipped_and_an_all_masked_batch_changes_nothing():
+    model = _tiny_policy()
+    optimizer = model.setup_optimizers(unembedding_lr=0.01, embedding_lr=0.01, matrix_lr=0.01)
+    before = [p.detach().clone() for p in model.parameters()]
+    masked = [Rollout(0, [1, 2], [3, 4], [0, 0]), Rollout(0, [1, 2], [5, 6], [0, 0])]
+    stats = grpo_update(model, optimizer, masked, [1.0, -1.0], 0, "cpu", device_batch_size=1)
+    assert stats["skipped_step"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # one trainable micro-batch and one without a trained token: the second is skipped and counted, no NaN
+    mixed = [Rollout(0, [1, 2], [3, 4], [1, 1]), Rollout(0, [1, 2], [5, 6], [0, 0])]
+    stats = grpo_update(model, optimizer, mixed, [1.0, -1.0], 0, "cpu", device_batch_size=1)
+    assert stats["skipped_microbatches"] == 1 and stats["skipped_step"] == 0 and math.isfinite(stats["loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_update_reports_the_true_token_entropy_and_grad_norm():
+    model = _tiny_policy()
+    optimizer = model.setup_optimizers(unembedding_lr=0.0, embedding_lr=0.0, matrix_lr=0.0)
+    rollouts = [Rollout(0, [1, 2], [3, 4, 5], [1, 1, 1]), Rollout(0, [1], [6], [1])]
+    with torch.no_grad():  # the hand computation: entropy of the policy at each trained position
+        expected = []
+        for r in rollouts:
+            logits = model(torch.tensor([r.prompt_ids + r.completion_ids[:-1]]))[0].float()
+            logp = torch.log_softmax(logits, -1)
+            expected += (-(logp.exp() * logp).sum(-1))[len(r.prompt_ids) - 1:].tolist()
+    stats = grpo_update(model, optimizer, rollouts, [1.0, -1.0], 0, "cpu", device_batch_size=2)
+    assert stats["entropy"] == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+    assert stats["grad_norm"] > 0

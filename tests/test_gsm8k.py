@@ -1,12 +1,12 @@
-"""Tests for tasks/gsm8k.py and the numeric-answer helpers in tasks/common.py, on tests/fixtures/gsm8k."""
+"""Tests for tasks/gsm8k.py and the numeric-answer helpers in tasks/answers.py, on tests/fixtures/gsm8k."""
 
 import os
 
 import pytest
 
-import tasks.common as common
+import tasks.records as records
 from nanochat.calculator import use_calculator
-from tasks.common import extract_hash_answer, parse_number, same_number
+from tasks.answers import extract_hash_answer, parse_number, same_number
 from tasks.gsm8k import GSM8K, solution_steps, solution_to_parts
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -16,7 +16,7 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 def no_hub(monkeypatch):
     def offline(*args):
         raise ConnectionError("offline")
-    monkeypatch.setattr(common, "_load_from_hub", offline)
+    monkeypatch.setattr(records, "_load_from_hub", offline)
 
 
 def test_annotations_become_tool_parts():
@@ -101,5 +101,5 @@ def test_get_steps():
 def test_bad_split_and_missing_data(tmp_path):
     with pytest.raises(ValueError):
         GSM8K("dev", data_dir=FIXTURES)
-    with pytest.raises(common.DataNotFoundError, match="gsm8k"):
+    with pytest.raises(records.DataNotFoundError, match="gsm8k"):
         GSM8K("train", data_dir=str(tmp_path))

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from tasks.common import extract_choice_letter, extract_hash_answer, parse_number, same_number
+from tasks.answers import extract_choice_letter, extract_hash_answer, parse_number, same_number
 from tasks.humaneval import build_test_program, extract_program
 from tasks.verify import calculations, gold_step_labels, parse_verification, step_spans, to_display
 
@@ -123,7 +123,7 @@ def test_parsers_still_parse_at_normal_length():
 MODEL = "model output"
 # pattern source (or, for a computed pattern, the source of the expression) -> MODEL or why it is not model output
 REVIEWED = {
-    # tasks/common.py: answer extraction from completions
+    # tasks/answers.py: answer extraction from completions
     r"\b(?:answer|ans|correct\s++(?:option|choice))\b[*\s]*+(?:(?:is|would\s++be|will\s++be|should\s++be)\b)?[*\s]*+[:=\-,]?[*\s]*+"
     r"(?:(?:option|choice)\b\s*+[:\-]?\s*+)?(?:\(([A-Za-z])\)|\[([A-Za-z])\]|\\boxed\{([A-Za-z])\}|([A-Za-z])(?![A-Za-z0-9]))": MODEL,
     r"(?<![A-Za-z0-9'])(?:[Oo]ption\s++|[Cc]hoice\s++)?\(?([A-Z])\)?\s++is\s++(?:the\s++)?(?:(?:correct|right)\b(?:\s++(?:answer|option|choice)\b)?|answer\b)": MODEL,
@@ -143,6 +143,9 @@ REVIEWED = {
     r"^\s*+\**+\s*+step\s*+(\d{1,9}+)\s*+\**+\s*+[:.)-]\s*+((?:.*?\S)??)\s*+(?:→|->|=>|:|-)"
     r"\s*+\**+\s*+(correct|incorrect)\s*+\**+\s*+\.?\s*+$": MODEL,
     r"^\s*+\**+\s*+overall\s*+\**+\s*+[:\-]?\s*+\**+\s*+(correct|incorrect)\b": MODEL,
+    r"\b(?:in)?correct\b": MODEL,
+    # scripts/chat_web.py: the served model's reply
+    r"<<([^<>=]*)=([^<>]*)>>": MODEL,
     # tasks/humaneval.py: the completion's code (timed through extract_program / build_test_program above)
     r"```(?:python|py|Python)?[ \t]*+\n(.*?)(?:```|\Z)": MODEL,
     r"f'^[^\\S\\n]*+def\\s++{re.escape(entry_point)}\\s*+\\('": MODEL,

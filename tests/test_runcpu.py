@@ -20,6 +20,9 @@ def test_runcpu_smoke(tmp_path):
     # the summary table has a column per stage that ran, and it is printed at the end of the run
     assert re.search(r"\| Metric \| .*SFT.*\| RL \| COTRAIN \|", report)
     assert "| Arithmetic |" in result.stdout
+    # the co-trained verifier's metrics on labelled solutions are in the summary too
+    for metric in ("Verifier balanced accuracy", "Verifier AUC", "Verifier share Correct", "Verifier gold share Correct"):
+        assert f"| {metric} |" in result.stdout, metric
     for plot in ("loss.png", "reward.png"):
         assert (report_dir / "plots" / plot).stat().st_size > 0
     for stage in ("base_checkpoints", "mid_checkpoints", "chatsft_checkpoints", "chatrl_checkpoints", "cotrain_checkpoints"):

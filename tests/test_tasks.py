@@ -1,5 +1,5 @@
 """
-Tests for tasks/common.py and the smaller tasks (ARC, MMLU, HumanEval, SmolTalk, CustomJSON, spelling).
+Tests for tasks/common.py, tasks/records.py, tasks/answers.py and the smaller tasks (ARC, MMLU, HumanEval, SmolTalk, CustomJSON, spelling).
 GSM8K, AQuA and the synthetic arithmetic task have their own files. All data comes from tests/fixtures.
 """
 
@@ -12,10 +12,11 @@ import sys
 
 import pytest
 
-import tasks.common as common
+import tasks.records as records
 from tasks.arc import ARC
-from tasks.common import (DataNotFoundError, Task, TaskMixture, TaskSequence, extract_choice_letter, load_records,
-                          render_mc, validate_messages)
+from tasks.answers import extract_choice_letter, render_mc
+from tasks.common import Task, TaskMixture, TaskSequence, validate_messages
+from tasks.records import DataNotFoundError, load_records
 from tasks.customjson import CustomJSON
 from tasks.humaneval import HumanEval, extract_program
 from tasks.mmlu import MMLU
@@ -30,8 +31,8 @@ def no_hub(monkeypatch):
     """The hub is never contacted in tests: any attempt fails at once, like it does offline."""
     def offline(hf_path, hf_name, split):
         raise ConnectionError(f"Couldn't reach '{hf_path}' on the Hub (test is offline)")
-    monkeypatch.setattr(common, "_load_from_hub", offline)
-    monkeypatch.delenv(common.DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(records, "_load_from_hub", offline)
+    monkeypatch.delenv(records.DATA_DIR_ENV, raising=False)
 
 
 class Numbers(Task):
@@ -174,7 +175,7 @@ def test_load_records_missing_data_explains_how_to_fix(tmp_path):
         load_records("openai/gsm8k", "main", "test", local_dir=str(tmp_path), local_files=["gsm8k/test.jsonl"])
     message = str(info.value)
     assert "openai/gsm8k" in message and "gsm8k/test.jsonl" in message
-    assert "--data_dir" in message and common.DATA_DIR_ENV in message
+    assert "--data_dir" in message and records.DATA_DIR_ENV in message
     with pytest.raises(DataNotFoundError, match="no local data directory given"):
         load_records("openai/gsm8k", "main", "test")
 
@@ -186,17 +187,17 @@ def test_load_records_corrupt_file_names_the_line(tmp_path):
 
 
 def test_data_dir_from_environment(monkeypatch):
-    monkeypatch.setenv(common.DATA_DIR_ENV, FIXTURES)
+    monkeypatch.setenv(records.DATA_DIR_ENV, FIXTURES)
     assert len(ARC("ARC-Easy", "test")) == 2
 
 
 def test_real_hub_path_fails_with_the_helpful_error_when_offline(tmp_path):
     # the genuine datasets code path (no monkeypatching), made to fail fast with the offline switches
-    code = ("from tasks.common import load_records, DataNotFoundError\n"
+    code = ("from tasks.records import load_records, DataNotFoundError\n"
             "try:\n    load_records('openai/gsm8k', 'main', 'test')\n"
             "except DataNotFoundError as e:\n    print('CLEAR ERROR:', e)\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path), HF_DATASETS_CACHE=str(tmp_path))
-    env.pop(common.DATA_DIR_ENV, None)
+    env.pop(records.DATA_DIR_ENV, None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert "CLEAR ERROR:" in out.stdout, out.stderr[-2000:]

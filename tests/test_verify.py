@@ -134,11 +134,41 @@ def test_rewards():
 def test_perturbation_labels_first_error():
     rng = random.Random(0)
     for _ in range(20):
-        solution, labels, overall, first = verify.gsm8k_style_labelled("q", SOLUTION, rng)
-        if overall:
-            assert first == -1 and labels == [1, 1]
-        else:
-            assert verify.gold_step_labels(solution)[1] == first and labels[first] == 0
+        perturbed = verify.perturb_solution(SOLUTION, rng)
+        solution, first = perturbed
+        assert solution != verify.to_display(SOLUTION)
+        assert verify.gold_step_labels(solution)[1] == first
+
+
+def test_judge_lines_verdicts_up_with_steps_and_tokens():
+    tokens = ["Tom has 3", "*4=12.", "\n", "Then 12", "+5=17.", "\n#### 17"]
+    j = verify.judge(tokens, "Step 1: fine → Correct\nStep 2: 12+5 is 17 → Incorrect\nOverall: Incorrect")
+    assert j.num_steps == 2 and j.step_ends == [1, 4] and j.aligned
+    assert j.step_rewards == [0.5, -0.5] and j.process_fraction == 0.5
+    assert j.verification.overall is False
+    short = verify.judge(tokens, "Step 1: fine → Correct\nOverall: Correct")
+    assert not short.aligned and short.step_rewards is None and short.process_fraction == 0.0
+
+
+def test_verdict_counts_treat_unreadable_verdicts_as_wrong():
+    said = [False, True, None, True, False, None]
+    gold = [0, 0, 0, 1, 1, 1]   # positives are the incorrect solutions
+    counts = verify.count_verdicts(said, gold)
+    assert (counts["tp"], counts["fn"], counts["tn"], counts["fp"]) == (1, 2, 1, 2)
+    assert counts["unparsed"] == 2 and counts["said_correct"] == 2
+    m = verify.verdict_metrics(counts)
+    assert m["accuracy"] == 2 / 6 and m["balanced_accuracy"] == 0.5 * (1 / 3 + 1 / 3)
+    assert m["f1_incorrect"] == 2 / (2 + 2 + 2) and abs(m["parse_rate"] - 4 / 6) < 1e-12 and m["share_said_correct"] == 2 / 6
+
+
+def test_best_of_n_prefers_overall_correct_then_step_share_then_earliest():
+    p = verify.parse_verification
+    candidates = [p("Step 1: a → Incorrect\nOverall: Incorrect"), p("Step 1: a → Correct\nStep 2: b → Incorrect\nOverall: Correct"),
+                  p("Step 1: a → Correct\nStep 2: b → Correct\nOverall: Correct"), p("Step 1: a → Correct\nStep 2: b → Correct\nOverall: Correct")]
+    assert verify.best_of_n(candidates) == 2
+    assert verify.best_of_n(candidates[:2]) == 1
+    assert verify.best_of_n([p("garbage"), p("more garbage")]) == 0
+    assert verify.first_error_step(candidates[1]) == 1 and verify.first_error_step(candidates[2]) == -1
 
 
 def test_verifier_conversation():
@@ -146,3 +176,12 @@ def test_verifier_conversation():
     prompt = conv["messages"][0]["content"]
     assert "Step 1:" in prompt and "Step 2:" in prompt and "(2 steps)" in prompt and "#### 17" in prompt
     assert conv["messages"][1]["role"] == "assistant"
+
+
+def test_oracle_judge_reads_gold_labels():
+    tokens = ["He has 3*4=", "<<3*4=12>>12.", "\n", "Then 12+5=", "<<12+5=18>>18.", "\n#### 18"]
+    labels, first = verify.gold_step_labels("".join(tokens))
+    assert labels == [1, 0] and first == 1
+    j = verify.oracle_judge(tokens, labels)
+    assert j.aligned and j.step_rewards == [0.5, -0.5] and j.verification.overall is False and j.step_ends == [1, 4]
+    assert verify.oracle_judge(tokens, [1]).step_rewards is None  # labels that do not line up give no signal

@@ -1,0 +1,44 @@
+"""
+Two GPTs in one process, one trained while the other samples: co-training's generator and verifier.
+
+Only one role trains at a time. The other is frozen (eval mode, no optimizer step) and, with
+offload_frozen, parked on the CPU while it is not needed, which is what lets a d20 generator and a d12
+verifier share one 80 GB GPU (dev/gpu_results.md). With one shared GPT (--shared_model) both roles are
+the same objects, and nothing is ever frozen or moved.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Roles:
+    """The generator and the verifier with their engines and optimizers. Without a verifier its fields
+    are None; with one shared model they are the generator's own objects."""
+    generator: object
+    verifier: object
+    tokenizer: object
+    gen_engine: object
+    ver_engine: object
+    gen_optimizer: object
+    ver_optimizer: object
+    device: torch.device
+    offload_frozen: bool = False
+    reference: object = None  # a frozen copy of the starting generator, for the KL penalty (--kl_coef)
+
+    def sampling(self, model):
+        """Put `model` on the device in eval mode, to sample from it."""
+        if model.get_device() != self.device:
+            model.to(self.device)
+        model.eval()
+
+    def training(self, role):
+        """Put the model of `role` ("G" or "V") in training mode on the device; freeze (maybe offload) the other."""
+        active, frozen = (self.generator, self.verifier) if role == "G" else (self.verifier, self.generator)
+        if frozen is not None and frozen is not active:
+            if self.offload_frozen and frozen.get_device() != torch.device("cpu"):
+                frozen.to("cpu")
+            frozen.eval()
+        self.sampling(active)
+        active.train()

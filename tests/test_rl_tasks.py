@@ -1,0 +1,70 @@
+"""The answer interface every RL task implements (tasks.common.Task; RL_TASKS in tasks/by_name.py), on the
+fixture data: answers read back in one spelling, labelled solutions whose labels match the solution, and
+majority votes over what the task reads."""
+
+import os
+import random
+
+import pytest
+
+from nanochat.grpo import Rollout, majority_vote
+from tasks import verify
+from tasks.by_name import RL_TASKS, build_rl_task
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+# one correct and one wrong completion per task, in each task's own answer format
+COMPLETIONS = {"gsm8k": ("so 1,250.\n#### 1,250.0", "#### 12"), "arithmetic": None, "aqua": ("so it is B.\nAnswer: B", "Answer: D")}
+
+
+def task_and_answers(name):
+    task = build_rl_task(name, "train", FIXTURES)
+    conversation = task[0 if name != "gsm8k" else 1]
+    if name == "arithmetic":
+        right = f"#### {conversation['answer']}.0"
+        return task, conversation, right, f"#### {int(conversation['answer']) + 1}"
+    return task, conversation, *COMPLETIONS[name]
+
+
+@pytest.mark.parametrize("name", RL_TASKS)
+def test_extract_answer_and_evaluate_agree(name):
+    task, conversation, right, wrong = task_and_answers(name)
+    assert task.evaluate(conversation, right) == 1 and task.evaluate(conversation, wrong) == 0
+    assert task.extract_answer(conversation, right) is not None
+    assert task.extract_answer(conversation, right) != task.extract_answer(conversation, wrong)
+    assert task.extract_answer(conversation, "no answer at all") is None
+    assert task.question(conversation) == conversation["messages"][0]["content"]
+
+
+@pytest.mark.parametrize("name", RL_TASKS)
+def test_labelled_solutions_are_consistent(name):
+    task = build_rl_task(name, "test", FIXTURES)
+    rng = random.Random(0)
+    seen = set()
+    for i in range(20):
+        item = task.labelled_solution(i % len(task), rng)
+        steps = verify.split_steps(verify.to_display(item["solution"]))
+        assert len(item["step_labels"]) == len(steps) > 0
+        first = item["first_error"]
+        assert item["overall_correct"] == (first == -1)
+        assert item["step_labels"] == [1 if first < 0 or k < first else 0 for k in range(len(steps))]
+        seen.add(item["overall_correct"])
+        # a labelled solution is always something the verifier prompt can show
+        assert "Step 1:" in verify.build_verifier_prompt(item["question"], item["solution"])
+    assert seen == {True, False}, "labelled solutions must include both classes"
+
+
+def test_reference_chain_only_where_known():
+    arithmetic = build_rl_task("arithmetic", "test")
+    chain = arithmetic.reference_chain(0)
+    assert chain and str(chain[-1]) == arithmetic[0]["answer"]
+    assert build_rl_task("gsm8k", "test", FIXTURES).reference_chain(0) is None
+
+
+@pytest.mark.parametrize("name", RL_TASKS)
+def test_majority_vote_uses_the_tasks_answers(name):
+    task, conversation, right, wrong = task_and_answers(name)
+    texts = [right, wrong, right, "nothing"]
+    rollouts = [Rollout(0, [], [], [], text=t, info={"conversation": conversation}) for t in texts]
+    assert majority_vote(task, rollouts) == [1, 0, 1, 0]
+    none = [Rollout(0, [], [], [], text="nothing", info={"conversation": conversation})] * 2
+    assert majority_vote(task, none) == [0, 0]
