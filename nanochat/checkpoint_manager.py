@@ -133,6 +133,34 @@ def all_finite(obj):
     return first_nonfinite(obj) is None
 
 
+class NonFiniteWeightsError(ValueError):
+    """A training step left NaN or inf in the weights: the run stops before it saves anything."""
+
+
+def stop_if_nonfinite(models, step, checkpoint_dir, device, probe=None):
+    """The trainers' guard, called right after each optimizer step on every rank: if any rank's updated
+    weights hold NaN or inf, every rank stops with one line naming the tensor and the last (finite)
+    checkpoint to resume from. models: {name: module}. With `probe` (a list of token ids) each model also
+    runs a forward on it: an absurd update can leave weights that are finite but so large that the next
+    forward overflows (and sampling would die on NaN probabilities), which is just as broken."""
+    from nanochat.common import all_reduce_sums
+    bad = next((f"{name}.{tensor}" for name, model in models.items()
+                if (tensor := first_nonfinite(model)) is not None), None)
+    if bad is None and probe:
+        with torch.no_grad():
+            for name, model in models.items():
+                logits = model(torch.tensor([probe[:model.config.sequence_len]], dtype=torch.long, device=device))
+                if not bool(torch.isfinite(logits).all()):
+                    bad = f"{name}'s output on a probe sequence"
+                    break
+    if all_reduce_sums([float(bad is not None)], device)[0] == 0:
+        return
+    steps = list_steps(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
+    last = f"step {steps[-1]} in {checkpoint_dir} (continue from it with --resume)" if steps else "none: start again"
+    raise NonFiniteWeightsError(f"step {step} left non-finite weights ({bad or 'on another rank'}); nothing was saved. "
+                                f"The last finite checkpoint is {last}; a lower learning rate may be needed")
+
+
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0, check_finite=False):
     """Rank 0 writes the model and meta, every rank its own optimizer shard (if any).
     Call it on all ranks: a barrier makes sure every shard is on disk before the meta commits the step.

@@ -36,7 +36,8 @@ from dataclasses import asdict
 import torch
 
 from nanochat.chat_data import set_learning_rates, sft_collate
-from nanochat.checkpoint_manager import CHECKPOINT_DIRS, find_last_step, load_checkpoint, load_model, save_checkpoint
+from nanochat.checkpoint_manager import (CHECKPOINT_DIRS, find_resume_step, load_checkpoint, load_model, save_checkpoint,
+                                         stop_if_nonfinite)
 from nanochat.common import (all_gather_list, all_reduce_dict, autocast_context, compute_init, get_base_dir, init_wandb, print0,
                              run_stage)
 from nanochat.engine import Engine
@@ -439,12 +440,13 @@ def save(args, roles, out_dir, state, balancer, rank):
             optim_data["verifier"] = roles.ver_optimizer.state_dict()
     meta = {"model_config": configs["generator"], "model_configs": configs, "user_config": vars(args), "task": args.task,
             "loop_state": dict(state), "class_balancer": balancer.state_dict(), "shared_model": args.shared_model}
-    save_checkpoint(out_dir, state["global_step"], model_data, optim_data, meta, rank)
+    save_checkpoint(out_dir, state["global_step"], model_data, optim_data, meta, rank, check_finite=True)
 
 
 def resume(args, roles, out_dir, balancer, rank):
     """Load the last co-training checkpoint into both roles; returns the loop state to continue from."""
-    model_data, optim_data, meta = load_checkpoint(out_dir, find_last_step(out_dir), roles.device, load_optimizer=True, rank=rank)
+    step = find_resume_step(out_dir, vars(args))  # refuses a checkpoint that another run config wrote
+    model_data, optim_data, meta = load_checkpoint(out_dir, step, roles.device, load_optimizer=True, rank=rank)
     roles.generator.load_state_dict(model_data["generator"])
     roles.gen_optimizer.load_state_dict(optim_data["generator"])
     if roles.verifier is not None and not args.shared_model:
@@ -497,6 +499,7 @@ def main(argv=None):
     if args.verifier_sft_steps > 0 and roles.verifier is not None and not state["ver_sft_done"]:
         for step, loss in verifier_sft(args, roles, train_task, rank, world_size):
             wandb_run.log({"ver_sft/loss": loss, "ver_sft/step": step})
+        stop_if_nonfinite({"verifier": roles.verifier}, "verifier SFT", out_dir, device)
         state["ver_sft_done"] = True
     print0(f"schedule: {phases.count('V')} verifier steps and {phases.count('G')} generator steps "
            f"({args.verifier_warmup_steps} warm-up, then {args.gen_steps}:{args.ver_steps})")
@@ -521,6 +524,9 @@ def main(argv=None):
             report.log_curve("cotrain/verifier_gold_share_correct", state["ver_step"], record["ver/gold_correct_rate"], kind="accuracy")
             history["ver"].append(record)
             state["ver_step"] += 1
+        models = {"generator": roles.generator, "verifier": roles.verifier} if roles.verifier is not None else {"generator": roles.generator}
+        # checkpoints are numbered by global steps done, so this step would have been saved as global_step + 1
+        stop_if_nonfinite(models, state["global_step"] + 1, out_dir, device, probe=roles.tokenizer.encode("Step 1: 3*4=12 → Correct"))
         wandb_run.log(record)
         if args.print_memory and (measured := cuda_memory_report(device)):
             print0(f"  CUDA memory after {phase} step: peak allocated {measured['peak_allocated'] / 2**30:.2f} GiB, "

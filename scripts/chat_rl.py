@@ -20,7 +20,8 @@ from dataclasses import asdict
 import torch
 
 from nanochat.common import all_reduce_sums, compute_init, get_base_dir, init_wandb, print0, run_stage
-from nanochat.checkpoint_manager import load_model, save_checkpoint, load_checkpoint, find_last_step, CHECKPOINT_DIRS
+from nanochat.checkpoint_manager import (CHECKPOINT_DIRS, find_resume_step, load_checkpoint, load_model, save_checkpoint,
+                                         stop_if_nonfinite)
 from nanochat.engine import Engine
 from nanochat.grpo import (add_grpo_flags, batch_metrics, check_grpo_flags, checked_reward, group_advantages, grpo_update,
                            load_reward_fn, majority_answers, pass_at_k, rl_lr_multiplier, sample_batch)
@@ -100,7 +101,7 @@ def main(argv=None):
 
     start_step = 0
     if args.resume:
-        step = find_last_step(out_dir)
+        step = find_resume_step(out_dir, vars(args))  # refuses a checkpoint that another run config wrote
         model_data, optim_data, ckpt_meta = load_checkpoint(out_dir, step, device, load_optimizer=True, rank=rank)
         model.load_state_dict(model_data)
         optimizer.load_state_dict(optim_data)
@@ -110,7 +111,7 @@ def main(argv=None):
     def save(step_done):
         meta_out = {"model_config": asdict(model.config), "user_config": vars(args), "model_tag": model_tag, "task": args.task,
                     "loop_state": {"next_step": step_done + 1}, "source": args.source}
-        save_checkpoint(out_dir, step_done, model.state_dict(), optimizer.state_dict(), meta_out, rank)
+        save_checkpoint(out_dir, step_done, model.state_dict(), optimizer.state_dict(), meta_out, rank, check_finite=True)
 
     def evaluate(step):
         model.eval()
@@ -139,6 +140,7 @@ def main(argv=None):
                             normalization=args.loss_agg, ppo_epochs=args.ppo_epochs, clip_eps=args.clip_low,
                             clip_high=args.clip_high, ref_model=ref_model, kl_coef=args.kl_coef, grad_clip=args.grad_clip,
                             lr_multiplier=lrm, max_completion_tokens=args.max_new_tokens)
+        stop_if_nonfinite({"model": model}, step, out_dir, device, probe=rollouts[0].prompt_ids + rollouts[0].completion_ids)
         dt = time.time() - t0
         record = {"step": step, **batch_metrics(rollouts, args.num_samples, stats, extra_rounds, device),
                   "lr_multiplier": lrm, "time_generate": t_gen, "time_step": dt}

@@ -212,3 +212,47 @@ def test_new_grpo_flags_reach_the_update_and_change_it(graded, monkeypatch, tmp_
     for bad in (["--reward_fn", f"{reward_file}:nothing"], ["--clip_low", "1.5"], ["--clip_high", "-0.1"]):
         with pytest.raises(SystemExit):
             chat_rl.get_args(COMMON + bad)
+
+
+def test_nonfinite_weights_stop_the_run_and_resume_loads_the_last_finite_checkpoint(graded, monkeypatch):
+    """An absurd learning rate makes the first update non-finite: the run stops with one clear error and
+    saves nothing. A run whose third update blows up stops there; --resume then continues from the last
+    (finite) checkpoint, and a checkpoint written by a different run config is refused."""
+    import scripts.chat_rl as chat_rl
+    from nanochat.checkpoint_manager import NonFiniteWeightsError, ResumeMismatchError
+    # (weights this large are still finite numbers, but the next forward overflows: the guard's probe sees it)
+    with pytest.raises(NonFiniteWeightsError, match="step 0 left non-finite weights .* last finite checkpoint is none"):
+        chat_rl.main(COMMON + ["--num_steps", "2", "--save_every", "1", "--init_lr_frac", "1e30", "--output_tag", "absurd"])
+    assert find_last_step_or_none("absurd") is None  # nothing was saved
+
+    real_update = chat_rl.grpo_update
+    count = {"n": 0}
+
+    def blow_up_third(model, *args, **kwargs):
+        stats = real_update(model, *args, **kwargs)
+        count["n"] += 1
+        if count["n"] == 3:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("inf"))  # what an exploding update leaves behind
+        return stats
+
+    monkeypatch.setattr(chat_rl, "grpo_update", blow_up_third)
+    flags = COMMON + ["--num_steps", "4", "--save_every", "1", "--output_tag", "poisoned"]
+    with pytest.raises(NonFiniteWeightsError, match="step 2 left non-finite weights .*step 1"):
+        chat_rl.main(flags)
+    assert find_last_step_or_none("poisoned") == 1  # nothing was saved for the poisoned step
+    monkeypatch.setattr(chat_rl, "grpo_update", real_update)
+    result = chat_rl.main(flags + ["--resume"])
+    assert [r["step"] for r in result["train"]] == [2, 3]
+    weights, _ = final_weights("poisoned")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    with pytest.raises(ResumeMismatchError, match="init_lr_frac"):
+        chat_rl.main(flags + ["--resume", "--init_lr_frac", "0.5"])
+
+
+def find_last_step_or_none(tag):
+    directory = os.path.join(os.environ["NANOCHAT_BASE_DIR"], "chatrl_checkpoints", tag)
+    try:
+        return find_last_step(directory)
+    except FileNotFoundError:
+        return None

@@ -315,3 +315,22 @@ def test_token_texts_join_into_the_text_with_multibyte_characters(tiny_tokenizer
     # each step ends at the token that completes its last character
     assert verify.step_end_tokens(pieces) == [next(i for i, p in enumerate(pieces) if "✓" in p),
                                               next(i for i, p in enumerate(pieces) if "€" in p)]
+
+
+def test_absurd_learning_rate_stops_before_saving_and_resume_checks_the_config(sft_base, varied_rewards):
+    import scripts.chat_cotrain as cotrain
+    from nanochat.checkpoint_manager import NonFiniteWeightsError, ResumeMismatchError
+    flags = TINY + ["--num_gen_steps", "2", "--gen_steps", "1", "--ver_steps", "1", "--verifier_warmup_steps", "1",
+                    "--save_every", "1"]
+    base = os.environ["NANOCHAT_BASE_DIR"]
+    # global step 1 trains the verifier (saved as step 1), global step 2 the generator with an absurd learning rate
+    with pytest.raises(NonFiniteWeightsError, match="step 2 left non-finite weights .*last finite checkpoint is step 1"):
+        cotrain.main(flags + ["--gen_init_lr_frac", "1e30", "--output_tag", "absurd"])
+    assert find_last_step(os.path.join(base, "cotrain_checkpoints", "absurd")) == 1  # step 2 was never saved
+    cotrain.main(flags + ["--output_tag", "sane", "--stop_after", "2"])
+    with pytest.raises(ResumeMismatchError, match="alpha"):
+        cotrain.main(flags + ["--output_tag", "sane", "--resume", "--alpha", "0.3"])
+    history = cotrain.main(flags + ["--output_tag", "sane", "--resume"])
+    data, _, _ = load_checkpoint(os.path.join(base, "cotrain_checkpoints", "sane"), find_last_step(os.path.join(base, "cotrain_checkpoints", "sane")), "cpu")
+    assert all(torch.isfinite(t).all() for role in data.values() for t in role.values())
+    assert len(history["gen"]) + len(history["ver"]) == 2  # the two global steps after the resume point
