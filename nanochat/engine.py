@@ -578,8 +578,7 @@ class Engine:
             if key not in self._graphs:
                 self._graphs.clear()  # one captured shape at a time: each holds a whole cache in device memory
                 cache = StaticKVCache.for_model(model, batch, capacity, dtype=dtype)
-                with inference_context("cuda"):
-                    self._graphs[key] = GraphedStep(decode_step, model, cache, width, temperature, top_k)
+                self._graphs[key] = GraphedStep(decode_step, model, cache, width, temperature, top_k)  # under autocast
             graphed = self._graphs[key]
             return graphed.cache, graphed
         cache = StaticKVCache.for_model(model, batch, capacity, dtype=dtype)
