@@ -124,18 +124,20 @@ class StaticKVCache:
     write column is a device tensor, so each decode step sees the same shapes and no changing Python int:
     torch.compile builds one graph for it and a CUDA graph can replay it.
 
-    k, v: (n_layers, batch, n_kv_heads, seq_len, head_dim). All rows write column `pos`; row b's real
-    tokens start at column pad[b] (prompts are left-padded), and its query sees columns pad[b]..pos only,
-    through a mask over all seq_len columns (columns past pos hold stale values and are never attended).
+    k[layer], v[layer]: (batch, n_kv_heads, seq_len, head_dim), one tensor per layer: under torch.compile
+    a write into a view of one big tensor became a copy of the whole layer every step (inductor could not
+    do it in place), a write into a whole input tensor is done in place. All rows write column `pos`;
+    row b's real tokens start at column pad[b] (prompts are left-padded), and its query sees columns
+    pad[b]..pos only, through a mask over all seq_len columns (columns past pos are never attended).
     """
 
     static = True           # GPT.forward takes the positions and the mask from here
     uncapped_logits = True  # and skips the soft-cap: the sampler caps only the logits it keeps
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device="cpu", dtype=torch.float32):
-        shape = (num_layers, batch_size, num_heads, seq_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, num_heads, seq_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.pos = torch.zeros((), dtype=torch.long, device=device)
         self.pad = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.columns = torch.arange(seq_len, device=device)
@@ -149,21 +151,23 @@ class StaticKVCache:
 
     @property
     def batch_size(self):
-        return self.k.size(1)
+        return self.k[0].size(0)
 
     @property
     def capacity(self):
-        return self.k.size(3)
+        return self.k[0].size(2)
 
     def load(self, k, v, pad, length, rows, slots):
-        """Copy columns [0, length) of rows `rows` of (k, v) (same layout, any batch and length) into this
-        cache's rows `slots`, with their padding; the next write goes to column `length`. In place, so a
-        CUDA graph captured on this cache stays valid. Rows not in `slots` are idle: no padding."""
+        """Copy columns [0, length) of rows `rows` of (k, v) into this cache's rows `slots`, with their
+        padding; the next write goes to column `length`. k[layer] is (batch, heads, columns, head_dim) of any
+        batch and length (a KVCache's k, or another StaticKVCache's). In place, so a CUDA graph captured on
+        this cache stays valid. Rows not in `slots` are idle: no padding."""
         assert length <= self.capacity, f"{length} columns do not fit a cache of {self.capacity}"
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.k.device)
-        slots = torch.as_tensor(slots, dtype=torch.long, device=self.k.device)
-        self.k[:, slots, :, :length] = k[:, :, :, :length].index_select(1, rows)
-        self.v[:, slots, :, :length] = v[:, :, :, :length].index_select(1, rows)
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.pos.device)
+        slots = torch.as_tensor(slots, dtype=torch.long, device=self.pos.device)
+        for layer in range(len(self.k)):
+            self.k[layer][slots, :, :length] = k[layer][:, :, :length].index_select(0, rows)
+            self.v[layer][slots, :, :length] = v[layer][:, :, :length].index_select(0, rows)
         self.pad.zero_()
         if pad is not None:
             self.pad[slots] = pad.index_select(0, rows)
@@ -266,8 +270,8 @@ class GraphedStep:
 
     def __init__(self, step, model, cache, width, temperature, top_k):
         self.cache = cache
-        self.tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=cache.k.device)
-        self.noise = torch.ones(cache.batch_size, max(1, width), device=cache.k.device)
+        self.tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=cache.pos.device)
+        self.noise = torch.ones(cache.batch_size, max(1, width), device=cache.pos.device)
         run = lambda: step(model, cache, self.tokens, self.noise, temperature, top_k)  # noqa: E731
         start = cache.pos.clone()
         self.replay, self.out = self.capture(run)
@@ -589,7 +593,7 @@ class Engine:
         else:
             fn = decode_step
         if width == 0:
-            dummy = torch.ones(batch, 1, device=cache.k.device)
+            dummy = torch.ones(batch, 1, device=cache.pos.device)
             return cache, lambda c, tokens, noise: fn(model, c, tokens, dummy, temperature, top_k)
         return cache, lambda c, tokens, noise: fn(model, c, tokens, noise, temperature, top_k)
 

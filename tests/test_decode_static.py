@@ -44,7 +44,9 @@ def test_static_cache_load_positions_and_mask():
     cache = StaticKVCache(4, 2, 10, 4, 3)
     cache.load(source.k, source.v, source.pad_lengths, 6, rows=[1, 1, 0], slots=[0, 1, 3])
     assert int(cache.pos) == 6 and cache.pad.tolist() == [3, 3, 0, 0]  # slot 2 is idle: no padding
-    assert torch.equal(cache.k[:, 1, :, :6], source.k[:, 1]) and torch.equal(cache.v[:, 3, :, :6], source.v[:, 0])
+    for layer in range(3):
+        assert torch.equal(cache.k[layer][1, :, :6], source.k[layer, 1])
+        assert torch.equal(cache.v[layer][3, :, :6], source.v[layer, 0])
     positions, mask = cache.positions_and_mask(1)
     assert positions.tolist() == [[3], [3], [6], [6]]
     assert mask.shape == (4, 1, 1, 10)
