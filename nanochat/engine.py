@@ -141,6 +141,9 @@ class StaticKVCache:
         self.pos = torch.zeros((), dtype=torch.long, device=device)
         self.pad = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.columns = torch.arange(seq_len, device=device)
+        # Eager only: attend to the first `window` columns instead of all seq_len (the filled ones, known on
+        # the host). Changes the shapes every step, so None under torch.compile and CUDA graphs.
+        self.window = None
 
     @classmethod
     def for_model(cls, model, batch_size, seq_len, dtype=None):
@@ -177,13 +180,16 @@ class StaticKVCache:
         """Rotary positions (B, 1) and the attention mask (B, 1, 1, seq_len) of the token at column pos."""
         assert T == 1, "the static cache only decodes (one token per row per step)"
         positions = (self.pos - self.pad).clamp(min=0).unsqueeze(1)
-        mask = (self.columns[None, :] <= self.pos) & (self.columns[None, :] >= self.pad[:, None])
+        columns = self.columns if self.window is None else self.columns[:self.window]
+        mask = (columns[None, :] <= self.pos) & (columns[None, :] >= self.pad[:, None])
         return positions, mask[:, None, None, :]
 
     def insert_kv(self, layer_idx, k, v):
         """Write this step's keys/values (B, H, 1, D) at column pos; return the layer's whole cache."""
         self.k[layer_idx].index_copy_(2, self.pos.view(1), k)
         self.v[layer_idx].index_copy_(2, self.pos.view(1), v)
+        if self.window is not None:
+            return self.k[layer_idx][:, :, :self.window], self.v[layer_idx][:, :, :self.window]
         return self.k[layer_idx], self.v[layer_idx]
 
     def advance(self, T):
@@ -570,6 +576,8 @@ class Engine:
                     if pairs:
                         src, dst = zip(*pairs)
                         noise[list(dst)] = drawn[list(src)]
+            if mode == "static":
+                cache.window = pos  # columns 0..pos-1 are filled once this step writes column pos - 1
             with inference_context(device.type):
                 out = step(cache, feed, noise).tolist()
             sampled = [out[slot_of[row]] if row in slot_of else 0 for row in active]
