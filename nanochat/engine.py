@@ -186,8 +186,10 @@ class StaticKVCache:
 
     def insert_kv(self, layer_idx, k, v):
         """Write this step's keys/values (B, H, 1, D) at column pos; return the layer's whole cache."""
-        self.k[layer_idx].index_copy_(2, self.pos.view(1), k)
-        self.v[layer_idx].index_copy_(2, self.pos.view(1), v)
+        cache_k, cache_v = self.k[layer_idx], self.v[layer_idx]
+        # index_copy_ does not cast (slice assignment does): under autocast k may differ from the cache dtype
+        cache_k.index_copy_(2, self.pos.view(1), k.to(cache_k.dtype))
+        cache_v.index_copy_(2, self.pos.view(1), v.to(cache_v.dtype))
         if self.window is not None:
             return self.k[layer_idx][:, :, :self.window], self.v[layer_idx][:, :, :self.window]
         return self.k[layer_idx], self.v[layer_idx]
@@ -285,16 +287,21 @@ class GraphedStep:
 
     @staticmethod
     def capture(run):
-        """(replay function, output tensor). The warm-up runs on a side stream, as capture requires."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = run()
+        """(replay function, output tensor). The warm-up runs on a side stream, as capture requires, and
+        autocast's cache of cast weights is off: a cast cached during capture is freed when autocast exits,
+        and the graph would read freed memory (PyTorch's CUDA-graph notes ask for cache_enabled=False)."""
+        autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                  enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+        with autocast:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = run()
         return graph.replay, out
 
     def __call__(self, cache, tokens, noise):
@@ -590,7 +597,14 @@ class Engine:
             if key not in self._graphs:
                 self._graphs.clear()  # one captured shape at a time: each holds a whole cache in device memory
                 cache = StaticKVCache.for_model(model, batch, capacity, dtype=dtype)
-                self._graphs[key] = GraphedStep(decode_step, model, cache, width, temperature, top_k)  # under autocast
+                try:
+                    self._graphs[key] = GraphedStep(decode_step, model, cache, width, temperature, top_k)
+                except Exception as e:  # not verified on every GPU/driver: a failed capture must not end a run
+                    if self.decode != "auto":
+                        raise
+                    print(f"Engine: CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly from now on")
+                    self.decode = "static"
+                    return self._static_cache("static", batch, capacity, width, temperature, top_k, dtype)
             graphed = self._graphs[key]
             return graphed.cache, graphed
         cache = StaticKVCache.for_model(model, batch, capacity, dtype=dtype)
