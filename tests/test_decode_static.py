@@ -154,6 +154,7 @@ def test_graph_mode_is_refused_without_cuda():
 # -----------------------------------------------------------------------------
 # torch.compile on CPU, and the CUDA graph runner
 
+@pytest.mark.slow  # torch.compile on CPU: tens of seconds
 def test_compiled_step_gives_the_same_tokens_and_compiles_once_per_shape():
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
