@@ -550,6 +550,17 @@ class Engine:
             cache, step = self._static_cache(mode, bucket_size(num_rows), capacity, width, temperature, top_k, dtype)
             cache.load(prompt_cache.k, prompt_cache.v, prompt_cache.pad_lengths, longest, source_rows, range(num_rows))
             del prompt_cache
+        try:
+            yield from self._static_loop(mode, cache, step, logits, states, num_rows, longest, limit, new_tokens,
+                                         width, capacity, temperature, top_k, rng, dtype)
+        finally:
+            # a captured graph pins its cache (at depth 20 and 256 rows, gigabytes) and its memory pool; RL
+            # trains between rollouts, so give them back. Capturing again costs about three eager steps.
+            self._graphs.clear()
+
+    def _static_loop(self, mode, cache, step, logits, states, num_rows, longest, limit, new_tokens, width, capacity,
+                     temperature, top_k, rng, dtype):
+        device = cache.pos.device
         sampled = sample_next_token(logits, rng, temperature, top_k).tolist()
         active = list(range(num_rows))           # rows that draw random numbers (the dynamic loop's batch)
         slot_of = {row: row for row in active}   # rows being computed -> their slot in the cache
