@@ -3,7 +3,7 @@ Training throughput: tokens/s and MFU of one full training step (forward, backwa
 zero_grad) of the GPT, the same step scripts/base_train.py takes, on random tokens.
 
     python -m dev.bench_train                     # CPU rows (d4 = the anchor, d8); GPU rows too when CUDA is there
-    python -m dev.bench_train --configs anchor --compile both --steps 10
+    python -m dev.bench_train --configs anchor --compile both --steps 10   # eager and compiled steps alternate
     python -m dev.bench_train --configs d12,d20 --steps 20      # on a GPU: bf16 autocast + torch.compile
 
 The "anchor" row is the configuration measured for karpathy/nanochat on this project's CPU machine
@@ -26,14 +26,15 @@ from nanochat.gpt import GPT, config_from_depth
 CONFIGS = {
     "anchor": (4, 64, 64, 32768, 512, 4, "cpu"),   # depth 4: nanochat's CPU anchor configuration
     "d8": (8, 64, 64, 32768, 512, 4, "cpu"),
+    "runcpu": (4, 64, 64, 4096, 256, 16, "cpu"),   # dev/runcpu.sh's base_train stage (vocab 4096, seq 256, batch 16)
     "d12": (12, 64, 128, 32768, 2048, 32, "cuda"),
     "d20": (20, 64, 128, 32768, 2048, 32, "cuda"),
 }
 
 
-def bench_config(name, compile_model, steps, warmup, device, batch=None):
-    depth, aspect, head_dim, vocab, seq_len, default_batch, _ = CONFIGS[name]
-    batch = batch or default_batch
+def build_step(name, compile_model, device, batch):
+    """(one_step function, description) for one config: a fresh model, its optimizer and a fixed batch."""
+    depth, aspect, head_dim, vocab, seq_len, _, _ = CONFIGS[name]
     torch.manual_seed(0)
     config = config_from_depth(depth, vocab_size=vocab, sequence_len=seq_len, aspect_ratio=aspect, head_dim=head_dim)
     model = GPT(config).to(device)
@@ -42,7 +43,6 @@ def bench_config(name, compile_model, steps, warmup, device, batch=None):
     step_model = torch.compile(model, dynamic=False) if compile_model else model
     x = torch.randint(0, vocab, (batch, seq_len), device=device)
     y = torch.randint(0, vocab, (batch, seq_len), device=device)
-    flops_per_token = model.estimate_flops()
 
     def one_step():
         with autocast_context(device.type):
@@ -52,28 +52,46 @@ def bench_config(name, compile_model, steps, warmup, device, batch=None):
         model.zero_grad(set_to_none=True)
         return loss
 
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        one_step()
-    synchronize(device)
-    first = time.perf_counter() - t0
-    times = []
+    info = dict(name=name, depth=depth, n_embd=config.n_embd, head_dim=head_dim, vocab=vocab, seq=seq_len, batch=batch,
+                params=model.num_params(), compile=compile_model, flops_per_token=model.estimate_flops())
+    return one_step, info
+
+
+def bench_config(name, compile_modes, steps, warmup, device, batch=None):
+    """One row per compile mode. With several modes their timed steps alternate (A, B, A, B, ...), so a
+    machine shared with other work slows them alike and the ratio between them stays readable."""
+    batch = batch or CONFIGS[name][5]
+    runs = []
+    for compile_model in compile_modes:
+        one_step, info = build_step(name, compile_model, device, batch)
+        t0 = time.perf_counter()
+        first = None
+        for _ in range(warmup):
+            one_step().item()
+            if first is None:
+                first = time.perf_counter() - t0  # the first step: compilation included
+        synchronize(device)
+        info.update(warmup_s=time.perf_counter() - t0, first_step_s=first if first is not None else float("nan"))
+        runs.append((one_step, info, []))
     for _ in range(steps):
-        synchronize(device)
-        t = time.perf_counter()
-        loss = one_step()
-        loss.item()
-        synchronize(device)
-        times.append(time.perf_counter() - t)
-    dt = statistics.median(times)
+        for one_step, _, times in runs:
+            synchronize(device)
+            t = time.perf_counter()
+            one_step().item()
+            synchronize(device)
+            times.append(time.perf_counter() - t)
     if device.type == "cuda":
         print(f"  peak CUDA memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB", flush=True)
         torch.cuda.reset_peak_memory_stats(device)
-    tokens = batch * seq_len
-    return dict(name=name, depth=depth, n_embd=config.n_embd, head_dim=head_dim, vocab=vocab, seq=seq_len, batch=batch,
-                params=model.num_params(), compile=compile_model, warmup_s=first, step_s=dt,
-                tok_s=tokens / dt, tok_s_min=tokens / max(times), tok_s_max=tokens / min(times),
-                gflops=flops_per_token * tokens / dt / 1e9, mfu=100 * flops_per_token * tokens / dt / get_peak_flops(device))
+    rows = []
+    for _, info, times in runs:
+        dt = statistics.median(times)
+        tokens = batch * info["seq"]
+        flops_per_token = info.pop("flops_per_token")
+        rows.append(dict(info, step_s=dt, tok_s=tokens / dt, tok_s_min=tokens / max(times), tok_s_max=tokens / min(times),
+                         gflops=flops_per_token * tokens / dt / 1e9,
+                         mfu=100 * flops_per_token * tokens / dt / get_peak_flops(device)))
+    return rows
 
 
 def main(argv=None):
@@ -107,31 +125,30 @@ def main(argv=None):
             modes = [kind == "cuda"]
         else:
             modes = [args.compile == "on"]
-        for compile_model in modes:
-            batch = CONFIGS[name][5]
-            while True:
-                print(f"running {name} (compile={compile_model}, batch {batch}) ...", flush=True)
-                try:
-                    rows.append(bench_config(name, compile_model, args.steps, args.warmup, device, batch))
-                    break
-                except torch.OutOfMemoryError:
-                    if batch == 1:
-                        raise
-                    batch //= 2  # the row reports the batch that fit
-                    torch._dynamo.reset()
-                    torch.cuda.empty_cache()
+        batch = CONFIGS[name][5]
+        while True:
+            print(f"running {name} (compile={' and '.join(map(str, modes))}, batch {batch}) ...", flush=True)
+            try:
+                rows.extend(bench_config(name, modes, args.steps, args.warmup, device, batch))
+                break
+            except torch.OutOfMemoryError:
+                if batch == 1:
+                    raise
+                batch //= 2  # the row reports the batch that fit
+                torch._dynamo.reset()
+                torch.cuda.empty_cache()
 
     device_name = torch.cuda.get_device_name() if has_cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"\ntorch {torch.__version__} | {device_name} | dtype on CUDA: bf16 autocast | median of {args.steps} steps")
     header = f"| {'config':<7} | {'depth':>5} | {'n_embd':>6} | {'params':>11} | {'seq x batch':>11} | {'compile':>7} | " \
-             f"{'step (s)':>8} | {'tok/s (min-max)':>22} | {'GFLOP/s':>8} | {'MFU %':>6} | {'warm-up (s)':>11} |"
+             f"{'step (s)':>8} | {'tok/s (min-max)':>22} | {'GFLOP/s':>8} | {'MFU %':>6} | {'warm-up (s)':>11} | {'1st step (s)':>12} |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for r in rows:
         spread = f"{r['tok_s']:,.0f} ({r['tok_s_min']:,.0f}-{r['tok_s_max']:,.0f})"
         print(f"| {r['name']:<7} | {r['depth']:>5} | {r['n_embd']:>6} | {r['params']:>11,} | {r['seq']:>5} x {r['batch']:<3} | "
               f"{str(r['compile']):>7} | {r['step_s']:>8.3f} | {spread:>22} | {r['gflops']:>8.1f} | {r['mfu']:>6.2f} | "
-              f"{r['warmup_s']:>11.1f} |")
+              f"{r['warmup_s']:>11.1f} | {r['first_step_s']:>12.1f} |")
     return rows
 
 

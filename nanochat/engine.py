@@ -119,6 +119,85 @@ class KVCache:
             self.set_padding(self.pad_lengths.index_select(0, rows))
 
 
+class StaticKVCache:
+    """The fixed-shape decode step's cache. Every tensor keeps its shape for the whole generation and the
+    write column is a device tensor, so each decode step sees the same shapes and no changing Python int:
+    torch.compile builds one graph for it and a CUDA graph can replay it.
+
+    k[layer], v[layer]: (batch, n_kv_heads, seq_len, head_dim), one tensor per layer: under torch.compile
+    a write into a view of one big tensor became a copy of the whole layer every step (inductor could not
+    do it in place), a write into a whole input tensor is done in place. All rows write column `pos`;
+    row b's real tokens start at column pad[b] (prompts are left-padded), and its query sees columns
+    pad[b]..pos only, through a mask over all seq_len columns (columns past pos are never attended).
+    """
+
+    static = True           # GPT.forward takes the positions and the mask from here
+    uncapped_logits = True  # and skips the soft-cap: the sampler caps only the logits it keeps
+
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device="cpu", dtype=torch.float32):
+        shape = (batch_size, num_heads, seq_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.pad = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.columns = torch.arange(seq_len, device=device)
+        # Eager only: attend to the first `window` columns instead of all seq_len (the filled ones, known on
+        # the host). Changes the shapes every step, so None under torch.compile and CUDA graphs.
+        self.window = None
+
+    @classmethod
+    def for_model(cls, model, batch_size, seq_len, dtype=None):
+        c = model.config
+        dtype = dtype or model.transformer.wte.weight.dtype
+        return cls(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer,
+                   device=model.get_device(), dtype=dtype)
+
+    @property
+    def batch_size(self):
+        return self.k[0].size(0)
+
+    @property
+    def capacity(self):
+        return self.k[0].size(2)
+
+    def load(self, k, v, pad, length, rows, slots):
+        """Copy columns [0, length) of rows `rows` of (k, v) into this cache's rows `slots`, with their
+        padding; the next write goes to column `length`. k[layer] is (batch, heads, columns, head_dim) of any
+        batch and length (a KVCache's k, or another StaticKVCache's). In place, so a CUDA graph captured on
+        this cache stays valid. Rows not in `slots` are idle: no padding."""
+        assert length <= self.capacity, f"{length} columns do not fit a cache of {self.capacity}"
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.pos.device)
+        slots = torch.as_tensor(slots, dtype=torch.long, device=self.pos.device)
+        for layer in range(len(self.k)):
+            self.k[layer][slots, :, :length] = k[layer][:, :, :length].index_select(0, rows)
+            self.v[layer][slots, :, :length] = v[layer][:, :, :length].index_select(0, rows)
+        self.pad.zero_()
+        if pad is not None:
+            self.pad[slots] = pad.index_select(0, rows)
+        self.pos.fill_(length)
+
+    def positions_and_mask(self, T):
+        """Rotary positions (B, 1) and the attention mask (B, 1, 1, seq_len) of the token at column pos."""
+        assert T == 1, "the static cache only decodes (one token per row per step)"
+        positions = (self.pos - self.pad).clamp(min=0).unsqueeze(1)
+        columns = self.columns if self.window is None else self.columns[:self.window]
+        mask = (columns[None, :] <= self.pos) & (columns[None, :] >= self.pad[:, None])
+        return positions, mask[:, None, None, :]
+
+    def insert_kv(self, layer_idx, k, v):
+        """Write this step's keys/values (B, H, 1, D) at column pos; return the layer's whole cache."""
+        cache_k, cache_v = self.k[layer_idx], self.v[layer_idx]
+        # index_copy_ does not cast (slice assignment does): under autocast k may differ from the cache dtype
+        cache_k.index_copy_(2, self.pos.view(1), k.to(cache_k.dtype))
+        cache_v.index_copy_(2, self.pos.view(1), v.to(cache_v.dtype))
+        if self.window is not None:
+            return self.k[layer_idx][:, :, :self.window], self.v[layer_idx][:, :, :self.window]
+        return self.k[layer_idx], self.v[layer_idx]
+
+    def advance(self, T):
+        self.pos.add_(T)
+
+
 # -----------------------------------------------------------------------------
 # Sampling
 
@@ -159,6 +238,89 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     return torch.multinomial(probs, num_samples=1, generator=rng).squeeze(-1)
 
 
+def sample_from_raw_logits(logits, noise, temperature, top_k, softcap):
+    """The decode step's sampler: on the device, no generator argument and no host sync, so it compiles
+    and graph-captures. `logits` (B, V) are before the soft-cap; `noise` (B, width) is Exponential(1),
+    drawn by the caller from the generator (width: top_k, or V without top-k; ignored at temperature 0).
+
+    It returns what sample_next_token returns for the capped logits and the same generator state, because
+    torch.multinomial draws one sample as argmax(probs / Exponential(1) noise) from a tensor shaped like
+    probs, and the cap (tanh) is monotonic, so the top-k may be taken before capping. The one difference:
+    two raw logits that cap to the same float are a tie after capping, not before."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    if top_k and top_k < logits.size(-1):
+        values, ids = torch.topk(logits, top_k, dim=-1)
+        values = softcap * torch.tanh(values / softcap)
+        probs = F.softmax(values / temperature, dim=-1)
+        return ids.gather(-1, (probs / noise).argmax(dim=-1, keepdim=True)).squeeze(-1)
+    probs = F.softmax(softcap * torch.tanh(logits / softcap) / temperature, dim=-1)
+    return (probs / noise).argmax(dim=-1)
+
+
+def noise_width(vocab_size, temperature, top_k):
+    """Columns of Exponential noise one sampled row consumes (0: greedy, no randomness)."""
+    if temperature == 0:
+        return 0
+    return top_k if top_k and top_k < vocab_size else vocab_size
+
+
+def decode_step(model, cache, tokens, noise, temperature, top_k):
+    """One fixed-shape step for every row of a StaticKVCache: feed tokens (B,), store their keys/values at
+    column cache.pos, advance it, and sample each row's next token. Everything stays on the device."""
+    logits = model(tokens.unsqueeze(1), kv_cache=cache)[:, -1, :]
+    return sample_from_raw_logits(logits, noise, temperature, top_k, model.config.softcap)
+
+
+def bucket_size(rows):
+    """Batch bucket: the next power of two, so the step only ever sees a few batch shapes (each is a
+    recompile under torch.compile and a capture for a CUDA graph)."""
+    return 1 << max(0, rows - 1).bit_length()
+
+
+class GraphedStep:
+    """decode_step captured once as a CUDA graph on one StaticKVCache, then replayed: a step costs one
+    graph launch instead of ~1,000 kernel launches (at depth 20 the host-issued launches, not the GPU,
+    set the pace: dev/gpu_results.md). Inputs are copied into static buffers before each replay; the
+    output tensor is overwritten by each replay (read it before the next)."""
+
+    def __init__(self, step, model, cache, width, temperature, top_k):
+        self.cache = cache
+        self.tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=cache.pos.device)
+        self.noise = torch.ones(cache.batch_size, max(1, width), device=cache.pos.device)
+        run = lambda: step(model, cache, self.tokens, self.noise, temperature, top_k)  # noqa: E731
+        start = cache.pos.clone()
+        self.replay, self.out = self.capture(run)
+        cache.pos.copy_(start)  # warm-up runs advanced it; the columns they wrote are rewritten before use
+
+    @staticmethod
+    def capture(run):
+        """(replay function, output tensor). The warm-up runs on a side stream, as capture requires, and
+        autocast's cache of cast weights is off: a cast cached during capture is freed when autocast exits,
+        and the graph would read freed memory (PyTorch's CUDA-graph notes ask for cache_enabled=False)."""
+        autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                  enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+        with autocast:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = run()
+        return graph.replay, out
+
+    def __call__(self, cache, tokens, noise):
+        assert cache is self.cache, "a captured step only runs on the cache it was captured with"
+        self.tokens.copy_(tokens)
+        if noise is not None:
+            self.noise.copy_(noise)
+        self.replay()
+        return self.out
+
+
 def inference_context(device_type):
     """Autocast, and on CUDA every SDPA kernel but cuDNN's. cuDNN attention builds a plan for each new
     key length, i.e. on every decode step: measured on an H100 at depth 20, a batch-1 step took 56.7 ms
@@ -195,9 +357,23 @@ class Engine:
     # Prefill logits are (rows, T, vocab) float32; chunk the prompt so they stay under this many elements.
     PREFILL_LOGITS_BUDGET = 1 << 25
 
-    def __init__(self, model, tokenizer):
+    DECODE_MODES = ("auto", "dynamic", "static", "compile", "graph")
+    CAPACITY_QUANTUM = 64  # static caches are a multiple of this long: few shapes, few recompiles
+
+    def __init__(self, model, tokenizer, decode="auto"):
+        """decode picks the decoding loop (all give the same tokens; see _decode_mode):
+        dynamic  the growing-batch loop: shrinks the cache when rows finish, reads only the filled columns
+        static   the fixed-shape step (StaticKVCache, batch buckets, sampling on the device), eager
+        compile  the fixed-shape step under torch.compile (one graph per batch bucket and cache length)
+        graph    the fixed-shape step captured as a CUDA graph and replayed (CUDA only)
+        auto     graph on CUDA, static on CPU (measured: dev/bench_rollout.md)"""
+        if decode not in self.DECODE_MODES:
+            raise ValueError(f"decode must be one of {self.DECODE_MODES}, got {decode!r}")
         self.model = model
         self.tokenizer = tokenizer
+        self.decode = decode
+        self._compiled_step = None
+        self._graphs = {}  # (batch, capacity, width, temperature, top_k, dtype) -> GraphedStep; its cache is reused
         special = tokenizer.encode_special
         self.bos = tokenizer.get_bos_token_id()
         self.assistant_end = special("<|assistant_end|>")
@@ -267,15 +443,63 @@ class Engine:
         if new_tokens == 0:
             return
         capacity = min(longest + new_tokens, context_limit)
-        num_prompts = len(prompts)
-        num_rows = num_prompts * num_samples
+        num_rows = len(prompts) * num_samples
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
-        dtype = self._cache_dtype(device)
         pads = [longest - len(p) for p in prompts]
         # padding columns are never attended to; any valid id will do
         ids = torch.tensor([[0] * pad + list(p) for p, pad in zip(prompts, pads)], dtype=torch.long, device=device)
 
+        mode = self._decode_mode(device)
+        if top_p is not None and top_p < 1 and temperature > 0:
+            mode = "dynamic"  # nucleus sampling lives in sample_next_token; the fixed-shape step samples top-k only
+        states = [RowState() for _ in range(num_rows)]
+        if mode == "dynamic":
+            yield from self._decode_dynamic(ids, pads, num_samples, states, capacity, new_tokens, temperature, top_k, rng, top_p)
+        else:
+            yield from self._decode_static(mode, ids, pads, num_samples, states, capacity, new_tokens, temperature,
+                                           top_k, rng)
+
+    def _decode_mode(self, device):
+        if self.decode == "auto":
+            return "graph" if device.type == "cuda" else "static"
+        if self.decode == "graph" and device.type != "cuda":
+            raise ValueError("decode='graph' needs a CUDA device")
+        return self.decode
+
+    def _step_rows(self, states, rows, sampled):
+        """Append one token to each row in `rows` (sampled[j] for rows[j], unless tool output is waiting
+        to be forced); finished rows repeat their last token. The step's (token_column, mask_column)."""
+        column = [state.last_token for state in states]
+        mask = [0] * len(states)
+        for row, token in zip(rows, sampled):
+            state = states[row]
+            if state.done:
+                continue
+            if state.forced:
+                token = state.forced.popleft()
+            else:
+                mask[row] = 1
+            column[row] = token
+            self._observe(state, token)
+        return column, mask
+
+    @staticmethod
+    def _keep_sampling(active, states):
+        """The rows that go on drawing random numbers: finished rows leave once they are an eighth of the
+        batch (the dynamic loop drops them from its cache then). Both loops follow this rule, so a seed
+        gives the same samples whichever runs."""
+        alive = [row for row in active if not states[row].done]
+        return alive if len(active) - len(alive) >= max(1, len(active) // 8) else active
+
+    def _decode_dynamic(self, ids, pads, num_samples, states, capacity, new_tokens, temperature, top_k, rng, top_p=None):
+        """The growing-batch loop: the cache holds only the rows still sampling, and each step attends to
+        the filled columns only (shapes change every step, so it runs eagerly)."""
+        model = self.model
+        device = ids.device
+        num_prompts, longest = ids.shape
+        num_rows = num_prompts * num_samples
+        dtype = self._cache_dtype(device)
         with inference_context(device.type):
             if num_samples == 1:
                 cache = KVCache.for_model(model, num_rows, capacity, dtype=dtype, pad_lengths=pads)
@@ -294,37 +518,127 @@ class Engine:
                     logits = logits.index_select(0, source_rows)
                 del prompt_cache
 
-        states = [RowState() for _ in range(num_rows)]
         active = list(range(num_rows))  # cache row j holds output row active[j]
         generated = 0
         while True:
             sampled = sample_next_token(logits, rng, temperature, top_k, top_p).tolist()
-            column = [state.last_token for state in states]
-            mask = [0] * num_rows
-            for j, row in enumerate(active):
-                state = states[row]
-                if state.done:
-                    continue
-                if state.forced:
-                    token = state.forced.popleft()
-                else:
-                    token, mask[row] = sampled[j], 1
-                column[row] = token
-                self._observe(state, token)
+            column, mask = self._step_rows(states, active, sampled)
             yield column, mask
             generated += 1
-
-            alive = [j for j, row in enumerate(active) if not states[row].done]
-            if not alive or generated >= new_tokens or cache.get_pos() >= cache.capacity:
+            if all(states[row].done for row in active) or generated >= new_tokens or cache.get_pos() >= cache.capacity:
                 return
-            # Drop finished rows from the batch once they are an eighth of it: the copy costs about one
-            # step's read of the cache, and every later step gets cheaper.
-            if len(active) - len(alive) >= max(1, len(active) // 8):
-                cache.keep_rows(alive)
-                active = [active[j] for j in alive]
+            keep = self._keep_sampling(active, states)
+            if len(keep) < len(active):
+                position = {row: j for j, row in enumerate(active)}
+                cache.keep_rows([position[row] for row in keep])
+                active = keep
             feed = torch.tensor([[column[row]] for row in active], dtype=torch.long, device=device)
             with inference_context(device.type):
                 logits = model(feed, kv_cache=cache)[:, -1, :]
+
+    def _decode_static(self, mode, ids, pads, num_samples, states, limit, new_tokens, temperature, top_k, rng):
+        """The fixed-shape loop: rows sit in slots of a StaticKVCache whose batch is a bucket (a power of
+        two) and whose length is a multiple of CAPACITY_QUANTUM; each step is decode_step on every slot
+        (eager, compiled or a CUDA graph replay). Finished rows stay in their slots until the live rows fit
+        half the bucket, then the cache moves to the smaller bucket (not under a CUDA graph, whose cost per
+        step hardly depends on the batch). The random numbers are drawn on the host side of the step from
+        the same generator, for the same rows, as the dynamic loop draws them."""
+        model = self.model
+        device = ids.device
+        num_prompts, longest = ids.shape
+        num_rows = num_prompts * num_samples
+        vocab_size = model.config.vocab_size
+        dtype = self._cache_dtype(device)
+        width = noise_width(vocab_size, temperature, top_k)
+        capacity = min(-(-limit // self.CAPACITY_QUANTUM) * self.CAPACITY_QUANTUM, model.cos.size(0))
+        with inference_context(device.type):
+            # each prompt is processed once (growing cache, as in the dynamic loop), then fanned out to its rows
+            prompt_cache = KVCache.for_model(model, num_prompts, longest, dtype=dtype, pad_lengths=pads)
+            logits = self._prefill(ids, prompt_cache)
+            source_rows = torch.arange(num_prompts, device=device).repeat_interleave(num_samples)
+            logits = logits.index_select(0, source_rows)
+            cache, step = self._static_cache(mode, bucket_size(num_rows), capacity, width, temperature, top_k, dtype)
+            cache.load(prompt_cache.k, prompt_cache.v, prompt_cache.pad_lengths, longest, source_rows, range(num_rows))
+            del prompt_cache
+        try:
+            yield from self._static_loop(mode, cache, step, logits, states, num_rows, longest, limit, new_tokens,
+                                         width, capacity, temperature, top_k, rng, dtype)
+        finally:
+            # a captured graph pins its cache (at depth 20 and 256 rows, gigabytes) and its memory pool; RL
+            # trains between rollouts, so give them back. Capturing again costs about three eager steps.
+            self._graphs.clear()
+
+    def _static_loop(self, mode, cache, step, logits, states, num_rows, longest, limit, new_tokens, width, capacity,
+                     temperature, top_k, rng, dtype):
+        device = cache.pos.device
+        sampled = sample_next_token(logits, rng, temperature, top_k).tolist()
+        active = list(range(num_rows))           # rows that draw random numbers (the dynamic loop's batch)
+        slot_of = {row: row for row in active}   # rows being computed -> their slot in the cache
+        pos, generated = longest, 0
+        while True:
+            column, mask = self._step_rows(states, active, sampled)
+            yield column, mask
+            generated += 1
+            pos += 1
+            if all(states[row].done for row in active) or generated >= new_tokens or pos > limit:
+                return
+            active = self._keep_sampling(active, states)
+            live = [row for row in slot_of if not states[row].done]
+            if mode != "graph" and bucket_size(len(live)) < cache.batch_size:
+                smaller, step = self._static_cache(mode, bucket_size(len(live)), capacity, width, temperature, top_k, dtype)
+                smaller.load(cache.k, cache.v, cache.pad, pos - 1, [slot_of[row] for row in live], range(len(live)))
+                cache, slot_of = smaller, {row: j for j, row in enumerate(live)}
+            feed = [0] * cache.batch_size
+            for row, slot in slot_of.items():
+                feed[slot] = column[row]
+            feed = torch.tensor(feed, dtype=torch.long, device=device)
+            noise = None
+            if width:
+                # exactly the draws sample_next_token would make for the rows in `active`, in that order
+                drawn = torch.empty(len(active), width, device=device).exponential_(1, generator=rng)
+                pairs = [(j, slot_of[row]) for j, row in enumerate(active) if row in slot_of]
+                if len(pairs) == cache.batch_size and all(j == slot for j, slot in pairs):
+                    noise = drawn
+                else:
+                    noise = torch.ones(cache.batch_size, width, device=device)
+                    if pairs:
+                        src, dst = zip(*pairs)
+                        noise[list(dst)] = drawn[list(src)]
+            if mode == "static":
+                cache.window = pos  # columns 0..pos-1 are filled once this step writes column pos - 1
+            with inference_context(device.type):
+                out = step(cache, feed, noise).tolist()
+            sampled = [out[slot_of[row]] if row in slot_of else 0 for row in active]
+
+    def _static_cache(self, mode, batch, capacity, width, temperature, top_k, dtype):
+        """(StaticKVCache, step function (cache, tokens, noise) -> next tokens) for one decode shape."""
+        model = self.model
+        if mode == "graph":
+            key = (batch, capacity, width, temperature, top_k, dtype)
+            if key not in self._graphs:
+                self._graphs.clear()  # one captured shape at a time: each holds a whole cache in device memory
+                cache = StaticKVCache.for_model(model, batch, capacity, dtype=dtype)
+                try:
+                    self._graphs[key] = GraphedStep(decode_step, model, cache, width, temperature, top_k)
+                except Exception as e:  # not verified on every GPU/driver: a failed capture must not end a run
+                    if self.decode != "auto":
+                        raise
+                    print(f"Engine: CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly from now on")
+                    self.decode = "static"
+                    return self._static_cache("static", batch, capacity, width, temperature, top_k, dtype)
+            graphed = self._graphs[key]
+            return graphed.cache, graphed
+        cache = StaticKVCache.for_model(model, batch, capacity, dtype=dtype)
+        if mode == "compile":
+            if self._compiled_step is None:
+                self._compiled_step = torch.compile(decode_step, dynamic=False, fullgraph=True)
+            fn = self._compiled_step
+        else:
+            fn = decode_step
+        if width == 0:
+            dummy = torch.ones(batch, 1, device=cache.pos.device)
+            return cache, lambda c, tokens, noise: fn(model, c, tokens, dummy, temperature, top_k)
+        return cache, lambda c, tokens, noise: fn(model, c, tokens, noise, temperature, top_k)
 
     # ---- public API
 

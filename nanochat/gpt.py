@@ -8,8 +8,9 @@ The GPT: a small, modern decoder-only transformer in the nanochat style.
 - logits soft-capped with tanh, cross-entropy with ignore index -1
 
 One dial, `config_from_depth(depth)`, derives width and heads, so a run is described by its depth.
-The KV cache used for inference lives in nanochat/engine.py; the model only asks it to store keys
-and values, and for the per-row positions and masks that left-padded batches need.
+The KV caches used for inference live in nanochat/engine.py; the model only asks them to store keys
+and values, and for the per-row positions and masks that left-padded batches need. A cache marked
+`static` (the fixed-shape decode step) supplies positions and mask itself, as device tensors.
 """
 
 import math
@@ -242,9 +243,14 @@ class GPT(nn.Module):
         B, T = idx.shape
         device = idx.device
         # checked on Python ints: a .item() here would sync the device and break torch.compile's graph
-        last = T if kv_cache is None else kv_cache.get_pos() + T
-        assert last <= self.cos.size(0), f"position {last} is past the rotary table ({self.cos.size(0)})"
-        positions, mask = self._positions_and_mask(B, T, kv_cache, device)
+        if getattr(kv_cache, "static", False):
+            # fixed-shape decode (nanochat/engine.py StaticKVCache): positions and mask come from device
+            # tensors, so no Python int changes from step to step and the step compiles to one graph
+            positions, mask = kv_cache.positions_and_mask(T)
+        else:
+            last = T if kv_cache is None else kv_cache.get_pos() + T
+            assert last <= self.cos.size(0), f"position {last} is past the rotary table ({self.cos.size(0)})"
+            positions, mask = self._positions_and_mask(B, T, kv_cache, device)
         cos = self.cos[positions].unsqueeze(1)  # (B or 1, 1, T, D/2)
         sin = self.sin[positions].unsqueeze(1)
 
@@ -262,7 +268,9 @@ class GPT(nn.Module):
 
         softcap = self.config.softcap
         logits = self.project_to_vocab(x).float()
-        logits = softcap * torch.tanh(logits / softcap)  # bounded logits keep early training stable
+        if targets is not None or not getattr(kv_cache, "uncapped_logits", False):
+            logits = softcap * torch.tanh(logits / softcap)  # bounded logits keep early training stable
+        # else: the decode step asked for raw logits; the cap is monotonic, so it caps only the top-k it keeps
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,

@@ -50,7 +50,8 @@ def parse_args(argv=None):
     parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
     parser.add_argument("--device_type", default="", help="cuda|cpu|mps ('' = autodetect)")
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                        help="torch.compile the model (auto = on for CUDA, off elsewhere)")
+                        help="torch.compile the model (auto = on for CUDA, and on CPU for runs of 100+ steps, where "
+                             "a 1.6x faster step surely repays the ~20-30 s compile: dev/bench_train.md)")
     parser.add_argument("--data_dir", default=None, help="shard directory (default: $NANOCHAT_DATA_DIR or <base dir>/base_data)")
     # model
     parser.add_argument("--depth", type=int, default=20, help="number of transformer blocks; sets the width too")
@@ -173,15 +174,16 @@ def train(args):
     else:
         orig_model = GPT(config).to(device)  # (meta-device init imports torch._dynamo: seconds on a CPU)
     orig_model.init_weights()
-    use_compile = args.compile == "on" or (args.compile == "auto" and device_type == "cuda")
-    model = torch.compile(orig_model, dynamic=False) if use_compile else orig_model
     num_params = orig_model.num_params()
     flops_per_token = orig_model.estimate_flops()
+    num_iterations, horizon_source = resolve_num_iterations(args, num_params, flops_per_token)
+    use_compile = args.compile == "on" or (args.compile == "auto" and (device_type == "cuda" or num_iterations >= 100))
+    model = torch.compile(orig_model, dynamic=False) if use_compile else orig_model
     print0(f"model: {dataclasses.asdict(config)}")
-    print0(f"parameters: {num_params:,} | FLOPs per token: {flops_per_token:e} | compile: {use_compile}")
+    print0(f"parameters: {num_params:,} | FLOPs per token: {flops_per_token:e} | compile: {use_compile}"
+           + (" (step 1's dt includes the compilation)" if use_compile else ""))
 
     # ---- horizon and batch
-    num_iterations, horizon_source = resolve_num_iterations(args, num_params, flops_per_token)
     tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len
     world_tokens_per_fwdbwd = tokens_per_fwdbwd * world_size
     assert args.total_batch_size % world_tokens_per_fwdbwd == 0, (

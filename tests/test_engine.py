@@ -67,10 +67,14 @@ def cut_at(tokens, stops):
 # -----------------------------------------------------------------------------
 # Greedy decoding equals the naive sampler
 
+DECODE_MODES = ["dynamic", "static"]  # the compiled and graphed steps are tested in tests/test_decode_static.py
+
+
+@pytest.mark.parametrize("decode", DECODE_MODES)
 @pytest.mark.parametrize("num_samples", [1, 3])
-def test_greedy_generate_equals_naive(num_samples):
+def test_greedy_generate_equals_naive(num_samples, decode):
     model = tiny_model()
-    engine = Engine(model, StandInTokenizer())
+    engine = Engine(model, StandInTokenizer(), decode=decode)
     for prompt in ([5], [1, 2, 3], list(range(10, 31))):
         expected = naive(model, prompt, 20)
         columns = list(engine.generate(prompt, num_samples=num_samples, max_tokens=20, temperature=0.0))
@@ -83,10 +87,11 @@ def test_greedy_generate_equals_naive(num_samples):
         assert masks == [[0] * len(prompt) + [1] * 20] * num_samples
 
 
+@pytest.mark.parametrize("decode", DECODE_MODES)
 @pytest.mark.parametrize("num_samples", [1, 2])
-def test_generate_prompts_of_different_lengths_equal_naive(num_samples):
+def test_generate_prompts_of_different_lengths_equal_naive(num_samples, decode):
     model = tiny_model(n_kv_head=1)
-    engine = Engine(model, StandInTokenizer())
+    engine = Engine(model, StandInTokenizer(), decode=decode)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (4, 1, 13, 7)]
     out = engine.generate_prompts(prompts, num_samples=num_samples, max_tokens=16, temperature=0.0)
@@ -104,7 +109,8 @@ class BatchRecordingGPT(GPT):
         return super().forward(idx, targets=targets, kv_cache=kv_cache, loss_reduction=loss_reduction, last_only=last_only)
 
 
-def test_rows_stop_independently_and_dropping_finished_rows_changes_nothing():
+@pytest.mark.parametrize("decode", DECODE_MODES)
+def test_rows_stop_independently_and_dropping_finished_rows_changes_nothing(decode):
     model = tiny_model(seed=4)
     model.__class__ = BatchRecordingGPT
     model.batch_sizes = []
@@ -118,7 +124,7 @@ def test_rows_stop_independently_and_dropping_finished_rows_changes_nothing():
     lengths = sorted(len(e) for e in expected)
     assert lengths[0] < lengths[-2], f"test needs rows that finish at different times: {lengths}"
 
-    engine = Engine(model, StandInTokenizer(assistant_end=stop))
+    engine = Engine(model, StandInTokenizer(assistant_end=stop), decode=decode)
     model.batch_sizes = []
     out = engine.generate_prompts(prompts, num_samples=2, max_tokens=24, temperature=0.0)
     for i, (completion, mask) in enumerate(out):
@@ -126,7 +132,10 @@ def test_rows_stop_independently_and_dropping_finished_rows_changes_nothing():
         assert mask == [1] * len(completion)
     sizes = model.batch_sizes
     assert sizes[0] == len(prompts)        # each prompt prefilled once
-    assert sizes[1] == 2 * len(prompts)    # then fanned out to its samples
+    if decode == "dynamic":
+        assert sizes[1] == 2 * len(prompts)    # then fanned out to its samples
+    else:
+        assert sizes[1] == 16 and set(sizes[1:]) <= {16, 8, 4, 2, 1}  # batch buckets: powers of two
     assert sizes[-1] < sizes[1]            # finished rows were dropped from the batch
     assert len(sizes) - 1 == max(len(e) for e in expected) + (0 if max(lengths) == 24 else 1) - 1
 
@@ -186,14 +195,15 @@ class ScriptedGPT(GPT):
         return logits
 
 
-def scripted_engine(tokenizer, script):
+def scripted_engine(tokenizer, script, decode="auto"):
     model = tiny_model(vocab_size=tokenizer.get_vocab_size(), n_layer=1)
     model.__class__ = ScriptedGPT
     model.script, model.calls, model.fed = script, 0, []
-    return Engine(model, tokenizer), model
+    return Engine(model, tokenizer, decode=decode), model
 
 
-def test_python_call_gets_calculator_output_forced(tiny_tokenizer):
+@pytest.mark.parametrize("decode", DECODE_MODES)
+def test_python_call_gets_calculator_output_forced(tiny_tokenizer, decode):
     tok = tiny_tokenizer
     s = tok.encode_special
     expression = tok.encode("2+3")
@@ -201,7 +211,7 @@ def test_python_call_gets_calculator_output_forced(tiny_tokenizer):
     filler = tok.encode("x")[0]  # what the model "wants" while the tool output is forced: must be ignored
     script = [s("<|python_start|>")] + expression + [s("<|python_end|>")] + [filler] * (len(result) + 2) \
         + [s("<|assistant_end|>")]
-    engine, model = scripted_engine(tok, script)
+    engine, model = scripted_engine(tok, script, decode)
     prompt = tok.encode("what is 2+3?", prepend="<|bos|>")
     results, masks = engine.generate_batch(prompt, num_samples=2, max_tokens=30, temperature=1.0)
     completion = [s("<|python_start|>")] + expression + [s("<|python_end|>"), s("<|output_start|>")] + result \

@@ -1,0 +1,180 @@
+"""
+Rollout throughput of the Engine's decoding loops, side by side in one process: the growing-batch loop
+("dynamic", what the Engine did before the fixed-shape step), the fixed-shape step run eagerly ("static"),
+under torch.compile ("compile") and, on CUDA, replayed as a CUDA graph ("graph").
+
+    python -m dev.bench_rollout                                   # CPU sweep, d4 (the tables in dev/bench_rollout.md)
+    python -m dev.bench_rollout --batch_sizes 64 --prompt_lens 32 --new_tokens 128 --repeats 3
+    python -m dev.bench_rollout --device cuda --depth 20 --modes dynamic,graph --batch_sizes 1,32,256
+
+For each (batch, prompt length, new tokens) the modes run interleaved (mode A, mode B, ..., then again),
+so a machine shared with other work disturbs them alike; read the ratios. Every timed call is
+generate_prompts-shaped: `batch` different prompts of mixed lengths (uniform in [prompt_len / 2, prompt_len]),
+one sample each, random weights, temperature and top-k sampling. The stand-in tokenizer's stop and tool
+tokens lie outside the vocabulary, so every row decodes exactly --new_tokens tokens.
+
+Printed per row: prefill ms (to the first sampled column), decode ms per step, total latency, tokens/s,
+memory-bandwidth utilisation = (weight bytes + KV bytes a step must read) / step time / peak bandwidth,
+and MFU = decode FLOPs per step / step time / peak FLOP/s. The KV bytes are those of the filled columns
+(the least any implementation must read), the same for every mode, so a mode that reads more (the static
+cache reads its whole fixed length) shows it as lower utilisation. The first call of a shape per mode is
+a warm-up and its time (compilation, graph capture) is printed separately. The last line is a JSON summary.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from dev.bench_engine import NoStopTokenizer, build_model
+from nanochat.common import get_peak_flops
+from nanochat.engine import Engine
+
+# Nominal peak memory bandwidth (bytes/s) by device name; --peak_bandwidth overrides. The CPU figure is a
+# guess for two cores' share of a server's DRAM bandwidth: only ratios between modes are solid there.
+PEAK_BANDWIDTH = [("h200", 4.8e12), ("h100 pcie", 2.0e12), ("h100", 3.35e12), ("h800", 3.35e12), ("b200", 8.0e12),
+                  ("a100", 2.0e12), ("a10g", 0.6e12), ("l40s", 0.864e12), ("4090", 1.0e12), ("3090", 0.936e12)]
+CPU_PEAK_BANDWIDTH = 20e9
+
+
+def default_peak_bandwidth(device):
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        return next((bw for key, bw in PEAK_BANDWIDTH if key in name), float("nan"))
+    return CPU_PEAK_BANDWIDTH
+
+
+def make_prompts(batch, prompt_len, vocab_size, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(max(1, prompt_len // 2), prompt_len + 1, (batch,), generator=g).tolist()
+    return [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_rollout(engine, prompts, new_tokens, temperature, top_k):
+    """(seconds to the first column, total seconds, columns) of one generate_prompts-shaped call. Uses the
+    Engine's stream (what generate_prompts collects) to see when the prefill ends."""
+    device = engine.model.get_device()
+    synchronize(device)
+    t0 = time.perf_counter()
+    first, columns = None, 0
+    for _ in engine._stream(prompts, 1, new_tokens, temperature, top_k, 42):
+        columns += 1
+        if first is None:
+            first = time.perf_counter() - t0
+    synchronize(device)
+    return first, time.perf_counter() - t0, columns
+
+
+def step_costs(model, prompts, new_tokens):
+    """(bytes, FLOPs) one average decode step must read / compute for these rows: every weight but the
+    embedding (a lookup of B rows) once, plus the keys and values of the filled columns of every row."""
+    c = model.config
+    weights = [p for name, p in model.named_parameters() if "wte" not in name]
+    weight_bytes = sum(p.numel() * p.element_size() for p in weights)
+    matmul_params = sum(p.numel() for p in weights)
+    longest = max(len(p) for p in prompts)
+    mean_len = longest + new_tokens / 2  # left-padded rows all sit at the same column; the pad is masked, not skipped
+    head_dim = c.n_embd // c.n_head
+    kv_bytes_per_column = 2 * c.n_layer * c.n_kv_head * head_dim * next(model.parameters()).element_size()
+    rows = len(prompts)
+    kv_bytes = rows * kv_bytes_per_column * mean_len
+    flops = rows * (2 * matmul_params + 4 * c.n_layer * c.n_embd * mean_len)  # matmuls + scores and values
+    return weight_bytes + kv_bytes, flops
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--vocab_size", type=int, default=32768)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--modes", default=None, help="comma list of Engine decode modes (default: dynamic,static,compile "
+                                                      "and graph on CUDA)")
+    parser.add_argument("--batch_sizes", default="1,8,64")
+    parser.add_argument("--prompt_lens", default="32", help="longest prompt of a batch; lengths are mixed down to half")
+    parser.add_argument("--new_tokens", default="128")
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per mode and shape (median reported)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_k", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--bf16_weights", action="store_true", help="cast the weights to bf16 (inference only)")
+    parser.add_argument("--peak_bandwidth", type=float, default=None, help="bytes/s (default: by device name; CPU 20e9)")
+    parser.add_argument("--peak_flops", type=float, default=None, help="FLOP/s (default: nanochat.common.get_peak_flops)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    modes = (args.modes or ("dynamic,static,compile,graph" if device.type == "cuda" else "dynamic,static,compile")).split(",")
+    batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+    prompt_lens = [int(x) for x in args.prompt_lens.split(",")]
+    new_token_counts = [int(x) for x in args.new_tokens.split(",")]
+    peak_bw = args.peak_bandwidth or default_peak_bandwidth(device)
+    peak_flops = args.peak_flops or get_peak_flops(device)
+
+    load_before = os.getloadavg()
+    t_start = time.perf_counter()
+    longest_needed = max(prompt_lens) + max(new_token_counts)
+    # sequence_len sizes the rotary table (10x): it must cover the longest prompt plus its new tokens
+    model = build_model(args.depth, args.vocab_size, sequence_len=max(256, longest_needed), device=device,
+                        bf16_weights=args.bf16_weights)
+    engines = {mode: Engine(model, NoStopTokenizer(args.vocab_size), decode=mode) for mode in modes}
+    c = model.config
+    print(f"depth {c.n_layer}, n_embd {c.n_embd}, {c.n_head} heads ({c.n_kv_head} kv), vocab {c.vocab_size}, "
+          f"{model.num_params() / 1e6:.1f}M params, {next(model.parameters()).dtype} weights, {args.device}, "
+          f"{torch.get_num_threads()} threads; T={args.temperature}, top_k={args.top_k}; "
+          f"peak {peak_bw / 1e9:.0f} GB/s, {peak_flops / 1e12:.0f} TFLOP/s\n")
+    print("| batch | prompt | new | mode | warm-up s | prefill ms | ms / step | latency s | tok/s | vs dynamic | BW util % | MFU % |")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    results = []
+    for batch in batch_sizes:
+        for prompt_len in prompt_lens:
+            for new_tokens in new_token_counts:
+                prompts = make_prompts(batch, prompt_len, args.vocab_size)
+                step_bytes, step_flops = step_costs(model, prompts, new_tokens)
+                warmup = {}
+                for mode in modes:  # first call of this shape: compilation / capture / allocator warm-up
+                    t0 = time.perf_counter()
+                    time_rollout(engines[mode], prompts, new_tokens, args.temperature, args.top_k)
+                    warmup[mode] = time.perf_counter() - t0
+                timings = {mode: [] for mode in modes}
+                for _ in range(args.repeats):
+                    for mode in modes:
+                        timings[mode].append(time_rollout(engines[mode], prompts, new_tokens, args.temperature, args.top_k))
+                rows = {}
+                for mode in modes:
+                    first = statistics.median(t[0] for t in timings[mode])
+                    total = statistics.median(t[1] for t in timings[mode])
+                    columns = timings[mode][0][2]
+                    assert columns == new_tokens, f"{mode}: {columns} columns, expected {new_tokens}"
+                    step = (total - first) / max(1, new_tokens - 1)
+                    rows[mode] = dict(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, mode=mode,
+                                      warmup_s=warmup[mode], prefill_ms=1000 * first, step_ms=1000 * step, latency_s=total,
+                                      tok_per_s=batch * new_tokens / total,
+                                      bw_util=step_bytes / step / peak_bw if step > 0 else float("nan"),
+                                      mfu=step_flops / step / peak_flops if step > 0 else float("nan"))
+                base = rows[modes[0]]["tok_per_s"]
+                for mode in modes:
+                    r = rows[mode]
+                    r["vs_first_mode"] = r["tok_per_s"] / base
+                    print(f"| {batch} | {prompt_len} | {new_tokens} | {mode} | {r['warmup_s']:.1f} | {r['prefill_ms']:.1f} | "
+                          f"{r['step_ms']:.2f} | {r['latency_s']:.2f} | {r['tok_per_s']:.0f} | {r['vs_first_mode']:.2f}x | "
+                          f"{100 * r['bw_util']:.1f} | {100 * r['mfu']:.2f} |")
+                    results.append(r)
+    load_after = os.getloadavg()
+    print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f}; {os.cpu_count()} CPUs; "
+          f"wall {time.perf_counter() - t_start:.0f} s; torch {torch.__version__}; 'vs dynamic' = tok/s over the first mode's")
+    summary = dict(device=args.device, depth=args.depth, vocab_size=args.vocab_size, threads=torch.get_num_threads(),
+                   peak_bandwidth=peak_bw, peak_flops=peak_flops, modes=modes, load_before=load_before[0],
+                   load_after=load_after[0], results=results)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

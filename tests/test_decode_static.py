@@ -1,0 +1,227 @@
+"""Tests of the fixed-shape decode step (nanochat/engine.py: StaticKVCache, sample_from_raw_logits,
+decode_step, GraphedStep): it gives the same tokens as the growing-batch loop and the naive sampler,
+the same seeded samples, compiles to one graph on CPU, and its CUDA-graph runner's plumbing works."""
+
+import collections
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import nanochat.engine as engine_module
+from nanochat.engine import (Engine, GraphedStep, KVCache, StaticKVCache, bucket_size,
+                             noise_width, sample_from_raw_logits, sample_next_token)
+from tests.test_engine import StandInTokenizer, cut_at, naive, tiny_model
+
+
+def mixed_prompts(seed, lengths, vocab=97):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def stop_token_for(model, prompts, steps=24):
+    """A token the model really emits early in several rows: as <|assistant_end|> it makes rows finish at
+    different steps, which exercises dropping rows, batch buckets and the random-number bookkeeping."""
+    counts = collections.Counter(t for p in prompts for t in naive(model, p, steps)[1:10])
+    return counts.most_common(1)[0][0]
+
+
+# -----------------------------------------------------------------------------
+# Pieces
+
+def test_bucket_sizes_are_powers_of_two_that_fit():
+    assert [bucket_size(n) for n in (1, 2, 3, 5, 8, 9, 64, 65)] == [1, 2, 4, 8, 8, 16, 64, 128]
+
+
+def test_static_cache_load_positions_and_mask():
+    source = KVCache(2, 2, 6, 4, 3, pad_lengths=[0, 3])
+    source.k.normal_()
+    source.v.normal_()
+    source.advance(6)
+    cache = StaticKVCache(4, 2, 10, 4, 3)
+    cache.load(source.k, source.v, source.pad_lengths, 6, rows=[1, 1, 0], slots=[0, 1, 3])
+    assert int(cache.pos) == 6 and cache.pad.tolist() == [3, 3, 0, 0]  # slot 2 is idle: no padding
+    for layer in range(3):
+        assert torch.equal(cache.k[layer][1, :, :6], source.k[layer, 1])
+        assert torch.equal(cache.v[layer][3, :, :6], source.v[layer, 0])
+    positions, mask = cache.positions_and_mask(1)
+    assert positions.tolist() == [[3], [3], [6], [6]]
+    assert mask.shape == (4, 1, 1, 10)
+    assert mask[0, 0, 0].tolist() == [False] * 3 + [True] * 4 + [False] * 3  # real columns 3..6, nothing past pos
+    assert mask[3, 0, 0].tolist() == [True] * 7 + [False] * 3
+    k_new, v_new = torch.randn(4, 2, 1, 4), torch.randn(4, 2, 1, 4)
+    k_all, _ = cache.insert_kv(1, k_new, v_new)
+    assert k_all.shape == (4, 2, 10, 4) and torch.equal(k_all[:, :, 6], k_new[:, :, 0])
+    cache.advance(1)
+    assert int(cache.pos) == 7
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.0, None), (1.0, None), (0.7, 5), (1.3, 96)])
+def test_raw_logit_sampler_equals_sample_next_token_on_capped_logits(temperature, top_k):
+    softcap = 15.0
+    raw = torch.randn(37, 97) * 20  # large enough that the cap bends them
+    capped = softcap * torch.tanh(raw / softcap)
+    width = noise_width(97, temperature, top_k)
+    for seed in range(5):
+        expected = sample_next_token(capped, torch.Generator().manual_seed(seed), temperature, top_k)
+        noise = torch.empty(37, max(1, width)).exponential_(1, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(sample_from_raw_logits(raw, noise, temperature, top_k, softcap), expected)
+
+
+# -----------------------------------------------------------------------------
+# Whole generations: fixed-shape step vs the growing-batch loop vs naive recompute
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_greedy_static_equals_dynamic_and_naive_on_mixed_prompt_lengths(num_samples):
+    model = tiny_model(seed=2, n_kv_head=1)  # grouped-query attention
+    prompts = mixed_prompts(7, (5, 1, 17, 9, 2))
+    outs = {mode: Engine(model, StandInTokenizer(), decode=mode).generate_prompts(
+        prompts, num_samples=num_samples, max_tokens=18, temperature=0.0) for mode in ("dynamic", "static")}
+    assert outs["static"] == outs["dynamic"]
+    for i, (completion, mask) in enumerate(outs["static"]):
+        assert completion == naive(model, prompts[i // num_samples], 18), f"row {i}"
+        assert mask == [1] * 18
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, None), (0.8, 7)])
+def test_seeded_sampling_equals_dynamic_while_rows_finish_at_different_steps(temperature, top_k):
+    model = tiny_model(seed=4)
+    prompts = mixed_prompts(5, (3, 8, 5, 11, 2, 6, 1, 4, 9))
+    stop = stop_token_for(model, prompts)
+    outs = {}
+    for mode in ("dynamic", "static"):
+        engine = Engine(model, StandInTokenizer(assistant_end=stop), decode=mode)
+        outs[mode] = [engine.generate_prompts(prompts, num_samples=2, max_tokens=24, temperature=temperature,
+                                              top_k=top_k, seed=seed) for seed in (0, 1)]
+    assert outs["static"] == outs["dynamic"]
+    lengths = sorted(len(c) for c, _ in outs["static"][0])
+    assert lengths[0] < 24 and lengths[0] < lengths[-1], f"rows should finish at different steps: {lengths}"
+    assert outs["static"][0] != outs["static"][1]  # the seed matters
+
+
+def test_generate_and_generate_batch_stream_the_same_under_both_loops():
+    model = tiny_model(seed=6)
+    prompt = [3, 1, 4, 1, 5]
+    stop = stop_token_for(model, [prompt], steps=12)
+    engines = {mode: Engine(model, StandInTokenizer(assistant_end=stop), decode=mode) for mode in ("dynamic", "static")}
+    streams = {mode: list(e.generate(prompt, num_samples=5, max_tokens=12, temperature=1.0, top_k=10, seed=3))
+               for mode, e in engines.items()}
+    assert streams["static"] == streams["dynamic"]
+    batches = {mode: e.generate_batch(prompt, num_samples=5, max_tokens=12, temperature=1.0, seed=3)
+               for mode, e in engines.items()}
+    assert batches["static"] == batches["dynamic"]
+    assert all(seq[:5] == prompt for seq in batches["static"][0])
+
+
+def test_static_loop_moves_to_smaller_buckets_and_stops_computing_finished_rows():
+    model = tiny_model(seed=4)
+    prompts = mixed_prompts(5, (3, 8, 5, 11, 2, 6, 1, 4, 9))
+    stop = stop_token_for(model, prompts)
+    expected = [cut_at(naive(model, p, 24), {stop}) for p in prompts]
+    assert min(len(e) for e in expected) < 12, "test needs rows that finish early"
+    seen = []
+    real_step = engine_module.decode_step
+    engine_module.decode_step = lambda model, cache, *a: seen.append(cache.batch_size) or real_step(model, cache, *a)
+    try:
+        out = Engine(model, StandInTokenizer(assistant_end=stop), decode="static").generate_prompts(
+            prompts, max_tokens=24, temperature=0.0)
+    finally:
+        engine_module.decode_step = real_step
+    assert [c for c, _ in out] == expected
+    assert seen[0] == 16 and seen == sorted(seen, reverse=True) and seen[-1] < 16
+
+
+def test_stops_at_the_rotary_table_like_the_dynamic_loop():
+    model = tiny_model(sequence_len=8)  # rotary table of 80 positions: the static cache cannot round past it
+    for mode in ("dynamic", "static"):
+        columns = list(Engine(model, StandInTokenizer(), decode=mode).generate([3] * 75, max_tokens=50, temperature=0.0))
+        assert len(columns) == 6
+        assert [tokens[0] for tokens, _ in columns] == naive(model, [3] * 75, 6)
+
+
+def test_graph_mode_is_refused_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: the graph mode runs for real in the CUDA test")
+    with pytest.raises(ValueError, match="CUDA"):
+        Engine(tiny_model(), StandInTokenizer(), decode="graph").generate_batch([1, 2], max_tokens=2)
+    with pytest.raises(ValueError, match="decode"):
+        Engine(tiny_model(), StandInTokenizer(), decode="fast")
+
+
+# -----------------------------------------------------------------------------
+# torch.compile on CPU, and the CUDA graph runner
+
+@pytest.mark.slow  # torch.compile on CPU: tens of seconds
+def test_compiled_step_gives_the_same_tokens_and_compiles_once_per_shape():
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    model = tiny_model(seed=3)
+    prompts = mixed_prompts(9, (4, 1, 7))
+    kwargs = dict(num_samples=2, max_tokens=10, temperature=0.9, top_k=8, seed=5)
+    expected = Engine(model, StandInTokenizer(), decode="static").generate_prompts(prompts, **kwargs)
+    engine = Engine(model, StandInTokenizer(), decode="compile")
+    assert engine.generate_prompts(prompts, **kwargs) == expected
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    assert engine.generate_prompts(prompts, **kwargs) == expected  # the same shapes: no new graph
+    assert counters["stats"]["unique_graphs"] == graphs
+    greedy = engine.generate_prompts(prompts, max_tokens=10, temperature=0.0)
+    assert [c for c, _ in greedy] == [naive(model, p, 10) for p in prompts]
+
+
+class FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on CPU: 'capture' runs the step once (as capture records it),
+    'replay' runs it again and writes into the captured output tensor, as a graph replay does."""
+
+    @staticmethod
+    def capture(run):
+        out = run()
+        return (lambda: out.copy_(run())), out
+
+
+def test_graphed_step_plumbing_on_cpu(monkeypatch):
+    """What CPU can check of the CUDA-graph runner: static input buffers, the cache position restored
+    after the warm-up, results read from the one output tensor, cache reuse across calls. The capture
+    itself needs CUDA (tests/test_decode_static.py's CUDA test)."""
+    monkeypatch.setattr(GraphedStep, "capture", staticmethod(FakeGraph.capture))
+    model = tiny_model(seed=8)
+    prompts = mixed_prompts(3, (6, 2, 9))
+    engine = Engine(model, StandInTokenizer(), decode="static")
+    engine._decode_mode = lambda device: "graph"
+    for kwargs in (dict(temperature=0.0), dict(temperature=1.0, top_k=6, seed=2), dict(temperature=0.0)):
+        got = engine.generate_prompts(prompts, num_samples=2, max_tokens=12, **kwargs)
+        want = Engine(model, StandInTokenizer(), decode="dynamic").generate_prompts(prompts, num_samples=2,
+                                                                                    max_tokens=12, **kwargs)
+        assert got == want
+    assert engine._graphs == {}  # the captured step and its cache are given back after each generation
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_and_compiled_steps_match_the_eager_step():
+    model = tiny_model().to("cuda")
+    prompts = mixed_prompts(11, (3, 9, 1))
+    ref = Engine(model, StandInTokenizer(), decode="static")
+    for mode in ("graph", "compile"):
+        engine = Engine(model, StandInTokenizer(), decode=mode)
+        for kwargs in (dict(temperature=0.0), dict(temperature=0.8, top_k=20, seed=3)):
+            a = engine.generate_prompts(prompts, num_samples=3, max_tokens=12, **kwargs)
+            assert a == engine.generate_prompts(prompts, num_samples=3, max_tokens=12, **kwargs)  # replays reproduce
+            b = ref.generate_prompts(prompts, num_samples=3, max_tokens=12, **kwargs)
+            # bf16 autocast: compiled kernels round differently, so compare the first tokens only
+            assert [c[:1] for c, _ in a] == [c[:1] for c, _ in b]
+
+
+# -----------------------------------------------------------------------------
+# The benchmark runs
+
+def test_bench_rollout_smoke():
+    cmd = [sys.executable, "-m", "dev.bench_rollout", "--depth", "1", "--vocab_size", "300", "--batch_sizes", "3",
+           "--prompt_lens", "6", "--new_tokens", "5", "--repeats", "1", "--modes", "dynamic,static", "--threads", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert [r["mode"] for r in summary["results"]] == ["dynamic", "static"]
+    for r in summary["results"]:
+        assert r["batch"] == 3 and r["new_tokens"] == 5 and r["tok_per_s"] > 0 and 0 < r["bw_util"] < 1
+    assert summary["results"][0]["vs_first_mode"] == 1.0
