@@ -343,6 +343,7 @@ class RowState:
         self.python_tokens = None   # the expression so far, while inside <|python_start|> ... <|python_end|>
         self.done = False
         self.last_token = None
+        self.line_headers = deque()  # token lists forced at the start of each following line (see generate_prompts)
 
 
 class Engine:
@@ -382,6 +383,7 @@ class Engine:
         self.output_start = special("<|output_start|>")
         self.output_end = special("<|output_end|>")
         self.stop_tokens = frozenset((self.bos, self.assistant_end))
+        self._newlines = None
 
     # ---- tool use
 
@@ -397,6 +399,8 @@ class Engine:
     def _observe(self, state, token):
         """Update a row's state after `token` was appended to it."""
         state.last_token = token
+        if state.line_headers and not state.forced and token in self._newline_tokens():
+            state.forced.extend(state.line_headers.popleft())
         if token in self.stop_tokens:
             state.done = True
         elif token == self.python_start:
@@ -406,6 +410,13 @@ class Engine:
             state.python_tokens = None
         elif state.python_tokens is not None:
             state.python_tokens.append(token)
+
+    def _newline_tokens(self):
+        """Ids of the tokens whose text ends with a newline (a line header is forced after them)."""
+        if self._newlines is None:  # decoded once per engine, only by callers that force line headers
+            self._newlines = frozenset(i for i in range(self.tokenizer.get_vocab_size())
+                                       if self.tokenizer.decode_bytes([i]).endswith(b"\n"))
+        return self._newlines
 
     # ---- the decoding loop
 
@@ -424,7 +435,7 @@ class Engine:
         return logits[:, -1, :]
 
     @torch.inference_mode()
-    def _stream(self, prompts, num_samples, max_tokens, temperature, top_k, seed, top_p=None):
+    def _stream(self, prompts, num_samples, max_tokens, temperature, top_k, seed, top_p=None, line_headers=None):
         """Yield one (token_column, mask_column) per step for len(prompts) * num_samples rows, prompt-major.
         Rows that have finished repeat their stop token with mask 0 until every row is done."""
         check_sampling_args(max_tokens, temperature, top_k, num_samples)
@@ -454,6 +465,11 @@ class Engine:
         if top_p is not None and top_p < 1 and temperature > 0:
             mode = "dynamic"  # nucleus sampling lives in sample_next_token; the fixed-shape step samples top-k only
         states = [RowState() for _ in range(num_rows)]
+        if line_headers is not None:
+            for row, state in enumerate(states):
+                state.line_headers = deque(list(h) for h in line_headers[row // num_samples])
+                if state.line_headers:  # the first header opens the completion
+                    state.forced.extend(state.line_headers.popleft())
         if mode == "dynamic":
             yield from self._decode_dynamic(ids, pads, num_samples, states, capacity, new_tokens, temperature, top_k, rng, top_p)
         else:
@@ -677,14 +693,21 @@ class Engine:
         full_masks = [[0] * len(tokens) + m for m in masks]
         return results, full_masks
 
-    def generate_prompts(self, prompts, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+    def generate_prompts(self, prompts, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42,
+                         line_headers=None):
         """Sample num_samples completions for each of several prompts (of any lengths) in one batch.
         Returns a list of (completion_tokens, completion_mask), prompt-major: prompt 0's samples first.
-        Completions exclude the prompt and the stop token."""
+        Completions exclude the prompt and the stop token.
+
+        line_headers[i] (optional): token lists forced, in order, at the start of the completion and after
+        each newline the model writes, for prompt i's samples; they have mask 0. A verifier given
+        ["Step 1:", ..., "Step K:", "Overall:"] writes exactly one line per step and then its verdict."""
         prompts = [list(p) for p in prompts]
         if not prompts:
             return []
-        stream = self._stream(prompts, num_samples, max_tokens, temperature, top_k, seed)
+        if line_headers is not None and len(line_headers) != len(prompts):
+            raise ValueError(f"line_headers needs one list per prompt ({len(prompts)}), got {len(line_headers)}")
+        stream = self._stream(prompts, num_samples, max_tokens, temperature, top_k, seed, line_headers=line_headers)
         completions, masks = self._collect(stream, len(prompts) * num_samples)
         return list(zip(completions, masks))
 

@@ -39,12 +39,13 @@ class Rollout:
         return self.completion_ids[:-1] if self.finished else self.completion_ids
 
 
-def generate_rollouts(engine, tokenizer, prompts, example_indices, num_samples, max_new_tokens, temperature, top_k, seed):
+def generate_rollouts(engine, tokenizer, prompts, example_indices, num_samples, max_new_tokens, temperature, top_k, seed,
+                      line_headers=None):
     """Sample `num_samples` completions of every prompt in one batched pass (prompt-major order). The one
     place that turns Engine outputs into rollouts, and so the one place that handles <|assistant_end|>:
     the engine drops the terminal token, and a completion shorter than the budget ended with it."""
     outputs = engine.generate_prompts(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
-                                      temperature=temperature, top_k=top_k, seed=seed)
+                                      temperature=temperature, top_k=top_k, seed=seed, line_headers=line_headers)
     assistant_end = tokenizer.encode_special("<|assistant_end|>")
     rollouts = []
     for i, (tokens, mask) in enumerate(outputs):

@@ -101,6 +101,9 @@ def get_args(argv=None):
     p.add_argument("--ver_samples", type=int, default=5, help="verifications per solution (the verifier's group)")
     p.add_argument("--ver_max_tokens", type=int, default=256)
     p.add_argument("--ver_temperature", type=float, default=1.0)
+    p.add_argument("--forced_headers", action="store_true",
+                   help="the engine writes 'Step k:' at the start of each verification line and 'Overall:' after the last, "
+                        "so every reading has exactly one line per step")
     p.add_argument("--process_score", default="text", choices=["text", "prob"],
                    help="step verdicts as the words the verifier wrote (+-1/K) or as its p(Correct) ((2p-1)/K)")
     p.add_argument("--format_weight", type=float, default=0.5, help="weight of the verifier's format score")
@@ -203,16 +206,22 @@ def token_texts(tokenizer, rollout):
     return [decoder.decode(tokenizer.decode_bytes([t])) for t in rollout.body_ids]
 
 
+def step_headers(tokenizer, num_steps):
+    """The line openings a verification of a num_steps-step solution must have (see --forced_headers)."""
+    return [tokenizer.encode(f"Step {k}:") for k in range(1, num_steps + 1)] + [tokenizer.encode("Overall:")]
+
+
 def judge(args, roles, task, solutions, num_verifications, temperature, seed):
     """The verifier reads every solution `num_verifications` times in one batched pass. Returns its rollouts
     (solution-major, for training it) and one tasks.verify.Judgement per rollout."""
     tokenizer = roles.tokenizer
     prompts = [tokenizer.render_for_completion(verify.build_verifier_conversation(task.question(s.info["conversation"]), s.text))
                for s in solutions]
+    texts = [token_texts(tokenizer, s) for s in solutions]
+    headers = [step_headers(tokenizer, len(verify.step_end_tokens(t))) for t in texts] if args.forced_headers else None
     roles.sampling(roles.verifier)
     readings = generate_rollouts(roles.ver_engine, tokenizer, prompts, [s.example_index for s in solutions],
-                                 num_verifications, args.ver_max_tokens, temperature, args.top_k, seed)
-    texts = [token_texts(tokenizer, s) for s in solutions]
+                                 num_verifications, args.ver_max_tokens, temperature, args.top_k, seed, headers)
     probs = verdict_probabilities(args, roles, readings) if args.process_score == "prob" else [None] * len(readings)
     judgements = [verify.judge(texts[i // num_verifications], r.text, p) for i, (r, p) in enumerate(zip(readings, probs))]
     return readings, judgements
@@ -414,8 +423,9 @@ def labelled_verifier_counts(args, roles, task, rank, world_size):
     items = [task.labelled_solution(i, rng) for i in range(min(args.ver_eval_examples, len(task)))][rank::world_size]
     prompts = [roles.tokenizer.render_for_completion(verify.build_verifier_conversation(it["question"], it["solution"])) for it in items]
     roles.sampling(roles.verifier)
+    headers = [step_headers(roles.tokenizer, len(it["step_labels"])) for it in items] if args.forced_headers else None
     readings = generate_rollouts(roles.ver_engine, roles.tokenizer, prompts, list(range(len(items))), 1, args.ver_max_tokens,
-                                 0.0, None, args.seed) if items else []
+                                 0.0, None, args.seed, headers) if items else []
     said = [verify.parse_verification(r.text) for r in readings]
     counts = verify.count_verdicts([v.overall for v in said], [it["overall_correct"] for it in items])
     counts.update(n=len(items), gold=sum(it["overall_correct"] for it in items),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nanochat.checkpoint_manager import find_last_step, load_checkpoint
-from nanochat.grpo import ClassBalancer
+from nanochat.grpo import ClassBalancer, sample_and_score
 from tasks import verify
 from tasks.by_name import RL_TASKS, build_rl_task
 
@@ -334,3 +334,23 @@ def test_absurd_learning_rate_stops_before_saving_and_resume_checks_the_config(s
     data, _, _ = load_checkpoint(os.path.join(base, "cotrain_checkpoints", "sane"), find_last_step(os.path.join(base, "cotrain_checkpoints", "sane")), "cpu")
     assert all(torch.isfinite(t).all() for role in data.values() for t in role.values())
     assert len(history["gen"]) + len(history["ver"]) == 2  # the two global steps after the resume point
+
+
+def test_forced_headers_give_one_verification_line_per_step(sft_base):
+    """With --forced_headers every reading opens each line with 'Step k:' and ends with 'Overall:', so a
+    verifier that writes a newline after each step is aligned with the solution by construction."""
+    import scripts.chat_cotrain as cotrain
+    args = cotrain.get_args(TINY + ["--forced_headers", "--ver_max_tokens", "60"])
+    roles = cotrain.load_roles(args, torch.device("cpu"))
+    task = build_rl_task("arithmetic", "train")
+    solutions = sample_and_score(roles.gen_engine, roles.tokenizer, task, [0, 1], 2, 12, 1.0, 50, seed=1)
+    readings, judgements = cotrain.judge(args, roles, task, solutions, 2, 1.0, seed=3)
+    for i, (reading, judgement) in enumerate(zip(readings, judgements)):
+        headers = cotrain.step_headers(roles.tokenizer, judgement.num_steps)
+        first = headers[0]
+        assert reading.completion_ids[:len(first)] == first and reading.completion_mask[:len(first)] == [0] * len(first)
+        lines = reading.text.split("\n")
+        # every line the verifier finished opens with the next header, in order
+        for k, line in enumerate(lines[:len(headers)]):
+            assert line.startswith(roles.tokenizer.decode(headers[k])), (i, k, reading.text)
+    assert any("\n" in r.text for r in readings), "no reading reached a second line: the test would check nothing"

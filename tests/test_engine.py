@@ -407,3 +407,24 @@ def test_cuda_generation_runs_deterministically_under_autocast():
     assert a == b and all(len(c) == 12 and all(0 <= t < 97 for t in c) for c, _ in a)
     greedy = engine.generate_prompts(prompts, max_tokens=4, temperature=0.0)
     assert greedy[0][0][0] == naive(model, prompts[0], 1)[0]  # bf16 may drift later, not on the first token
+
+
+@pytest.mark.parametrize("decode", DECODE_MODES)
+def test_line_headers_are_forced_at_the_start_and_after_each_newline(tiny_tokenizer, decode):
+    tok = tiny_tokenizer
+    headers = [tok.encode("Step 1:"), tok.encode("Step 2:"), tok.encode("Overall:")]
+    newline, x, y, z = tok.encode("\n")[0], tok.encode("x")[0], tok.encode("y")[0], tok.encode("z")[0]
+    assert tok.decode([newline]).endswith("\n")
+    filler = tok.encode("q")[0]  # what the model "wants" while a header is forced: must be ignored
+    end = tok.encode_special("<|assistant_end|>")
+    script = [filler] * len(headers[0]) + [x, newline] + [filler] * len(headers[1]) + [y, newline] \
+        + [filler] * len(headers[2]) + [z, end]
+    engine, model = scripted_engine(tok, script, decode)
+    prompt = tok.encode("verify this", prepend="<|bos|>")
+    [(tokens, mask)] = engine.generate_prompts([prompt], num_samples=1, max_tokens=40, temperature=1.0, line_headers=[headers])
+    expected = headers[0] + [x, newline] + headers[1] + [y, newline] + headers[2] + [z]
+    assert tokens == expected
+    assert mask == [0] * len(headers[0]) + [1, 1] + [0] * len(headers[1]) + [1, 1] + [0] * len(headers[2]) + [1]
+    assert tok.decode(tokens) == "Step 1:x\nStep 2:y\nOverall:z"
+    with pytest.raises(ValueError, match="one list per prompt"):
+        engine.generate_prompts([prompt, prompt], line_headers=[headers])
