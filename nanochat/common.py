@@ -180,18 +180,31 @@ def run_stage(main, argv=None):
 
         if __name__ == "__main__":
             run_stage(main)
-    """
+
+    Under torchrun a rank leaves through os._exit once its process group is torn down: gloo's threads can
+    abort the interpreter's normal shutdown ("terminate called without an active exception") after all
+    the work is done and saved, which would turn a finished run into a failed one."""
     try:
         result = main(argv)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        compute_cleanup(failed=True)
-        sys.exit(1)
+        _leave(failed=True, code=1)
     except BaseException:
         compute_cleanup(failed=True)
         raise
-    compute_cleanup()
+    _leave(failed=False, code=0)
     return result
+
+
+def _leave(failed, code):
+    distributed = is_distributed()
+    compute_cleanup(failed=failed)
+    if distributed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 def all_reduce_sums(values, device):
