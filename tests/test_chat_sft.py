@@ -210,11 +210,12 @@ def test_sft_resume_matches_uninterrupted_run(tiny_tokenizer, tmp_path, monkeypa
         assert torch.allclose(uninterrupted[name], resumed[name], atol=1e-6), name
 
 
-def test_sft_bad_flags(tiny_tokenizer, tmp_path, monkeypatch, capsys):
+def test_sft_bad_flags(tiny_tokenizer, tmp_path, monkeypatch):
+    from nanochat.common import UserInputError
     from scripts import chat_sft
     for argv in (["--examples_per_step", "0"], ["--warmdown_ratio", "1.5"], ["--warmup_ratio", "0.5", "--warmdown_ratio", "0.6"]):
-        with pytest.raises(SystemExit):
-            chat_sft.parse_args(argv)
+        with pytest.raises(UserInputError):
+            chat_sft.get_args(argv)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     make_base_dir(str(tmp_path), tiny_tokenizer, source="mid")
     with pytest.raises(ValueError, match="multiple of device_batch_size"):

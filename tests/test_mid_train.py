@@ -140,9 +140,12 @@ def test_mid_train_one_epoch_stops_by_itself(tiny_tokenizer, tmp_path, monkeypat
 
 
 def test_mid_train_bad_input(tiny_tokenizer, tmp_path, monkeypatch):
+    from nanochat.common import UserInputError
     from scripts import mid_train
-    with pytest.raises(SystemExit):
-        mid_train.parse_args(["--loss_on", "users"])
+    with pytest.raises(SystemExit):  # outside the choices: argparse's own usage error
+        mid_train.get_args(["--loss_on", "users"])
+    with pytest.raises(UserInputError, match="warmup_ratio"):
+        mid_train.get_args(["--warmup_ratio", "0.9"])
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     make_base_dir(str(tmp_path), tiny_tokenizer, source="base", sequence_len=32)
     with pytest.raises(ValueError, match="multiple of device_batch_size"):
