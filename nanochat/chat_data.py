@@ -26,7 +26,6 @@ Task names on the command line are resolved to Task objects by tasks/by_name.py.
 """
 
 import math
-import os
 
 import torch
 import torch.distributed as dist
