@@ -21,16 +21,74 @@ import torch.distributed as dist
 
 from nanochat.chat_data import (accumulate_gradients, load_training_checkpoint, lr_multiplier, muon_momentum,
                                 save_training_checkpoint, set_learning_rates)
-from nanochat.common import is_distributed, print0
+from nanochat.common import UserInputError, get_base_dir, is_distributed, print0
 
 # the data position before the first batch, in the form both batchers resume from
 START_STATE = {"position": 0, "skip": 0, "epoch": 0}
 
 
+def add_chat_training_flags(parser, stage, *, source, tasks, val_size, init_lr_frac, warmdown_ratio, eval_every):
+    """The flags both chat stages take, with the stage's own defaults: runtime, the checkpoint to start
+    from and where the new ones go, the task mixture, learning rates and their schedule, checkpoints."""
+    parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
+    parser.add_argument("--device_type", default="", help="cuda|cpu|mps (default: autodetect)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--dry_run", action="store_true", help="train and evaluate, but write no checkpoint or report")
+    # model
+    parser.add_argument("--source", default=source, choices=["base", "mid"], help="checkpoint stage to start from")
+    parser.add_argument("--model_tag", default=None, help="model tag to load (default: the largest)")
+    parser.add_argument("--model_step", type=int, default=None, help="checkpoint step to load (default: the last)")
+    parser.add_argument("--output_tag", default=None, help=f"tag of the {stage} checkpoints (default: the model tag)")
+    parser.add_argument("--resume", action="store_true", help=f"continue from the last {stage} checkpoint of --output_tag")
+    parser.add_argument("--save_every", type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
+    # data
+    parser.add_argument("--tasks", default=tasks, help="training tasks (see the module docstring); 'offline' needs no downloads")
+    parser.add_argument("--identity_file", default=None,
+                        help="identity conversations JSONL (default: <base dir>/identity_conversations.jsonl)")
+    parser.add_argument("--data_dir", default=None, help="local task data (else $NANOCHAT_TASK_DATA, else the HF hub)")
+    parser.add_argument("--val_size", type=int, default=val_size, help="validation conversations per task, at most")
+    parser.add_argument("--eval_every", type=int, default=eval_every, help="validation every N steps (-1: only at the end)")
+    # optimisation: base_train's learning rates, scaled by --init_lr_frac
+    parser.add_argument("--init_lr_frac", type=float, default=init_lr_frac, help="fraction of the base learning rates to use")
+    parser.add_argument("--embedding_lr", type=float, default=0.2)
+    parser.add_argument("--unembedding_lr", type=float, default=0.004)
+    parser.add_argument("--matrix_lr", type=float, default=0.02)
+    parser.add_argument("--weight_decay", type=float, default=0.0)
+    parser.add_argument("--warmup_ratio", type=float, default=0.0)
+    parser.add_argument("--warmdown_ratio", type=float, default=warmdown_ratio, help="1.0: linear decay over the whole run")
+    parser.add_argument("--final_lr_frac", type=float, default=0.0)
+    parser.add_argument("--grad_clip", type=float, default=0.0, help="global grad-norm clip (0: off)")
+
+
+def check_chat_training_flags(args):
+    """UserInputError for a value of the shared flags that cannot work."""
+    if args.val_size < 1:
+        raise UserInputError("--val_size must be >= 1")
+    for name in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise UserInputError(f"--{name} must be in [0, 1]")
+    if args.warmup_ratio + args.warmdown_ratio > 1.0:
+        raise UserInputError("--warmup_ratio + --warmdown_ratio must not exceed 1")
+    if args.init_lr_frac <= 0:
+        raise UserInputError("--init_lr_frac must be > 0")
+
+
+def load_model_to_train(args, stage, device):
+    """The model to train (--source, --model_tag, --model_step), its tokenizer, the tag and directory of the
+    checkpoints this stage writes, and its optimizer at --init_lr_frac of the base learning rates."""
+    from nanochat.checkpoint_manager import CHECKPOINT_DIRS, load_model
+    model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.model_step)
+    model_tag = args.output_tag or meta.get("model_tag") or args.model_tag or f"d{model.config.n_layer}"
+    checkpoint_dir = os.path.join(get_base_dir(), CHECKPOINT_DIRS[stage], model_tag)
+    frac = args.init_lr_frac
+    optimizer = model.setup_optimizers(unembedding_lr=args.unembedding_lr * frac, embedding_lr=args.embedding_lr * frac,
+                                       matrix_lr=args.matrix_lr * frac, weight_decay=args.weight_decay)
+    return model, tokenizer, model_tag, checkpoint_dir, optimizer
+
+
 def load_task_mixtures(args):
     """(train task, val task or None) for --tasks; the val mixture uses the same tasks' held-out splits.
     Identity conversations default to <base dir>/identity_conversations.jsonl."""
-    from nanochat.common import get_base_dir
     from tasks.by_name import make_mixture
     identity_file = args.identity_file or os.path.join(get_base_dir(), "identity_conversations.jsonl")
     train_task, train_names = make_mixture(args.tasks, "train", data_dir=args.data_dir, identity_file=identity_file)

@@ -24,68 +24,36 @@ test splits. Checkpoints go to chatsft_checkpoints/<tag> (weights, optimizer sha
 import argparse
 import dataclasses
 import math
-import os
 
-from nanochat.common import UserInputError, compute_init, get_base_dir, init_wandb, print0, run_stage
+from nanochat.chat_train import add_chat_training_flags, check_chat_training_flags
+from nanochat.common import UserInputError, compute_init, init_wandb, print0, run_stage
 
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description="Supervised fine-tuning on conversations",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
-    parser.add_argument("--device_type", default="", help="cuda|cpu|mps (default: autodetect)")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--dry_run", action="store_true", help="train and evaluate, but write no checkpoint or report")
-    # model
-    parser.add_argument("--source", default="mid", choices=["base", "mid"], help="checkpoint stage to start from")
-    parser.add_argument("--model_tag", default=None, help="model tag to load (default: the largest)")
-    parser.add_argument("--model_step", type=int, default=None, help="checkpoint step to load (default: the last)")
-    parser.add_argument("--output_tag", default=None, help="tag of the SFT checkpoints (default: the model tag)")
-    # data
-    parser.add_argument("--tasks", default="offline", help="training tasks (see the module docstring)")
-    parser.add_argument("--identity_file", default=None,
-                        help="identity conversations JSONL (default: <base dir>/identity_conversations.jsonl)")
-    parser.add_argument("--data_dir", default=None, help="local task data (else $NANOCHAT_TASK_DATA, else the HF hub)")
-    parser.add_argument("--val_size", type=int, default=1000, help="validation examples per task, at most")
+    add_chat_training_flags(parser, "SFT", source="mid", tasks="offline", val_size=1000, init_lr_frac=0.02,
+                            warmdown_ratio=1.0, eval_every=100)
     # batch and horizon
     parser.add_argument("--device_batch_size", type=int, default=4, help="conversations per forward/backward")
     parser.add_argument("--examples_per_step", type=int, default=32, help="conversations per optimizer step, all ranks")
     parser.add_argument("--max_seq_len", type=int, default=None, help="cut conversations to this many tokens (default: the model's)")
     parser.add_argument("--num_epochs", type=int, default=1)
     parser.add_argument("--num_iterations", type=int, default=-1, help="optimizer steps (-1: --num_epochs over the data)")
-    # optimisation
-    parser.add_argument("--init_lr_frac", type=float, default=0.02, help="fraction of the base learning rates to use")
-    parser.add_argument("--embedding_lr", type=float, default=0.2)
-    parser.add_argument("--unembedding_lr", type=float, default=0.004)
-    parser.add_argument("--matrix_lr", type=float, default=0.02)
-    parser.add_argument("--weight_decay", type=float, default=0.0)
-    parser.add_argument("--warmup_ratio", type=float, default=0.0)
-    parser.add_argument("--warmdown_ratio", type=float, default=1.0, help="1.0: linear decay over the whole run")
-    parser.add_argument("--final_lr_frac", type=float, default=0.0)
-    parser.add_argument("--grad_clip", type=float, default=0.0, help="global grad-norm clip (0: off)")
-    # evaluation and checkpoints
-    parser.add_argument("--eval_every", type=int, default=100, help="validation loss every N steps (-1: only at the end)")
+    # evaluation
     parser.add_argument("--eval_steps", type=int, default=100, help="validation micro-batches per evaluation")
     parser.add_argument("--eval_metrics_every", type=int, default=200, help="task accuracies every N steps (-1: only at the end)")
     parser.add_argument("--eval_metrics_tasks", default="mmlu|arc-easy",
                         help="tasks for the periodic accuracy ('' for none); ones whose data cannot be loaded are skipped")
     parser.add_argument("--eval_metrics_max_problems", type=int, default=1024)
     parser.add_argument("--eval_max_new_tokens", type=int, default=256, help="sampling budget of generative metric tasks")
-    parser.add_argument("--save_every", type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last SFT checkpoint of --output_tag")
     args = parser.parse_args(argv)
-    for name in ("device_batch_size", "examples_per_step", "num_epochs", "eval_steps", "val_size", "eval_metrics_max_problems"):
+    check_chat_training_flags(args)
+    for name in ("device_batch_size", "examples_per_step", "num_epochs", "eval_steps", "eval_metrics_max_problems"):
         if getattr(args, name) < 1:
             raise UserInputError(f"--{name} must be >= 1")
     if args.max_seq_len is not None and args.max_seq_len < 2:
         raise UserInputError("--max_seq_len must be >= 2")
-    for name in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            raise UserInputError(f"--{name} must be in [0, 1]")
-    if args.warmup_ratio + args.warmdown_ratio > 1.0:
-        raise UserInputError("--warmup_ratio + --warmdown_ratio must not exceed 1")
-    if args.init_lr_frac <= 0:
-        raise UserInputError("--init_lr_frac must be > 0")
     return args
 
 
@@ -107,8 +75,7 @@ def load_metric_tasks(spec, data_dir):
 def main(argv=None):
     args = get_args(argv)
     from nanochat.chat_data import evaluate_loss, sft_batches
-    from nanochat.chat_train import load_task_mixtures, train_chat
-    from nanochat.checkpoint_manager import CHECKPOINT_DIRS, load_model
+    from nanochat.chat_train import load_model_to_train, load_task_mixtures, train_chat
     from nanochat.engine import Engine
     from nanochat.eval import run_task_eval
     from nanochat.report import get_report
@@ -122,10 +89,8 @@ def main(argv=None):
     train_task, val_task = load_task_mixtures(args)
     metric_tasks = load_metric_tasks(args.eval_metrics_tasks, args.data_dir)
 
-    # ---- model, horizon, optimizer
-    model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.model_step)
-    model_tag = args.output_tag or meta.get("model_tag") or args.model_tag or f"d{model.config.n_layer}"
-    checkpoint_dir = os.path.join(get_base_dir(), CHECKPOINT_DIRS["sft"], model_tag)
+    # ---- model, optimizer, horizon
+    model, tokenizer, model_tag, checkpoint_dir, optimizer = load_model_to_train(args, "sft", device)
     max_seq_len = args.max_seq_len or model.config.sequence_len
     B = args.device_batch_size
     rows_per_micro_step = B * world_size
@@ -139,9 +104,6 @@ def main(argv=None):
         num_iterations = max(1, args.num_epochs * len(train_task) // args.examples_per_step)
     print0(f"{num_iterations} steps x {args.examples_per_step} conversations | grad accumulation {grad_accum_steps} "
            f"| max_seq_len {max_seq_len}")
-    frac = args.init_lr_frac
-    optimizer = model.setup_optimizers(unembedding_lr=args.unembedding_lr * frac, embedding_lr=args.embedding_lr * frac,
-                                       matrix_lr=args.matrix_lr * frac, weight_decay=args.weight_decay)
     engine = Engine(model, tokenizer)
 
     def train_batches(resume_state):

@@ -27,74 +27,40 @@ the same tasks' held-out splits every --eval_every steps. Checkpoints go to mid_
 import argparse
 import dataclasses
 import math
-import os
 
 import torch
 
-from nanochat.common import UserInputError, compute_init, get_base_dir, init_wandb, print0, run_stage
+from nanochat.chat_train import add_chat_training_flags, check_chat_training_flags
+from nanochat.common import UserInputError, compute_init, init_wandb, print0, run_stage
 
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description="Mid-training on packed conversations",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
-    parser.add_argument("--device_type", default="", help="cuda|cpu|mps (default: autodetect)")
-    parser.add_argument("--seed", type=int, default=42)
+    add_chat_training_flags(parser, "mid", source="base", tasks="mid-full", val_size=5000, init_lr_frac=1.0,
+                            warmdown_ratio=0.2, eval_every=150)
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile (auto: on CUDA)")
-    parser.add_argument("--dry_run", action="store_true", help="train and evaluate, but write no checkpoint or report")
-    # model
-    parser.add_argument("--source", default="base", choices=["base", "mid"], help="checkpoint stage to start from")
-    parser.add_argument("--model_tag", default=None, help="model tag to load (default: the largest)")
-    parser.add_argument("--model_step", type=int, default=None, help="checkpoint step to load (default: the last)")
-    parser.add_argument("--output_tag", default=None, help="tag of the mid checkpoints (default: the model tag)")
-    # data
-    parser.add_argument("--tasks", default="mid-full", help="training tasks (see the module docstring); 'offline' needs no downloads")
-    parser.add_argument("--identity_file", default=None,
-                        help="identity conversations JSONL (default: <base dir>/identity_conversations.jsonl)")
-    parser.add_argument("--data_dir", default=None, help="local task data (else $NANOCHAT_TASK_DATA, else the HF hub)")
-    parser.add_argument("--val_size", type=int, default=5000, help="validation conversations per task, at most")
     parser.add_argument("--loss_on", default="all", choices=["all", "assistant"], help="which tokens carry the loss")
     # batch and horizon
     parser.add_argument("--max_seq_len", type=int, default=None, help="T, the row length (default: the model's sequence_len)")
     parser.add_argument("--device_batch_size", type=int, default=32, help="B, rows per forward/backward")
     parser.add_argument("--total_batch_size", type=int, default=524288, help="tokens per optimizer step (-1: one micro-batch per rank)")
     parser.add_argument("--num_iterations", type=int, default=-1, help="optimizer steps (-1: one epoch of the mixture)")
-    # optimisation (base_train's flags)
-    parser.add_argument("--init_lr_frac", type=float, default=1.0, help="fraction of the base learning rates to use")
-    parser.add_argument("--embedding_lr", type=float, default=0.2)
-    parser.add_argument("--unembedding_lr", type=float, default=0.004)
-    parser.add_argument("--matrix_lr", type=float, default=0.02)
-    parser.add_argument("--weight_decay", type=float, default=0.0)
-    parser.add_argument("--warmup_ratio", type=float, default=0.0)
-    parser.add_argument("--warmdown_ratio", type=float, default=0.2)
-    parser.add_argument("--final_lr_frac", type=float, default=0.0)
-    parser.add_argument("--grad_clip", type=float, default=0.0, help="global grad-norm clip (0: off)")
-    # evaluation and checkpoints
-    parser.add_argument("--eval_every", type=int, default=150, help="validation bpb every N steps (-1: only at the end)")
     parser.add_argument("--eval_tokens", type=int, default=20 * 524288, help="validation tokens per evaluation, all ranks")
-    parser.add_argument("--save_every", type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last mid checkpoint of --output_tag")
     args = parser.parse_args(argv)
-    for name in ("device_batch_size", "val_size", "eval_tokens"):
+    check_chat_training_flags(args)
+    for name in ("device_batch_size", "eval_tokens"):
         if getattr(args, name) < 1:
             raise UserInputError(f"--{name} must be >= 1")
     if args.max_seq_len is not None and args.max_seq_len < 1:
         raise UserInputError("--max_seq_len must be >= 1")
-    for name in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            raise UserInputError(f"--{name} must be in [0, 1]")
-    if args.warmup_ratio + args.warmdown_ratio > 1.0:
-        raise UserInputError("--warmup_ratio + --warmdown_ratio must not exceed 1")
-    if args.init_lr_frac <= 0:
-        raise UserInputError("--init_lr_frac must be > 0")
     return args
 
 
 def main(argv=None):
     args = get_args(argv)
     from nanochat.chat_data import packed_batches
-    from nanochat.chat_train import load_task_mixtures, train_chat
-    from nanochat.checkpoint_manager import CHECKPOINT_DIRS, load_model
+    from nanochat.chat_train import load_model_to_train, load_task_mixtures, train_chat
     from nanochat.loss_eval import evaluate_bpb
     from nanochat.report import get_report
     from nanochat.tokenizer import get_token_bytes
@@ -107,11 +73,9 @@ def main(argv=None):
     # ---- data first: a missing data set should fail before the model is loaded
     train_task, val_task = load_task_mixtures(args)
 
-    # ---- model, batch, optimizer
-    orig_model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.model_step)
+    # ---- model, optimizer, batch
+    orig_model, tokenizer, model_tag, checkpoint_dir, optimizer = load_model_to_train(args, "mid", device)
     token_bytes = get_token_bytes(device)
-    model_tag = args.output_tag or meta.get("model_tag") or args.model_tag or f"d{orig_model.config.n_layer}"
-    checkpoint_dir = os.path.join(get_base_dir(), CHECKPOINT_DIRS["mid"], model_tag)
     T = args.max_seq_len or orig_model.config.sequence_len
     B = args.device_batch_size
     use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
@@ -123,9 +87,6 @@ def main(argv=None):
                          f"max_seq_len x world_size = {B} x {T} x {world_size} = {tokens_per_micro_step}")
     grad_accum_steps = total_batch_size // tokens_per_micro_step
     eval_steps = max(1, args.eval_tokens // tokens_per_micro_step)
-    frac = args.init_lr_frac
-    optimizer = orig_model.setup_optimizers(unembedding_lr=args.unembedding_lr * frac, embedding_lr=args.embedding_lr * frac,
-                                            matrix_lr=args.matrix_lr * frac, weight_decay=args.weight_decay)
     horizon = f"{args.num_iterations} steps" if args.num_iterations > 0 else "one epoch"
     print0(f"{horizon} x {total_batch_size:,} tokens | grad accumulation {grad_accum_steps} ({B} x {T} x {world_size} ranks) "
            f"| loss on {args.loss_on} tokens")
