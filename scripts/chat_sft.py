@@ -60,14 +60,13 @@ def get_args(argv=None):
 def load_metric_tasks(spec, data_dir):
     """[(display name, task)] for the periodic accuracy; a task whose data is missing is left out with a warning."""
     from tasks.by_name import load_eval_task, parse_task_names
-    from tasks.common import DataNotFoundError
     if not spec.strip():
         return []
     out = []
     for name in parse_task_names(spec):
         try:
             out.append(load_eval_task(name, data_dir=data_dir))
-        except (DataNotFoundError, FileNotFoundError) as e:
+        except (UserInputError, FileNotFoundError) as e:  # missing data (DataNotFoundError is a UserInputError)
             print0(f"warning: no accuracy for {name} during SFT: {str(e).splitlines()[0][:300]}")
     return out
 

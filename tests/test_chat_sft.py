@@ -126,3 +126,11 @@ def test_two_ranks_match_one_rank_under_torchrun(tiny_tokenizer, tmp_path):
         assert torch.allclose(one, two, atol=2e-4, rtol=1e-3), (name, (one - two).abs().max().item())
     start = make_base_dir(str(tmp_path / "fresh"), tiny_tokenizer, source="mid", seed=9).state_dict()
     assert any(not torch.allclose(start[k], results[1][k]) for k in start)  # training moved the weights
+
+
+def test_metric_tasks_with_missing_data_are_left_out(tmp_path, capsys):
+    from scripts.chat_sft import load_metric_tasks
+    tasks = load_metric_tasks("mmlu|arithmetic", str(tmp_path))  # an empty data dir: no MMLU files
+    assert [name for name, _ in tasks] == ["Arithmetic"]
+    assert "no accuracy for mmlu" in capsys.readouterr().out
+    assert load_metric_tasks(" ", str(tmp_path)) == []
