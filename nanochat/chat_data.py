@@ -26,12 +26,11 @@ Task names on the command line are resolved to Task objects by tasks/by_name.py.
 """
 
 import math
-import os
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import autocast_context, get_logger
+from nanochat.common import autocast_context, get_logger, is_distributed
 
 logger = get_logger(__name__)
 
@@ -185,7 +184,7 @@ def set_learning_rates(optimizer, lrm, momentum=None):
 # The training step and the validation loss
 
 def _world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if is_distributed() else 1
 
 
 def accumulate_gradients(model, micro_batches):

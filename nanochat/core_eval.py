@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat.common import get_base_dir, print0
+from nanochat.common import get_base_dir, is_distributed, print0
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -116,7 +116,7 @@ def get_eval_bundle_dir(bundle_dir=None, url=EVAL_BUNDLE_URL):
             raise EvalBundleError(f"--bundle_dir {bundle_dir} has no core.yaml (expected an unzipped eval_bundle)")
         return bundle_dir
     bundle_dir = os.path.join(get_base_dir(), "eval_bundle")
-    distributed = dist.is_available() and dist.is_initialized()
+    distributed = is_distributed()
     rank = dist.get_rank() if distributed else 0
     error = None
     if rank == 0 and not os.path.isfile(os.path.join(bundle_dir, "core.yaml")):
@@ -357,7 +357,7 @@ def score_example(model, tokens, spans, task_type, gold, pad_id, device):
 def evaluate_task(model, tokenizer, data, device, task, max_len=None):
     """Accuracy of the model on one task's examples. With torch.distributed initialised, ranks take
     every world_size-th example and the counts are added up (every rank must call this)."""
-    distributed = dist.is_available() and dist.is_initialized()
+    distributed = is_distributed()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     pad_id = tokenizer.get_bos_token_id()
     correct = torch.zeros(len(data), dtype=torch.float32, device=device)

@@ -23,7 +23,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from nanochat.common import autocast_context
+from nanochat.common import autocast_context, is_distributed
 
 # display name -> chance accuracy
 CHANCE = {
@@ -60,7 +60,7 @@ def rank_indices(num_problems, max_problems, rank, world_size):
 
 def _sum_over_ranks(passed, total, device):
     counts = torch.tensor([passed, total], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed() and dist.get_world_size() > 1:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     return int(counts[0].item()), int(counts[1].item())
 

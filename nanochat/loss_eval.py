@@ -16,6 +16,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from nanochat.common import is_distributed
+
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, steps, token_bytes):
@@ -45,7 +47,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         counted = num_bytes > 0
         total_nats += (loss.double() * counted).sum()
         total_bytes += num_bytes.sum().to(torch.int64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed() and dist.get_world_size() > 1:
         dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
         dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
     total_bytes = total_bytes.item()

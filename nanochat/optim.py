@@ -44,6 +44,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from nanochat.common import is_distributed
+
 # Quintic Newton-Schulz coefficients (Keller Jordan's Muon): steep at zero so small singular values
 # grow fast; the price is that the outputs oscillate in roughly [0.7, 1.2] instead of converging to 1.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -88,7 +90,7 @@ def newton_schulz_orthogonalize(G, steps=5, eps=NS_EPS, dtype=torch.bfloat16):
 
 def _world():
     """(rank, world_size) of the initialised process group, or (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 

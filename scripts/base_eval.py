@@ -1,77 +1,23 @@
 """
 Evaluate a pretrained base model: the CORE metric, bits per byte on the train and val splits, and
 a few samples. Prints a table, writes a CSV under <base dir>/base_eval/ and adds a section to the
-report when nanochat/report.py is present.
+report.
 
     python -m scripts.base_eval                                  # largest base model, last step
     python -m scripts.base_eval --model_tag d4 --max_per_task 100 --eval core,bpb
     python -m scripts.base_eval --bundle_dir /path/to/eval_bundle   # a local (unzipped) bundle
     torchrun --standalone --nproc_per_node=8 -m scripts.base_eval
-
-Also the home of the fixed sample prompts that base_train prints completions for.
 """
 
 import argparse
 import csv
 import os
-import sys
 import time
 
-import torch
-
-from nanochat.common import autocast_context, compute_cleanup, compute_init, get_base_dir, print0
-
-# Greedy completions of these show at a glance what a base model has learned.
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
+from nanochat.common import UserInputError, autocast_context, compute_init, get_base_dir, print0, run_stage
+from nanochat.samples import complete, print_samples
 
 EVAL_CHOICES = ("core", "bpb", "sample")
-
-
-@torch.no_grad()
-def complete(model, tokenizer, prompt, max_tokens=16, temperature=0.0, seed=42):
-    """The text the model appends to `prompt` (BOS-prefixed), greedy unless temperature > 0."""
-    ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-    out = list(model.generate(ids, max_tokens=max_tokens, temperature=temperature, seed=seed))
-    return tokenizer.decode(out)
-
-
-def print_samples(model, tokenizer, device, prompts=SAMPLE_PROMPTS, max_tokens=16):
-    """Greedy completions of the prompts, printed on rank 0 and returned as 'prompt -> completion' lines."""
-    lines = []
-    with autocast_context(device.type):
-        for prompt in prompts:
-            lines.append(f"{prompt}{complete(model, tokenizer, prompt, max_tokens)}")
-    for line in lines:
-        print0(f"  {line!r}")
-    return lines
-
-
-def get_optional_report():
-    """The run's report card (nanochat/report.py), or None where that module is absent."""
-    try:
-        from nanochat.report import get_report
-    except ImportError:
-        return None
-    return get_report()
-
-
-def log_report(section, data):
-    """Add a section to the report card, if there is one."""
-    report = get_optional_report()
-    if report is None:
-        return
-    try:
-        report.log(section=section, data=data)
-    except Exception as e:  # the report is a convenience: never lose a finished run over it
-        print0(f"warning: could not write the report section {section!r}: {e}")
 
 
 def write_core_csv(path, core_out):
@@ -86,7 +32,7 @@ def write_core_csv(path, core_out):
     os.replace(tmp, path)
 
 
-def parse_args(argv=None):
+def get_args(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate a base model: CORE, train/val bits per byte, samples.")
     parser.add_argument("--model_tag", default=None, help="base_checkpoints/<tag> to load (default: the largest dN)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last one)")
@@ -102,19 +48,20 @@ def parse_args(argv=None):
     evals = [e.strip() for e in args.eval.split(",") if e.strip()]
     bad = [e for e in evals if e not in EVAL_CHOICES]
     if bad or not evals:
-        parser.error(f"--eval takes a comma-separated subset of {EVAL_CHOICES}, got {args.eval!r}")
+        raise UserInputError(f"--eval takes a comma-separated subset of {EVAL_CHOICES}, got {args.eval!r}")
     args.eval = evals
     if args.device_batch_size < 1 or args.split_tokens < 1:
-        parser.error("--device_batch_size and --split_tokens must be >= 1")
+        raise UserInputError("--device_batch_size and --split_tokens must be >= 1")
     return args
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = get_args(argv)
     from nanochat.checkpoint_manager import load_model
     from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
     from nanochat.dataloader import tokenizing_distributed_data_loader
     from nanochat.loss_eval import evaluate_bpb
+    from nanochat.report import get_report
     from nanochat.tokenizer import get_token_bytes
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
@@ -129,7 +76,7 @@ def main(argv=None):
         B = args.device_batch_size
         steps = args.split_tokens // (B * T * world_size)
         if steps < 1:
-            raise SystemExit(f"--split_tokens={args.split_tokens} is less than one batch ({B}x{T}x{world_size} tokens)")
+            raise UserInputError(f"--split_tokens={args.split_tokens} is less than one batch ({B}x{T}x{world_size} tokens)")
         token_bytes = get_token_bytes(device)
         for split in ("train", "val"):
             t0 = time.time()
@@ -162,15 +109,9 @@ def main(argv=None):
             for i in range(4):
                 print0(f"  {complete(model, tokenizer, '', max_tokens=64, temperature=1.0, seed=i)!r}")
 
-    log_report("Base model evaluation", [report])
-    compute_cleanup()
+    get_report().log(section="Base model evaluation", data=[report])
     return report
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        compute_cleanup()
-        sys.exit(1)
+    run_stage(main)

@@ -20,14 +20,13 @@ import argparse
 import dataclasses
 import math
 import os
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (autocast_context, compute_cleanup, compute_init, get_base_dir, get_peak_flops,
-                             init_wandb, print0, synchronize)
+from nanochat.common import (UserInputError, autocast_context, compute_init, get_base_dir, get_peak_flops, init_wandb,
+                             print0, run_stage, synchronize)
 
 MUON_MOMENTUM_WARMUP_STEPS = 300   # Muon momentum ramps 0.85 -> 0.95 over these steps
 SMOOTHING_BETA = 0.9               # EMA of the printed training loss
@@ -39,11 +38,12 @@ TRAJECTORY_FLAGS = ("data_dir", "depth", "aspect_ratio", "head_dim", "max_seq_le
                     "final_lr_frac")
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss (or gradient norm) became NaN or infinite."""
+class NonFiniteLossError(UserInputError):
+    """The training loss (or gradient norm) became NaN or infinite. Reported as one line, like bad input:
+    what fixes it is a flag (a lower learning rate, a smaller batch) and the message says which."""
 
 
-def parse_args(argv=None):
+def get_args(argv=None):
     parser = argparse.ArgumentParser(description="Pretrain a base GPT on the parquet shards.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # logging and runtime
@@ -91,18 +91,18 @@ def parse_args(argv=None):
 
     for name in ("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "total_batch_size", "eval_tokens"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise UserInputError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.num_iterations == 0 or args.num_iterations < -1:
-        parser.error("--num_iterations must be >= 1, or -1 to derive it")
+        raise UserInputError("--num_iterations must be >= 1, or -1 to derive it")
     if args.num_iterations == -1 and args.target_flops <= 0 and args.target_param_data_ratio <= 0:
-        parser.error("set one of --num_iterations, --target_flops or --target_param_data_ratio")
+        raise UserInputError("set one of --num_iterations, --target_flops or --target_param_data_ratio")
     if args.grad_clip < 0:
-        parser.error("--grad_clip must be >= 0 (0 = off)")
+        raise UserInputError("--grad_clip must be >= 0 (0 = off)")
     for name in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
         if not 0.0 <= getattr(args, name) <= 1.0:
-            parser.error(f"--{name} must be in [0, 1]")
+            raise UserInputError(f"--{name} must be in [0, 1]")
     if args.warmup_ratio + args.warmdown_ratio > 1.0:
-        parser.error("--warmup_ratio + --warmdown_ratio must not exceed 1")
+        raise UserInputError("--warmup_ratio + --warmdown_ratio must not exceed 1")
     return args
 
 
@@ -144,21 +144,23 @@ def format_seconds(s):
 
 # -----------------------------------------------------------------------------
 
-def train(args):
+def main(argv=None):
     """The whole run. Returns a history dict (per-step losses, val bpb, ...) for callers and tests."""
+    args = get_args(argv)
     from nanochat.checkpoint_manager import find_last_step, load_checkpoint, save_checkpoint, CHECKPOINT_DIRS
     from nanochat.dataloader import tokenizing_distributed_data_loader
     from nanochat.gpt import GPT, config_from_depth
     from nanochat.loss_eval import evaluate_bpb
+    from nanochat.report import get_report
+    from nanochat.samples import print_samples
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
-    from scripts.base_eval import get_optional_report, log_report, print_samples
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     master = rank == 0
     device_type = device.type
     user_config = dict(vars(args))
     wandb_run = init_wandb("nanochat", args.run, user_config, master_process=master)
-    report = get_optional_report() if master else None  # curves for the report card's plots
+    report = get_report()  # curves for the report card's plots (a no-op stand-in on ranks > 0)
 
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device)
@@ -186,9 +188,10 @@ def train(args):
     # ---- horizon and batch
     tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len
     world_tokens_per_fwdbwd = tokens_per_fwdbwd * world_size
-    assert args.total_batch_size % world_tokens_per_fwdbwd == 0, (
-        f"--total_batch_size={args.total_batch_size} must be a multiple of device_batch_size x max_seq_len x world_size "
-        f"= {args.device_batch_size} x {args.max_seq_len} x {world_size} = {world_tokens_per_fwdbwd}")
+    if args.total_batch_size % world_tokens_per_fwdbwd:
+        raise UserInputError(f"--total_batch_size={args.total_batch_size} must be a multiple of device_batch_size x "
+                             f"max_seq_len x world_size = {args.device_batch_size} x {args.max_seq_len} x {world_size} "
+                             f"= {world_tokens_per_fwdbwd}")
     grad_accum_steps = args.total_batch_size // world_tokens_per_fwdbwd
     total_tokens = args.total_batch_size * num_iterations
     print0(f"{num_iterations:,} steps (from {horizon_source}) x {args.total_batch_size:,} tokens = {total_tokens:,} tokens "
@@ -240,7 +243,8 @@ def train(args):
     x, y, next_state = next(train_loader)  # prefetch; next_state resumes *after* this batch
     consumed_state = loader_state          # resumes after the last batch actually trained on
     eval_steps = args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size)
-    assert eval_steps >= 1, f"--eval_tokens={args.eval_tokens} is less than one batch of {world_tokens_per_fwdbwd} tokens"
+    if eval_steps < 1:
+        raise UserInputError(f"--eval_tokens={args.eval_tokens} is less than one batch of {world_tokens_per_fwdbwd} tokens")
     if args.core_metric_every > 0:
         from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
         bundle_dir = get_eval_bundle_dir(args.bundle_dir)  # fetch it now: fail before training, not hours in
@@ -283,8 +287,7 @@ def train(args):
             history["val_bpb"][step] = val_bpb
             print0(f"step {step:05d} | val bpb: {val_bpb:.6f} | min {loop_state['min_val_bpb']:.6f} | {time.time() - t0:.1f}s")
             wandb_run.log({"step": step, "val/bpb": val_bpb})
-            if report is not None:
-                report.log_curve("base/val_bpb", step, val_bpb)
+            report.log_curve("base/val_bpb", step, val_bpb)
 
         if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
             with autocast_context(device_type):
@@ -361,13 +364,12 @@ def train(args):
                        "total_training_flops": flops_per_token * args.total_batch_size * step,
                        "total_training_time": loop_state["total_training_time"],
                        **({"train/grad_norm": grad_norm} if grad_norm is not None else {})})
-        if report is not None:
-            report.log_curve("base/train_loss", step, smooth)
+        report.log_curve("base/train_loss", step, smooth)
 
     print0(f"done: {num_iterations} steps | min val bpb {loop_state['min_val_bpb']:.6f} | "
            f"training time {loop_state['total_training_time'] / 60:.2f}m | checkpoint {checkpoint_dir}")
     if master:
-        log_report("Base model training", [user_config, {
+        report.log(section="Base model training", data=[user_config, {
             "Number of parameters": num_params, "FLOPs per token": f"{flops_per_token:e}",
             "Iterations": num_iterations, "Training tokens": total_tokens,
             "Tokens : params ratio": total_tokens / num_params, "Grad accumulation steps": grad_accum_steps,
@@ -380,20 +382,5 @@ def train(args):
     return history
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return train(args)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(1)
-    finally:
-        compute_cleanup()
-
-
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:  # bad flags, missing data/tokenizer/checkpoint
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_stage(main)

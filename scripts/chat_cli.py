@@ -13,13 +13,13 @@ import argparse
 import sys
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import compute_init
+from nanochat.common import UserInputError, compute_init, run_stage
 from nanochat.engine import Engine, TextStream, fit_to_context
 
 CHAT_SOURCES = ["base", "mid", "sft", "rl", "cotrain"]
 
 
-def parse_args(argv=None):
+def get_args(argv=None):
     parser = argparse.ArgumentParser(description="Chat with a nanochat checkpoint in the terminal.")
     parser.add_argument("--source", default="sft", choices=CHAT_SOURCES, help="which training stage's checkpoint to load")
     parser.add_argument("--model_tag", default=None, help="model directory, e.g. d20 (default: the largest)")
@@ -32,11 +32,11 @@ def parse_args(argv=None):
     parser.add_argument("--device_type", default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
     args = parser.parse_args(argv)
     if args.temperature < 0:
-        parser.error(f"--temperature must be >= 0, got {args.temperature}")
+        raise UserInputError(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_k < 0:
-        parser.error(f"--top_k must be >= 0, got {args.top_k}")
+        raise UserInputError(f"--top_k must be >= 0, got {args.top_k}")
     if args.max_tokens < 1:
-        parser.error(f"--max_tokens must be >= 1, got {args.max_tokens}")
+        raise UserInputError(f"--max_tokens must be >= 1, got {args.max_tokens}")
     return args
 
 
@@ -85,17 +85,14 @@ class Chat:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        _, _, _, _, device = compute_init(args.device_type)
-    except (RuntimeError, ValueError) as e:
-        print(f"chat_cli: {e}", file=sys.stderr)
-        return 1
+    """Chat until the user leaves; returns the Chat (its .turns counts the replies)."""
+    args = get_args(argv)
+    _, _, _, _, device = compute_init(args.device_type)
     try:
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     except (FileNotFoundError, RuntimeError, ValueError, KeyError) as e:
-        print(f"chat_cli: cannot load the {args.source} model: {e}", file=sys.stderr)
-        return 1
+        # a damaged checkpoint (RuntimeError, KeyError from the state dict) is the user's to fix too: one line
+        raise UserInputError(f"cannot load the {args.source} model: {e}") from e
     sequence_len = model.config.sequence_len
     max_tokens = args.max_tokens
     if max_tokens > sequence_len // 2:
@@ -109,7 +106,7 @@ def main(argv=None):
             print("Assistant: ", end="", flush=True)
             chat.reply(args.prompt)
             print()
-            return 0
+            return chat
         print(f"nanochat chat ({args.source} model, step {meta.get('step')}). "
               f"Type 'quit' or 'exit' to leave, 'clear' to start over.")
         while True:
@@ -117,9 +114,9 @@ def main(argv=None):
                 message = input("\nUser: ").strip()
             except EOFError:
                 print()
-                return 0
+                return chat
             if message.lower() in ("quit", "exit"):
-                return 0
+                return chat
             if message.lower() == "clear":
                 chat.clear()
                 print("[conversation cleared]")
@@ -131,8 +128,8 @@ def main(argv=None):
             print()
     except KeyboardInterrupt:
         print()
-        return 0
+        return chat
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_stage(main)

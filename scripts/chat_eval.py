@@ -15,15 +15,14 @@ Prints a table, appends a section "Chat evaluation <source>" to the report, and 
 """
 
 import argparse
-import sys
 import time
 
-from nanochat.common import compute_init, compute_cleanup, print0
+from nanochat.common import UserInputError, compute_init, print0, run_stage
 from nanochat.eval import CHANCE, centered_accuracy, chatcore, run_task_eval
 from tasks.by_name import ALL_TASKS, load_eval_task, parse_task_names
 
 
-def parse_args(argv=None):
+def get_args(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate a chat model; prints accuracies and ChatCORE",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl", "cotrain"],
@@ -47,15 +46,12 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     for name in ("batch_size", "num_samples", "max_new_tokens"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
+            raise UserInputError(f"--{name} must be >= 1")
     if args.temperature < 0:
-        parser.error("--temperature must be >= 0")
+        raise UserInputError("--temperature must be >= 0")
     if args.max_problems is not None and args.max_problems < 1:
-        parser.error("--max_problems must be >= 1")
-    try:
-        args.tasks = parse_task_names(args.task_name)
-    except ValueError as e:
-        parser.error(str(e))
+        raise UserInputError("--max_problems must be >= 1")
+    args.tasks = parse_task_names(args.task_name)  # ValueError for an unknown name
     return args
 
 
@@ -67,53 +63,45 @@ def format_table(results, elapsed):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = get_args(argv)
     from nanochat.checkpoint_manager import load_model
     from nanochat.engine import Engine
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
-    try:
-        # load the data first: a missing data set should fail before minutes of model loading
-        tasks = [load_eval_task(name, data_dir=args.data_dir) for name in args.tasks]
-        # co-training checkpoints hold {"generator", "verifier"}: the chat model is the generator
-        model_key = args.model_key or ("generator" if args.source == "cotrain" else None)
-        model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag,
-                                            step=args.step, model_key=model_key)
-        engine = Engine(model, tokenizer)
-        results, elapsed = {}, {}
-        for display, task in tasks:
-            t0 = time.time()
-            acc = run_task_eval(task, tokenizer, model, engine=engine, max_problems=args.max_problems,
-                                batch_size=args.batch_size, num_samples=args.num_samples,
-                                max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k, seed=args.seed)
-            results[display], elapsed[display] = acc, time.time() - t0
-            print0(f"{display}: {acc:.4f} ({elapsed[display]:.1f}s)")
-        out = dict(results)
-        out["ChatCORE"] = chatcore(results)
-        print0(format_table(results, elapsed))
-        print0(f"ChatCORE over {len(results)} task(s) ({', '.join(results)}): {out['ChatCORE']:.4f}")
+    # load the data first: a missing data set should fail before minutes of model loading
+    tasks = [load_eval_task(name, data_dir=args.data_dir) for name in args.tasks]
+    # co-training checkpoints hold {"generator", "verifier"}: the chat model is the generator
+    model_key = args.model_key or ("generator" if args.source == "cotrain" else None)
+    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag,
+                                        step=args.step, model_key=model_key)
+    engine = Engine(model, tokenizer)
+    results, elapsed = {}, {}
+    for display, task in tasks:
+        t0 = time.time()
+        acc = run_task_eval(task, tokenizer, model, engine=engine, max_problems=args.max_problems,
+                            batch_size=args.batch_size, num_samples=args.num_samples,
+                            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, seed=args.seed)
+        results[display], elapsed[display] = acc, time.time() - t0
+        print0(f"{display}: {acc:.4f} ({elapsed[display]:.1f}s)")
+    out = dict(results)
+    out["ChatCORE"] = chatcore(results)
+    print0(format_table(results, elapsed))
+    print0(f"ChatCORE over {len(results)} task(s) ({', '.join(results)}): {out['ChatCORE']:.4f}")
 
-        # the report's summary table only shows a ChatCORE of the whole suite, comparable across stages
-        full_suite = set(args.tasks) >= set(ALL_TASKS)
-        core_key = "ChatCORE" if full_suite else f"ChatCORE ({len(results)} of {len(ALL_TASKS)} tasks)"
-        from nanochat.report import get_report
-        get_report().log(section=f"Chat evaluation {args.source}", data=[
-            {"source": args.source, "model_tag": meta.get("model_tag", args.model_tag), "step": meta.get("step"),
-             "max_problems": args.max_problems, "num_samples": args.num_samples, "temperature": args.temperature},
-            results,
-            {core_key: out["ChatCORE"]},
-            format_table(results, elapsed),
-        ])
-        return out
-    finally:
-        compute_cleanup()
+    # the report's summary table only shows a ChatCORE of the whole suite, comparable across stages
+    full_suite = set(args.tasks) >= set(ALL_TASKS)
+    core_key = "ChatCORE" if full_suite else f"ChatCORE ({len(results)} of {len(ALL_TASKS)} tasks)"
+    from nanochat.report import get_report
+    get_report().log(section=f"Chat evaluation {args.source}", data=[
+        {"source": args.source, "model_tag": meta.get("model_tag", args.model_tag), "step": meta.get("step"),
+         "max_problems": args.max_problems, "num_samples": args.num_samples, "temperature": args.temperature},
+        results,
+        {core_key: out["ChatCORE"]},
+        format_table(results, elapsed),
+    ])
+    return out
 
 
 if __name__ == "__main__":
-    from tasks.records import DataNotFoundError
-    try:
-        main()
-    except (FileNotFoundError, ValueError, DataNotFoundError) as e:  # bad flags, missing data or checkpoints
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_stage(main)

@@ -24,123 +24,78 @@ test splits. Checkpoints go to chatsft_checkpoints/<tag> (weights, optimizer sha
 import argparse
 import dataclasses
 import math
-import os
-import sys
-import time
 
-from nanochat.common import compute_cleanup, compute_init, get_base_dir, init_wandb, print0
+from nanochat.chat_train import add_chat_training_flags, check_chat_training_flags
+from nanochat.common import UserInputError, compute_init, init_wandb, print0, run_stage
 
 
-def parse_args(argv=None):
+def get_args(argv=None):
     parser = argparse.ArgumentParser(description="Supervised fine-tuning on conversations",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
-    parser.add_argument("--device_type", default="", help="cuda|cpu|mps (default: autodetect)")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--dry_run", action="store_true", help="train and evaluate, but write no checkpoint or report")
-    # model
-    parser.add_argument("--source", default="mid", choices=["base", "mid"], help="checkpoint stage to start from")
-    parser.add_argument("--model_tag", default=None, help="model tag to load (default: the largest)")
-    parser.add_argument("--model_step", type=int, default=None, help="checkpoint step to load (default: the last)")
-    parser.add_argument("--output_tag", default=None, help="tag of the SFT checkpoints (default: the model tag)")
-    # data
-    parser.add_argument("--tasks", default="offline", help="training tasks (see the module docstring)")
-    parser.add_argument("--identity_file", default=None,
-                        help="identity conversations JSONL (default: <base dir>/identity_conversations.jsonl)")
-    parser.add_argument("--data_dir", default=None, help="local task data (else $NANOCHAT_TASK_DATA, else the HF hub)")
-    parser.add_argument("--val_size", type=int, default=1000, help="validation examples per task, at most")
+    add_chat_training_flags(parser, "SFT", source="mid", tasks="offline", val_size=1000, init_lr_frac=0.02,
+                            warmdown_ratio=1.0, eval_every=100)
     # batch and horizon
     parser.add_argument("--device_batch_size", type=int, default=4, help="conversations per forward/backward")
     parser.add_argument("--examples_per_step", type=int, default=32, help="conversations per optimizer step, all ranks")
     parser.add_argument("--max_seq_len", type=int, default=None, help="cut conversations to this many tokens (default: the model's)")
     parser.add_argument("--num_epochs", type=int, default=1)
     parser.add_argument("--num_iterations", type=int, default=-1, help="optimizer steps (-1: --num_epochs over the data)")
-    # optimisation
-    parser.add_argument("--init_lr_frac", type=float, default=0.02, help="fraction of the base learning rates to use")
-    parser.add_argument("--embedding_lr", type=float, default=0.2)
-    parser.add_argument("--unembedding_lr", type=float, default=0.004)
-    parser.add_argument("--matrix_lr", type=float, default=0.02)
-    parser.add_argument("--weight_decay", type=float, default=0.0)
-    parser.add_argument("--warmup_ratio", type=float, default=0.0)
-    parser.add_argument("--warmdown_ratio", type=float, default=1.0, help="1.0: linear decay over the whole run")
-    parser.add_argument("--final_lr_frac", type=float, default=0.0)
-    parser.add_argument("--grad_clip", type=float, default=0.0, help="global grad-norm clip (0: off)")
-    # evaluation and checkpoints
-    parser.add_argument("--eval_every", type=int, default=100, help="validation loss every N steps (-1: only at the end)")
+    # evaluation
     parser.add_argument("--eval_steps", type=int, default=100, help="validation micro-batches per evaluation")
     parser.add_argument("--eval_metrics_every", type=int, default=200, help="task accuracies every N steps (-1: only at the end)")
     parser.add_argument("--eval_metrics_tasks", default="mmlu|arc-easy",
                         help="tasks for the periodic accuracy ('' for none); ones whose data cannot be loaded are skipped")
     parser.add_argument("--eval_metrics_max_problems", type=int, default=1024)
     parser.add_argument("--eval_max_new_tokens", type=int, default=256, help="sampling budget of generative metric tasks")
-    parser.add_argument("--save_every", type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last SFT checkpoint of --output_tag")
     args = parser.parse_args(argv)
-    for name in ("device_batch_size", "examples_per_step", "num_epochs", "eval_steps", "val_size", "eval_metrics_max_problems"):
+    check_chat_training_flags(args)
+    for name in ("device_batch_size", "examples_per_step", "num_epochs", "eval_steps", "eval_metrics_max_problems"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
+            raise UserInputError(f"--{name} must be >= 1")
     if args.max_seq_len is not None and args.max_seq_len < 2:
-        parser.error("--max_seq_len must be >= 2")
-    for name in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            parser.error(f"--{name} must be in [0, 1]")
-    if args.warmup_ratio + args.warmdown_ratio > 1.0:
-        parser.error("--warmup_ratio + --warmdown_ratio must not exceed 1")
-    if args.init_lr_frac <= 0:
-        parser.error("--init_lr_frac must be > 0")
+        raise UserInputError("--max_seq_len must be >= 2")
     return args
 
 
 def load_metric_tasks(spec, data_dir):
     """[(display name, task)] for the periodic accuracy; a task whose data is missing is left out with a warning."""
     from tasks.by_name import load_eval_task, parse_task_names
-    from tasks.records import DataNotFoundError
     if not spec.strip():
         return []
     out = []
     for name in parse_task_names(spec):
         try:
             out.append(load_eval_task(name, data_dir=data_dir))
-        except (DataNotFoundError, FileNotFoundError) as e:
+        except (UserInputError, FileNotFoundError) as e:  # missing data (DataNotFoundError is a UserInputError)
             print0(f"warning: no accuracy for {name} during SFT: {str(e).splitlines()[0][:300]}")
     return out
 
 
-def train(args):
-    from nanochat.chat_data import (accumulate_gradients, evaluate_loss, load_training_checkpoint, lr_multiplier,
-                                    save_training_checkpoint, set_learning_rates, sft_batches)
-    from tasks.by_name import make_mixture
-    from nanochat.checkpoint_manager import CHECKPOINT_DIRS, load_model
+def main(argv=None):
+    args = get_args(argv)
+    from nanochat.chat_data import evaluate_loss, sft_batches
+    from nanochat.chat_train import load_model_to_train, load_task_mixtures, train_chat
     from nanochat.engine import Engine
     from nanochat.eval import run_task_eval
     from nanochat.report import get_report
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
-    master = rank == 0
     user_config = dict(vars(args))
-    wandb_run = init_wandb("nanochat-sft", args.run, user_config, master_process=master)
+    wandb_run = init_wandb("nanochat-sft", args.run, user_config, master_process=rank == 0)
     report = get_report()
 
     # ---- data first: a missing data set should fail before the model is loaded
-    identity_file = args.identity_file or os.path.join(get_base_dir(), "identity_conversations.jsonl")
-    train_task, train_names = make_mixture(args.tasks, "train", data_dir=args.data_dir, identity_file=identity_file)
-    if train_task is None:
-        raise ValueError(f"--tasks {args.tasks!r} leaves nothing to train on")
-    val_task, val_names = make_mixture(args.tasks, "val", data_dir=args.data_dir, identity_file=identity_file,
-                                       val_size=args.val_size)
+    train_task, val_task = load_task_mixtures(args)
     metric_tasks = load_metric_tasks(args.eval_metrics_tasks, args.data_dir)
-    print0(f"training on {len(train_task):,} conversations ({', '.join(train_names)}); "
-           f"validation: {len(val_task) if val_task else 0:,} ({', '.join(val_names) or 'none'})")
 
-    # ---- model, horizon, optimizer
-    model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.model_step)
-    model_tag = args.output_tag or meta.get("model_tag") or args.model_tag or f"d{model.config.n_layer}"
-    checkpoint_dir = os.path.join(get_base_dir(), CHECKPOINT_DIRS["sft"], model_tag)
+    # ---- model, optimizer, horizon
+    model, tokenizer, model_tag, checkpoint_dir, optimizer = load_model_to_train(args, "sft", device)
     max_seq_len = args.max_seq_len or model.config.sequence_len
-    rows_per_micro_step = args.device_batch_size * world_size
+    B = args.device_batch_size
+    rows_per_micro_step = B * world_size
     if args.examples_per_step % rows_per_micro_step:
         raise ValueError(f"--examples_per_step={args.examples_per_step} must be a multiple of device_batch_size x "
-                         f"world_size = {args.device_batch_size} x {world_size}")
+                         f"world_size = {B} x {world_size}")
     grad_accum_steps = args.examples_per_step // rows_per_micro_step
     if args.num_iterations > 0:
         num_iterations = args.num_iterations
@@ -148,137 +103,43 @@ def train(args):
         num_iterations = max(1, args.num_epochs * len(train_task) // args.examples_per_step)
     print0(f"{num_iterations} steps x {args.examples_per_step} conversations | grad accumulation {grad_accum_steps} "
            f"| max_seq_len {max_seq_len}")
-    frac = args.init_lr_frac
-    optimizer = model.setup_optimizers(unembedding_lr=args.unembedding_lr * frac, embedding_lr=args.embedding_lr * frac,
-                                       matrix_lr=args.matrix_lr * frac, weight_decay=args.weight_decay)
     engine = Engine(model, tokenizer)
 
-    start_step, loader_state = 0, None
-    loop_state = {"min_val_loss": math.inf}
-    if args.resume:
-        start_step, ckpt_meta, loader_state = load_training_checkpoint(checkpoint_dir, model, optimizer, device)
-        loop_state.update(ckpt_meta.get("loop_state", {}))
-        print0(f"resumed from {checkpoint_dir} step {start_step}")
+    def train_batches(resume_state):
+        return sft_batches(train_task, tokenizer, B, max_seq_len, rank, world_size, resume_state=resume_state, device=device)
 
-    train_loader = sft_batches(train_task, tokenizer, args.device_batch_size, max_seq_len, rank, world_size,
-                               resume_state=loader_state, device=device)
-    consumed_state = loader_state or {"position": 0, "epoch": 0}
-
-    def run_val_loss():
+    def val_loss():
         if val_task is None:
             return math.nan
-        batches = sft_batches(val_task, tokenizer, args.device_batch_size, max_seq_len, rank, world_size,
-                              single_pass=True, device=device)
-        model.eval()
-        loss = evaluate_loss(model, batches, args.eval_steps)
-        model.train()
-        return loss
+        batches = sft_batches(val_task, tokenizer, B, max_seq_len, rank, world_size, single_pass=True, device=device)
+        return evaluate_loss(model, batches, args.eval_steps)
 
-    def run_metrics():
-        model.eval()
-        accs = {}
-        for display, task in metric_tasks:
-            accs[display] = run_task_eval(task, tokenizer, model, engine=engine, max_problems=args.eval_metrics_max_problems,
-                                          batch_size=args.device_batch_size * 2, max_new_tokens=args.eval_max_new_tokens,
-                                          seed=args.seed)
-        model.train()
-        return accs
+    def task_accuracies():
+        return {display: run_task_eval(task, tokenizer, model, engine=engine, max_problems=args.eval_metrics_max_problems,
+                                       batch_size=B * 2, max_new_tokens=args.eval_max_new_tokens, seed=args.seed)
+                for display, task in metric_tasks}
 
-    def checkpoint(step):
-        meta_out = {"model_config": dataclasses.asdict(model.config), "user_config": user_config, "model_tag": model_tag,
-                    "source": args.source, "num_iterations": num_iterations, "loop_state": dict(loop_state)}
-        save_training_checkpoint(checkpoint_dir, step, model, optimizer, meta_out, consumed_state)
+    # ---- the loop (nanochat/chat_train.py, shared with mid-training)
+    checkpoint_meta = {"model_config": dataclasses.asdict(model.config), "user_config": user_config, "model_tag": model_tag,
+                       "source": args.source, "num_iterations": num_iterations}
+    history = train_chat("sft", args, model, optimizer, train_batches, num_iterations=num_iterations,
+                         grad_accum_steps=grad_accum_steps, num_examples=len(train_task),
+                         checkpoint_dir=checkpoint_dir, meta=checkpoint_meta, val_name="val_loss", evaluate_val=val_loss,
+                         evaluate_metrics=task_accuracies if metric_tasks else None, metrics_every=args.eval_metrics_every,
+                         report=report, wandb_run=wandb_run, rank=rank, world_size=world_size)
 
-    history = {"losses": {}, "val_loss": {}, "metrics": {}, "skipped_steps": 0, "skipped_micro_batches": 0, "num_iterations": num_iterations,
-               "checkpoint_dir": checkpoint_dir}
-    step = start_step
-    last_saved = start_step if args.resume else None
-    model.train()
-    t_start = time.time()
-    while True:
-        last_step = step >= num_iterations
-
-        if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
-            val_loss = run_val_loss()
-            history["val_loss"][step] = val_loss
-            if val_loss == val_loss:
-                loop_state["min_val_loss"] = min(loop_state["min_val_loss"], val_loss)
-                report.log_curve("sft/val_loss", step, val_loss)
-            print0(f"step {step:05d} | val loss {val_loss:.4f}")
-            wandb_run.log({"step": step, "val/loss": val_loss})
-
-        if metric_tasks and (last_step or (args.eval_metrics_every > 0 and step > 0 and step % args.eval_metrics_every == 0)):
-            accs = run_metrics()
-            history["metrics"][step] = accs
-            for display, acc in accs.items():
-                report.log_curve(f"sft/{display}_acc", step, acc)
-            print0(f"step {step:05d} | " + " | ".join(f"{k} acc {v:.4f}" for k, v in accs.items()))
-            wandb_run.log({"step": step, **{f"eval/{k}": v for k, v in accs.items()}})
-
-        if not args.dry_run and step != last_saved and (last_step or (args.save_every > 0 and step > 0 and step % args.save_every == 0)):
-            checkpoint(step)
-            last_saved = step
-
-        if last_step:
-            break
-
-        # ---- one optimizer step
-        t0 = time.time()
-        micro_batches = []
-        for _ in range(grad_accum_steps):
-            inputs, targets, consumed_state = next(train_loader)
-            micro_batches.append((inputs, targets))
-        lrm = lr_multiplier(step / num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        set_learning_rates(optimizer, lrm)
-        train_loss, num_tokens, skipped = accumulate_gradients(model, micro_batches)
-        history["skipped_micro_batches"] += skipped
-        if train_loss is None:
-            print0(f"warning: step {step}: no trained tokens in any micro-batch (all masked); optimizer step skipped")
-            history["skipped_steps"] += 1
-        else:
-            if not math.isfinite(train_loss):
-                raise RuntimeError(f"non-finite training loss {train_loss} at step {step}; last checkpoint: "
-                                   f"{checkpoint_dir} step {last_saved} (continue with --resume, maybe with a lower --init_lr_frac)")
-            optimizer.step(grad_clip=args.grad_clip if args.grad_clip > 0 else None)
-        model.zero_grad(set_to_none=True)
-        step += 1
-        dt = time.time() - t0
-        if train_loss is not None:
-            history["losses"][step] = train_loss
-            report.log_curve("sft/train_loss", step, train_loss)
-        loss_str = f"{train_loss:.4f}" if train_loss is not None else "skipped"
-        skipped_str = f" | {skipped} all-masked micro-batches skipped" if skipped else ""
-        print0(f"step {step:05d}/{num_iterations:05d} | loss {loss_str} | tokens {num_tokens:,} | lrm {lrm:.3f} | "
-               f"epoch {consumed_state.get('epoch', 0)} | dt {dt * 1000:.0f}ms{skipped_str}")
-        wandb_run.log({"step": step, "train/loss": train_loss, "train/lrm": lrm, "train/num_tokens": num_tokens})
-
-    history["min_val_loss"] = loop_state["min_val_loss"]
-    final_metrics = history["metrics"].get(step, {})
-    print0(f"done: {num_iterations} steps in {(time.time() - t_start) / 60:.2f}m | min val loss {loop_state['min_val_loss']:.4f}")
     if not args.dry_run:
+        final_metrics = history["metrics"].get(num_iterations, {})
         report.log(section="Chat SFT", data=[user_config, {
             "Training conversations": len(train_task), "Iterations": num_iterations,
             "Grad accumulation steps": grad_accum_steps, "Skipped steps (all masked)": history["skipped_steps"],
             "Skipped micro-batches (all masked)": history["skipped_micro_batches"],
-            "Final train loss": history["losses"].get(step, math.nan),
-            "Minimum validation loss": loop_state["min_val_loss"],
+            "Final train loss": history["losses"].get(num_iterations, math.nan),
+            "Minimum validation loss": history["min_val_loss"],
             **{f"{name} accuracy": acc for name, acc in final_metrics.items()}}])
     wandb_run.finish()
     return history
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return train(args)
-    finally:
-        compute_cleanup()
-
-
 if __name__ == "__main__":
-    from tasks.records import DataNotFoundError
-    try:
-        main()
-    except (FileNotFoundError, ValueError, DataNotFoundError) as e:  # bad flags, missing data or checkpoints
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_stage(main)

@@ -14,10 +14,9 @@ evaluate() returns the numbers as a dict (used by the report).
 """
 
 import argparse
-import sys
 import time
 
-from nanochat.common import print0
+from nanochat.common import UserInputError, print0, run_stage
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, get_tokenizer, get_tokenizer_dir
 
 # Samples written for this script, one per kind of text.
@@ -88,15 +87,10 @@ def reference_tokenizers(vocab_size, reference_chars, tiktoken_references=True):
     if reference_chars > 0:
         try:
             import rustbpe as pypi_rustbpe
-            from nanochat.dataset import parquets_iter_batched
-            from scripts.tok_train import capped_texts
-
-            def docs():
-                for batch in parquets_iter_batched(split="train"):
-                    yield from batch
+            from nanochat.text_sources import capped_texts, iter_shards
 
             trainer = pypi_rustbpe.Tokenizer()
-            trainer.train_from_iterator(capped_texts(docs(), reference_chars, 10_000), vocab_size - len(SPECIAL_TOKENS))
+            trainer.train_from_iterator(capped_texts(iter_shards(), reference_chars, 10_000), vocab_size - len(SPECIAL_TOKENS))
             enc = tiktoken.Encoding(name="pypi-rustbpe", pat_str=trainer.get_pattern(),
                                     mergeable_ranks=dict(trainer.get_mergeable_ranks()), special_tokens={})
             available["pypi_rustbpe"] = enc.encode_ordinary
@@ -149,23 +143,26 @@ def print_table(report):
         print0(f"shard samples skipped: {report['shard_notes']}")
 
 
-def main(argv=None):
+def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer_dir", default=None, help=f"tokenizer to evaluate (default {get_tokenizer_dir()})")
     parser.add_argument("--reference_chars", type=float, default=0,
                         help="also train PyPI rustbpe on this many train-shard chars as a reference (default 0: skip)")
     args = parser.parse_args(argv)
-    try:
-        tokenizer = Tokenizer.from_directory(args.tokenizer_dir) if args.tokenizer_dir else get_tokenizer()
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.reference_chars < 0:
+        raise UserInputError(f"--reference_chars must be >= 0, got {args.reference_chars:g}")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    tokenizer = Tokenizer.from_directory(args.tokenizer_dir) if args.tokenizer_dir else get_tokenizer()
     t0 = time.time()
     report = evaluate(tokenizer, reference_chars=int(args.reference_chars))
     print_table(report)
     print0(f"({time.time() - t0:.1f}s)")
-    return 0
+    return report
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_stage(main)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nanochat.checkpoint_manager import load_model, save_checkpoint
+from nanochat.common import UserInputError
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from scripts import chat_cli
@@ -101,9 +102,9 @@ def run_main(monkeypatch, capsys, lines, *argv):
 
     monkeypatch.setattr("builtins.input", fake_input)
     with loggers_to_current_stderr():
-        code = chat_cli.main(["--device_type", "cpu", "--temperature", "0", "--max_tokens", "10", *argv])
+        chat = chat_cli.main(["--device_type", "cpu", "--temperature", "0", "--max_tokens", "10", *argv])
     captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return chat, captured.out, captured.err
 
 
 def replies(out):
@@ -111,8 +112,8 @@ def replies(out):
 
 
 def test_interactive_turns_clear_and_ctrl_d(in_base_dir, tiny_tokenizer, monkeypatch, capsys):
-    code, out, err = run_main(monkeypatch, capsys, ["hi", "", "what is 2+2?", "clear", "hi"])
-    assert code == 0, err
+    chat, out, err = run_main(monkeypatch, capsys, ["hi", "", "what is 2+2?", "clear", "hi"])
+    assert chat.turns == 3, err
     first, second, after_clear = replies(out)
     # the second turn sees the first one's exact tokens (re-encoding its text could differ)
     tok = tiny_tokenizer
@@ -129,35 +130,35 @@ def test_interactive_turns_clear_and_ctrl_d(in_base_dir, tiny_tokenizer, monkeyp
 
 @pytest.mark.parametrize("ending", ["quit", "exit", KeyboardInterrupt()])
 def test_quit_exit_and_ctrl_c_leave_cleanly(in_base_dir, monkeypatch, capsys, ending):
-    code, out, err = run_main(monkeypatch, capsys, ["hi", ending, "never read"])
-    assert code == 0 and len(replies(out)) == 1
+    chat, out, err = run_main(monkeypatch, capsys, ["hi", ending, "never read"])
+    assert chat.turns == 1 and len(replies(out)) == 1
     assert "Traceback" not in err
 
 
 def test_long_conversation_is_truncated_with_a_notice(in_base_dir, monkeypatch, capsys):
     message = "the river ran past the old mill " * 4
-    code, out, err = run_main(monkeypatch, capsys, [message, message, message])
-    assert code == 0
+    chat, out, err = run_main(monkeypatch, capsys, [message, message, message])
+    assert chat.turns == 3
     assert len(replies(out)) == 3
     assert "dropped the oldest" in err and f"{SEQUENCE_LEN}-token context" in err
 
 
 def test_max_tokens_is_capped_to_fit_the_context(in_base_dir, monkeypatch, capsys):
-    code, out, err = run_main(monkeypatch, capsys, [], "--max_tokens", "500", "-p", "hi")
-    assert code == 0 and "capped to 32" in err and out.startswith("Assistant: ")
+    chat, out, err = run_main(monkeypatch, capsys, [], "--max_tokens", "500", "-p", "hi")
+    assert chat.turns == 1 and "capped to 32" in err and out.startswith("Assistant: ")
 
 
-def test_missing_checkpoint_is_a_clear_error(tmp_path, monkeypatch, capsys):
+def test_missing_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     with loggers_to_current_stderr():
-        code = chat_cli.main(["--device_type", "cpu", "--source", "rl", "-p", "hi"])
-    err = capsys.readouterr().err
-    assert code == 1
-    assert "cannot load the rl model" in err and "chatrl_checkpoints" in err
+        with pytest.raises(UserInputError, match="cannot load the rl model.*chatrl_checkpoints"):
+            chat_cli.main(["--device_type", "cpu", "--source", "rl", "-p", "hi"])
 
 
-def test_bad_flags_are_rejected(capsys):
-    for argv in (["--temperature", "-1"], ["--top_k", "-3"], ["--max_tokens", "0"], ["--source", "nope"]):
-        with pytest.raises(SystemExit) as exit_info:
-            chat_cli.parse_args(argv)
-        assert exit_info.value.code == 2
+def test_bad_flags_are_rejected():
+    for argv in (["--temperature", "-1"], ["--top_k", "-3"], ["--max_tokens", "0"]):
+        with pytest.raises(UserInputError):
+            chat_cli.get_args(argv)
+    with pytest.raises(SystemExit) as exit_info:  # a value outside the choices is argparse's own usage error
+        chat_cli.get_args(["--source", "nope"])
+    assert exit_info.value.code == 2

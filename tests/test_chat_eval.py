@@ -189,13 +189,13 @@ def test_chat_eval_script_end_to_end(tiny_tokenizer, tmp_path, monkeypatch, caps
     assert "\n- ChatCORE: " not in section  # a partial suite must not land in the summary's ChatCORE row
 
 
-def test_chat_eval_bad_input(tiny_tokenizer, tmp_path, monkeypatch, capsys):
+def test_chat_eval_bad_input(tiny_tokenizer, tmp_path, monkeypatch):
+    from nanochat.common import UserInputError
     from scripts import chat_eval
-    with pytest.raises(SystemExit):
-        chat_eval.parse_args(["-a", "nonsense"])
-    assert "unknown task" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        chat_eval.parse_args(["-n", "0"])
+    with pytest.raises(ValueError, match="unknown task"):
+        chat_eval.get_args(["-a", "nonsense"])
+    with pytest.raises(UserInputError):
+        chat_eval.get_args(["-n", "0"])
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     make_base_dir(str(tmp_path), tiny_tokenizer)  # tokenizer but no checkpoints
     with pytest.raises(FileNotFoundError, match="has this stage been run"):

@@ -1,22 +1,19 @@
 """Tests for nanochat/dataloader.py: packing against a simple reference implementation, exact resume
-(also across shard and epoch boundaries), DDP disjointness (in-process and under torchrun), the real
-tokenizer, and dev/make_corpus.py output read back through the loader."""
+(also across shard and epoch boundaries), DDP disjointness (in-process and under torchrun) and the real
+tokenizer. dev/make_corpus.py has its own, test_make_corpus.py."""
 
-import importlib.util
 import itertools
 import json
 import os
 import random
-import sysconfig
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from nanochat.dataloader import best_fit_pack, tokenizing_distributed_data_loader
-from nanochat.dataset import list_parquet_files, parquets_iter_batched, shard_filename
-from dev import make_corpus, make_shards
+from nanochat.dataset import parquets_iter_batched, shard_filename
+from dev import make_shards
 from multirank import run_torchrun
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -312,35 +309,3 @@ def test_cuda_batches_equal_cpu_batches(id_data):
     for (x, y), (cx, cy, _) in zip(kept, itertools.islice(cpu, 12)):
         assert x.is_cuda and torch.equal(x.cpu(), cx) and torch.equal(y.cpu(), cy)
 
-
-def test_make_corpus_shards_feed_the_loader(tiny_tokenizer, tmp_path, capsys):
-    licenses = tmp_path / "licenses"
-    licenses.mkdir()
-    (licenses / "MIT").write_text("Permission is hereby granted, free of charge, to any person obtaining a copy.\n\n" * 3)
-    (licenses / "MIT-link").symlink_to(licenses / "MIT")
-    stdlib_json = os.path.join(sysconfig.get_paths()["stdlib"], "json")
-    args = ["--stdlib_dir", stdlib_json, "--license_dir", str(licenses), "--max_mb", "0.03", "--max_doc_chars", "400",
-            "--chars_per_shard", "8000", "--row_group_size", "8", "--val_frac", "0.1", "--arithmetic_problems", "40"]
-    assert make_corpus.main(args + ["--out_dir", str(tmp_path / "a")]) == 0
-    assert "MB of text" in capsys.readouterr().out
-    files = list_parquet_files(tmp_path / "a")
-    assert len(files) >= 3
-    docs = [d for f in files for d in pq.read_table(f).column("text").to_pylist()]
-    assert sum(len(d.encode()) for d in docs) <= 30_000
-    assert all(len(d) <= 400 for d in docs)
-    assert any("JSON" in d for d in docs) and any("Permission is hereby granted" in d for d in docs)
-    assert sum("Permission is hereby granted" in d for d in docs) == 1  # the symlinked copy is not read twice
-    if importlib.util.find_spec("tasks.arithmetic") is not None:
-        assert any("####" in d for d in docs)
-        problems = make_corpus.arithmetic_documents(8, 1000, 0, set(), log=lambda *a: None)
-        assert problems and all(len(d) <= 1000 and "<<" not in d and "####" in d for d in problems)
-    # deterministic
-    assert make_corpus.main(args + ["--out_dir", str(tmp_path / "b")]) == 0
-    assert [open(f, "rb").read() for f in files] == [open(f, "rb").read() for f in list_parquet_files(tmp_path / "b")]
-    # refuses to overwrite without --overwrite; a missing licence dir is skipped
-    assert make_corpus.main(args + ["--out_dir", str(tmp_path / "a")]) == 1
-    assert make_corpus.main(args[:2] + ["--license_dir", str(tmp_path / "none"), "--max_mb", "0.01",
-                                        "--arithmetic_problems", "0", "--out_dir", str(tmp_path / "c")]) == 0
-    for split in ("train", "val"):
-        inputs, targets, _ = next(tokenizing_distributed_data_loader(tiny_tokenizer, 2, 32, split, data_dir=str(tmp_path / "a")))
-        assert inputs.shape == (2, 32) and (inputs[:, 0] == tiny_tokenizer.get_bos_token_id()).all()

@@ -1,91 +1,19 @@
 """
-Tests for scripts/mid_train.py and the packing half of nanochat/chat_data.py: packed rows against a
-concatenation oracle, exact resume of the packed stream, the assistant-only loss option, rank
-striding, and the script (a few steps on a tiny fixture, checkpoints, resume, one-epoch stop).
-Also dev/gen_synthetic_data.py, which writes the identity conversations mid-training uses, run against
-a stub OpenAI-compatible server started in the test.
+Tests for scripts/mid_train.py (and through it the loop in nanochat/chat_train.py): a few steps on a
+tiny fixture, checkpoints, exact resume, the one-epoch stop, bad input. The packed batches themselves
+are tested in test_chat_data.py.
 """
 
-import json
 import os
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
-from nanochat.chat_data import muon_momentum, packed_batches
 from tasks.by_name import make_mixture
 from tests.fixtures.chat.chat_helpers import FIXTURE_DIR, make_base_dir
+from tests.test_chat_data import concatenated_stream
 
 IDENTITY = os.path.join(FIXTURE_DIR, "identity.jsonl")
-
-
-def _stream(task, tokenizer, rank=0, world_size=1, count=None):
-    """Oracle: this rank's conversations rendered and concatenated (ids, mask), over repeated epochs."""
-    ids, mask = [], []
-    position = 0
-    while count is None or position < count:
-        g = rank + position * world_size
-        if count is None and g >= len(task):
-            break
-        i, m = tokenizer.render_conversation(task[g % len(task)], max_tokens=None)
-        ids += i
-        mask += m
-        position += 1
-    return ids, mask
-
-
-def test_packed_rows_match_the_concatenated_stream(tiny_tokenizer):
-    task, _ = make_mixture("identity|arithmetic:12", "train", identity_file=IDENTITY)
-    B, T = 2, 16
-    ids, mask = _stream(task, tiny_tokenizer, count=3 * len(task))
-    batches = packed_batches(task, tiny_tokenizer, B, T)
-    for k in range(12):  # more than one epoch of the 20 conversations
-        x, y, state = next(batches)
-        start = k * B * T
-        assert x.flatten().tolist() == ids[start:start + B * T]
-        assert y.flatten().tolist() == ids[start + 1:start + B * T + 1]
-        assert set(state) == {"position", "skip", "epoch"}
-    # loss on assistant tokens only: targets are -1 exactly where the target token's mask is 0
-    masked = packed_batches(task, tiny_tokenizer, B, T, loss_on="assistant")
-    ys = torch.cat([next(masked)[1].flatten() for _ in range(6)])
-    expected = [t if m else -1 for t, m in zip(ids[1:6 * B * T + 1], mask[1:6 * B * T + 1])]
-    assert ys.tolist() == expected
-    assert (ys == -1).any() and (ys >= 0).any()
-    with pytest.raises(ValueError):
-        next(packed_batches(task, tiny_tokenizer, B, T, loss_on="user"))
-
-
-def test_packed_resume_is_exact(tiny_tokenizer):
-    task, _ = make_mixture("arithmetic:9", "train")
-    B, T = 3, 11  # rows that cut conversations at odd places
-    reference = list(zip(range(10), packed_batches(task, tiny_tokenizer, B, T)))
-    for k in (0, 3, 6):
-        state = reference[k][1][2]
-        resumed = packed_batches(task, tiny_tokenizer, B, T, resume_state=state)
-        for j in range(k + 1, 10):
-            x, y, s = next(resumed)
-            assert torch.equal(x, reference[j][1][0]) and torch.equal(y, reference[j][1][1]), (k, j)
-            assert s == reference[j][1][2]
-
-
-def test_packed_rank_striding_and_single_pass(tiny_tokenizer):
-    task, _ = make_mixture("arithmetic:10", "train")
-    B, T = 1, 8
-    for rank in (0, 1):
-        ids, _ = _stream(task, tiny_tokenizer, rank=rank, world_size=2, count=3)
-        x, _, _ = next(packed_batches(task, tiny_tokenizer, B, T, rank=rank, world_size=2))
-        assert x.flatten().tolist() == ids[:B * T]
-    ids, _ = _stream(task, tiny_tokenizer)  # one pass
-    n_batches = sum(1 for _ in packed_batches(task, tiny_tokenizer, 2, 8, single_pass=True))
-    assert n_batches == (len(ids) - 1) // 16
-
-
-def test_muon_momentum_schedule():
-    assert muon_momentum(0) == pytest.approx(0.85)
-    assert muon_momentum(150) == pytest.approx(0.90)
-    assert muon_momentum(300) == pytest.approx(0.95) and muon_momentum(10_000) == pytest.approx(0.95)
 
 
 def _run_mid(extra=()):
@@ -132,7 +60,7 @@ def test_mid_train_one_epoch_stops_by_itself(tiny_tokenizer, tmp_path, monkeypat
     monkeypatch.delenv("RANK", raising=False)
     make_base_dir(str(tmp_path), tiny_tokenizer, source="base", seed=8, sequence_len=32)
     task, _ = make_mixture("identity*2|arithmetic:40", "train", identity_file=IDENTITY)
-    total_tokens = len(_stream(task, tiny_tokenizer)[0])
+    total_tokens = len(concatenated_stream(task, tiny_tokenizer)[0])
     history = _run_mid(["--eval_every", "-1", "--dry_run", "--loss_on", "assistant"])
     # one epoch of ~total_tokens tokens at 128 tokens per step (the last step may cross into epoch 2)
     assert total_tokens // 128 - 1 <= history["num_iterations"] <= total_tokens // 128 + 2
@@ -140,9 +68,12 @@ def test_mid_train_one_epoch_stops_by_itself(tiny_tokenizer, tmp_path, monkeypat
 
 
 def test_mid_train_bad_input(tiny_tokenizer, tmp_path, monkeypatch):
+    from nanochat.common import UserInputError
     from scripts import mid_train
-    with pytest.raises(SystemExit):
-        mid_train.parse_args(["--loss_on", "users"])
+    with pytest.raises(SystemExit):  # outside the choices: argparse's own usage error
+        mid_train.get_args(["--loss_on", "users"])
+    with pytest.raises(UserInputError, match="warmup_ratio"):
+        mid_train.get_args(["--warmup_ratio", "0.9"])
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     make_base_dir(str(tmp_path), tiny_tokenizer, source="base", sequence_len=32)
     with pytest.raises(ValueError, match="multiple of device_batch_size"):
@@ -150,112 +81,3 @@ def test_mid_train_bad_input(tiny_tokenizer, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="identity"):
         _run_mid(["--identity_file", str(tmp_path / "missing.jsonl"), "--num_iterations", "1"])
 
-
-# -----------------------------------------------------------------------------
-# dev/gen_synthetic_data.py against a stub OpenAI-compatible server
-
-
-class StubChatAPI:
-    """A local /v1/chat/completions that answers with canned conversations. Every third request gets a
-    broken answer (prose, bad JSON, wrong roles or an HTTP 500, in turn), so retries and validation run."""
-
-    def __init__(self, status=None):
-        self.requests = []
-        self.lock = threading.Lock()
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with stub.lock:
-                    stub.requests.append((self.path, dict(self.headers), body))
-                    n = len(stub.requests)
-                if status is not None:
-                    return self._send(status, {"error": {"message": "invalid api key"}})
-                if n % 3 == 0:
-                    broken = [None, "Sure! Here is a conversation you might like.", '{"messages": [{"role": "user"',
-                              json.dumps({"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]})]
-                    kind = broken[(n // 3) % 4]
-                    if kind is None:
-                        return self._send(500, {"error": "overloaded"})
-                    content = kind
-                else:
-                    convo = {"messages": [{"role": "user", "content": f"Who are you? (request {n})"},
-                                          {"role": "assistant", "content": "I am nanochat-cotrain, a small model."}]}
-                    content = "```json\n" + json.dumps(convo) + "\n```"
-                self._send(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
-
-            def _send(self, code, payload):
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def test_gen_synthetic_data_against_stub_server(tmp_path, monkeypatch):
-    from dev import gen_synthetic_data as gen
-    from tasks.customjson import CustomJSON
-    out = tmp_path / "identity.jsonl"
-    monkeypatch.setenv("STUB_KEY", "sk-test")
-    with StubChatAPI() as api:
-        argv = ["--base_url", api.url, "--model", "stub-model", "--api_key_env", "STUB_KEY", "-n", "6",
-                "--concurrency", "3", "--output", str(out), "--retry_backoff", "0.01", "--timeout", "10"]
-        assert gen.main(argv) == 0
-        conversations = CustomJSON(str(out))  # what mid_train / chat_sft will read
-        assert len(conversations) == 6
-        assert all(c["messages"][-1]["role"] == "assistant" for c in conversations)
-        assert len(api.requests) > 6  # broken answers were retried
-        path, headers, body = api.requests[0]
-        assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer sk-test"
-        assert body["model"] == "stub-model" and "nanochat-cotrain" in body["messages"][0]["content"]
-        # a second run tops the file up instead of starting over; a half-written last line is dropped
-        with open(out, "a") as f:
-            f.write('{"messages": [{"role": "us')
-        assert gen.main(argv[:-8] + ["-n", "8", "--concurrency", "2", "--output", str(out), "--retry_backoff", "0.01"]) == 0
-        assert len(CustomJSON(str(out))) == 8
-    # without a key no Authorization header is sent
-    monkeypatch.delenv("STUB_KEY")
-    with StubChatAPI() as api:
-        assert gen.main(["--base_url", api.url, "--api_key_env", "STUB_KEY", "-n", "1", "--output", str(tmp_path / "b.jsonl")]) == 0
-        assert "Authorization" not in api.requests[0][1]
-    # a rejected key stops the run at once with exit code 2
-    with StubChatAPI(status=401) as api:
-        assert gen.main(["--base_url", api.url, "-n", "5", "--concurrency", "1", "--output", str(tmp_path / "c.jsonl")]) == 2
-        assert len(api.requests) < 5
-
-
-def test_gen_synthetic_data_validation():
-    from dev.gen_synthetic_data import extract_json, validate_conversation
-    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
-    assert validate_conversation(extract_json("Here you go:\n" + json.dumps(good) + "\nEnjoy!")) == good["messages"]
-    assert validate_conversation(extract_json(json.dumps(good["messages"]))) == good["messages"]
-    bad_cases = [
-        "no json here",
-        '{"messages": [',
-        json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
-        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]}),
-        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}),
-        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<|bos|>x"}]}),
-        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"},
-                                 {"role": "user", "content": "b"}]}),
-    ]
-    for text in bad_cases:
-        with pytest.raises(ValueError):
-            validate_conversation(extract_json(text))

@@ -1,6 +1,6 @@
 """
 speedrun.sh end to end at toy size on the CPU: local corpus, tokenizer, pretraining, base eval (CORE on
-the fixture bundle), and whichever later stages exist, then the report card. Slow (minutes): it runs
+the fixture bundle), mid-training and SFT, then the report card. Slow (minutes): it runs
 every stage as its own torchrun process.
 """
 
@@ -40,16 +40,11 @@ def test_speedrun_toy_end_to_end(tmp_path):
         rows = f.read().splitlines()
     assert rows[0] == "Task,Accuracy,Centered" and rows[-1].startswith("CORE,")
     assert {r.split(",")[0] for r in rows[1:-1]} == {"tiny_mc", "tiny_schema", "tiny_lm"}
-    # the later stages that exist ran, in order
-    stages = ["scripts.base_train", "scripts.base_eval"]
-    if os.path.exists(os.path.join(REPO, "scripts", "mid_train.py")):
-        stages.append("scripts.mid_train")
-    if os.path.exists(os.path.join(REPO, "scripts", "chat_sft.py")):
-        stages.append("scripts.chat_sft")
+    # the later stages ran, in order
+    stages = ["scripts.base_train", "scripts.base_eval", "scripts.mid_train", "scripts.chat_sft"]
     positions = [out.index(f"running {s}") for s in stages]
     assert positions == sorted(positions)
     # the report card
-    if os.path.exists(os.path.join(REPO, "nanochat", "report.py")):
-        report = (tmp_path / "report.md").read_text()
-        assert "## Base model training" in report and "## Base model evaluation" in report
+    report = (tmp_path / "report.md").read_text()
+    assert "## Base model training" in report and "## Base model evaluation" in report
     assert proc.stdout.rstrip().endswith("done")

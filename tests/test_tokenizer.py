@@ -2,7 +2,6 @@
 
 import copy
 import json
-import os
 
 import pytest
 import torch
@@ -256,8 +255,9 @@ def test_tok_train_script_on_a_jsonl_file(tiny_corpus, tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": t}) for t in tiny_corpus) + "\n" + json.dumps("a bare string") + "\n")
     out_dir = tmp_path / "tok"
-    assert tok_train.main(["--input", str(corpus), "--vocab_size", "400", "--out_dir", str(out_dir)]) == 0
+    trained = tok_train.main(["--input", str(corpus), "--vocab_size", "400", "--out_dir", str(out_dir)])
     tok = Tokenizer.from_directory(str(out_dir))
+    assert tok.encode(" ".join(tiny_corpus)) == trained.encode(" ".join(tiny_corpus))
     assert tok.get_vocab_size() == 400
     assert torch.equal(torch.load(out_dir / "token_bytes.pt"), token_bytes_tensor(tok))
     # the same text through the library gives the same tokenizer
@@ -265,25 +265,12 @@ def test_tok_train_script_on_a_jsonl_file(tiny_corpus, tmp_path):
     assert tok.encode(" ".join(tiny_corpus)) == direct.encode(" ".join(tiny_corpus))
 
 
-def test_tok_train_caps_and_plain_text(tmp_path):
-    from scripts.tok_train import capped_texts, iter_input_file
-    assert list(capped_texts(iter(["abcdef", "ghij", "klm"]), max_chars=8, doc_cap=4)) == ["abcd", "ghij"]
-    text_file = tmp_path / "book.txt"
-    text = "".join(f"line {i} of a plain text book\n" for i in range(100))
-    text_file.write_text(text)
-    docs = list(iter_input_file(str(text_file), doc_cap=200))
-    assert "".join(docs) == text and len(docs) > 5 and all(d.endswith("\n") for d in docs)
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "fine"}\n{"text": 3}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2"):
-        list(iter_input_file(str(bad), doc_cap=100))
-
-
 @pytest.mark.parametrize("argv", [["--vocab_size", "265"], ["--doc_cap", "0"], ["--max_chars", "0"], ["--input", "/nonexistent/x.jsonl"]])
 def test_tok_train_rejects_bad_flags(argv):
+    from nanochat.common import USER_ERRORS
     from scripts import tok_train
-    with pytest.raises(SystemExit):
-        tok_train.parse_args(argv)
+    with pytest.raises(USER_ERRORS):
+        tok_train.get_args(argv)
 
 
 def test_tok_eval_reports_compression(tiny_tokenizer):
