@@ -263,7 +263,8 @@ def save_training_checkpoint(checkpoint_dir, step, model, optimizer, meta, loade
     else:
         states[0] = loader_state
     meta = dict(meta, world_size=world_size, dataloader_state=states)
-    save_checkpoint(checkpoint_dir, step, model.state_dict() if rank == 0 else None, optimizer.state_dict(), meta, rank)
+    save_checkpoint(checkpoint_dir, step, model.state_dict() if rank == 0 else None, optimizer.state_dict(), meta, rank,
+                    check_finite=True)
 
 
 def load_training_checkpoint(checkpoint_dir, model, optimizer, device, step=None):

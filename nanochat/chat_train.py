@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from nanochat.chat_data import (accumulate_gradients, load_training_checkpoint, lr_multiplier, muon_momentum,
                                 save_training_checkpoint, set_learning_rates)
+from nanochat.checkpoint_manager import NonFiniteWeightsError, find_resume_step, stop_if_nonfinite
 from nanochat.common import UserInputError, get_base_dir, is_distributed, print0
 
 # the data position before the first batch, in the form both batchers resume from
@@ -134,8 +135,9 @@ def train_chat(stage, args, model, optimizer, make_train_batches, *, num_iterati
     label = val_name.replace("_", " ")
     loop_state = {"progress": 0.0, val_name: None, min_name: math.inf}
     start_step, loader_state = 0, None
-    if args.resume:
-        start_step, ckpt_meta, loader_state = load_training_checkpoint(checkpoint_dir, model, optimizer, device)
+    if args.resume:  # the latest checkpoint this run config wrote, never another run's
+        resume_step = find_resume_step(checkpoint_dir, meta["user_config"])
+        start_step, ckpt_meta, loader_state = load_training_checkpoint(checkpoint_dir, model, optimizer, device, step=resume_step)
         loop_state.update(ckpt_meta.get("loop_state", {}))
         print0(f"resumed from {checkpoint_dir} step {start_step}")
     train_batches = make_train_batches(loader_state)
@@ -196,9 +198,12 @@ def train_chat(stage, args, model, optimizer, make_train_batches, *, num_iterati
             history["skipped_steps"] += 1
         else:
             if not math.isfinite(train_loss):
-                raise RuntimeError(f"non-finite training loss {train_loss} at step {step}; last checkpoint: "
-                                   f"{checkpoint_dir} step {last_saved} (continue with --resume, maybe with a lower --init_lr_frac)")
+                raise NonFiniteWeightsError(f"non-finite training loss {train_loss} at step {step}; last checkpoint: "
+                                            f"{checkpoint_dir} step {last_saved} (continue with --resume; a lower "
+                                            f"--init_lr_frac may be needed)")
             optimizer.step(grad_clip=args.grad_clip if args.grad_clip > 0 else None)
+            # the loss was computed before the update: the updated weights get their own check
+            stop_if_nonfinite({"model": model}, step + 1, checkpoint_dir, device, probe=micro_batches[0][0][0, :64].tolist())
         model.zero_grad(set_to_none=True)
         step += 1
         if not num_iterations:

@@ -30,7 +30,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 
-from nanochat.common import get_base_dir, get_logger
+from nanochat.common import all_reduce_sums, get_base_dir, get_logger
 from nanochat.gpt import GPT, GPTConfig
 
 logger = get_logger(__name__)
@@ -143,7 +143,6 @@ def stop_if_nonfinite(models, step, checkpoint_dir, device, probe=None):
     checkpoint to resume from. models: {name: module}. With `probe` (a list of token ids) each model also
     runs a forward on it: an absurd update can leave weights that are finite but so large that the next
     forward overflows (and sampling would die on NaN probabilities), which is just as broken."""
-    from nanochat.common import all_reduce_sums
     bad = next((f"{name}.{tensor}" for name, model in models.items()
                 if (tensor := first_nonfinite(model)) is not None), None)
     if bad is None and probe:

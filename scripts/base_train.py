@@ -147,7 +147,8 @@ def format_seconds(s):
 def main(argv=None):
     """The whole run. Returns a history dict (per-step losses, val bpb, ...) for callers and tests."""
     args = get_args(argv)
-    from nanochat.checkpoint_manager import find_last_step, load_checkpoint, save_checkpoint, CHECKPOINT_DIRS
+    from nanochat.checkpoint_manager import (CHECKPOINT_DIRS, find_resume_step, load_checkpoint, save_checkpoint,
+                                             stop_if_nonfinite)
     from nanochat.dataloader import tokenizing_distributed_data_loader
     from nanochat.gpt import GPT, config_from_depth
     from nanochat.loss_eval import evaluate_bpb
@@ -209,8 +210,8 @@ def main(argv=None):
     resume_step = None
     if args.resume_from_step >= 0:
         resume_step = args.resume_from_step
-    elif args.resume:
-        resume_step = find_last_step(checkpoint_dir)
+    elif args.resume:  # the latest checkpoint this run config wrote (--resume_from_step names one explicitly)
+        resume_step = find_resume_step(checkpoint_dir, user_config)
     loader_state = None
     loop_state = dict(smooth_train_loss=0.0, total_training_time=0.0, min_val_bpb=float("inf"), val_bpb=None)
     start_step = 0
@@ -267,7 +268,8 @@ def main(argv=None):
         meta = dict(model_config=dataclasses.asdict(config), user_config=user_config, model_tag=model_tag,
                     num_iterations=num_iterations, world_size=world_size, dataloader_state=states,
                     loop_state=dict(loop_state))
-        save_checkpoint(checkpoint_dir, step, orig_model.state_dict() if master else None, optimizer.state_dict(), meta, rank)
+        save_checkpoint(checkpoint_dir, step, orig_model.state_dict() if master else None, optimizer.state_dict(), meta, rank,
+                        check_finite=True)
 
     # ---- the loop: step counts finished optimizer steps; evals and saves happen before the next one
     history = dict(losses={}, val_bpb={}, core={}, num_iterations=num_iterations, checkpoint_dir=checkpoint_dir)
@@ -342,6 +344,8 @@ def main(argv=None):
                                      f"without saving. Last good checkpoint: {where}. Try a lower learning rate "
                                      f"or a smaller --total_batch_size/--max_seq_len.")
 
+        # the loss above was computed before the update: the updated weights get their own check
+        stop_if_nonfinite({"model": orig_model}, step + 1, checkpoint_dir, device, probe=x[0, :64].tolist())
         step += 1
         history["losses"][step] = train_loss
         if session_steps > 0:  # the first step of a session compiles and warms up: keep it off the clock

@@ -219,3 +219,45 @@ def test_base_eval_on_a_trained_checkpoint(base_dir, capsys):
     assert "The capital of France is" in printed and "val bpb" in printed
     with pytest.raises(UserInputError):
         base_eval.get_args(["--eval=core,perplexity"])
+
+
+def poison_the_nth_optimizer_step(monkeypatch, n):
+    """Make the n-th optimizer step leave inf in the weights, as an exploding update does."""
+    from nanochat.optim import MuonAdamW
+    real_step, calls = MuonAdamW.step, {"n": 0}
+
+    def step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == n:
+            with torch.no_grad():
+                self.param_groups[-1]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(MuonAdamW, "step", step)
+    return lambda: monkeypatch.setattr(MuonAdamW, "step", real_step)
+
+
+def test_nonfinite_update_is_never_saved_and_resume_loads_finite_weights(base_dir, monkeypatch):
+    """The loss guard sees only the loss before an update; the weights guard sees what the update did. An
+    absurd learning rate stops the run with one clear error and every checkpoint it left is finite; a run
+    whose 3rd update explodes keeps step 2 as its last checkpoint, and --resume continues from it."""
+    from nanochat.checkpoint_manager import NonFiniteWeightsError, ResumeMismatchError, list_steps
+    from scripts.base_train import NonFiniteLossError
+    common = ["--device_batch_size=2", "--total_batch_size=64", "--num_iterations=4", "--eval_every=-1", "--save_every=1"]
+    with pytest.raises((NonFiniteWeightsError, NonFiniteLossError), match="non-finite"):
+        run(*common, "--model_tag=absurd", "--matrix_lr=1e30", "--embedding_lr=1e30", "--unembedding_lr=1e30")
+    absurd = os.path.join(base_dir, "base_checkpoints", "absurd")
+    for step in (list_steps(absurd) if os.path.isdir(absurd) else []):
+        assert all(torch.isfinite(v).all() for v in load_weights(absurd, step).values()), step
+    restore = poison_the_nth_optimizer_step(monkeypatch, 3)
+    with pytest.raises(NonFiniteWeightsError, match="step 3 left non-finite weights .*step 2"):
+        run(*common, "--model_tag=poisoned")
+    checkpoint_dir = os.path.join(base_dir, "base_checkpoints", "poisoned")
+    assert list_steps(checkpoint_dir) == [1, 2]
+    restore()
+    out = run(*common, "--model_tag=poisoned", "--resume")
+    assert sorted(out["losses"]) == [3, 4] and list_steps(checkpoint_dir) == [1, 2, 3, 4]
+    assert all(torch.isfinite(v).all() for v in load_weights(checkpoint_dir, 4).values())
+    with pytest.raises(ResumeMismatchError, match="matrix_lr"):
+        run(*common, "--model_tag=poisoned", "--resume", "--matrix_lr=0.5")

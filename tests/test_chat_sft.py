@@ -132,3 +132,29 @@ def test_metric_tasks_with_missing_data_are_left_out(tmp_path, capsys):
     assert [name for name, _ in tasks] == ["Arithmetic"]
     assert "no accuracy for mmlu" in capsys.readouterr().out
     assert load_metric_tasks(" ", str(tmp_path)) == []
+
+
+def test_nonfinite_update_is_never_saved_and_resume_loads_finite_weights(tiny_tokenizer, tmp_path, monkeypatch):
+    from nanochat.checkpoint_manager import NonFiniteWeightsError, ResumeMismatchError, list_steps
+    from test_base_train import poison_the_nth_optimizer_step
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    monkeypatch.delenv("RANK", raising=False)
+    make_base_dir(str(tmp_path), tiny_tokenizer, source="mid", seed=6)
+    common = ["--num_iterations", "4", "--save_every", "1", "--eval_every", "-1", "--eval_metrics_tasks", ""]
+    # an absurd learning rate stops the run with one clear error; every checkpoint it left is finite
+    with pytest.raises(NonFiniteWeightsError, match="non-finite"):
+        _run_sft(tmp_path, common + ["--init_lr_frac", "1e30", "--output_tag", "absurd"])
+    absurd = tmp_path / "chatsft_checkpoints" / "absurd"
+    for step in (list_steps(str(absurd)) if absurd.exists() else []):
+        assert all(torch.isfinite(v).all() for v in torch.load(absurd / f"model_{step:06d}.pt").values()), step
+    restore = poison_the_nth_optimizer_step(monkeypatch, 3)
+    with pytest.raises(NonFiniteWeightsError, match="step 3 left non-finite weights"):
+        _run_sft(tmp_path, common + ["--output_tag", "poisoned"])
+    ckpt = tmp_path / "chatsft_checkpoints" / "poisoned"
+    assert list_steps(str(ckpt)) == [1, 2]
+    restore()
+    history = _run_sft(tmp_path, common + ["--output_tag", "poisoned", "--resume"])
+    assert sorted(history["losses"]) == [3, 4]
+    assert all(torch.isfinite(v).all() for v in torch.load(ckpt / "model_000004.pt").values())
+    with pytest.raises(ResumeMismatchError, match="init_lr_frac"):
+        _run_sft(tmp_path, common + ["--output_tag", "poisoned", "--resume", "--init_lr_frac", "0.5"])

@@ -81,3 +81,29 @@ def test_mid_train_bad_input(tiny_tokenizer, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="identity"):
         _run_mid(["--identity_file", str(tmp_path / "missing.jsonl"), "--num_iterations", "1"])
 
+
+
+def test_nonfinite_update_is_never_saved_and_resume_loads_finite_weights(tiny_tokenizer, tmp_path, monkeypatch):
+    from nanochat.checkpoint_manager import NonFiniteWeightsError, ResumeMismatchError, list_steps
+    from test_base_train import poison_the_nth_optimizer_step
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    monkeypatch.delenv("RANK", raising=False)
+    make_base_dir(str(tmp_path), tiny_tokenizer, source="base", seed=7, sequence_len=32)
+    common = ["--num_iterations", "4", "--save_every", "1", "--eval_every", "-1"]
+    # an absurd learning rate stops the run with one clear error; every checkpoint it left is finite
+    with pytest.raises(NonFiniteWeightsError, match="non-finite"):
+        _run_mid(common + ["--init_lr_frac", "1e30", "--output_tag", "absurd"])
+    absurd = tmp_path / "mid_checkpoints" / "absurd"
+    for step in (list_steps(str(absurd)) if absurd.exists() else []):
+        assert all(torch.isfinite(v).all() for v in torch.load(absurd / f"model_{step:06d}.pt").values()), step
+    restore = poison_the_nth_optimizer_step(monkeypatch, 3)
+    with pytest.raises(NonFiniteWeightsError, match="step 3 left non-finite weights"):
+        _run_mid(common + ["--output_tag", "poisoned"])
+    ckpt = tmp_path / "mid_checkpoints" / "poisoned"
+    assert list_steps(str(ckpt)) == [1, 2]
+    restore()
+    history = _run_mid(common + ["--output_tag", "poisoned", "--resume"])
+    assert sorted(history["losses"]) == [3, 4]
+    assert all(torch.isfinite(v).all() for v in torch.load(ckpt / "model_000004.pt").values())
+    with pytest.raises(ResumeMismatchError, match="init_lr_frac"):
+        _run_mid(common + ["--output_tag", "poisoned", "--resume", "--init_lr_frac", "0.5"])
