@@ -136,7 +136,7 @@ def train_chat(stage, args, model, optimizer, make_train_batches, *, num_iterati
     loop_state = {"progress": 0.0, val_name: None, min_name: math.inf}
     start_step, loader_state = 0, None
     if args.resume:  # the latest checkpoint this run config wrote, never another run's
-        resume_step = find_resume_step(checkpoint_dir, meta["user_config"])
+        resume_step = find_resume_step(checkpoint_dir, meta.get("user_config", {}))
         start_step, ckpt_meta, loader_state = load_training_checkpoint(checkpoint_dir, model, optimizer, device, step=resume_step)
         loop_state.update(ckpt_meta.get("loop_state", {}))
         print0(f"resumed from {checkpoint_dir} step {start_step}")
