@@ -84,6 +84,9 @@ def get_args(argv=None):
     p.add_argument("--verifier_warmup_steps", type=int, default=40, help="verifier-only steps before the rounds")
     p.add_argument("--verifier_sft_steps", type=int, default=0, help="SFT steps on labelled solutions before RL")
     p.add_argument("--verifier_sft_batch", type=int, default=16)
+    p.add_argument("--ver_sft_own_frac", type=float, default=0.0,
+                   help="share of verifier SFT examples that are the generator's own solutions, exactly labelled")
+    p.add_argument("--ver_sft_own_pool", type=int, default=64, help="training questions the generator solves for them (4 samples each)")
     # generator
     p.add_argument("--examples_per_step", type=int, default=16, help="questions per generator step (all ranks)")
     p.add_argument("--num_samples", type=int, default=16, help="samples per question (the generator's GRPO group)")
@@ -356,17 +359,49 @@ def verifier_step(args, roles, task, step, rank, world_size, balancer):
     return record
 
 
+def own_solutions_labelled(args, roles, task, rank, world_size):
+    """The generator's own solutions to training questions with exact labels (step labels from the reference
+    chain and recomputation, the overall label from the answer check), balanced between correct and
+    incorrect, so the verifier's warm start looks like the solutions it will judge. A wrong answer whose
+    steps all check out gets its last step as the first error. Empty if either class never occurs."""
+    indices = rank_indices(0, args.ver_sft_own_pool, rank, world_size, len(task), from_end=True)
+    roles.sampling(roles.generator)
+    solutions = sample_and_score(roles.gen_engine, roles.tokenizer, task, indices, 4, args.max_new_tokens, args.temperature,
+                                 args.top_k, seed=args.seed + 6_000_011 + rank)
+    pools = {True: [], False: []}
+    for s in solutions:
+        labels, first_error = verify.gold_step_labels(s.text, reference_values=task.reference_chain(s.example_index))
+        if not labels:
+            continue
+        correct = bool(s.info["correct"])
+        if not correct and first_error < 0:
+            first_error = len(labels) - 1
+        if correct and first_error >= 0:
+            continue  # a right answer reached through a wrong step: no clean label for it
+        pools[correct].append({"question": task.question(s.info["conversation"]), "solution": s.text, "overall_correct": correct,
+                               "step_labels": [1 if first_error < 0 or k < first_error else 0 for k in range(len(labels))],
+                               "first_error": first_error})
+    n = min(len(pools[True]), len(pools[False]))
+    print0(f"verifier SFT: {len(pools[True])} correct and {len(pools[False])} incorrect own solutions on rank 0, {n} of each used")
+    return pools[True][:n] + pools[False][:n]
+
+
 def verifier_sft(args, roles, task, rank, world_size):
-    """Warm-start the verifier on labelled solutions (gold verification texts). Examples are never cut:
-    a verification without its Overall line would teach the wrong format. Returns [(step, loss)]."""
+    """Warm-start the verifier on labelled solutions (gold verification texts): the task's synthetic ones
+    and, with --ver_sft_own_frac, the generator's own. Examples are never cut: a verification without its
+    Overall line would teach the wrong format. Returns [(step, loss)]."""
     rng = random.Random(args.seed + rank)
+    own = own_solutions_labelled(args, roles, task, rank, world_size) if args.ver_sft_own_frac > 0 else []
     optimizer = make_optimizer(args, roles.verifier, args.ver_sft_lr_frac)
     roles.training("V")
     losses = []
     for step in range(args.verifier_sft_steps):
         rows = []
         for _ in range(args.verifier_sft_batch // world_size or 1):
-            item = task.labelled_solution(rng.randrange(len(task)), rng)
+            if own and rng.random() < args.ver_sft_own_frac:
+                item = own[rng.randrange(len(own))]
+            else:
+                item = task.labelled_solution(rng.randrange(len(task)), rng)
             example = verify.labelled_example(item["question"], item["solution"], item["overall_correct"], item["step_labels"])
             rows.append(roles.tokenizer.render_conversation(example, max_tokens=None))
         inputs, targets = sft_collate(rows, roles.tokenizer.get_bos_token_id(), roles.device)

@@ -354,3 +354,33 @@ def test_forced_headers_give_one_verification_line_per_step(sft_base):
         for k, line in enumerate(lines[:len(headers)]):
             assert line.startswith(roles.tokenizer.decode(headers[k])), (i, k, reading.text)
     assert any("\n" in r.text for r in readings), "no reading reached a second line: the test would check nothing"
+
+
+def test_verifier_warm_start_on_the_generators_own_solutions(sft_base, monkeypatch):
+    """--ver_sft_own_frac mixes exactly labelled, class-balanced solutions of the generator itself into the
+    verifier's SFT; labels line up with the steps, and no example is cut."""
+    import scripts.chat_cotrain as cotrain
+    from tasks.arithmetic import ArithmeticTask
+    # a random tiny model never solves a problem: call every third solution right so both classes occur
+    real_evaluate, calls = ArithmeticTask.evaluate, {"n": 0}
+
+    def sometimes_right(self, conversation, text):
+        calls["n"] += 1
+        return 1 if calls["n"] % 3 == 0 else real_evaluate(self, conversation, text)
+
+    monkeypatch.setattr(ArithmeticTask, "evaluate", sometimes_right)
+    args = cotrain.get_args(TINY + ["--ver_sft_own_frac", "0.5", "--ver_sft_own_pool", "6", "--verifier_sft_steps", "2",
+                                    "--verifier_sft_batch", "4"])
+    roles = cotrain.load_roles(args, torch.device("cpu"))
+    task = build_rl_task("arithmetic", "train")
+    own = cotrain.own_solutions_labelled(args, roles, task, 0, 1)
+    assert own and sum(it["overall_correct"] for it in own) * 2 == len(own)  # balanced
+    for it in own:
+        steps = verify.split_steps(verify.to_display(it["solution"]))
+        assert len(it["step_labels"]) == len(steps) and it["overall_correct"] == (it["first_error"] < 0)
+        example = verify.labelled_example(it["question"], it["solution"], it["overall_correct"], it["step_labels"])
+        ids, _ = roles.tokenizer.render_conversation(example, max_tokens=None)
+        assert roles.tokenizer.decode(ids).rstrip().endswith(f"Overall: {'Correct' if it['overall_correct'] else 'Incorrect'}<|assistant_end|>")
+    before = checksum(roles.verifier)
+    losses = cotrain.verifier_sft(args, roles, task, 0, 1)
+    assert len(losses) == 2 and checksum(roles.verifier) != before
