@@ -9,6 +9,7 @@ variants are flags: std division, sequence-level normalisation, a PPO-style clip
 feeds several optimizer steps, and a k3 KL penalty to a frozen reference policy.
 """
 
+import codecs
 import functools
 import math
 from dataclasses import dataclass, field
@@ -37,6 +38,13 @@ class Rollout:
     def body_ids(self):
         """The completion without its terminal token: what the model said."""
         return self.completion_ids[:-1] if self.finished else self.completion_ids
+
+
+def token_pieces(tokenizer, ids):
+    """The text each token adds, so that the pieces join into exactly the decoded text (steps are located in
+    it): a multi-byte character belongs to the token that completes it."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return [decoder.decode(tokenizer.decode_bytes([t])) for t in ids]
 
 
 def generate_rollouts(engine, tokenizer, prompts, example_indices, num_samples, max_new_tokens, temperature, top_k, seed,

@@ -7,7 +7,7 @@ verifier share one 80 GB GPU (dev/gpu_results.md). With one shared GPT (--shared
 the same objects, and nothing is ever frozen or moved.
 """
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -42,3 +42,25 @@ class Roles:
             frozen.eval()
         self.sampling(active)
         active.train()
+
+    def checkpoint_data(self):
+        """(model state, optimizer state, model configs), keyed by role, for a co-training checkpoint. One
+        shared model is stored under both names (its one optimizer under the generator's)."""
+        models = {"generator": self.generator.state_dict()}
+        optimizers = {"generator": self.gen_optimizer.state_dict()}
+        configs = {"generator": asdict(self.generator.config)}
+        if self.verifier is not None:
+            shared = self.verifier is self.generator
+            models["verifier"] = models["generator"] if shared else self.verifier.state_dict()
+            configs["verifier"] = asdict(self.verifier.config)
+            if not shared:
+                optimizers["verifier"] = self.ver_optimizer.state_dict()
+        return models, optimizers, configs
+
+    def load_checkpoint_data(self, models, optimizers):
+        """The inverse of checkpoint_data."""
+        self.generator.load_state_dict(models["generator"])
+        self.gen_optimizer.load_state_dict(optimizers["generator"])
+        if self.verifier is not None and self.verifier is not self.generator:
+            self.verifier.load_state_dict(models["verifier"])
+            self.ver_optimizer.load_state_dict(optimizers["verifier"])

@@ -26,12 +26,10 @@ of each; reward = [Overall matches the gold label] + format_weight x format scor
 """
 
 import argparse
-import codecs
 import copy
 import os
 import random
 import time
-from dataclasses import asdict
 
 import torch
 
@@ -43,11 +41,10 @@ from nanochat.common import (all_gather_list, all_reduce_dict, autocast_context,
 from nanochat.engine import Engine
 from nanochat.grpo import (ClassBalancer, add_grpo_flags, alpha_schedule, batch_metrics, check_grpo_flags, checked_reward,
                            generate_rollouts, grpo_update, load_reward_fn, majority_vote, pass_at_k, rank_indices,
-                           rl_lr_multiplier, sample_and_score, sample_batch, token_advantages)
+                           rl_lr_multiplier, sample_and_score, sample_batch, token_advantages, token_pieces)
 from nanochat.memory import cuda_memory_report, print_role_estimates
 from nanochat.report import get_report
 from nanochat.roles import Roles
-from nanochat.scoring import choice_probabilities
 from tasks import verify
 from tasks.by_name import RL_TASKS, build_rl_task
 
@@ -202,43 +199,20 @@ def load_roles(args, device):
                  device, args.offload_frozen, reference)
 
 
-def token_texts(tokenizer, rollout):
-    """The text each token the model wrote adds, so that the pieces join into exactly the decoded text (steps
-    are located in it): a multi-byte character belongs to the token that completes it."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    return [decoder.decode(tokenizer.decode_bytes([t])) for t in rollout.body_ids]
-
-
-def step_headers(tokenizer, num_steps):
-    """The line openings a verification of a num_steps-step solution must have (see --forced_headers)."""
-    return [tokenizer.encode(f"Step {k}:") for k in range(1, num_steps + 1)] + [tokenizer.encode("Overall:")]
-
-
 def judge(args, roles, task, solutions, num_verifications, temperature, seed):
     """The verifier reads every solution `num_verifications` times in one batched pass. Returns its rollouts
     (solution-major, for training it) and one tasks.verify.Judgement per rollout."""
     tokenizer = roles.tokenizer
     prompts = [tokenizer.render_for_completion(verify.build_verifier_conversation(task.question(s.info["conversation"]), s.text))
                for s in solutions]
-    texts = [token_texts(tokenizer, s) for s in solutions]
-    headers = [step_headers(tokenizer, len(verify.step_end_tokens(t))) for t in texts] if args.forced_headers else None
+    texts = [token_pieces(tokenizer, s.body_ids) for s in solutions]
+    headers = [verify.step_headers(tokenizer, len(verify.step_end_tokens(t))) for t in texts] if args.forced_headers else None
     roles.sampling(roles.verifier)
     readings = generate_rollouts(roles.ver_engine, tokenizer, prompts, [s.example_index for s in solutions],
                                  num_verifications, args.ver_max_tokens, temperature, args.top_k, seed, headers)
-    probs = verdict_probabilities(args, roles, readings) if args.process_score == "prob" else [None] * len(readings)
+    probs = verify.verdict_probabilities(roles.verifier, roles.tokenizer, readings, roles.device, args.device_batch_size) if args.process_score == "prob" else [None] * len(readings)
     judgements = [verify.judge(texts[i // num_verifications], r.text, p) for i, (r, p) in enumerate(zip(readings, probs))]
     return readings, judgements
-
-
-def verdict_probabilities(args, roles, readings):
-    """p("Correct") of every verdict of every reading, from one teacher-forced pass of the verifier over what
-    it wrote ([] for a reading whose verdicts cannot all be located: no process signal from it)."""
-    queries = [verify.verdict_queries(roles.tokenizer, r.body_ids, r.text) for r in readings]
-    sequences = [r.prompt_ids + r.body_ids for r in readings]
-    located = [[(len(r.prompt_ids) + j, a, b) for j, a, b in q] if None not in q else [] for r, q in zip(readings, queries)]
-    probs = choice_probabilities(roles.verifier, sequences, located, roles.device, args.device_batch_size,
-                                 roles.tokenizer.get_bos_token_id())
-    return [p if q else [] for p, q in zip(probs, located)]
 
 
 # -----------------------------------------------------------------------------
@@ -268,7 +242,7 @@ def generator_step(args, roles, task, step, rank, world_size):
     judgements = None
     counts = dict.fromkeys(("exact", "missing", "extra", "judged_correct", "judged_steps", "gold_agree", "gold_compared", "process"), 0)
     if args.oracle_verifier:
-        judgements = [verify.oracle_judge(token_texts(roles.tokenizer, r), gold_labels(task, r)) for r in rollouts]
+        judgements = [verify.oracle_judge(token_pieces(roles.tokenizer, r.body_ids), gold_labels(task, r)) for r in rollouts]
     elif roles.verifier is not None:
         _, judgements = judge(args, roles, task, rollouts, 1, args.ver_temperature, seed=args.seed + 2_000_003 * step + rank)
     if judgements is not None:
@@ -458,7 +432,7 @@ def labelled_verifier_counts(args, roles, task, rank, world_size):
     items = [task.labelled_solution(i, rng) for i in range(min(args.ver_eval_examples, len(task)))][rank::world_size]
     prompts = [roles.tokenizer.render_for_completion(verify.build_verifier_conversation(it["question"], it["solution"])) for it in items]
     roles.sampling(roles.verifier)
-    headers = [step_headers(roles.tokenizer, len(it["step_labels"])) for it in items] if args.forced_headers else None
+    headers = [verify.step_headers(roles.tokenizer, len(it["step_labels"])) for it in items] if args.forced_headers else None
     readings = generate_rollouts(roles.ver_engine, roles.tokenizer, prompts, list(range(len(items))), 1, args.ver_max_tokens,
                                  0.0, None, args.seed, headers) if items else []
     said = [verify.parse_verification(r.text) for r in readings]
@@ -467,7 +441,7 @@ def labelled_verifier_counts(args, roles, task, rank, world_size):
                   aligned=sum(v.num_steps == len(it["step_labels"]) for v, it in zip(said, items)),
                   first_error=sum(v.overall is not None and verify.first_error_step(v) == it["first_error"]
                                   for v, it in zip(said, items)))
-    probs = verdict_probabilities(args, roles, readings)
+    probs = verify.verdict_probabilities(roles.verifier, roles.tokenizer, readings, roles.device, args.device_batch_size)
     pairs = [(p[v.num_steps], it["overall_correct"]) for p, v, it in zip(probs, said, items) if v.overall is not None and p]
     return {f"ver_{key}": value for key, value in counts.items()}, all_gather_list(pairs)
 
@@ -476,13 +450,7 @@ def labelled_verifier_counts(args, roles, task, rank, world_size):
 # Checkpoints
 
 def save(args, roles, out_dir, state, balancer, rank):
-    model_data, optim_data = {"generator": roles.generator.state_dict()}, {"generator": roles.gen_optimizer.state_dict()}
-    configs = {"generator": asdict(roles.generator.config)}
-    if roles.verifier is not None:
-        model_data["verifier"] = roles.verifier.state_dict() if not args.shared_model else model_data["generator"]
-        configs["verifier"] = asdict(roles.verifier.config)
-        if not args.shared_model:
-            optim_data["verifier"] = roles.ver_optimizer.state_dict()
+    model_data, optim_data, configs = roles.checkpoint_data()
     meta = {"model_config": configs["generator"], "model_configs": configs, "user_config": vars(args), "task": args.task,
             "loop_state": dict(state), "class_balancer": balancer.state_dict(), "shared_model": args.shared_model}
     save_checkpoint(out_dir, state["global_step"], model_data, optim_data, meta, rank, check_finite=True)
@@ -492,11 +460,7 @@ def resume(args, roles, out_dir, balancer, rank):
     """Load the last co-training checkpoint into both roles; returns the loop state to continue from."""
     step = find_resume_step(out_dir, vars(args))  # refuses a checkpoint that another run config wrote
     model_data, optim_data, meta = load_checkpoint(out_dir, step, roles.device, load_optimizer=True, rank=rank)
-    roles.generator.load_state_dict(model_data["generator"])
-    roles.gen_optimizer.load_state_dict(optim_data["generator"])
-    if roles.verifier is not None and not args.shared_model:
-        roles.verifier.load_state_dict(model_data["verifier"])
-        roles.ver_optimizer.load_state_dict(optim_data["verifier"])
+    roles.load_checkpoint_data(model_data, optim_data)
     balancer.load_state_dict(meta["class_balancer"])
     state = meta["loop_state"]
     print0(f"resumed co-training at global step {state['global_step']} (gen {state['gen_step']}, ver {state['ver_step']})")

@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 
 from nanochat.calculator import use_calculator
+from nanochat.scoring import choice_probabilities
 
 ARROW = "→"
 # Every pattern here sees model output, so each runs in linear time: runs of whitespace/stars are possessive
@@ -143,6 +144,12 @@ def build_verifier_prompt(question, solution):
     return (f"Verify the solution step by step.\n\nQuestion: {question}\n\nSolution ({len(steps)} steps):\n"
             f"{numbered}\nFinal answer: {final}\n\n"
             f"For each step write 'Step i: <check> {ARROW} Correct' or '{ARROW} Incorrect', then 'Overall: Correct' or 'Overall: Incorrect'.")
+
+
+def step_headers(tokenizer, num_steps):
+    """The line openings of a verification of a num_steps-step solution, as token lists: what the engine
+    forces with --forced_headers (Engine.generate_prompts(line_headers=...))."""
+    return [tokenizer.encode(f"Step {k}:") for k in range(1, num_steps + 1)] + [tokenizer.encode("Overall:")]
 
 
 def build_verifier_conversation(question, solution, target=None):
@@ -367,6 +374,17 @@ def verdict_queries(tokenizer, completion_ids, text):
         else:
             queries.append((index + d, a[d], b[d]))
     return queries
+
+
+def verdict_probabilities(verifier, tokenizer, readings, device, batch_size=8):
+    """p("Correct") of every verdict of every reading (nanochat.grpo.Rollout of the verifier), from one
+    teacher-forced pass of the verifier over what it wrote; [] for a reading whose verdicts cannot all be
+    located (no process signal from it)."""
+    queries = [verdict_queries(tokenizer, r.body_ids, r.text) for r in readings]
+    sequences = [r.prompt_ids + r.body_ids for r in readings]
+    located = [[(len(r.prompt_ids) + j, a, b) for j, a, b in q] if None not in q else [] for r, q in zip(readings, queries)]
+    probs = choice_probabilities(verifier, sequences, located, device, batch_size, tokenizer.get_bos_token_id())
+    return [p if q else [] for p, q in zip(probs, located)]
 
 
 def auc(scores, labels):

@@ -305,18 +305,6 @@ def test_collapse_guard_switches_a_one_class_verifier_to_balanced_weights(sft_ba
     assert [r["ver/class_power"] for r in records] == [0.5, 1.0, 1.0]
 
 
-def test_token_texts_join_into_the_text_with_multibyte_characters(tiny_tokenizer):
-    import scripts.chat_cotrain as cotrain
-    from nanochat.grpo import Rollout
-    text = "12+5 → 17 ✓\nthen 17*2 = 34 €\n#### 34"
-    ids = tiny_tokenizer.encode(text)
-    pieces = cotrain.token_texts(tiny_tokenizer, Rollout(0, [], ids, [1] * len(ids)))
-    assert len(pieces) == len(ids) and "".join(pieces) == text
-    # each step ends at the token that completes its last character
-    assert verify.step_end_tokens(pieces) == [next(i for i, p in enumerate(pieces) if "✓" in p),
-                                              next(i for i, p in enumerate(pieces) if "€" in p)]
-
-
 def test_absurd_learning_rate_stops_before_saving_and_resume_checks_the_config(sft_base, varied_rewards):
     import scripts.chat_cotrain as cotrain
     from nanochat.checkpoint_manager import NonFiniteWeightsError, ResumeMismatchError
@@ -346,7 +334,7 @@ def test_forced_headers_give_one_verification_line_per_step(sft_base):
     solutions = sample_and_score(roles.gen_engine, roles.tokenizer, task, [0, 1], 2, 12, 1.0, 50, seed=1)
     readings, judgements = cotrain.judge(args, roles, task, solutions, 2, 1.0, seed=3)
     for i, (reading, judgement) in enumerate(zip(readings, judgements)):
-        headers = cotrain.step_headers(roles.tokenizer, judgement.num_steps)
+        headers = verify.step_headers(roles.tokenizer, judgement.num_steps)
         first = headers[0]
         assert reading.completion_ids[:len(first)] == first and reading.completion_mask[:len(first)] == [0] * len(first)
         lines = reading.text.split("\n")

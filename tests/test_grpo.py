@@ -8,7 +8,8 @@ import torch
 
 from nanochat.grpo import (Rollout, group_advantages, process_advantages, mix_advantages, alpha_schedule,
                            policy_gradient_loss, collate_rollouts, ClassBalancer, majority_answers, grpo_update,
-                           apply_overlong, dynamic_sampling, load_reward_fn, checked_reward, rl_lr_multiplier)
+                           apply_overlong, dynamic_sampling, load_reward_fn, checked_reward, rl_lr_multiplier,
+                           token_pieces)
 from nanochat.gpt import GPT, GPTConfig
 
 
@@ -308,3 +309,14 @@ def test_update_reports_the_true_token_entropy_and_grad_norm():
     stats = grpo_update(model, optimizer, rollouts, [1.0, -1.0], 0, "cpu", device_batch_size=2)
     assert stats["entropy"] == pytest.approx(sum(expected) / len(expected), rel=1e-5)
     assert stats["grad_norm"] > 0
+
+
+def test_token_texts_join_into_the_text_with_multibyte_characters(tiny_tokenizer):
+    from tasks import verify
+    text = "12+5 → 17 ✓\nthen 17*2 = 34 €\n#### 34"
+    ids = tiny_tokenizer.encode(text)
+    pieces = token_pieces(tiny_tokenizer, ids)
+    assert len(pieces) == len(ids) and "".join(pieces) == text
+    # each step ends at the token that completes its last character
+    assert verify.step_end_tokens(pieces) == [next(i for i, p in enumerate(pieces) if "✓" in p),
+                                              next(i for i, p in enumerate(pieces) if "€" in p)]
