@@ -30,7 +30,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 
-from nanochat.common import all_reduce_sums, get_base_dir, get_logger
+from nanochat.common import all_reduce_sums, get_base_dir, get_logger, is_distributed
 from nanochat.gpt import GPT, GPTConfig
 
 logger = get_logger(__name__)
@@ -176,14 +176,14 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
                                            f"(the last checkpoint there is {last})")
     if rank == 0:
         remove_interrupted_saves(checkpoint_dir, keep_step=step)
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.barrier()  # no rank starts writing while rank 0 is still cleaning up
     if rank == 0 and model_data is not None:
         _atomic_write(os.path.join(checkpoint_dir, f"model_{step:06d}.pt"), lambda f: torch.save(model_data, f))
     if optimizer_data is not None:
         _atomic_write(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt"),
                       lambda f: torch.save(optimizer_data, f))
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.barrier()
     if rank == 0:
         meta = dict(meta_data)
@@ -191,7 +191,7 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
         payload = json.dumps(meta, indent=2, default=_json_default).encode("utf-8")
         _atomic_write(os.path.join(checkpoint_dir, f"meta_{step:06d}.json"), lambda f: f.write(payload))
         logger.info(f"saved checkpoint step {step} to {checkpoint_dir}")
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.barrier()
 
 
