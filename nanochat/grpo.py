@@ -11,7 +11,10 @@ feeds several optimizer steps, and a k3 KL penalty to a frozen reference policy.
 
 import codecs
 import functools
+import importlib
+import importlib.util
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -249,9 +252,6 @@ def dynamic_sampling(sample_round, group_size, wanted_groups, max_extra_rounds, 
 def load_reward_fn(spec):
     """'path/to/file.py:function' or 'package.module:function' -> the function. It is called as
     fn(conversation, completion_text) and must return a number. Raises ValueError with one clear line."""
-    import importlib
-    import importlib.util
-    import os
     where, sep, name = spec.rpartition(":")
     if not sep or not where or not name:
         raise ValueError(f"--reward_fn {spec!r}: expected 'path/to/file.py:function' or 'module:function'")
@@ -297,7 +297,7 @@ def rl_lr_multiplier(step, num_steps, schedule="linear", warmup_steps=0):
     if schedule == "constant":
         return 1.0
     if schedule == "linear":
-        return 1.0 - progress if warmup_steps else 1.0 - step / num_steps
+        return 1.0 - progress
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"unknown LR schedule {schedule!r}")
@@ -494,6 +494,7 @@ def grpo_update(model, optimizer, rollouts, token_advantages, pad_id, device, de
 
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lr_multiplier
+    high = clip_eps if clip_high is None else clip_high
     for epoch in range(ppo_epochs):
         model.zero_grad(set_to_none=True)
         for sl in trainable:
@@ -515,7 +516,6 @@ def grpo_update(model, optimizer, rollouts, token_advantages, pad_id, device, de
                     stats["kl"] += (torch.exp(log_ratio) - log_ratio - 1.0).sum().item()
             if old_logp is not None:
                 ratio = torch.exp(logp.detach() - old_logp[sl])[mask]
-                high = clip_eps if clip_high is None else clip_high
                 stats["clip_frac"] += ((ratio < 1 - clip_eps) | (ratio > 1 + high)).float().sum().item()
         if not trainable:  # every rank must hand the optimizer the same set of gradients (all zero here)
             for p in model.parameters():
@@ -556,7 +556,7 @@ def rank_indices(step, per_step, rank, world_size, num_examples, from_end=False)
     return [((num_examples - 1 - i) if from_end else i) % num_examples for i in positions]
 
 
-def sample_batch(engine, tokenizer, task, step, num_steps, args, rank, world_size, device, reward_fn=None, seed_offset=0):
+def sample_batch(engine, tokenizer, task, step, num_steps, args, rank, world_size, device, reward_fn=None):
     """One RL step's rollouts, the same way for chat_rl and co-training's generator: this rank's questions of
     `step`, `args.num_samples` samples each, rewarded by the task (or `reward_fn`), the overlong penalty or
     mask applied, and with args.dynamic_sampling > 0 extra rounds of questions for groups without variance.
@@ -568,7 +568,7 @@ def sample_batch(engine, tokenizer, task, step, num_steps, args, rank, world_siz
         # round 0 is the step's own questions; dynamic sampling draws later rounds from other steps' blocks
         indices = rank_indices(step + extra_round * num_steps, args.examples_per_step, rank, world_size, len(task))
         rollouts = sample_and_score(engine, tokenizer, task, indices, args.num_samples, args.max_new_tokens, args.temperature,
-                                    args.top_k, seed=args.seed + seed_offset + 1_000_003 * step + rank + 7_919 * extra_round)
+                                    args.top_k, seed=args.seed + 1_000_003 * step + rank + 7_919 * extra_round)
         for r in rollouts:
             r.info["task_reward"] = r.reward
             if reward_fn is not None:

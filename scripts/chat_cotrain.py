@@ -210,7 +210,9 @@ def judge(args, roles, task, solutions, num_verifications, temperature, seed):
     roles.sampling(roles.verifier)
     readings = generate_rollouts(roles.ver_engine, tokenizer, prompts, [s.example_index for s in solutions],
                                  num_verifications, args.ver_max_tokens, temperature, args.top_k, seed, headers)
-    probs = verify.verdict_probabilities(roles.verifier, roles.tokenizer, readings, roles.device, args.device_batch_size) if args.process_score == "prob" else [None] * len(readings)
+    probs = [None] * len(readings)
+    if args.process_score == "prob":
+        probs = verify.verdict_probabilities(roles.verifier, tokenizer, readings, roles.device, args.device_batch_size)
     judgements = [verify.judge(texts[i // num_verifications], r.text, p) for i, (r, p) in enumerate(zip(readings, probs))]
     return readings, judgements
 
@@ -241,12 +243,13 @@ def generator_step(args, roles, task, step, rank, world_size):
     alpha = alpha_schedule(step, args.num_gen_steps, args.alpha, args.alpha_end) if args.alpha > 0 else 0.0
     judgements = None
     counts = dict.fromkeys(("exact", "missing", "extra", "judged_correct", "judged_steps", "gold_agree", "gold_compared", "process"), 0)
+    golds = [gold_labels(task, r) for r in rollouts] if args.oracle_verifier or roles.verifier is not None else None
     if args.oracle_verifier:
-        judgements = [verify.oracle_judge(token_pieces(roles.tokenizer, r.body_ids), gold_labels(task, r)) for r in rollouts]
+        judgements = [verify.oracle_judge(token_pieces(roles.tokenizer, r.body_ids), gold) for r, gold in zip(rollouts, golds)]
     elif roles.verifier is not None:
         _, judgements = judge(args, roles, task, rollouts, 1, args.ver_temperature, seed=args.seed + 2_000_003 * step + rank)
     if judgements is not None:
-        for r, j in zip(rollouts, judgements):
+        for j, gold in zip(judgements, golds):
             said = j.verification
             counts["exact"] += said.num_steps == j.num_steps
             counts["missing"] += said.num_steps < j.num_steps
@@ -255,7 +258,6 @@ def generator_step(args, roles, task, step, rank, world_size):
             counts["judged_steps"] += said.num_steps
             counts["process"] += j.process_fraction
             # where gold step labels are computable, how often the verifier's step verdicts agree with them
-            gold = gold_labels(task, r)
             if gold and said.num_steps == len(gold):
                 counts["gold_agree"] += sum(int(v) == label for v, label in zip(said.step_verdicts, gold))
                 counts["gold_compared"] += len(gold)
