@@ -614,7 +614,8 @@ class Engine:
                 drawn = torch.empty(len(active), width, device=device).exponential_(1, generator=rng)
                 pairs = [(j, slot_of[row]) for j, row in enumerate(active) if row in slot_of]
                 if len(pairs) == cache.batch_size and all(j == slot for j, slot in pairs):
-                    noise = drawn
+                    # finished rows still in `active` (they leave it in eighths) sit after the cached ones
+                    noise = drawn[:cache.batch_size]
                 else:
                     noise = torch.ones(cache.batch_size, width, device=device)
                     if pairs:

@@ -225,3 +225,25 @@ def test_bench_rollout_smoke():
     for r in summary["results"]:
         assert r["batch"] == 3 and r["new_tokens"] == 5 and r["tok_per_s"] > 0 and 0 < r["bw_util"] < 1
     assert summary["results"][0]["vs_first_mode"] == 1.0
+
+
+def test_sampling_survives_a_finished_row_after_the_cached_ones():
+    """Regression: 17 rows, the last finishes first. The loop moves the 16 live rows to a 16-row cache while the
+    finished row still draws random numbers (rows leave `active` in eighths), so the draws outnumber the
+    cache's rows. top_k=1 makes sampling deterministic, so the rows' fates can be chosen with the greedy model."""
+    model = tiny_model(seed=4)
+    candidates = mixed_prompts(11, [3 + i % 7 for i in range(200)])
+    runs = [naive(model, p, 16)[len(p):] for p in candidates]
+    found = None
+    for last, run in enumerate(runs):
+        stop = run[1]
+        others = [p for p, r in zip(candidates, runs) if stop not in r]
+        if stop not in run[:1] and len(others) >= 16:
+            found = others[:16] + [candidates[last]], stop
+            break
+    assert found, "no prompt set where exactly the last row finishes early"
+    prompts, stop = found
+    outs = {mode: Engine(model, StandInTokenizer(assistant_end=stop), decode=mode).generate_prompts(
+        prompts, max_tokens=12, temperature=1.0, top_k=1, seed=0) for mode in ("dynamic", "static")}
+    assert outs["static"] == outs["dynamic"]
+    assert len(outs["static"][-1][0]) < 12 and all(len(c) == 12 for c, _ in outs["static"][:-1])
