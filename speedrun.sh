@@ -139,25 +139,19 @@ run_stage scripts.base_eval $BASE_EVAL_ARGS
 stop_after base
 
 # ------------------------------------------------------------------ mid-training, SFT, chat evaluation
-SFT_SOURCE=base
-if [ -f scripts/mid_train.py ]; then
-    # shellcheck disable=SC2086
-    run_stage scripts.mid_train --run="$WANDB_RUN" $MID_ARGS
-    SFT_SOURCE=mid
-    # shellcheck disable=SC2086
-    if [ -f scripts/chat_eval.py ]; then run_stage scripts.chat_eval -i mid $CHAT_EVAL_ARGS; fi
-fi
+# shellcheck disable=SC2086
+run_stage scripts.mid_train --run="$WANDB_RUN" $MID_ARGS
+# shellcheck disable=SC2086
+run_stage scripts.chat_eval -i mid $CHAT_EVAL_ARGS
 stop_after mid
 
-if [ -f scripts/chat_sft.py ]; then
-    # shellcheck disable=SC2086
-    run_stage scripts.chat_sft --source="$SFT_SOURCE" --run="$WANDB_RUN" $SFT_ARGS
-    # shellcheck disable=SC2086
-    if [ -f scripts/chat_eval.py ]; then run_stage scripts.chat_eval -i sft $CHAT_EVAL_ARGS; fi
-fi
+# shellcheck disable=SC2086
+run_stage scripts.chat_sft --source=mid --run="$WANDB_RUN" $SFT_ARGS
+# shellcheck disable=SC2086
+run_stage scripts.chat_eval -i sft $CHAT_EVAL_ARGS
 stop_after sft
 
 # ------------------------------------------------------------------ report card
 # report.md lands in the base dir's report/ and, as a copy, in REPORT_COPY_DIR (default: here)
-if [ -f nanochat/report.py ]; then (cd "${REPORT_COPY_DIR:-.}" && python -m nanochat.report generate); fi
+(cd "${REPORT_COPY_DIR:-.}" && python -m nanochat.report generate)
 log "done"

@@ -1,17 +1,23 @@
 """
-The co-training experiment: the GRPO baseline vs co-training from the same SFT generator, with the same
-number of generator updates, over several seeds, evaluated on held-out problems. Writes a markdown table.
+The co-training experiment: arms that differ only in their process signal, all run by scripts.chat_cotrain
+from the same SFT generator with the same number of generator updates, over seeds fixed in advance, scored
+on held-out problems. Writes a markdown report: per-seed numbers, means with 95% intervals, the gain over
+the baseline paired by seed, reward curves and the wall-clock cost of every arm.
 
-    python -m dev.cotrain_experiment --gen_tag d4 --ver_tag d4 --seeds 1 2 3 --num_gen_steps 24 \
-        --out dev/cotrain_experiment.md
-    python -m dev.cotrain_experiment ... --arms baseline,cotrain,shared   # also one GPT in both roles
+    python -m dev.cotrain_experiment --gen_tag d4 --ver_tag d4 --arms baseline,oracle --seeds 1 2 3 \
+        --num_gen_steps 100 --process_args "--alpha 0.3 --alpha_end 0.3" --out dev/cotrain_experiment.md \
+        -- --examples_per_step 8 --num_samples 8 --max_new_tokens 80 --eval_examples 256
 
-Each run is a separate process (`--parallel 2` runs two at a time with one thread each). Any flag after
-`--` is passed to both chat_rl and chat_cotrain (shared RL settings); `--cotrain_args "..."` to co-training only.
+Arms: baseline (no verifier, alpha 0: plain GRPO), oracle (step verdicts from exact gold step labels, the
+ceiling and the control), cotrain (a learned verifier, two models), shared (one GPT in both roles).
+Flags after `--` go to every arm; `--process_args` to every arm with a process signal; `--verifier_args`
+to the arms with a learned verifier. Each run is its own process (`--parallel 2`: two at a time, one
+thread each) with its log in --log_dir.
 """
 
 import argparse
 import json
+import math
 import os
 import shlex
 import statistics
@@ -21,139 +27,171 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+ARMS = {  # name: (label, flags)
+    "baseline": ("GRPO baseline", ["--no_verifier", "--alpha", "0"]),
+    "oracle": ("oracle verifier", ["--oracle_verifier"]),
+    "cotrain": ("co-trained (two models)", []),
+    "shared": ("co-trained (one shared model)", ["--shared_model"]),
+}
+LEARNED = ("cotrain", "shared")
+# two-sided 95% Student t quantiles by degrees of freedom
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
-def worker(kind, argv, out_path):
-    if kind == "baseline":
-        from scripts.chat_rl import main
-        result = main(argv)
-        summary = {"final": result["final"]}
-    else:
-        from scripts.chat_cotrain import main
-        history = main(argv)
-        ver = history["ver"]
-        gen = history["gen"]
-        mean = lambda key, rows: statistics.fmean(r[key] for r in rows) if rows else float("nan")
-        summary = {"final": history["eval"][-1],
-                   "verifier_share_said_correct_mean": mean("ver/share_said_correct", ver),
-                   "verifier_balanced_accuracy_last": ver[-1]["ver/balanced_accuracy"] if ver else float("nan"),
-                   "verifier_gold_correct_rate_mean": mean("ver/gold_correct_rate", ver),
-                   "steps_aligned_mean": mean("gen/steps_exact", gen),
-                   "verifier_step_agreement_mean": mean("gen/verifier_step_agreement", gen)}
+
+def interval(values):
+    """(mean, half-width of its 95% t interval); the half-width is nan for fewer than two values."""
+    values = [v for v in values if v == v]
+    if not values:
+        return float("nan"), float("nan")
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def worker(argv, out_path):
+    from scripts.chat_cotrain import main
+    t0 = time.time()
+    history = main(argv)
+    gen, ver = history["gen"], history["ver"]
+    mean = lambda key, rows: statistics.fmean(r[key] for r in rows) if rows else float("nan")
+    summary = {"final": history["eval"][-1], "start": history["eval"][0], "seconds": time.time() - t0,
+               "reward_curve": [r["gen/outcome_reward"] for r in gen],
+               "seconds_per_update": {part: mean(f"gen/time_{part}", gen) for part in ("generate", "verify", "train")},
+               "verifier_seconds_per_step": sum(mean(f"ver/time_{part}", ver) for part in ("generate", "verify", "train")) if ver else 0.0,
+               "verifier_steps": len(ver),
+               "zero_variance_groups": mean("gen/zero_variance_groups", gen),
+               "steps_aligned_mean": mean("gen/steps_exact", gen),
+               "verifier_step_agreement_mean": mean("gen/verifier_step_agreement", gen),
+               "verifier_share_said_correct_mean": mean("ver/share_said_correct", ver),
+               "verifier_gold_correct_rate_mean": mean("ver/gold_correct_rate", ver)}
     with open(out_path, "w") as f:
         json.dump(summary, f)
 
 
-ARM_NAMES = {"baseline": "GRPO baseline", "cotrain": "co-trained (two models)", "shared": "co-trained (one shared model)"}
-
-
-def run(kind, seed, args, shared, tmpdir):
-    common = ["--task", args.task, "--seed", str(seed), "--eval_every", "0", "--device_type", "cpu"] + shared
-    if kind == "baseline":
-        argv = common + ["--source", "sft", "--model_tag", args.gen_tag, "--num_steps", str(args.num_gen_steps),
-                         "--output_tag", f"exp_baseline_s{seed}"]
-    else:
-        argv = common + ["--gen_source", "sft", "--gen_tag", args.gen_tag, "--ver_source", args.ver_source,
-                         "--ver_tag", args.ver_tag, "--num_gen_steps", str(args.num_gen_steps),
-                         "--output_tag", f"exp_{kind}_s{seed}"] + shlex.split(args.cotrain_args)
-        if kind == "shared":
-            argv.append("--shared_model")
-    out_path = os.path.join(tmpdir, f"{kind}_{seed}.json")
-    log_path = os.path.join(args.log_dir, f"{kind}_s{seed}.log")
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, 2 // args.parallel)))
-    cmd = [sys.executable, "-m", "dev.cotrain_experiment", "--worker", "baseline" if kind == "baseline" else "cotrain",
-           "--worker_out", out_path, "--", *argv]
-    t0 = time.time()
+def run(arm, seed, args, tmpdir):
+    argv = ["--task", args.task, "--seed", str(seed), "--device_type", "cpu", "--gen_source", "sft", "--gen_tag", args.gen_tag,
+            "--ver_source", args.ver_source, "--ver_tag", args.ver_tag, "--num_gen_steps", str(args.num_gen_steps),
+            "--output_tag", f"exp_{arm}_s{seed}"] + args.shared + ARMS[arm][1]
+    if arm != "baseline":
+        argv += shlex.split(args.process_args)
+    if arm in LEARNED:
+        argv += shlex.split(args.verifier_args)
+    out_path = os.path.join(tmpdir, f"{arm}_{seed}.json")
+    log_path = os.path.join(args.log_dir, f"{arm}_s{seed}.log")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS") or str(max(1, 2 // args.parallel)))
+    cmd = [sys.executable, "-m", "dev.cotrain_experiment", "--worker_out", out_path, "--", *argv]
     with open(log_path, "w") as log:
+        log.write("command: " + shlex.join(cmd) + "\n")
+        log.flush()
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0:
-        raise RuntimeError(f"{kind} seed {seed} failed (exit {code}); see {log_path}")
+        raise RuntimeError(f"{arm} seed {seed} failed (exit {code}); see {log_path}")
     with open(out_path) as f:
         result = json.load(f)
-    result["minutes"] = (time.time() - t0) / 60
-    print(f"done: {kind} seed {seed} in {result['minutes']:.1f} min: {result['final']}", flush=True)
+    print(f"done: {arm} seed {seed} in {result['seconds'] / 60:.1f} min: pass@1 {result['final']['pass@1']:.4f}", flush=True)
     return result
 
 
-def fmt(values):
-    values = [v for v in values if v == v]
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+def report(results, args, command, minutes):
+    arms, seeds = args.arms, args.seeds
+    labels = [ARMS[a][0] for a in arms]
+    final_keys = list(results[(arms[0], seeds[0])]["final"])
+    k_key = next(k for k in final_keys if k.startswith("pass@") and k != "pass@1")
+    lines = [f"# Co-training arms on {args.task}: {len(seeds)} seeds, {args.num_gen_steps} generator updates each", "",
+             f"Command: `{command}`", "",
+             f"Seeds {seeds} fixed before the runs; every arm starts from the same SFT generator ({args.gen_tag}) and is "
+             f"scored on the same held-out problems (the task's test split). Wall time {minutes:.1f} min. "
+             "Cells: mean ± half-width of the 95% t interval over seeds.", "",
+             "| metric | " + " | ".join(labels) + " |", "|---" * (len(arms) + 1) + "|"]
+
+    def row(label, value_of, digits=3):
+        cells = []
+        for arm in arms:
+            mean, half = interval([value_of(results[(arm, s)]) for s in seeds])
+            cells.append("n/a" if mean != mean else f"{mean:.{digits}f}" + (f" ± {half:.{digits}f}" if half == half else ""))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    final = lambda key: (lambda r: r["final"].get(key, float("nan")))
+    row("generator pass@1 (held-out, T=1)", final("pass@1"))
+    row("gain over the baseline (paired by seed)",
+        lambda r: r["final"]["pass@1"] - results[("baseline", r["seed"])]["final"]["pass@1"] if "baseline" in arms else float("nan"))
+    row("generator pass@1 before training", lambda r: r["start"]["pass@1"])
+    row(f"generator {k_key}", final(k_key))
+    for label, prefix in (("majority vote", "majority@"), ("verifier-reranked best-of-N", "verifier_best_of_"),
+                          ("verifier balanced accuracy (labelled, greedy)", "verifier_balanced_accuracy"),
+                          ("verifier AUC of p(Overall = Correct)", "verifier_auc"),
+                          ("verifier first-error-step accuracy", "verifier_first_error_accuracy"),
+                          ("verifier steps aligned", "verifier_steps_aligned"),
+                          ("verifier share 'Correct' (gold share next row)", "verifier_share_said_correct"),
+                          ("gold share of correct solutions", "verifier_gold_share_correct")):
+        key = next((k for k in final_keys + [k for a in arms for k in results[(a, seeds[0])]["final"]] if k.startswith(prefix)), None)
+        if key:
+            row(label, final(key))
+    row("process signal aligned (exactly K verdicts)", lambda r: r["steps_aligned_mean"] if r["verifier_steps"] or r["steps_aligned_mean"] else float("nan"))
+    row("step verdicts agreeing with gold step labels", lambda r: r["verifier_step_agreement_mean"] if r["steps_aligned_mean"] else float("nan"))
+    row("verifier 'Correct' share in training", lambda r: r["verifier_share_said_correct_mean"])
+    row("groups without reward variance", lambda r: r["zero_variance_groups"], 2)
+    lines += ["", "## Cost (the compute-matched view)", "",
+              "| arm | seconds per generator update (generate / verify / train) | verifier steps | seconds per verifier step | minutes per run |",
+              "|---|---|---|---|---|"]
+    for arm, label in zip(arms, labels):
+        rs = [results[(arm, s)] for s in seeds]
+        parts = {p: statistics.fmean(r["seconds_per_update"][p] for r in rs) for p in ("generate", "verify", "train")}
+        lines.append(f"| {label} | {sum(parts.values()):.1f} ({parts['generate']:.1f} / {parts['verify']:.1f} / {parts['train']:.1f}) | "
+                     f"{rs[0]['verifier_steps']} | {statistics.fmean(r['verifier_seconds_per_step'] for r in rs):.1f} | {statistics.fmean(r['seconds'] for r in rs) / 60:.1f} |")
+    lines += ["", "## Per seed (held-out pass@1)", ""]
+    for s in seeds:
+        lines.append(f"- seed {s}: " + " vs ".join(f"{a} {results[(a, s)]['final']['pass@1']:.4f}" for a in arms))
+    lines += ["", "## Train reward (outcome), mean over seeds, every 10th update", "",
+              "| update | " + " | ".join(labels) + " |", "|---" * (len(arms) + 1) + "|"]
+    for step in range(0, args.num_gen_steps, 10):
+        window = lambda r: statistics.fmean(r["reward_curve"][step:step + 10])
+        lines.append(f"| {step}-{min(step + 10, args.num_gen_steps) - 1} | " +
+                     " | ".join(f"{statistics.fmean(window(results[(a, s)]) for s in seeds):.3f}" for a in arms) + " |")
+    lines += ["", "Arm flags: " + "; ".join(f"{a}: `{' '.join(ARMS[a][1]) or '(none)'}`" for a in arms) +
+              f"; process arms also `{args.process_args}`; learned arms also `{args.verifier_args}`; every arm `{shlex.join(args.shared)}`.", ""]
+    return "\n".join(lines)
 
 
-def main():
-    if "--worker" in sys.argv:
-        i = sys.argv.index("--")
-        p = argparse.ArgumentParser()
-        p.add_argument("--worker")
-        p.add_argument("--worker_out")
-        a = p.parse_args(sys.argv[1:i])
-        worker(a.worker, sys.argv[i + 1:], a.worker_out)
-        return
-    argv = sys.argv[1:]
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    command = "python -m dev.cotrain_experiment " + shlex.join(argv)
     shared = []
     if "--" in argv:
-        i = argv.index("--")
-        argv, shared = argv[:i], argv[i + 1:]
+        cut = argv.index("--")
+        argv, shared = argv[:cut], argv[cut + 1:]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker_out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--task", default="arithmetic")
-    p.add_argument("--gen_tag", required=True, help="SFT model tag of the generator (both arms start from it)")
-    p.add_argument("--ver_tag", required=True, help="model tag of the verifier's starting checkpoint")
+    p.add_argument("--gen_tag", default="d4", help="SFT model tag of the generator (every arm starts from it)")
+    p.add_argument("--ver_tag", default="d4", help="model tag of the learned verifier's starting checkpoint")
     p.add_argument("--ver_source", default="sft")
+    p.add_argument("--arms", default="baseline,oracle,cotrain", help=f"comma-separated, from {', '.join(ARMS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--num_gen_steps", type=int, default=24)
-    p.add_argument("--cotrain_args", default="", help="extra flags for chat_cotrain only")
+    p.add_argument("--num_gen_steps", type=int, default=100)
+    p.add_argument("--process_args", default="", help="flags for every arm with a process signal (e.g. the alpha schedule)")
+    p.add_argument("--verifier_args", "--cotrain_args", default="", help="flags for the learned-verifier arms only")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time (each gets 2/parallel threads)")
-    p.add_argument("--log_dir", default=None, help="per-run logs (default: a temp dir)")
+    p.add_argument("--log_dir", default="dev/logs/cotrain_experiment", help="per-run logs")
     p.add_argument("--out", default="dev/cotrain_experiment.md")
-    p.add_argument("--arms", default="baseline,cotrain",
-                   help="comma-separated, baseline first: baseline, cotrain (two models), shared (--shared_model)")
     args = p.parse_args(argv)
-    arms = args.arms.split(",")
-    if arms[0] != "baseline" or len(arms) < 2 or any(a not in ARM_NAMES for a in arms):
-        p.error(f"--arms must start with baseline and name at least one of cotrain, shared (got {args.arms!r})")
-    tmpdir = tempfile.mkdtemp(prefix="cotrain_experiment_")
-    args.log_dir = args.log_dir or tmpdir
+    if args.worker_out:
+        return worker(shared, args.worker_out)
+    args.shared = shared
+    args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if not args.arms or any(a not in ARMS for a in args.arms) or len(set(args.arms)) != len(args.arms):
+        p.error(f"--arms: choose distinct arms from {', '.join(ARMS)} (got {','.join(args.arms)!r})")
+    if args.parallel < 1:
+        p.error("--parallel must be >= 1")
     os.makedirs(args.log_dir, exist_ok=True)
-    jobs = [(kind, seed) for seed in args.seeds for kind in arms]
+    tmpdir = tempfile.mkdtemp(prefix="cotrain_experiment_")
+    jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]  # seeds outermost: a partial run still pairs arms
     t0 = time.time()
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        futures = {job: pool.submit(run, *job, args, shared, tmpdir) for job in jobs}
-        results = {job: f.result() for job, f in futures.items()}
-    minutes = (time.time() - t0) / 60
-
-    per_arm = {arm: [results[(arm, s)] for s in args.seeds] for arm in arms}
-    co_arms = arms[1:]
-    nan = [float("nan")] * len(args.seeds)
-    k_key = next(k for k in per_arm["baseline"][0]["final"] if k.startswith("pass@") and k != "pass@1")
-    rows = [(label, [[r["final"][key] for r in per_arm[arm]] for arm in arms])
-            for label, key in (("generator pass@1 (held-out, T=1)", "pass@1"), (f"generator {k_key}", k_key))]
-    extra = [("majority vote", "majority@"), ("verifier-reranked best-of-N", "verifier_best_of_"),
-             ("verifier accuracy (labelled, greedy)", "verifier_accuracy"),
-             ("verifier F1 on incorrect solutions", "verifier_f1_incorrect"),
-             ("verifier first-error-step accuracy", "verifier_first_error_accuracy"),
-             ("verifier share of 'Correct' verdicts (eval)", "verifier_share_said_correct")]
-    for label, prefix in extra:
-        key = next((k for k in per_arm[co_arms[0]][0]["final"] if k.startswith(prefix)), None)
-        if key:
-            rows.append((label, [nan] + [[r["final"].get(key, float("nan")) for r in per_arm[a]] for a in co_arms]))
-    for label, key in [("verifier 'Correct' share during training (collapse detector)", "verifier_share_said_correct_mean"),
-                       ("gold share of correct solutions in verifier batches", "verifier_gold_correct_rate_mean"),
-                       ("verifier balanced accuracy (last verifier step)", "verifier_balanced_accuracy_last"),
-                       ("step counts aligned (verifier gave exactly K verdicts)", "steps_aligned_mean"),
-                       ("verifier step verdicts agreeing with gold step labels", "verifier_step_agreement_mean")]:
-        rows.append((label, [nan] + [[r[key] for r in per_arm[a]] for a in co_arms]))
-    names = [ARM_NAMES[a] for a in arms]
-    lines = [f"# Co-training vs GRPO baseline ({args.task}, {len(args.seeds)} seeds, {args.num_gen_steps} generator updates each)",
-             "", f"Command: `python -m dev.cotrain_experiment {' '.join(sys.argv[1:])}`", "",
-             f"Wall time {minutes:.1f} min. Mean ± std over seeds {args.seeds}.", "",
-             "| metric | " + " | ".join(names) + " |", "|---" * (len(arms) + 1) + "|"]
-    lines += [f"| {label} | " + " | ".join(fmt(v) for v in values) + " |" for label, values in rows]
-    lines += ["", "Per seed (pass@1): " + ", ".join(
-        f"seed {s}: " + " vs ".join(f"{results[(a, s)]['final']['pass@1']:.3f}" for a in arms) for s in args.seeds)]
-    text = "\n".join(lines) + "\n"
+        futures = {job: pool.submit(run, *job, args, tmpdir) for job in jobs}
+        results = {job: {**f.result(), "seed": job[1]} for job, f in futures.items()}
+    text = report(results, args, command, (time.time() - t0) / 60)
     with open(args.out, "w") as f:
         f.write(text)
     print(text)

@@ -121,7 +121,7 @@ def compute_init(device_type="", seed=42):
     if device_type not in ("cuda", "mps", "cpu"):
         raise ValueError(f"unknown device type {device_type!r} (expected cuda, mps or cpu)")
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device_type=cuda was requested but torch.cuda.is_available() is False")
+        raise UserInputError("--device_type=cuda was requested but torch.cuda.is_available() is False (no CUDA device or a CPU build of torch)")
 
     torch.manual_seed(seed)
     if device_type == "cuda":

@@ -61,7 +61,8 @@ def get_args(argv=None):
     p.add_argument("--gen_source", default="sft", help="generator checkpoint stage (sft|rl|mid|base)")
     p.add_argument("--gen_tag", default=None, help="generator model tag (overrides --depth_g)")
     p.add_argument("--gen_step", type=int, default=None, help="generator checkpoint step (default: last)")
-    p.add_argument("--ver_source", default="sft", help="verifier checkpoint stage (sft|mid|base)")
+    p.add_argument("--ver_source", default="sft",
+                   help="verifier checkpoint stage (sft|mid|base, or cotrain: the verifier of a co-training run, e.g. a warm start)")
     p.add_argument("--ver_tag", default=None, help="verifier model tag (overrides --depth_v)")
     p.add_argument("--ver_step", type=int, default=None, help="verifier checkpoint step (default: last)")
     p.add_argument("--shared_model", action="store_true", help="one GPT plays both roles (one optimizer)")
@@ -104,6 +105,9 @@ def get_args(argv=None):
     p.add_argument("--forced_headers", action="store_true",
                    help="the engine writes 'Step k:' at the start of each verification line and 'Overall:' after the last, "
                         "so every reading has exactly one line per step")
+    p.add_argument("--verifier_format", default="verdicts", choices=list(verify.FORMATS),
+                   help="verdicts: the verifier writes 'Step k: <check> → Correct|Incorrect'; expectations: it writes the "
+                        "calculation each step should do (with the calculator) and a rule compares it with the step")
     p.add_argument("--process_score", default="text", choices=["text", "prob"],
                    help="step verdicts as the words the verifier wrote (+-1/K) or as its p(Correct) ((2p-1)/K)")
     p.add_argument("--format_weight", type=float, default=0.5, help="weight of the verifier's format score")
@@ -128,13 +132,16 @@ def get_args(argv=None):
     p.add_argument("--eval_every", type=int, default=30, help="evaluate every N generator steps (0: only at the end)")
     p.add_argument("--eval_examples", type=int, default=200)
     p.add_argument("--eval_samples", type=int, default=4, help="k of pass@k and N of best-of-N")
-    p.add_argument("--ver_eval_examples", type=int, default=100, help="labelled solutions for verifier metrics")
+    p.add_argument("--ver_eval_examples", type=int, default=100,
+                   help="held-out solutions (the generator's own, and the task's synthetic ones) for verifier metrics")
+    p.add_argument("--ver_eval_votes", type=int, default=4,
+                   help="expectations format: sampled verifications per solution behind the AUC score")
     p.add_argument("--save_every", type=int, default=50, help="checkpoint every N global steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue exactly from the last co-training checkpoint")
     p.add_argument("--stop_after", type=int, default=-1,
                    help="checkpoint and exit after this many global steps (for time-limited jobs; resume later)")
     args = p.parse_args(argv)
-    for name in ("examples_per_step", "num_samples", "max_new_tokens", "ver_examples_per_step", "ver_solutions",
+    for name in ("examples_per_step", "num_samples", "max_new_tokens", "ver_examples_per_step", "ver_solutions", "ver_eval_votes",
                  "ver_samples", "ver_max_tokens", "device_batch_size", "num_gen_steps", "gen_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
@@ -150,6 +157,8 @@ def get_args(argv=None):
         p.error("--alpha must be in [0, 1]")
     if args.reward == "majority" and (args.reward_fn or args.dynamic_sampling):
         p.error("--reward majority replaces the reward: it excludes --reward_fn and --dynamic_sampling")
+    if args.verifier_format == "expectations" and args.process_score == "prob":
+        p.error("--process_score prob reads verdict words; the expectations format has none (its verdicts come from a rule)")
     check_grpo_flags(p, args)
     return args
 
@@ -183,8 +192,8 @@ def load_roles(args, device):
                                          step=args.gen_step)
     verifier = generator if args.shared_model else None
     if not (args.shared_model or args.no_verifier or args.oracle_verifier):
-        verifier, ver_tokenizer, _ = load_model(args.ver_source, device, phase="train",
-                                                model_tag=args.ver_tag or f"d{args.depth_v}", step=args.ver_step)
+        verifier, ver_tokenizer, _ = load_model(args.ver_source, device, phase="train", model_tag=args.ver_tag or f"d{args.depth_v}",
+                                                step=args.ver_step, model_key="verifier" if args.ver_source == "cotrain" else None)
         if ver_tokenizer.get_vocab_size() != tokenizer.get_vocab_size():
             raise ValueError("the generator and the verifier must share the tokenizer")
     for model in {id(m): m for m in (generator, verifier) if m is not None}.values():
@@ -203,8 +212,8 @@ def judge(args, roles, task, solutions, num_verifications, temperature, seed):
     """The verifier reads every solution `num_verifications` times in one batched pass. Returns its rollouts
     (solution-major, for training it) and one tasks.verify.Judgement per rollout."""
     tokenizer = roles.tokenizer
-    prompts = [tokenizer.render_for_completion(verify.build_verifier_conversation(task.question(s.info["conversation"]), s.text))
-               for s in solutions]
+    prompts = [tokenizer.render_for_completion(verify.build_verifier_conversation(task.question(s.info["conversation"]), s.text,
+                                                                                 fmt=args.verifier_format)) for s in solutions]
     texts = [token_pieces(tokenizer, s.body_ids) for s in solutions]
     headers = [verify.step_headers(tokenizer, len(verify.step_end_tokens(t))) for t in texts] if args.forced_headers else None
     roles.sampling(roles.verifier)
@@ -213,7 +222,8 @@ def judge(args, roles, task, solutions, num_verifications, temperature, seed):
     probs = [None] * len(readings)
     if args.process_score == "prob":
         probs = verify.verdict_probabilities(roles.verifier, tokenizer, readings, roles.device, args.device_batch_size)
-    judgements = [verify.judge(texts[i // num_verifications], r.text, p) for i, (r, p) in enumerate(zip(readings, probs))]
+    judgements = [verify.judge(texts[i // num_verifications], r.text, p, args.verifier_format)
+                  for i, (r, p) in enumerate(zip(readings, probs))]
     return readings, judgements
 
 
@@ -354,7 +364,8 @@ def own_solutions_labelled(args, roles, task, rank, world_size):
             first_error = len(labels) - 1
         if correct and first_error >= 0:
             continue  # a right answer reached through a wrong step: no clean label for it
-        pools[correct].append({"question": task.question(s.info["conversation"]), "solution": s.text, "overall_correct": correct,
+        pools[correct].append({"index": s.example_index, "question": task.question(s.info["conversation"]), "solution": s.text,
+                               "overall_correct": correct,
                                "step_labels": [1 if first_error < 0 or k < first_error else 0 for k in range(len(labels))],
                                "first_error": first_error})
     n = min(len(pools[True]), len(pools[False]))
@@ -377,8 +388,11 @@ def verifier_sft(args, roles, task, rank, world_size):
             if own and rng.random() < args.ver_sft_own_frac:
                 item = own[rng.randrange(len(own))]
             else:
-                item = task.labelled_solution(rng.randrange(len(task)), rng)
-            example = verify.labelled_example(item["question"], item["solution"], item["overall_correct"], item["step_labels"])
+                index = rng.randrange(len(task))
+                item = {**task.labelled_solution(index, rng), "index": index}
+            reference = task.reference_calculations(item["index"]) if args.verifier_format == "expectations" else None
+            example = verify.labelled_example(item["question"], item["solution"], item["overall_correct"], item["step_labels"],
+                                              fmt=args.verifier_format, reference=reference)
             rows.append(roles.tokenizer.render_conversation(example, max_tokens=None))
         inputs, targets = sft_collate(rows, roles.tokenizer.get_bos_token_id(), roles.device)
         with autocast_context(roles.device.type):
@@ -395,7 +409,8 @@ def verifier_sft(args, roles, task, rank, world_size):
 
 def evaluate(args, roles, task, rank, world_size):
     """Held-out pass@1 / pass@k / majority@k of the generator; with a verifier also its best-of-k and its
-    ProcessBench-style metrics on labelled solutions (greedy)."""
+    ProcessBench-style metrics (greedy) on held-out solutions of the generator itself (`verifier_*`, the
+    ones that matter) and on the task's synthetic labelled solutions (`verifier_synthetic_*`)."""
     roles.sampling(roles.generator)
     indices = list(range(rank, min(args.eval_examples, len(task)), world_size))
     k = args.eval_samples
@@ -406,46 +421,95 @@ def evaluate(args, roles, task, rank, world_size):
     for group in groups:
         votes = majority_vote(task, group)
         counts["majority"] += next((r for r, vote in zip(group, votes) if vote), group[0]).info["correct"]
+    pairs = {}
     if roles.verifier is not None:
-        _, judgements = judge(args, roles, task, rollouts, 1, 0.0, seed=args.seed)
+        readings, judgements = judge(args, roles, task, rollouts, 1, 0.0, seed=args.seed)
         counts["reranked"] = sum(group[verify.best_of_n([j.verification for j in judgements[p * k:(p + 1) * k]])].info["correct"]
                                  for p, group in enumerate(groups))
-        labelled_counts, overall_probs = labelled_verifier_counts(args, roles, task, rank, world_size)
-        counts.update(labelled_counts)
+        # one sample per problem, up to --ver_eval_examples of them: the generator's own held-out solutions
+        own = list(range(0, len(rollouts), k))[:max(args.ver_eval_examples // world_size, 1)]
+        own_counts, pairs["own"] = own_solution_counts(args, roles, task, [rollouts[i] for i in own],
+                                                       [readings[i] for i in own], [judgements[i] for i in own])
+        synthetic_counts, pairs["synthetic"] = labelled_verifier_counts(args, roles, task, rank, world_size)
+        counts.update({f"own_{key}": v for key, v in own_counts.items()})
+        counts.update({f"synthetic_{key}": v for key, v in synthetic_counts.items()})
     s = all_reduce_dict(counts, roles.device)
     n = max(s["n"], 1)
     metrics = {"pass@1": s["pass1"] / n, f"pass@{k}": s["passk"] / n, f"majority@{k}": s["majority"] / n}
     if "reranked" in s:
-        labelled = verify.verdict_metrics({key[4:]: v for key, v in s.items() if key.startswith("ver_")})
-        m = max(s["ver_n"], 1)
-        metrics.update({f"verifier_best_of_{k}": s["reranked"] / n, **{f"verifier_{key}": v for key, v in labelled.items()},
-                        "verifier_first_error_accuracy": s["ver_first_error"] / m, "verifier_gold_share_correct": s["ver_gold"] / m,
-                        "verifier_steps_aligned": s["ver_aligned"] / m})
-        # AUC of p(Overall = Correct) over the readings whose Overall verdict could be located (-1: one class only)
-        area = verify.auc([p for p, _ in overall_probs], [gold for _, gold in overall_probs])
-        metrics["verifier_auc"] = -1.0 if area is None else area
+        metrics[f"verifier_best_of_{k}"] = s["reranked"] / n
+        for source, prefix in (("own", "verifier_"), ("synthetic", "verifier_synthetic_")):
+            c = {key[len(source) + 1:]: v for key, v in s.items() if key.startswith(source + "_")}
+            m = max(c["n"], 1)
+            metrics.update({f"{prefix}{key}": v for key, v in verify.verdict_metrics(c).items()})
+            metrics.update({f"{prefix}first_error_accuracy": c["first_error"] / max(c["first_error_n"], 1),
+                            f"{prefix}gold_share_correct": c["gold"] / m, f"{prefix}steps_aligned": c["aligned"] / m})
+            area = verify.auc([p for p, _ in pairs[source]], [gold for _, gold in pairs[source]])
+            metrics[f"{prefix}auc"] = -1.0 if area is None else area  # -1: one class only
     return metrics
 
 
+def verdict_counts(verifications, golds):
+    """Confusion counts, alignment and first-error hits of verifications against [(step_labels, first_error,
+    overall_correct)] (first_error None: no clean first-error label, left out of that count)."""
+    counts = verify.count_verdicts([v.overall for v in verifications], [g[2] for g in golds])
+    counts.update(n=len(golds), gold=sum(g[2] for g in golds),
+                  aligned=sum(v.num_steps == len(g[0]) for v, g in zip(verifications, golds)),
+                  first_error=sum(g[1] is not None and v.overall is not None and verify.first_error_step(v) == g[1]
+                                  for v, g in zip(verifications, golds)),
+                  first_error_n=sum(g[1] is not None for g in golds))
+    return counts
+
+
+def auc_scores(args, roles, task, solutions, readings, seed):
+    """A graded score per solution for the AUC: p(Overall = Correct) read from the greedy verdicts format, or
+    in the expectations format (whose verdicts come from a rule) the share of --ver_eval_votes sampled
+    verifications that end Correct. None where no score could be read."""
+    if args.verifier_format == "verdicts":
+        probs = verify.verdict_probabilities(roles.verifier, roles.tokenizer, readings, roles.device, args.device_batch_size)
+        overall = [verify.parse_verification(r.text) for r in readings]
+        return [p[v.num_steps] if v.overall is not None and p else None for p, v in zip(probs, overall)]
+    votes = args.ver_eval_votes
+    _, judgements = judge(args, roles, task, solutions, votes, 1.0, seed)
+    return [sum(j.verification.overall is True for j in judgements[i * votes:(i + 1) * votes]) / votes for i in range(len(solutions))]
+
+
+def own_solution_counts(args, roles, task, rollouts, readings, judgements):
+    """Verdict counts of the greedy verifier on the generator's own held-out solutions, labelled exactly (gold
+    step labels from recomputation and the reference chain, the overall label from the answer check), and
+    (score, gold) pairs for the AUC, gathered from every rank."""
+    golds = []
+    for r in rollouts:
+        labels, first_error = verify.gold_step_labels(r.text, reference_values=task.reference_chain(r.example_index))
+        correct = bool(r.info["correct"])
+        if not correct and first_error < 0 and labels:
+            first_error = len(labels) - 1  # every step checks out but the answer is wrong: the last step is the error
+        clean = labels and (first_error < 0) == correct  # a right answer through a wrong step has no clean first error
+        golds.append((labels, first_error if clean else None, correct))
+    counts = verdict_counts([j.verification for j in judgements], golds)
+    scores = auc_scores(args, roles, task, rollouts, readings, seed=args.seed + 7)
+    return counts, all_gather_list([(p, g[2]) for p, g in zip(scores, golds) if p is not None])
+
+
 def labelled_verifier_counts(args, roles, task, rank, world_size):
-    """Verdict counts of the greedy verifier on held-out labelled solutions (the same ones every time), and
-    (p(Overall = Correct), gold) pairs for the AUC (gathered from every rank)."""
+    """Verdict counts of the greedy verifier on the task's synthetic labelled solutions (the same ones every
+    time), and (score, gold) pairs for the AUC (gathered from every rank)."""
     rng = random.Random(args.seed + 99)
     items = [task.labelled_solution(i, rng) for i in range(min(args.ver_eval_examples, len(task)))][rank::world_size]
-    prompts = [roles.tokenizer.render_for_completion(verify.build_verifier_conversation(it["question"], it["solution"])) for it in items]
+    fmt = args.verifier_format
+    prompts = [roles.tokenizer.render_for_completion(verify.build_verifier_conversation(it["question"], it["solution"], fmt=fmt))
+               for it in items]
     roles.sampling(roles.verifier)
     headers = [verify.step_headers(roles.tokenizer, len(it["step_labels"])) for it in items] if args.forced_headers else None
     readings = generate_rollouts(roles.ver_engine, roles.tokenizer, prompts, list(range(len(items))), 1, args.ver_max_tokens,
                                  0.0, None, args.seed, headers) if items else []
-    said = [verify.parse_verification(r.text) for r in readings]
-    counts = verify.count_verdicts([v.overall for v in said], [it["overall_correct"] for it in items])
-    counts.update(n=len(items), gold=sum(it["overall_correct"] for it in items),
-                  aligned=sum(v.num_steps == len(it["step_labels"]) for v, it in zip(said, items)),
-                  first_error=sum(v.overall is not None and verify.first_error_step(v) == it["first_error"]
-                                  for v, it in zip(said, items)))
-    probs = verify.verdict_probabilities(roles.verifier, roles.tokenizer, readings, roles.device, args.device_batch_size)
-    pairs = [(p[v.num_steps], it["overall_correct"]) for p, v, it in zip(probs, said, items) if v.overall is not None and p]
-    return {f"ver_{key}": value for key, value in counts.items()}, all_gather_list(pairs)
+    said = [verify.read_verification(fmt, it["solution"], r.text) for r, it in zip(readings, items)]
+    counts = verdict_counts(said, [(it["step_labels"], it["first_error"], it["overall_correct"]) for it in items])
+    if fmt == "verdicts":
+        scores = auc_scores(args, roles, task, None, readings, seed=args.seed + 11)
+    else:  # the rule's greedy verdict (sampling more readings of synthetic solutions would need them as rollouts)
+        scores = [float(v.overall) if v.overall is not None else None for v in said]
+    return counts, all_gather_list([(p, it["overall_correct"]) for p, it in zip(scores, items) if p is not None])
 
 
 # -----------------------------------------------------------------------------

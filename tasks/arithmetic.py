@@ -179,8 +179,12 @@ class ArithmeticTask(Task):
     # --- rendering ------------------------------------------------------------------------------
 
     @staticmethod
+    def _expression(step):
+        return f"{step['x'] if isinstance(step['x'], int) else _fmt(step['x'])}{SYMBOLS[step['op']]}{step['used_b']}"
+
+    @staticmethod
     def _line(step, items):
-        expr = f"{step['x'] if isinstance(step['x'], int) else _fmt(step['x'])}{SYMBOLS[step['op']]}{step['used_b']}"
+        expr = ArithmeticTask._expression(step)
         y = _fmt(step["y"])
         return f"{step['lead']} {expr}=<<{expr}={y}>>{y} {items}."
 
@@ -284,3 +288,7 @@ class ArithmeticTask(Task):
 
     def reference_chain(self, index):
         return [step["y"] for step in self.problem(index)["steps"]]
+
+    def reference_calculations(self, index):
+        problem = self.problem(index)
+        return [(self._expression(step), _fmt(step["y"])) for step in problem["steps"]]

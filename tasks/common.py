@@ -81,6 +81,12 @@ class Task:
         (it sharpens the verifier's gold step labels); None where it is not."""
         return None
 
+    def reference_calculations(self, index):
+        """The calculations of task[index]'s correct solution, in order, as (expression, value) strings in the
+        verifier's display notation: what a verifier in the expectation format (tasks.verify) should expect
+        each step to compute. None where the task has no reference solution with calculations."""
+        return None
+
     def __len__(self):
         stop = self.num_examples() if self.stop is None else min(self.stop, self.num_examples())
         return max(0, -(-(stop - self.start) // self.step))

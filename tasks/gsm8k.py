@@ -17,7 +17,7 @@ from nanochat.calculator import use_calculator
 from tasks.answers import extract_hash_answer, normalize_number, parse_number, same_number
 from tasks.common import DatasetTask, labels_from_first_error
 from tasks.records import default_data_dir, load_records, local_candidates
-from tasks.verify import perturb_solution, split_steps
+from tasks.verify import calculations, perturb_solution, split_steps
 
 _ANNOTATION = re.compile(r"<<(.*?)>>")
 
@@ -105,6 +105,9 @@ class GSM8K(DatasetTask):
 
     def extract_answer(self, conversation, assistant_response):
         return normalize_number(extract_hash_answer(assistant_response))
+
+    def reference_calculations(self, index):
+        return [calc for step in split_steps(self.record(self.underlying_index(index))["answer"]) for calc in calculations(step)]
 
     def labelled_solution(self, index, rng):
         """The reference solution (already in the verifier's <<expr=value>> notation) or a copy with one

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from nanochat.calculator import use_calculator
 from nanochat.scoring import choice_probabilities
+from tasks.answers import extract_hash_answer, same_number
 
 ARROW = "→"
 # Every pattern here sees model output, so each runs in linear time: runs of whitespace/stars are possessive
@@ -136,14 +137,21 @@ def gold_step_labels(solution, reference_values=None):
 # -----------------------------------------------------------------------------
 # The verification conversation
 
-def build_verifier_prompt(question, solution):
+FORMATS = ("verdicts", "expectations")  # what the verifier writes per step (see the module docstring)
+
+
+def build_verifier_prompt(question, solution, fmt="verdicts"):
     steps = split_steps(to_display(solution))
     numbered = "\n".join(f"Step {i + 1}: {s}" for i, s in enumerate(steps)) or "(no steps)"
     answer = FINAL_ANSWER.search(to_display(solution))
     final = answer.group(0).strip() if answer else "(no final answer)"
+    if fmt == "expectations":
+        ask = ("For each step write 'Step i:' and the calculation that step should do, from the question and your own "
+               "results so far, then 'Overall:' with any calculations left and 'answer N'.")
+    else:
+        ask = f"For each step write 'Step i: <check> {ARROW} Correct' or '{ARROW} Incorrect', then 'Overall: Correct' or 'Overall: Incorrect'."
     return (f"Verify the solution step by step.\n\nQuestion: {question}\n\nSolution ({len(steps)} steps):\n"
-            f"{numbered}\nFinal answer: {final}\n\n"
-            f"For each step write 'Step i: <check> {ARROW} Correct' or '{ARROW} Incorrect', then 'Overall: Correct' or 'Overall: Incorrect'.")
+            f"{numbered}\nFinal answer: {final}\n\n{ask}")
 
 
 def step_headers(tokenizer, num_steps):
@@ -152,12 +160,24 @@ def step_headers(tokenizer, num_steps):
     return [tokenizer.encode(f"Step {k}:") for k in range(1, num_steps + 1)] + [tokenizer.encode("Overall:")]
 
 
-def build_verifier_conversation(question, solution, target=None):
-    """The verifier's conversation; with `target` (the expected verification text) it is an SFT example."""
-    messages = [{"role": "user", "content": build_verifier_prompt(question, solution)}]
+def build_verifier_conversation(question, solution, target=None, fmt="verdicts"):
+    """The verifier's conversation; with `target` (the expected verification text) it is an SFT example.
+    A target's <<expr=value>> calculations become calculator calls, which the engine runs at sampling time."""
+    messages = [{"role": "user", "content": build_verifier_prompt(question, solution, fmt)}]
     if target is not None:
-        messages.append({"role": "assistant", "content": target})
+        messages.append({"role": "assistant", "content": _with_tool_calls(target) if CALC.search(target) else target})
     return {"messages": messages}
+
+
+def _with_tool_calls(text):
+    """'12/3=<<12/3=4>>4' -> assistant content parts with a python call and its output (the GSM8K convention)."""
+    parts, pos = [], 0
+    for m in CALC.finditer(text):
+        parts.append({"type": "text", "text": text[pos:m.start()]})
+        parts += [{"type": "python", "text": m.group(1)}, {"type": "python_output", "text": m.group(2)}]
+        pos = m.end()
+    parts.append({"type": "text", "text": text[pos:]})
+    return [p for p in parts if p["text"] or p["type"] != "text"]
 
 
 def _step_check(step):
@@ -265,10 +285,108 @@ def perturb_solution(solution, rng):
     return display[:start] + new_text + display[end:], step_index
 
 
-def labelled_example(question, solution, overall_correct, step_labels):
-    """One verifier SFT conversation from gold labels."""
-    target = gold_verification_text(solution, step_labels, overall_correct)
-    return build_verifier_conversation(question, solution, target=target)
+def labelled_example(question, solution, overall_correct, step_labels, fmt="verdicts", reference=None):
+    """One verifier SFT conversation from gold labels (the verdicts format) or from the task's reference
+    calculations (the expectations format: the target does not depend on the labels, the rule does)."""
+    if fmt == "expectations":
+        if not reference:
+            raise ValueError("the expectations format needs the task's reference calculations (Task.reference_calculations)")
+        target = expectation_text(solution, reference)
+    else:
+        target = gold_verification_text(solution, step_labels, overall_correct)
+    return build_verifier_conversation(question, solution, target=target, fmt=fmt)
+
+
+# -----------------------------------------------------------------------------
+# The expectations format: the verifier writes what each step should compute, a rule gives the verdicts
+#
+#     Step 1: 7+5=<<7+5=12>>12            (written by the verifier; the value comes from its calculator)
+#     Step 2: 12/3=<<12/3=4>>4
+#     Overall: answer 4
+#
+# The verifier re-derives each step from the question and its own results so far, so the evidence for a
+# verdict is text it has just written; the comparison with what the step wrote is left to a rule, as
+# arithmetic is left to the calculator (a small model that writes "should be 28, wrote 84" still tends to
+# say Correct). A step is Correct when its calculations are right, its result is the value the verifier
+# expected, and every step before it is Correct. A line without a calculation is a restatement and cannot
+# be wrong (as in gold_step_labels); the verifier marks it "no calculation" and does not advance.
+
+NO_CALCULATION = "no calculation"
+NOTHING_LEFT = "nothing left"
+EXPECT_STEP = re.compile(r"^\s*+\**+\s*+step\s*+(\d{1,9}+)\s*+\**+\s*+[:.)-]([^\n]*+)$", re.I)
+EXPECT_OVERALL = re.compile(r"^\s*+\**+\s*+overall\s*+\**+\s*+:([^\n]*+)$", re.I)
+ANSWER_WORD = re.compile(r"\banswer\s*+:?\s*+(-?\$?\d[\d,]*+(?:\.\d++)?)", re.I)
+
+
+def expectation_text(solution, reference):
+    """What a perfect verifier writes in the expectations format about `solution`, given the reference
+    solution's calculations [(expression, value)] in order."""
+    lines, position = [], 0
+    for k, step in enumerate(split_steps(to_display(solution)), 1):
+        if not calculations(step):
+            lines.append(f"Step {k}: {NO_CALCULATION}")
+        elif position < len(reference):
+            expr, value = reference[position]
+            lines.append(f"Step {k}: {expr}=<<{expr}={value}>>{value}")
+            position += 1
+        else:
+            lines.append(f"Step {k}: {NOTHING_LEFT}")
+    rest = [f"{expr}=<<{expr}={value}>>{value}" for expr, value in reference[position:]]
+    lines.append("Overall: " + ", ".join(rest + [f"answer {reference[-1][1] if reference else 'none'}"]))
+    return "\n".join(lines)
+
+
+def step_meets_expectation(step, expectation):
+    """The rule: does a solution step (display notation) do what the verifier's expectation line says?"""
+    calcs = calculations(step)
+    if not calcs:
+        return True
+    if not all(calc_is_right(expr, stated) for expr, stated in calcs):
+        return False
+    expected = calculations(expectation)
+    want, got = (_to_number(expected[-1][1]) if expected else None), _to_number(calcs[-1][1])
+    return want is not None and got is not None and abs(want - got) <= 1e-6 * max(1.0, abs(want))
+
+
+def rule_verification(solution, verifier_text):
+    """Any verifier text in the expectations format -> Verification, its verdicts decided by the rule
+    (step_meets_expectation, first error onwards Incorrect). Overall is Correct when there is one expectation
+    per step, numbered in order, every step is Correct and the solution's final answer is the verifier's
+    answer. Never raises."""
+    result = Verification()
+    if not isinstance(verifier_text, str) or not isinstance(solution, str):
+        return result
+    expectations, overall, stray = [], None, False
+    for line in to_display(verifier_text[:MAX_PARSE_CHARS]).splitlines():
+        if not line.strip():
+            continue
+        step = EXPECT_STEP.match(line) if overall is None else None
+        if step:
+            result.step_numbers.append(int(step.group(1)))
+            expectations.append(step.group(2))
+            continue
+        found = EXPECT_OVERALL.match(line) if overall is None else None
+        if found:
+            overall = found.group(1)
+            continue
+        stray = True
+    steps = split_steps(to_display(solution))
+    ok = True
+    for k, expectation in enumerate(expectations):
+        ok = ok and k < len(steps) and step_meets_expectation(steps[k], expectation)
+        result.step_verdicts.append(ok)
+    in_order = result.step_numbers == list(range(1, len(result.step_numbers) + 1))
+    if overall is not None:
+        answer = ANSWER_WORD.search(overall)
+        result.overall = (in_order and len(expectations) == len(steps) and all(result.step_verdicts) and answer is not None
+                          and same_number(extract_hash_answer(to_display(solution)), answer.group(1).replace("$", "")))
+    result.format_ok = bool(expectations) and in_order and overall is not None and not stray
+    return result
+
+
+def read_verification(fmt, solution, verifier_text):
+    """What the verifier said about `solution`, in either format."""
+    return rule_verification(solution, verifier_text) if fmt == "expectations" else parse_verification(verifier_text)
 
 
 # -----------------------------------------------------------------------------
@@ -301,12 +419,12 @@ class Judgement:
         return sum(self.verification.step_verdicts) / self.num_steps
 
 
-def judge(solution_token_texts, verifier_text, probs=None):
+def judge(solution_token_texts, verifier_text, probs=None, fmt="verdicts"):
     """The Judgement of a solution, given the decoded text of each of its completion tokens (without the
-    terminal token) and what the verifier wrote about it. With `probs` (the verdict_queries probabilities,
-    steps first, then the overall verdict's if it has one) the process rewards are (2p - 1)/K per step:
-    the verifier's confidence rather than the word it sampled."""
-    verification = parse_verification(verifier_text)
+    terminal token) and what the verifier wrote about it (in format `fmt`). With `probs` (the verdict_queries
+    probabilities, steps first, then the overall verdict's if it has one) the process rewards are (2p - 1)/K
+    per step: the verifier's confidence rather than the word it sampled."""
+    verification = read_verification(fmt, "".join(solution_token_texts), verifier_text)
     step_ends = step_end_tokens(solution_token_texts)
     step_rewards = process_step_rewards(verification, len(step_ends))
     step_probs = overall_prob = None

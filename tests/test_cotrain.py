@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import zlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -372,3 +373,52 @@ def test_verifier_warm_start_on_the_generators_own_solutions(sft_base, monkeypat
     before = checksum(roles.verifier)
     losses = cotrain.verifier_sft(args, roles, task, 0, 1)
     assert len(losses) == 2 and checksum(roles.verifier) != before
+
+
+def test_expectations_format_end_to_end(sft_base):
+    """--verifier_format expectations: the warm start trains on expectation targets (with calculator calls), the
+    forced headers give one expectation line per step, the rule gives the verdicts, and the held-out metrics
+    on the generator's own solutions are reported."""
+    import scripts.chat_cotrain as cotrain
+    with pytest.raises(SystemExit):
+        cotrain.get_args(["--verifier_format", "expectations", "--process_score", "prob"])
+    history = cotrain.main(TINY + ["--num_gen_steps", "1", "--gen_steps", "1", "--ver_steps", "1", "--verifier_warmup_steps", "1",
+                                   "--verifier_format", "expectations", "--forced_headers", "--verifier_sft_steps", "2",
+                                   "--ver_sft_own_frac", "0.5", "--ver_sft_own_pool", "2", "--ver_max_tokens", "40",
+                                   "--ver_eval_votes", "2", "--output_tag", "expectations"])
+    final = history["eval"][-1]
+    for key in ("verifier_balanced_accuracy", "verifier_auc", "verifier_first_error_accuracy", "verifier_steps_aligned",
+                "verifier_synthetic_balanced_accuracy", "verifier_share_said_correct", "verifier_gold_share_correct"):
+        assert key in final, key
+    assert 0 <= final["verifier_share_said_correct"] <= 1 and history["ver"][0]["ver/format_rate"] >= 0
+    # the warm-started verifier is reusable: --ver_source cotrain loads the verifier role of that checkpoint
+    ckpt = os.path.join(os.environ["NANOCHAT_BASE_DIR"], "cotrain_checkpoints", "expectations")
+    model_data, _, _ = load_checkpoint(ckpt, find_last_step(ckpt), torch.device("cpu"))
+    roles = cotrain.load_roles(cotrain.get_args(TINY + ["--ver_source", "cotrain", "--ver_tag", "expectations"]), torch.device("cpu"))
+    saved = model_data["verifier"]
+    assert all(torch.equal(p.detach(), saved[name].to(p.dtype)) for name, p in roles.verifier.named_parameters())
+    assert roles.verifier.config.n_layer == 1 and roles.generator.config.n_layer == 2
+
+
+def test_expectations_judge_reads_rule_verdicts(sft_base, monkeypatch):
+    """judge() in the expectations format: what the verifier wrote is compared with each step by the rule."""
+    import scripts.chat_cotrain as cotrain
+    from nanochat import grpo
+    args = cotrain.get_args(TINY + ["--verifier_format", "expectations"])
+    roles = cotrain.load_roles(args, torch.device("cpu"))
+    task = build_rl_task("arithmetic", "train")
+    reference = task.reference_calculations(0)
+    text = "x " + reference[0][0] + "=<<" + reference[0][0] + "=" + reference[0][1] + ">>" + reference[0][1]
+    solutions = [SimpleNamespace(text=text, body_ids=roles.tokenizer.encode(text), example_index=0, info={"conversation": task[0]})]
+    written = verify.expectation_text(text, reference)
+    real = grpo.generate_rollouts
+
+    def fake(engine, tokenizer, prompts, indices, n, *a, **k):
+        rollouts = real(engine, tokenizer, prompts, indices, n, *a, **k)
+        for r in rollouts:
+            r.text = written
+        return rollouts
+    monkeypatch.setattr(cotrain, "generate_rollouts", fake)
+    _, judgements = cotrain.judge(args, roles, task, solutions, 2, 1.0, seed=0)
+    assert [j.verification.step_verdicts for j in judgements] == [[True], [True]]
+    assert all(j.step_rewards == [1.0] for j in judgements)

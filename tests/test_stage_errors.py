@@ -28,6 +28,8 @@ CASES = [
     ("chat_cli", ["--temperature", "-1"], "--temperature must be >= 0"),
     ("chat_cli", ["--source", "rl", "-p", "hi", "--device_type", "cpu"], "chatrl_checkpoints"),
 ]
+if not __import__("torch").cuda.is_available():  # asking for a GPU that is not there is bad input too
+    CASES.append(("chat_eval", ["-i", "sft", "-a", "arithmetic", "--device_type", "cuda"], "--device_type=cuda was requested"))
 
 
 @pytest.mark.parametrize("script,flags,message", CASES, ids=[f"{c[0]}:{c[2][:24]}" for c in CASES])

@@ -185,3 +185,74 @@ def test_oracle_judge_reads_gold_labels():
     j = verify.oracle_judge(tokens, labels)
     assert j.aligned and j.step_rewards == [0.5, -0.5] and j.verification.overall is False and j.step_ends == [1, 4]
     assert verify.oracle_judge(tokens, [1]).step_rewards is None  # labels that do not line up give no signal
+
+
+# -----------------------------------------------------------------------------
+# The expectations format: the verifier writes what each step should compute, a rule decides
+
+def test_expectation_text_follows_the_reference_and_skips_restatements():
+    solution = ("After buying 5 more, she has 7+5=<<7+5=12>>12 marbles.\nSo she has 12 marbles.\n"
+                "Keeping one of 3 equal piles, she has 12/3=<<12/3=4>>4 marbles.\n#### 4")
+    text = verify.expectation_text(solution, [("7+5", "12"), ("12/3", "4"), ("4-1", "3")])
+    assert text.splitlines() == ["Step 1: 7+5=<<7+5=12>>12", f"Step 2: {verify.NO_CALCULATION}", "Step 3: 12/3=<<12/3=4>>4",
+                                 "Overall: 4-1=<<4-1=3>>3, answer 3"]
+    surplus = verify.expectation_text("a 1+1=<<1+1=2>>2\nb 2+1=<<2+1=3>>3\n#### 3", [("1+1", "2")])
+    assert surplus.splitlines() == ["Step 1: 1+1=<<1+1=2>>2", f"Step 2: {verify.NOTHING_LEFT}", "Overall: answer 2"]
+
+
+def test_rule_verdicts_against_hand_labelled_solutions():
+    reference = [("7+5", "12"), ("12*3", "36")]
+    right = "she has 7+5=<<7+5=12>>12.\nshe has 12*3=<<12*3=36>>36.\n#### 36"
+    wrong_operand = "she has 7+6=<<7+6=13>>13.\nshe has 13*3=<<13*3=39>>39.\n#### 39"
+    slip = "she has 7+5=<<7+5=12>>12.\nshe has 12*3=<<12*3=37>>37.\n#### 37"
+    stops_early = "she has 7+5=<<7+5=12>>12.\n#### 12"
+    for solution, steps, overall in ((right, [True, True], True), (wrong_operand, [False, False], False),
+                                     (slip, [True, False], False), (stops_early, [True], False)):
+        said = verify.rule_verification(solution, verify.expectation_text(solution, reference))
+        assert (said.step_verdicts, said.overall, said.format_ok) == (steps, overall, True), solution
+    # a verifier that copies the solution's own (wrong) step says Correct: the rule judges its expectation, not the truth
+    copied = "Step 1: 7+6=<<7+6=13>>13\nStep 2: 13*3=<<13*3=39>>39\nOverall: answer 39"
+    assert verify.rule_verification(wrong_operand, copied).overall is True
+    # a wrong final answer line fails Overall even when every step meets its expectation
+    assert verify.rule_verification(right.replace("#### 36", "#### 35"), verify.expectation_text(right, reference)).overall is False
+
+
+def test_rule_verification_reads_calculator_calls_and_never_raises():
+    solution = "she has 7+5=<<7+5=12>>12.\n#### 12"
+    tool = "Step 1: 7+5=<|python_start|>7+5<|python_end|><|output_start|>12<|output_end|>12\nOverall: answer 12"
+    said = verify.rule_verification(solution, tool)
+    assert said.step_verdicts == [True] and said.overall is True
+    for garbage in (None, "", "Overall: Correct", "Step 1: no idea\nOverall: answer 12", "Step 2: 7+5=<<7+5=12>>12\nOverall: answer 12",
+                    "x" * 100_000, "Step 1:" * 5000):
+        said = verify.rule_verification(solution, garbage)
+        assert said.overall is not True or garbage is None
+    misnumbered = verify.rule_verification(solution, "Step 2: 7+5=<<7+5=12>>12\nOverall: answer 12")
+    assert not misnumbered.format_ok
+    assert verify.rule_verification(solution, "Step 1: no idea\nOverall: answer 12").step_verdicts == [False]
+
+
+def test_expectations_conversation_turns_calculations_into_tool_calls():
+    conversation = verify.labelled_example("Q?", "x 7+5=<<7+5=12>>12\n#### 12", True, [1], fmt="expectations",
+                                           reference=[("7+5", "12")])
+    assert "calculation that step should do" in conversation["messages"][0]["content"]
+    parts = conversation["messages"][1]["content"]
+    assert [p["type"] for p in parts] == ["text", "python", "python_output", "text"]
+    assert parts[1]["text"] == "7+5" and parts[2]["text"] == "12" and parts[3]["text"].endswith("Overall: answer 12")
+    try:
+        verify.labelled_example("Q?", "x\n#### 1", True, [1], fmt="expectations", reference=None)
+    except ValueError as e:
+        assert "reference calculations" in str(e)
+    else:
+        raise AssertionError("the expectations format without a reference must fail loudly")
+
+
+def test_expectation_targets_reproduce_gold_labels_on_task_solutions():
+    """The rule applied to the perfect expectation text gives the exact gold labels of the task's labelled
+    solutions (corrupted and not): the format can express every verdict a perfect verifier would give."""
+    task = ArithmeticTask("train", size=300)
+    rng = random.Random(0)
+    for i in range(300):
+        item = task.labelled_solution(i, rng)
+        said = verify.rule_verification(item["solution"], verify.expectation_text(item["solution"], task.reference_calculations(i)))
+        assert said.overall == item["overall_correct"], item
+        assert [int(v) for v in said.step_verdicts] == item["step_labels"], item
