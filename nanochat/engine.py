@@ -659,14 +659,16 @@ class Engine:
 
     # ---- public API
 
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42, top_p=None):
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42, top_p=None,
+                 line_headers=None):
         """Stream num_samples continuations of one prompt: yields (token_column, mask_column), one entry
         per sample, until every sample has emitted <|assistant_end|> or <|bos|> or max_tokens columns
         were produced (None: up to the model's sequence_len). A finished sample's later entries repeat
-        its stop token with mask 0. Deterministic for a given seed."""
+        its stop token with mask 0. Deterministic for a given seed. line_headers: as in generate_prompts."""
         if top_p is not None and not (isinstance(top_p, (int, float)) and 0 <= top_p <= 1):
             raise ValueError(f"top_p must be a number in [0, 1] or None, got {top_p!r}")
-        yield from self._stream([tokens], num_samples, max_tokens, temperature, top_k, seed, top_p)
+        yield from self._stream([tokens], num_samples, max_tokens, temperature, top_k, seed, top_p,
+                                None if line_headers is None else [line_headers])
 
     def _collect(self, stream, num_rows):
         """Per-row completions and masks from a stream, each cut at (and without) its stop token."""

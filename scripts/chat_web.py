@@ -420,11 +420,12 @@ def cut_at_stop(text, sequences):
 class Worker:
     """A model replica (and the verifier's, with --verifier) on one device."""
 
-    def __init__(self, worker_id, engine, device="cpu", verifier_engine=None):
+    def __init__(self, worker_id, engine, device="cpu", verifier_engine=None, verifier_format="verdicts"):
         self.id = worker_id
         self.engine = engine
         self.device = str(device)
         self.verifier_engine = verifier_engine
+        self.verifier_format = verifier_format  # what the verifier was trained to write (tasks.verify.FORMATS)
         self.context_len = engine.model.config.sequence_len
         self.busy = False
         self.requests_served = 0
@@ -612,7 +613,13 @@ def _sample_candidates(engine, tokenizer, prompt, job, stop):
 def _judge(worker, verify_api, tokenizer, question, answer, max_tokens, stop):
     """Have the verifier judge one answer. Returns a JSON-able verdict dict, or None if stopped."""
     engine = worker.verifier_engine
-    conversation = verify_api.build_verifier_conversation(question, answer)
+    expectations = getattr(worker, "verifier_format", "verdicts") == "expectations"
+    headers = None
+    if expectations:  # one forced "Step k:" line per step, as in co-training; a rule turns them into verdicts
+        conversation = verify_api.build_verifier_conversation(question, answer, fmt="expectations")
+        headers = verify_api.step_headers(tokenizer, len(verify_api.split_steps(verify_api.to_display(answer))))
+    else:
+        conversation = verify_api.build_verifier_conversation(question, answer)
     prompt = tokenizer.render_for_completion(conversation)
     room = engine.model.config.sequence_len - len(prompt)
     if room < 1:
@@ -620,7 +627,7 @@ def _judge(worker, verify_api, tokenizer, question, answer, max_tokens, stop):
                 "note": f"too long to verify ({len(prompt)} tokens, the verifier's context is {engine.model.config.sequence_len})"}
     ids = []
     end_tokens = engine.stop_tokens | ReplyDecoder(tokenizer).end_tokens  # a new turn ends the verification too
-    stream = engine.generate(prompt, num_samples=1, max_tokens=min(max_tokens, room), temperature=0.0, seed=0)
+    stream = engine.generate(prompt, num_samples=1, max_tokens=min(max_tokens, room), temperature=0.0, seed=0, line_headers=headers)
     try:
         for column, _ in stream:
             if stop.is_set():
@@ -631,7 +638,7 @@ def _judge(worker, verify_api, tokenizer, question, answer, max_tokens, stop):
     finally:
         stream.close()
     text = tokenizer.decode(ids)
-    verdict = verify_api.parse_verification(text)
+    verdict = verify_api.rule_verification(answer, text) if expectations else verify_api.parse_verification(text)
     return {"step_verdicts": [bool(v) for v in verdict.step_verdicts], "overall": verdict.overall,
             "format_ok": bool(verdict.format_ok), "verifier_text": reply_text(tokenizer, ids)}
 
@@ -1198,11 +1205,12 @@ def load_workers(args):
         verifier_engine = None
         if args.verifier:
             # a co-training checkpoint holds both models; any other source holds just the verifier
-            verifier, _, _ = load_model(args.verifier_source, device, phase="eval", model_tag=args.verifier,
-                                        step=args.verifier_step,
-                                        model_key="verifier" if args.verifier_source == "cotrain" else None)
+            verifier, _, verifier_meta = load_model(args.verifier_source, device, phase="eval", model_tag=args.verifier,
+                                                    step=args.verifier_step,
+                                                    model_key="verifier" if args.verifier_source == "cotrain" else None)
             verifier_engine = Engine(verifier, tokenizer)
-        workers.append(Worker(i, Engine(model, tokenizer), device, verifier_engine))
+            verifier_format = (verifier_meta.get("user_config") or {}).get("verifier_format", "verdicts")
+        workers.append(Worker(i, Engine(model, tokenizer), device, verifier_engine, verifier_format if args.verifier else "verdicts"))
         logger.info(f"worker {i} ready on {device}")
     model_name = f"nanochat-{args.source}" + (f"-{args.model_tag}" if args.model_tag else "") + f"-step{meta.get('step', '?')}"
     return workers, tokenizer, model_name, meta

@@ -474,6 +474,19 @@ def test_verify_with_the_real_verifier_task(tiny_tokenizer):
     assert body["choices"][0]["message"]["content"].startswith(verification["candidates"][verification["chosen"]]["preview"])
 
 
+def test_expectations_verifier_gets_forced_headers_and_rule_verdicts(tiny_tokenizer):
+    """A verifier co-trained in the expectations format (recorded in its checkpoint) is asked in that format,
+    its lines open with the forced 'Step 1:' header, and the rule (not a verdict word) decides."""
+    import threading
+    worker = make_workers(tiny_tokenizer, verifier=True)[0]
+    worker.verifier_format = "expectations"
+    answer = "x 1+1=<<1+1=2>>2\ny 2+1=<<2+1=3>>3\n#### 3"
+    verdict = chat_web._judge(worker, verify, tiny_tokenizer, "What is 1+1+1?", answer, 24, threading.Event())
+    assert verdict["verifier_text"].startswith("Step 1:")
+    expected = verify.rule_verification(answer, tiny_tokenizer.decode(tiny_tokenizer.encode(verdict["verifier_text"])))
+    assert verdict["step_verdicts"] == expected.step_verdicts and verdict["overall"] == expected.overall
+
+
 # -----------------------------------------------------------------------------
 # Start-up errors
 
