@@ -12,7 +12,8 @@ Arms: baseline (no verifier, alpha 0: plain GRPO), oracle (step verdicts from ex
 ceiling and the control), cotrain (a learned verifier, two models), shared (one GPT in both roles).
 Flags after `--` go to every arm; `--process_args` to every arm with a process signal; `--verifier_args`
 to the arms with a learned verifier. Each run is its own process (`--parallel 2`: two at a time, one
-thread each) with its log in --log_dir.
+thread each) with its log and result in --log_dir; `--reuse` takes finished results from there, so arms
+run at different times can be reported together.
 """
 
 import argparse
@@ -23,7 +24,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -69,7 +69,7 @@ def worker(argv, out_path):
         json.dump(summary, f)
 
 
-def run(arm, seed, args, tmpdir):
+def run(arm, seed, args):
     argv = ["--task", args.task, "--seed", str(seed), "--device_type", "cpu", "--gen_source", "sft", "--gen_tag", args.gen_tag,
             "--ver_source", args.ver_source, "--ver_tag", args.ver_tag, "--num_gen_steps", str(args.num_gen_steps),
             "--output_tag", f"exp_{arm}_s{seed}"] + args.shared + ARMS[arm][1]
@@ -77,8 +77,13 @@ def run(arm, seed, args, tmpdir):
         argv += shlex.split(args.process_args)
     if arm in LEARNED:
         argv += shlex.split(args.verifier_args)
-    out_path = os.path.join(tmpdir, f"{arm}_{seed}.json")
+    out_path = os.path.join(args.log_dir, f"{arm}_s{seed}.json")
     log_path = os.path.join(args.log_dir, f"{arm}_s{seed}.log")
+    if args.reuse and os.path.exists(out_path):  # a finished run of an earlier invocation (same flags: the log says)
+        with open(out_path) as f:
+            result = json.load(f)
+        print(f"reused: {arm} seed {seed}: pass@1 {result['final']['pass@1']:.4f} ({out_path})", flush=True)
+        return result
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS") or str(max(1, 2 // args.parallel)))
     cmd = [sys.executable, "-m", "dev.cotrain_experiment", "--worker_out", out_path, "--", *argv]
     with open(log_path, "w") as log:
@@ -175,6 +180,8 @@ def main(argv=None):
     p.add_argument("--parallel", type=int, default=1, help="runs at a time (each gets 2/parallel threads)")
     p.add_argument("--log_dir", default="dev/logs/cotrain_experiment", help="per-run logs")
     p.add_argument("--out", default="dev/cotrain_experiment.md")
+    p.add_argument("--reuse", action="store_true",
+                   help="take the result of a run already finished in --log_dir (<arm>_s<seed>.json) instead of running it")
     args = p.parse_args(argv)
     if args.worker_out:
         return worker(shared, args.worker_out)
@@ -185,11 +192,10 @@ def main(argv=None):
     if args.parallel < 1:
         p.error("--parallel must be >= 1")
     os.makedirs(args.log_dir, exist_ok=True)
-    tmpdir = tempfile.mkdtemp(prefix="cotrain_experiment_")
     jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]  # seeds outermost: a partial run still pairs arms
     t0 = time.time()
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        futures = {job: pool.submit(run, *job, args, tmpdir) for job in jobs}
+        futures = {job: pool.submit(run, *job, args) for job in jobs}
         results = {job: {**f.result(), "seed": job[1]} for job, f in futures.items()}
     text = report(results, args, command, (time.time() - t0) / 60)
     with open(args.out, "w") as f:

@@ -260,23 +260,30 @@ def test_cotrain_sh_toy_run_writes_the_comparison(sft_base, tmp_path):
 
 
 @pytest.mark.slow
-def test_experiment_script_compares_three_arms(sft_base, tmp_path):
-    """dev/cotrain_experiment.py end to end at the smallest size: baseline, two models and one shared model."""
+def test_experiment_script_compares_the_arms(sft_base, tmp_path):
+    """dev/cotrain_experiment.py end to end at the smallest size: baseline, oracle, two models and one shared
+    model, then the same report again from the saved results (--reuse) without running anything."""
     out = tmp_path / "table.md"
     env = dict(os.environ, PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "dev.cotrain_experiment", "--gen_tag", "d2", "--ver_tag", "d1", "--seeds", "1",
-           "--num_gen_steps", "1", "--arms", "baseline,cotrain,shared", "--out", str(out), "--log_dir", str(tmp_path / "logs"),
-           "--cotrain_args", "--verifier_warmup_steps 1 --ver_examples_per_step 2 --ver_solutions 1 --ver_samples 2 "
-                             "--ver_max_tokens 12 --gen_max_tokens 12 --ver_eval_examples 2",
-           "--", "--examples_per_step", "2", "--num_samples", "2", "--device_batch_size", "4", "--eval_examples", "2",
-           "--eval_samples", "2"]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    flags = ["--gen_tag", "d2", "--ver_tag", "d1", "--seeds", "1", "--num_gen_steps", "1", "--arms", "baseline,oracle,cotrain,shared",
+             "--out", str(out), "--log_dir", str(tmp_path / "logs"), "--process_args", "--alpha 0.3 --alpha_end 0.3",
+             "--verifier_args", "--verifier_warmup_steps 1 --ver_examples_per_step 2 --ver_solutions 1 --ver_samples 2 "
+                                "--ver_max_tokens 12 --ver_eval_examples 2"]
+    shared = ["--", "--examples_per_step", "2", "--num_samples", "2", "--device_batch_size", "4", "--eval_examples", "2",
+              "--eval_samples", "2", "--gen_max_tokens", "12", "--eval_every", "0"]
+    result = subprocess.run([sys.executable, "-m", "dev.cotrain_experiment", *flags, *shared], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = out.read_text()
-    assert "| metric | GRPO baseline | co-trained (two models) | co-trained (one shared model) |" in table
-    pass1 = next(line for line in table.splitlines() if line.startswith("| generator pass@1"))
-    assert pass1.count("|") == 5
-    assert "seed 1: " in table and table.count(" vs ") >= 2
+    assert "| metric | GRPO baseline | oracle verifier | co-trained (two models) | co-trained (one shared model) |" in table
+    pass1 = next(line for line in table.splitlines() if line.startswith("| generator pass@1 (held-out"))
+    assert pass1.count("|") == 6
+    assert "gain over the baseline (paired by seed) | 0.000 |" in table and "seed 1: baseline" in table
+    assert "--oracle_verifier" in (tmp_path / "logs" / "oracle_s1.log").read_text()
+    again = subprocess.run([sys.executable, "-m", "dev.cotrain_experiment", *flags, "--reuse", *shared], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.count("reused: ") == 4, again.stdout[-2000:] + again.stderr[-2000:]
+    assert out.read_text().split("Wall time")[1].split("\n", 1)[1] == table.split("Wall time")[1].split("\n", 1)[1]
 
 
 def test_oracle_verifier_feeds_gold_step_labels_through_the_process_path(sft_base, varied_rewards):
