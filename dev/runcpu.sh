@@ -22,13 +22,13 @@ mkdir -p "$NANOCHAT_BASE_DIR"
 if [ "${SMOKE:-0}" = "1" ]; then
     CORPUS_MB=${CORPUS_MB:-1}; VOCAB=${VOCAB:-1024}; DEPTH=${DEPTH:-2}; SEQ=${SEQ:-256}
     BASE_STEPS=${BASE_STEPS:-4}; MID_STEPS=${MID_STEPS:-3}; SFT_STEPS=${SFT_STEPS:-3}
-    VER_SFT_STEPS=${VER_SFT_STEPS:-2}; VER_WARMUP=${VER_WARMUP:-1}; RL_STEPS=${RL_STEPS:-2}
+    VER_SFT_STEPS=${VER_SFT_STEPS:-2}; VER_OWN_POOL=${VER_OWN_POOL:-2}; VER_WARMUP=${VER_WARMUP:-1}; RL_STEPS=${RL_STEPS:-2}
     RL_QUESTIONS=${RL_QUESTIONS:-2}; RL_SAMPLES=${RL_SAMPLES:-2}; RL_TOKENS=${RL_TOKENS:-16}
     EVAL_PROBLEMS=${EVAL_PROBLEMS:-4}; BASE_EVALS=${BASE_EVALS:-bpb}
 else
     CORPUS_MB=${CORPUS_MB:-5}; VOCAB=${VOCAB:-4096}; DEPTH=${DEPTH:-4}; SEQ=${SEQ:-256}
     BASE_STEPS=${BASE_STEPS:-80}; MID_STEPS=${MID_STEPS:-40}; SFT_STEPS=${SFT_STEPS:-120}
-    VER_SFT_STEPS=${VER_SFT_STEPS:-60}; VER_WARMUP=${VER_WARMUP:-2}; RL_STEPS=${RL_STEPS:-10}
+    VER_SFT_STEPS=${VER_SFT_STEPS:-150}; VER_OWN_POOL=${VER_OWN_POOL:-64}; VER_WARMUP=${VER_WARMUP:-2}; RL_STEPS=${RL_STEPS:-10}
     RL_QUESTIONS=${RL_QUESTIONS:-8}; RL_SAMPLES=${RL_SAMPLES:-8}; RL_TOKENS=${RL_TOKENS:-80}
     EVAL_PROBLEMS=${EVAL_PROBLEMS:-64}; BASE_EVALS=${BASE_EVALS:-bpb,sample}
 fi
@@ -79,6 +79,8 @@ stage "co-training: verifier warm start ($VER_SFT_STEPS SFT + $VER_WARMUP RL ste
 python -m scripts.chat_cotrain --gen_source sft --gen_tag "$TAG" --ver_source sft --ver_tag "$TAG" \
     --num_gen_steps "$RL_STEPS" --gen_steps 3 --ver_steps 1 --verifier_warmup_steps "$VER_WARMUP" \
     --verifier_sft_steps "$VER_SFT_STEPS" --verifier_sft_batch 16 --gen_max_tokens "$RL_TOKENS" \
+    --verifier_format expectations --forced_headers --ver_sft_own_frac 0.5 --ver_sft_own_pool "$VER_OWN_POOL" \
+    --alpha 0.3 --alpha_end 0.3 \
     --ver_max_tokens $((RL_TOKENS + 32)) --ver_examples_per_step 4 --ver_solutions 2 --ver_samples 4 \
     --ver_eval_examples "$EVAL_PROBLEMS" --output_tag "$TAG" "${RL_FLAGS[@]}"
 python -m scripts.chat_eval -i cotrain -a arithmetic -g "$TAG" -x "$EVAL_PROBLEMS" -m "$RL_TOKENS" -b 16

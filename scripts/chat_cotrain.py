@@ -576,8 +576,8 @@ def main(argv=None):
             wandb_run.log({"ver_sft/loss": loss, "ver_sft/step": step})
         stop_if_nonfinite({"verifier": roles.verifier}, "verifier SFT", out_dir, device)
         state["ver_sft_done"] = True
-    print0(f"schedule: {phases.count('V')} verifier steps and {phases.count('G')} generator steps "
-           f"({args.verifier_warmup_steps} warm-up, then {args.gen_steps}:{args.ver_steps})")
+    rounds = f" ({args.verifier_warmup_steps} warm-up, then {args.gen_steps}:{args.ver_steps})" if "V" in phases else ""
+    print0(f"schedule: {phases.count('V')} verifier steps and {phases.count('G')} generator steps{rounds}")
     history = {"gen": [], "ver": [], "eval": []}
     if state["global_step"] == 0:
         history["eval"].append(log_eval("start"))
