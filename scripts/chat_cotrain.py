@@ -16,6 +16,12 @@ it); step k of a K-step solution scores +-1/K at its last token, used only when 
 exactly K verdicts. `--mix advantage` (default, Tango): A = (1-alpha) A_out + alpha A_proc with the two
 normalised separately; `--mix reward`: r = r_o + alpha * (fraction of steps judged correct).
 
+What the verifier writes (`--verifier_format`): `verdicts`, a check and a verdict word per step; or
+`expectations`, the calculation each step should do (re-derived from the question, values from the
+calculator) and its answer, with the verdicts decided by a rule that compares them with the solution
+(tasks/verify.py). `--forced_headers` makes the engine open every line with "Step k:", so every solution
+gets exactly K verdicts. `--oracle_verifier` replaces the verifier by exact gold step labels: the ceiling.
+
 Verifier step: the frozen generator samples solutions; the verifier samples `--ver_samples` verifications
 of each; reward = [Overall matches the gold label] + format_weight x format score; per-sample loss weights
 ~ 1/sqrt(running count of the sample's class); groups = the verifications of one solution.
