@@ -261,7 +261,8 @@ def generator_step(args, roles, task, step, rank, world_size):
     counts = dict.fromkeys(("exact", "missing", "extra", "judged_correct", "judged_steps", "gold_agree", "gold_compared", "process"), 0)
     golds = [gold_labels(task, r) for r in rollouts] if args.oracle_verifier or roles.verifier is not None else None
     if args.oracle_verifier:
-        judgements = [verify.oracle_judge(token_pieces(roles.tokenizer, r.body_ids), gold) for r, gold in zip(rollouts, golds)]
+        judgements = [verify.oracle_judge(token_pieces(roles.tokenizer, r.body_ids), gold, r.info["correct"])
+                      for r, gold in zip(rollouts, golds)]
     elif roles.verifier is not None:
         _, judgements = judge(args, roles, task, rollouts, 1, args.ver_temperature, seed=args.seed + 2_000_003 * step + rank)
     if judgements is not None:

@@ -255,11 +255,24 @@ def verifier_reward(verification, gold_overall, expected_steps, format_weight=0.
     return float(correct) + format_weight * format_score(verification, expected_steps)
 
 
+def process_verdicts(verification):
+    """The step verdicts behind the generator's process signal: as judged, except that a solution judged
+    Incorrect overall has at least one incorrect step (its last one, if no step was flagged). Without this a
+    policy learns to stop early: a prefix of right steps that never reaches the answer scores like a whole
+    correct solution. Measured: an oracle-verifier run (gold step labels, alpha 0.3) fell from pass@1 0.195
+    to 0.002 in 100 updates, writing short on-chain prefixes (dev/cotrain_experiment.md)."""
+    verdicts = list(verification.step_verdicts)
+    if verification.overall is False and verdicts and all(verdicts):
+        verdicts[-1] = False
+    return verdicts
+
+
 def process_step_rewards(verification, num_steps):
-    """Generator process rewards: +1/K or -1/K per step, only when the verifier gave exactly K verdicts."""
+    """Generator process rewards: +1/K or -1/K per step (process_verdicts), only when the verifier gave
+    exactly K verdicts."""
     if num_steps == 0 or verification.num_steps != num_steps:
         return None
-    return [(1.0 if ok else -1.0) / num_steps for ok in verification.step_verdicts]
+    return [(1.0 if ok else -1.0) / num_steps for ok in process_verdicts(verification)]
 
 
 # -----------------------------------------------------------------------------
@@ -416,7 +429,7 @@ class Judgement:
             return 0.0
         if self.step_probs is not None:
             return sum(self.step_probs) / self.num_steps
-        return sum(self.verification.step_verdicts) / self.num_steps
+        return sum(process_verdicts(self.verification)) / self.num_steps
 
 
 def judge(solution_token_texts, verifier_text, probs=None, fmt="verdicts"):
@@ -431,6 +444,8 @@ def judge(solution_token_texts, verifier_text, probs=None, fmt="verdicts"):
     if probs is not None:
         step_probs = probs[:verification.num_steps] if len(probs) >= verification.num_steps else None
         overall_prob = probs[verification.num_steps] if len(probs) > verification.num_steps else None
+        if step_probs and overall_prob is not None:  # the last step is no likelier right than the whole solution
+            step_probs = step_probs[:-1] + [min(step_probs[-1], overall_prob)]
         if step_rewards is not None:
             step_rewards = None if step_probs is None else [(2 * p - 1) / len(step_ends) for p in step_probs]
     return Judgement(verification, len(step_ends), step_ends, step_rewards, step_probs, overall_prob)
@@ -516,12 +531,14 @@ def auc(scores, labels):
     return wins / (len(positives) * len(negatives))
 
 
-def oracle_judge(solution_token_texts, step_labels):
+def oracle_judge(solution_token_texts, step_labels, overall_correct=None):
     """The Judgement of a perfect process verifier: one verdict per step, read from exact gold step labels
-    (gold_step_labels). It is the ceiling and the control for a learned verifier: a protocol that cannot
-    show a gain with it cannot show one with a learned verifier either."""
+    (gold_step_labels), and the overall verdict from the exact answer check when given. It is the ceiling
+    and the control for a learned verifier: a protocol that cannot show a gain with it cannot show one with
+    a learned verifier either."""
     verdicts = [bool(label) for label in step_labels]
-    verification = Verification(step_verdicts=verdicts, overall=all(verdicts) if verdicts else None,
+    overall = bool(overall_correct) if overall_correct is not None else (all(verdicts) if verdicts else None)
+    verification = Verification(step_verdicts=verdicts, overall=overall,
                                 format_ok=bool(verdicts), step_numbers=list(range(1, len(verdicts) + 1)))
     step_ends = step_end_tokens(solution_token_texts)
     return Judgement(verification, len(step_ends), step_ends, process_step_rewards(verification, len(step_ends)))

@@ -415,7 +415,7 @@ def test_expectations_judge_reads_rule_verdicts(sft_base, monkeypatch):
     roles = cotrain.load_roles(args, torch.device("cpu"))
     task = build_rl_task("arithmetic", "train")
     reference = task.reference_calculations(0)
-    text = "x " + reference[0][0] + "=<<" + reference[0][0] + "=" + reference[0][1] + ">>" + reference[0][1]
+    text = "\n".join(f"x {e}=<<{e}={v}>>{v}" for e, v in reference) + f"\n#### {reference[-1][1]}"
     solutions = [SimpleNamespace(text=text, body_ids=roles.tokenizer.encode(text), example_index=0, info={"conversation": task[0]})]
     written = verify.expectation_text(text, reference)
     real = grpo.generate_rollouts
@@ -427,5 +427,6 @@ def test_expectations_judge_reads_rule_verdicts(sft_base, monkeypatch):
         return rollouts
     monkeypatch.setattr(cotrain, "generate_rollouts", fake)
     _, judgements = cotrain.judge(args, roles, task, solutions, 2, 1.0, seed=0)
-    assert [j.verification.step_verdicts for j in judgements] == [[True], [True]]
-    assert all(j.step_rewards == [1.0] for j in judgements)
+    k = len(reference)
+    assert [j.verification.step_verdicts for j in judgements] == [[True] * k, [True] * k]
+    assert all(j.verification.overall is True and j.step_rewards == [1 / k] * k for j in judgements)

@@ -256,3 +256,26 @@ def test_expectation_targets_reproduce_gold_labels_on_task_solutions():
         said = verify.rule_verification(item["solution"], verify.expectation_text(item["solution"], task.reference_calculations(i)))
         assert said.overall == item["overall_correct"], item
         assert [int(v) for v in said.step_verdicts] == item["step_labels"], item
+
+
+def test_a_wrong_solution_never_gets_an_all_correct_process_signal():
+    """A prefix of right steps that stops before the answer (all steps on the chain, answer wrong) must not
+    score like a correct solution: its last step carries the error. Regression for an oracle run whose
+    generator learned to stop early (pass@1 0.195 -> 0.002)."""
+    tokens = ["He has 3*4=", "<<3*4=12>>12.", "\n#### 12"]  # the question needed a second step
+    labels, first = verify.gold_step_labels("".join(tokens), reference_values=[12, 17])
+    assert labels == [1] and first == -1  # the step itself is right
+    stopped = verify.oracle_judge(tokens, labels, overall_correct=False)
+    assert stopped.step_rewards == [-1.0] and stopped.process_fraction == 0.0
+    assert stopped.verification.step_verdicts == [True]  # what was judged is kept; only the signal changes
+    assert verify.oracle_judge(tokens, labels, overall_correct=True).step_rewards == [1.0]
+    two = ["a 1+1=<<1+1=2>>2", "\n", "b 2+1=<<2+1=3>>3", "\n#### 3"]
+    said = "Step 1: x → Correct\nStep 2: y → Correct\nOverall: Incorrect"
+    assert verify.judge(two, said).step_rewards == [0.5, -0.5]
+    assert verify.judge(two, said.replace("Overall: Incorrect", "Overall: Correct")).step_rewards == [0.5, 0.5]
+    # read as probabilities, the last step is no likelier right than the whole solution
+    j = verify.judge(two, said, probs=[0.9, 0.95, 0.1])
+    assert j.step_probs == [0.9, 0.1] and abs(j.step_rewards[1] - (2 * 0.1 - 1) / 2) < 1e-12
+    # the expectations format: the verifier's answer differs from the solution's, so the last step is flagged
+    expectations = "Step 1: 1+1=<<1+1=2>>2\nStep 2: 2+1=<<2+1=3>>3\nOverall: 3*2=<<3*2=6>>6, answer 6"
+    assert verify.judge(two, expectations, fmt="expectations").step_rewards == [0.5, -0.5]
