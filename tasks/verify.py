@@ -258,9 +258,11 @@ def verifier_reward(verification, gold_overall, expected_steps, format_weight=0.
 def process_verdicts(verification):
     """The step verdicts behind the generator's process signal: as judged, except that a solution judged
     Incorrect overall has at least one incorrect step (its last one, if no step was flagged). Without this a
-    policy learns to stop early: a prefix of right steps that never reaches the answer scores like a whole
-    correct solution. Measured: an oracle-verifier run (gold step labels, alpha 0.3) fell from pass@1 0.195
-    to 0.002 in 100 updates, writing short on-chain prefixes (dev/cotrain_experiment.md)."""
+    policy finds wrong solutions whose every step looks right and scores them like correct ones. Measured:
+    an oracle-verifier run (gold step labels, alpha 0.3) fell from pass@1 0.195 to 0.002 in 100 updates; its
+    generator wrote one line with no calculation (a spelling answer from mid-training), which gold step
+    labels count as a harmless restatement (dev/cotrain_experiment.md). Stopping before the last step of
+    the question is the same hole."""
     verdicts = list(verification.step_verdicts)
     if verification.overall is False and verdicts and all(verdicts):
         verdicts[-1] = False

@@ -259,9 +259,10 @@ def test_expectation_targets_reproduce_gold_labels_on_task_solutions():
 
 
 def test_a_wrong_solution_never_gets_an_all_correct_process_signal():
-    """A prefix of right steps that stops before the answer (all steps on the chain, answer wrong) must not
-    score like a correct solution: its last step carries the error. Regression for an oracle run whose
-    generator learned to stop early (pass@1 0.195 -> 0.002)."""
+    """A wrong solution whose steps all look right (a prefix that stops before the answer, or lines with no
+    calculation) must not score like a correct one: its last step carries the error. Regression for an
+    oracle run whose generator learned to write one calculation-free line (pass@1 0.195 -> 0.002)."""
+    assert verify.oracle_judge(["butter:b,u,t,t,e,r"], [1], overall_correct=False).step_rewards == [-1.0]
     tokens = ["He has 3*4=", "<<3*4=12>>12.", "\n#### 12"]  # the question needed a second step
     labels, first = verify.gold_step_labels("".join(tokens), reference_values=[12, 17])
     assert labels == [1] and first == -1  # the step itself is right
