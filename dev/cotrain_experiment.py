@@ -18,7 +18,6 @@ run at different times can be reported together.
 
 import argparse
 import json
-import math
 import os
 import shlex
 import statistics
@@ -27,6 +26,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from dev.intervals import interval
+
 ARMS = {  # name: (label, flags)
     "baseline": ("GRPO baseline", ["--no_verifier", "--alpha", "0"]),
     "oracle": ("oracle verifier", ["--oracle_verifier"]),
@@ -34,19 +35,8 @@ ARMS = {  # name: (label, flags)
     "shared": ("co-trained (one shared model)", ["--shared_model"]),
 }
 LEARNED = ("cotrain", "shared")
-# two-sided 95% Student t quantiles by degrees of freedom
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def interval(values):
-    """(mean, half-width of its 95% t interval); the half-width is nan for fewer than two values."""
-    values = [v for v in values if v == v]
-    if not values:
-        return float("nan"), float("nan")
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    return mean, T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def worker(argv, out_path):

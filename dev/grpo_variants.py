@@ -12,7 +12,6 @@ every run (e.g. the sampling sizes). Seeds and arms are fixed before any run sta
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -20,14 +19,14 @@ import sys
 import tempfile
 import time
 
+from dev.intervals import interval
+
 ARMS = {
     "default": [],
     "dynamic": ["--dynamic_sampling", "3"],
     "dapo": ["--dynamic_sampling", "3", "--loss_agg", "token-mean", "--clip_low", "0.2", "--clip_high", "0.28",
              "--ppo_epochs", "2"],
 }
-# two-sided 95% Student t quantiles by degrees of freedom
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def worker(argv, out_path):
@@ -37,12 +36,6 @@ def worker(argv, out_path):
         json.dump(result, f)
 
 
-def interval(values):
-    """mean and the half-width of its 95% interval (t distribution)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    return mean, T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def run(arm, seed, args, extra, tmpdir):
