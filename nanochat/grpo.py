@@ -80,13 +80,19 @@ def group_advantages(rewards, normalize_std=False, eps=1e-6):
     return adv
 
 
-def process_advantages(step_rewards, step_ends, length, normalize=True, eps=1e-6):
+def process_advantages(step_rewards, step_ends, length, normalize_std=False, eps=1e-6):
     """Step-level advantage per token for one group (DeepSeekMath's process-supervision GRPO, as in Tango).
 
     step_rewards[i]: list of rewards for the steps of sample i (or None: no process signal for it);
     step_ends[i]: the completion-token index where each step ends. All step rewards of the group are
-    pooled and normalised, then each token gets the sum of the normalised rewards of its own step and
-    every later step (a suffix sum), so early tokens are credited for what follows them.
+    pooled and centred (and divided by their std with normalize_std, like the outcome advantages), then
+    each token gets the sum of the centred rewards of its own step and every later step (a suffix sum),
+    so early tokens are credited for what follows them.
+
+    Why not always divide by the std, as DeepSeekMath does: step rewards are +-1/K, so the division blows
+    them up to ~+-1 each and a K-step suffix sum to ~K, several times the scale of the outcome advantage
+    (centred 0/1) it is mixed with. At alpha 0.3 that swamped the outcome: an oracle-verifier run wrote
+    garbage after its calculations by update 50. Centred only, a suffix sum stays within [-2, 2].
     Returns (G, length)."""
     pooled = [r for rewards in step_rewards if rewards for r in rewards]
     out = torch.zeros(len(step_rewards), length)
@@ -101,7 +107,7 @@ def process_advantages(step_rewards, step_ends, length, normalize=True, eps=1e-6
         per_token = torch.zeros(length)
         for r, end in zip(rewards, ends):
             if end < length:
-                per_token[end] += ((r - mean) / (std + eps)) if normalize else r
+                per_token[end] += ((r - mean) / (std + eps)) if normalize_std else (r - mean)
         out[i] = per_token.flip(0).cumsum(0).flip(0)
     return out
 
@@ -132,7 +138,7 @@ def token_advantages(rollouts, num_samples, alpha=0.0, judgements=None, mix="adv
         group = range(start, start + num_samples)
         length = max(len(rollouts[i].completion_ids) for i in group)
         process = process_advantages([judgements[i].step_rewards for i in group],
-                                     [judgements[i].step_ends for i in group], length)
+                                     [judgements[i].step_ends for i in group], length, normalize_std=normalize_std)
         mixed = mix_advantages(outcome[start:start + num_samples], process, alpha)
         out += [mixed[k, :len(rollouts[i].completion_ids)] for k, i in enumerate(group)]
     return out

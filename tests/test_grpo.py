@@ -52,13 +52,18 @@ def test_ppo_clip_and_kl():
 
 def test_process_advantages_hand_computed():
     # sample 0: steps end at tokens 1 and 3 with +1/2, -1/2; sample 1: steps end at 0 and 2, both +1/2
-    adv = process_advantages([[0.5, -0.5], [0.5, 0.5]], [[1, 3], [0, 2]], length=4)
+    adv = process_advantages([[0.5, -0.5], [0.5, 0.5]], [[1, 3], [0, 2]], length=4, normalize_std=True)
     pooled = torch.tensor([0.5, -0.5, 0.5, 0.5])
     mean, std = pooled.mean(), pooled.std(unbiased=False)
     up, down = (0.5 - mean) / (std + 1e-6), (-0.5 - mean) / (std + 1e-6)
     expected = torch.tensor([[up + down, up + down, down, down], [2 * up, up, up, 0.0]])
     assert torch.allclose(adv, expected, atol=1e-5)
     assert up.item() == pytest.approx(0.57735, abs=1e-4) and down.item() == pytest.approx(-1.73205, abs=1e-4)
+    # the default only centres (mean 0.25), like the outcome advantages without --normalize_std
+    adv = process_advantages([[0.5, -0.5], [0.5, 0.5]], [[1, 3], [0, 2]], length=4)
+    expected = torch.tensor([[0.25 - 0.75, 0.25 - 0.75, -0.75, -0.75], [0.5, 0.25, 0.25, 0.0]])
+    assert torch.allclose(adv, expected, atol=1e-6)
+    assert adv.abs().max() <= 2  # a suffix sum of centred +-1/K rewards stays on the outcome's scale
     # a sample without a process signal (step-count mismatch) gets zeros
     adv = process_advantages([None, [1.0]], [[0], [0]], length=2)
     assert torch.all(adv[0] == 0)
