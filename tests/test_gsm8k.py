@@ -103,3 +103,17 @@ def test_bad_split_and_missing_data(tmp_path):
         GSM8K("dev", data_dir=FIXTURES)
     with pytest.raises(records.DataNotFoundError, match="gsm8k"):
         GSM8K("train", data_dir=str(tmp_path))
+
+
+def test_reference_calculations_are_the_reference_solution_s_annotations():
+    """What a verifier in the expectations format is trained to write for GSM8K: the reference's <<expr=value>>
+    calculations in order, every one of them right, its last value the answer."""
+    from tasks import verify
+    task = GSM8K("test", data_dir=FIXTURES)
+    right = total = 0
+    for i in range(len(task)):
+        calcs = task.reference_calculations(i)
+        assert calcs == [c for step in verify.split_steps(task.record(task.underlying_index(i))["answer"]) for c in verify.calculations(step)]
+        right += sum(verify.calc_is_right(expr, value) for expr, value in calcs)
+        total += len(calcs)
+    assert total > 0 and right >= 0.9 * total  # GSM8K's own annotations are occasionally rounded or wrong
