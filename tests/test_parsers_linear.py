@@ -22,7 +22,7 @@ import pytest
 
 from tasks.answers import extract_choice_letter, extract_hash_answer, parse_number, same_number
 from tasks.humaneval import build_test_program, extract_program
-from tasks.verify import calculations, gold_step_labels, parse_verification, step_spans, to_display
+from tasks.verify import calculations, gold_step_labels, parse_verification, rule_verification, step_spans, to_display
 
 N = 100_000
 LIMIT_S = 0.050
@@ -80,6 +80,8 @@ PARSERS = {
 # 33,000 one-character steps costs ~40 ms of plain loop on a quiet core: still linear, held to a looser bound
 LABELLERS = {
     "gold_step_labels": lambda t: gold_step_labels(t, [1, 2, 3]),
+    "rule_verification (crafted verifier text)": lambda t: rule_verification("a 1+1=<<1+1=2>>2\n#### 2", t),
+    "rule_verification (crafted solution)": lambda t: rule_verification(t, "Step 1: 1+1=<<1+1=2>>2\nOverall: answer 2"),
 }
 LABELLER_LIMIT_S = 0.250
 
@@ -144,6 +146,10 @@ REVIEWED = {
     r"\s*+\**+\s*+(correct|incorrect)\s*+\**+\s*+\.?\s*+$": MODEL,
     r"^\s*+\**+\s*+overall\s*+\**+\s*+[:\-]?\s*+\**+\s*+(correct|incorrect)\b": MODEL,
     r"\b(?:in)?correct\b": MODEL,
+    # tasks/verify.py: the expectations format (rule_verification)
+    r"^\s*+\**+\s*+step\s*+(\d{1,9}+)\s*+\**+\s*+[:.)-]([^\n]*+)$": MODEL,
+    r"^\s*+\**+\s*+overall\s*+\**+\s*+:([^\n]*+)$": MODEL,
+    r"\banswer\s*+:?\s*+(-?\$?\d[\d,]*+(?:\.\d++)?)": MODEL,
     # scripts/chat_web.py: the served model's reply
     r"<<([^<>=]*)=([^<>]*)>>": MODEL,
     # tasks/humaneval.py: the completion's code (timed through extract_program / build_test_program above)
