@@ -96,7 +96,8 @@ def report(results, args, command, minutes):
     lines = [f"# Co-training arms on {args.task}: {len(seeds)} seeds, {args.num_gen_steps} generator updates each", "",
              f"Command: `{command}`", "",
              f"Seeds {seeds} fixed before the runs; every arm starts from the same SFT generator ({args.gen_tag}) and is "
-             f"scored on the same held-out problems (the task's test split). Wall time {minutes:.1f} min. "
+             f"scored on the same held-out problems (the task's test split). Wall time {minutes:.1f} min"
+             f"{' (results reused from earlier invocations: see the cost table)' if args.reuse else ''}. "
              "Cells: mean ± half-width of the 95% t interval over seeds.", "",
              "| metric | " + " | ".join(labels) + " |", "|---" * (len(arms) + 1) + "|"]
 
@@ -114,8 +115,8 @@ def report(results, args, command, minutes):
     row("generator pass@1 before training", lambda r: r["start"]["pass@1"])
     row(f"generator {k_key}", final(k_key))
     for label, prefix in (("majority vote", "majority@"), ("verifier-reranked best-of-N", "verifier_best_of_"),
-                          ("verifier balanced accuracy (labelled, greedy)", "verifier_balanced_accuracy"),
-                          ("verifier AUC of p(Overall = Correct)", "verifier_auc"),
+                          ("verifier balanced accuracy (generator's held-out solutions, greedy)", "verifier_balanced_accuracy"),
+                          ("verifier AUC (same solutions)", "verifier_auc"),
                           ("verifier first-error-step accuracy", "verifier_first_error_accuracy"),
                           ("verifier steps aligned", "verifier_steps_aligned"),
                           ("verifier share 'Correct' (gold share next row)", "verifier_share_said_correct"),
