@@ -26,7 +26,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from dev.intervals import interval
+from dev.intervals import formatted
 
 ARMS = {  # name: (label, flags)
     "baseline": ("GRPO baseline", ["--no_verifier", "--alpha", "0"]),
@@ -35,8 +35,6 @@ ARMS = {  # name: (label, flags)
     "shared": ("co-trained (one shared model)", ["--shared_model"]),
 }
 LEARNED = ("cotrain", "shared")
-
-
 
 
 def worker(argv, out_path):
@@ -102,10 +100,7 @@ def report(results, args, command, minutes):
              "| metric | " + " | ".join(labels) + " |", "|---" * (len(arms) + 1) + "|"]
 
     def row(label, value_of, digits=3):
-        cells = []
-        for arm in arms:
-            mean, half = interval([value_of(results[(arm, s)]) for s in seeds])
-            cells.append("n/a" if mean != mean else f"{mean:.{digits}f}" + (f" ± {half:.{digits}f}" if half == half else ""))
+        cells = [formatted([value_of(results[(arm, s)]) for s in seeds], digits) for arm in arms]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
     final = lambda key: (lambda r: r["final"].get(key, float("nan")))

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 
-from dev.intervals import interval
+from dev.intervals import formatted
 
 ARMS = {
     "default": [],
@@ -34,8 +34,6 @@ def worker(argv, out_path):
     result = main(argv)
     with open(out_path, "w") as f:
         json.dump(result, f)
-
-
 
 
 def run(arm, seed, args, extra, tmpdir):
@@ -67,11 +65,7 @@ def report(results, args, command):
              "| metric | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
 
     def row(label, values_of, digits=3):
-        cells = []
-        for arm in arms:
-            values = [values_of(r) for r in results[arm]]
-            mean, half = interval(values)
-            cells.append(f"{mean:.{digits}f} ± {half:.{digits}f}" if half == half else f"{mean:.{digits}f}")
+        cells = [formatted([values_of(r) for r in results[arm]], digits) for arm in arms]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
     row("held-out pass@1 (mean ± 95% CI)", lambda r: r["final"]["pass@1"])

@@ -20,3 +20,11 @@ def interval(values):
     if len(values) < 2:
         return mean, float("nan")
     return mean, T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def formatted(values, digits=3):
+    """A report cell: 'mean ± half-width', just the mean for one value, 'n/a' for none."""
+    mean, half = interval(values)
+    if mean != mean:
+        return "n/a"
+    return f"{mean:.{digits}f}" + (f" ± {half:.{digits}f}" if half == half else "")

@@ -236,9 +236,18 @@ def judge(args, roles, task, solutions, num_verifications, temperature, seed):
 # -----------------------------------------------------------------------------
 # One generator step, one verifier step, the verifier's SFT warm start, evaluation
 
-def gold_labels(task, rollout):
-    """Exact step labels of one of the generator's own solutions, where they can be computed."""
-    return verify.gold_step_labels(rollout.text, reference_values=task.reference_chain(rollout.example_index))[0]
+def exact_labels(task, rollout):
+    """(step labels, first error, correct) of one of the generator's own solutions: gold step labels from
+    recomputation and the reference chain, the overall label from the answer check. A wrong answer whose
+    steps all check out has its last step as the first error; first error is None where there is no clean
+    one (no steps, or a right answer reached through a wrong step)."""
+    labels, first_error = verify.gold_step_labels(rollout.text, reference_values=task.reference_chain(rollout.example_index))
+    correct = bool(rollout.info["correct"])
+    if not correct and first_error < 0 and labels:
+        first_error = len(labels) - 1
+    if not labels or (correct and first_error >= 0):
+        first_error = None
+    return labels, first_error, correct
 
 
 def generator_step(args, roles, task, step, rank, world_size):
@@ -259,7 +268,7 @@ def generator_step(args, roles, task, step, rank, world_size):
     alpha = alpha_schedule(step, args.num_gen_steps, args.alpha, args.alpha_end) if args.alpha > 0 else 0.0
     judgements = None
     counts = dict.fromkeys(("exact", "missing", "extra", "judged_correct", "judged_steps", "gold_agree", "gold_compared", "process"), 0)
-    golds = [gold_labels(task, r) for r in rollouts] if args.oracle_verifier or roles.verifier is not None else None
+    golds = [exact_labels(task, r)[0] for r in rollouts] if args.oracle_verifier or roles.verifier is not None else None
     if args.oracle_verifier:
         judgements = [verify.oracle_judge(token_pieces(roles.tokenizer, r.body_ids), gold, r.info["correct"])
                       for r, gold in zip(rollouts, golds)]
@@ -363,14 +372,9 @@ def own_solutions_labelled(args, roles, task, rank, world_size):
                                  args.top_k, seed=args.seed + 6_000_011 + rank)
     pools = {True: [], False: []}
     for s in solutions:
-        labels, first_error = verify.gold_step_labels(s.text, reference_values=task.reference_chain(s.example_index))
-        if not labels:
+        labels, first_error, correct = exact_labels(task, s)
+        if first_error is None:
             continue
-        correct = bool(s.info["correct"])
-        if not correct and first_error < 0:
-            first_error = len(labels) - 1
-        if correct and first_error >= 0:
-            continue  # a right answer reached through a wrong step: no clean label for it
         pools[correct].append({"index": s.example_index, "question": task.question(s.info["conversation"]), "solution": s.text,
                                "overall_correct": correct,
                                "step_labels": [1 if first_error < 0 or k < first_error else 0 for k in range(len(labels))],
@@ -468,14 +472,13 @@ def verdict_counts(verifications, golds):
     return counts
 
 
-def auc_scores(args, roles, task, solutions, readings, seed):
+def auc_scores(args, roles, task, solutions, readings, verifications, seed):
     """A graded score per solution for the AUC: p(Overall = Correct) read from the greedy verdicts format, or
     in the expectations format (whose verdicts come from a rule) the share of --ver_eval_votes sampled
     verifications that end Correct. None where no score could be read."""
     if args.verifier_format == "verdicts":
         probs = verify.verdict_probabilities(roles.verifier, roles.tokenizer, readings, roles.device, args.device_batch_size)
-        overall = [verify.parse_verification(r.text) for r in readings]
-        return [p[v.num_steps] if v.overall is not None and p else None for p, v in zip(probs, overall)]
+        return [p[v.num_steps] if v.overall is not None and p else None for p, v in zip(probs, verifications)]
     votes = args.ver_eval_votes
     _, judgements = judge(args, roles, task, solutions, votes, 1.0, seed)
     return [sum(j.verification.overall is True for j in judgements[i * votes:(i + 1) * votes]) / votes for i in range(len(solutions))]
@@ -485,16 +488,10 @@ def own_solution_counts(args, roles, task, rollouts, readings, judgements):
     """Verdict counts of the greedy verifier on the generator's own held-out solutions, labelled exactly (gold
     step labels from recomputation and the reference chain, the overall label from the answer check), and
     (score, gold) pairs for the AUC, gathered from every rank."""
-    golds = []
-    for r in rollouts:
-        labels, first_error = verify.gold_step_labels(r.text, reference_values=task.reference_chain(r.example_index))
-        correct = bool(r.info["correct"])
-        if not correct and first_error < 0 and labels:
-            first_error = len(labels) - 1  # every step checks out but the answer is wrong: the last step is the error
-        clean = labels and (first_error < 0) == correct  # a right answer through a wrong step has no clean first error
-        golds.append((labels, first_error if clean else None, correct))
-    counts = verdict_counts([j.verification for j in judgements], golds)
-    scores = auc_scores(args, roles, task, rollouts, readings, seed=args.seed + 7)
+    golds = [exact_labels(task, r) for r in rollouts]
+    verifications = [j.verification for j in judgements]
+    counts = verdict_counts(verifications, golds)
+    scores = auc_scores(args, roles, task, rollouts, readings, verifications, seed=args.seed + 7)
     return counts, all_gather_list([(p, g[2]) for p, g in zip(scores, golds) if p is not None])
 
 
@@ -513,7 +510,7 @@ def labelled_verifier_counts(args, roles, task, rank, world_size):
     said = [verify.read_verification(fmt, it["solution"], r.text) for r, it in zip(readings, items)]
     counts = verdict_counts(said, [(it["step_labels"], it["first_error"], it["overall_correct"]) for it in items])
     if fmt == "verdicts":
-        scores = auc_scores(args, roles, task, None, readings, seed=args.seed + 11)
+        scores = auc_scores(args, roles, task, None, readings, said, seed=args.seed + 11)
     else:  # the rule's greedy verdict (sampling more readings of synthetic solutions would need them as rollouts)
         scores = [float(v.overall) if v.overall is not None else None for v in said]
     return counts, all_gather_list([(p, it["overall_correct"]) for p, it in zip(scores, items) if p is not None])

@@ -30,7 +30,7 @@ from fractions import Fraction
 from nanochat.calculator import format_number
 from tasks.answers import extract_hash_answer, normalize_number, same_number
 from tasks.common import Task
-from tasks.gsm8k import solution_to_parts
+from tasks.verify import solution_to_parts
 
 NAMES = [("Mia", "she", "her"), ("Emma", "she", "her"), ("Lily", "she", "her"), ("Zoe", "she", "her"),
          ("Nora", "she", "her"), ("Sara", "she", "her"), ("Tom", "he", "him"), ("Sam", "he", "him"),

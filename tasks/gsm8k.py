@@ -11,34 +11,11 @@ the verifier work uses to build step-labelled data by perturbing one value.
 Data: HF `openai/gsm8k` ("main", splits train/test) or local gsm8k/{train,test}.jsonl under data_dir.
 """
 
-import re
-
 from nanochat.calculator import use_calculator
 from tasks.answers import extract_hash_answer, normalize_number, parse_number, same_number
 from tasks.common import DatasetTask, labels_from_first_error
 from tasks.records import default_data_dir, load_records, local_candidates
-from tasks.verify import calculations, perturb_solution, split_steps
-
-_ANNOTATION = re.compile(r"<<(.*?)>>")
-
-
-def solution_to_parts(solution):
-    """GSM8K-style solution text -> assistant content parts (text / python / python_output)."""
-    parts = []
-    pos = 0
-    for m in _ANNOTATION.finditer(solution):
-        if m.start() > pos:
-            parts.append({"type": "text", "text": solution[pos:m.start()]})
-        expr, _, result = m.group(1).rpartition("=")
-        if not expr:  # "<<42>>" without '=': nothing to compute, keep it as text
-            parts.append({"type": "text", "text": m.group(1)})
-        else:
-            parts.append({"type": "python", "text": expr})
-            parts.append({"type": "python_output", "text": result})
-        pos = m.end()
-    if pos < len(solution):
-        parts.append({"type": "text", "text": solution[pos:]})
-    return parts
+from tasks.verify import ANNOTATION, calculations, perturb_solution, solution_to_parts, split_steps
 
 
 def _value(result_text, expr):
@@ -61,7 +38,7 @@ def solution_steps(solution):
         if not line.strip():
             continue
         calcs = []
-        for m in _ANNOTATION.finditer(line):
+        for m in ANNOTATION.finditer(line):
             expr, _, result = m.group(1).rpartition("=")
             if expr:
                 calcs.append((expr, _value(result, expr)))

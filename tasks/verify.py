@@ -34,6 +34,7 @@ MAX_PARSE_CHARS = 20_000  # parse_verification reads at most this much of a veri
 PYTHON_CALL = re.compile(r"<\|python_start\|>((?:[^<]++|<(?!\|python_(?:start|end)\|>))*+)<\|python_end\|>"
                          r"(?:<\|output_start\|>((?:[^<]++|<(?!\|output_end\|>|\|python_start\|>|\|output_start\|>))*+)<\|output_end\|>)?")
 CALC = re.compile(r"<<([^<>=]*+)=([^<>]*+)>>")
+ANNOTATION = re.compile(r"<<(.*?)>>")  # any GSM8K annotation, for turning a solution into tool-call parts
 BINARY_OP = re.compile(r"(?<=[\d.)\s])[-+*/](?=[\d.(\s-])")  # one match per operator (callers count them)
 FINAL_ANSWER = re.compile(r"####.*$", re.S)
 # the step's text is lazy but may only end on a non-space (or be empty), so the separator is tried once per word
@@ -48,6 +49,25 @@ OVERALL_LINE = re.compile(r"^\s*+\**+\s*+overall\s*+\**+\s*+[:\-]?\s*+\**+\s*+(c
 def to_display(solution):
     """Generator text (possibly with tool-call special tokens) -> the GSM8K `<<expr=value>>` notation."""
     return PYTHON_CALL.sub(lambda m: f"<<{m.group(1).strip()}={(m.group(2) or '').strip()}>>", solution)
+
+
+def solution_to_parts(solution):
+    """GSM8K-style solution text -> assistant content parts (text / python / python_output)."""
+    parts = []
+    pos = 0
+    for m in ANNOTATION.finditer(solution):
+        if m.start() > pos:
+            parts.append({"type": "text", "text": solution[pos:m.start()]})
+        expr, _, result = m.group(1).rpartition("=")
+        if not expr:  # "<<42>>" without '=': nothing to compute, keep it as text
+            parts.append({"type": "text", "text": m.group(1)})
+        else:
+            parts.append({"type": "python", "text": expr})
+            parts.append({"type": "python_output", "text": result})
+        pos = m.end()
+    if pos < len(solution):
+        parts.append({"type": "text", "text": solution[pos:]})
+    return parts
 
 
 def step_spans(solution):
@@ -165,19 +185,8 @@ def build_verifier_conversation(question, solution, target=None, fmt="verdicts")
     A target's <<expr=value>> calculations become calculator calls, which the engine runs at sampling time."""
     messages = [{"role": "user", "content": build_verifier_prompt(question, solution, fmt)}]
     if target is not None:
-        messages.append({"role": "assistant", "content": _with_tool_calls(target) if CALC.search(target) else target})
+        messages.append({"role": "assistant", "content": solution_to_parts(target) if CALC.search(target) else target})
     return {"messages": messages}
-
-
-def _with_tool_calls(text):
-    """'12/3=<<12/3=4>>4' -> assistant content parts with a python call and its output (the GSM8K convention)."""
-    parts, pos = [], 0
-    for m in CALC.finditer(text):
-        parts.append({"type": "text", "text": text[pos:m.start()]})
-        parts += [{"type": "python", "text": m.group(1)}, {"type": "python_output", "text": m.group(2)}]
-        pos = m.end()
-    parts.append({"type": "text", "text": text[pos:]})
-    return [p for p in parts if p["text"] or p["type"] != "text"]
 
 
 def _step_check(step):
