@@ -60,7 +60,7 @@ def worker(argv, out_path):
 def run(arm, seed, args):
     argv = ["--task", args.task, "--seed", str(seed), "--device_type", "cpu", "--gen_source", "sft", "--gen_tag", args.gen_tag,
             "--ver_source", args.ver_source, "--ver_tag", args.ver_tag, "--num_gen_steps", str(args.num_gen_steps),
-            "--output_tag", f"exp_{arm}_s{seed}"] + args.shared + ARMS[arm][1]
+            "--output_tag", f"{args.tag_prefix}_{arm}_s{seed}"] + args.shared + ARMS[arm][1]
     if arm != "baseline":
         argv += shlex.split(args.process_args)
     if arm in LEARNED:
@@ -165,6 +165,8 @@ def main(argv=None):
     p.add_argument("--verifier_args", "--cotrain_args", default="", help="flags for the learned-verifier arms only")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time (each gets 2/parallel threads)")
     p.add_argument("--log_dir", default="dev/logs/cotrain_experiment", help="per-run logs")
+    p.add_argument("--tag_prefix", default="exp", help="checkpoint tags are <prefix>_<arm>_s<seed> (a new prefix keeps "
+                   "the checkpoints of earlier experiments)")
     p.add_argument("--out", default="dev/cotrain_experiment.md")
     p.add_argument("--reuse", action="store_true",
                    help="take the result of a run already finished in --log_dir (<arm>_s<seed>.json) instead of running it")

@@ -16,7 +16,7 @@ Gold labels: the overall label comes from the task's exact answer check. Step la
 computed, follow ProcessBench: steps before the first error are correct, the first error and every step
 after it are incorrect. A step is an error when one of its calculations does not evaluate to the value it
 states, or (when the chain of correct intermediate results is known, as in `arithmetic`) when its result
-is not the next value of that chain (a wrong operand, a skipped step).
+is not the next value of that chain (a wrong operand, a skipped step) or it has no calculation at all.
 """
 
 import re
@@ -134,13 +134,22 @@ def gold_step_labels(solution, reference_values=None):
     Every calculation must evaluate to the value it states. With `reference_values` (the chain of
     intermediate results of a correct solution, known exactly for our synthetic problems) each step's
     result must also be a value of that chain that comes after the previous step's: a wrong operand or a
-    skipped step produces a number off the chain even when its arithmetic is right. Merging two steps
-    into one line is allowed: a calculation with n operations advances n links along the chain."""
+    skipped step produces a number off the chain even when its arithmetic is right, and a step with no
+    calculation at all (a restatement, or garbage) makes no progress and is an error too. Without a chain
+    a calculation-free step cannot be checked and counts as correct. Merging two steps into one line is
+    allowed: a calculation with n operations advances n links along the chain.
+
+    Why a calculation-free step is an error when the chain is known: these labels are the oracle's process
+    reward, and when they called such a line harmless, the oracle's generator learned to write lines
+    without calculations (tool-call fragments, spelling-task text) instead of risking a wrong one: held-out
+    pass@1 0.196 -> 0.126 over 3 seeds, against 0.269 for plain GRPO (dev/cotrain_experiment.md)."""
     labels, first_error, position = [], -1, -1
     for step in split_steps(to_display(solution)):
         calcs = calculations(step)
         ok = all(calc_is_right(expr, stated) for expr, stated in calcs)
-        if ok and calcs and reference_values is not None:
+        if ok and reference_values is not None and not calcs:
+            ok = False  # a step without a calculation does not advance the chain
+        elif ok and reference_values is not None:
             value = _to_number(calcs[-1][1])
             target = position + max(1, len(BINARY_OP.findall(calcs[-1][0])))  # one chain link per operation
             if value is not None and target < len(reference_values) and \
@@ -270,8 +279,8 @@ def process_verdicts(verification):
     policy finds wrong solutions whose every step looks right and scores them like correct ones. Measured:
     an oracle-verifier run (gold step labels, alpha 0.3) fell from pass@1 0.195 to 0.002 in 100 updates; its
     generator wrote one line with no calculation (a spelling answer from mid-training), which gold step
-    labels count as a harmless restatement (dev/cotrain_experiment.md). Stopping before the last step of
-    the question is the same hole."""
+    labels then counted as a harmless restatement (dev/cotrain_experiment.md; such a line is now an error
+    where the reference chain is known). Stopping before the last step of the question is the same hole."""
     verdicts = list(verification.step_verdicts)
     if verification.overall is False and verdicts and all(verdicts):
         verdicts[-1] = False
@@ -332,8 +341,9 @@ def labelled_example(question, solution, overall_correct, step_labels, fmt="verd
 # verdict is text it has just written; the comparison with what the step wrote is left to a rule, as
 # arithmetic is left to the calculator (a small model that writes "should be 28, wrote 84" still tends to
 # say Correct). A step is Correct when its calculations are right, its result is the value the verifier
-# expected, and every step before it is Correct. A line without a calculation is a restatement and cannot
-# be wrong (as in gold_step_labels); the verifier marks it "no calculation" and does not advance.
+# expected, and every step before it is Correct. A line without a calculation makes no progress and is
+# Incorrect (as in gold_step_labels with a reference chain); the verifier marks it "no calculation" and
+# does not advance.
 
 NO_CALCULATION = "no calculation"
 NOTHING_LEFT = "nothing left"
@@ -364,7 +374,7 @@ def step_meets_expectation(step, expectation):
     """The rule: does a solution step (display notation) do what the verifier's expectation line says?"""
     calcs = calculations(step)
     if not calcs:
-        return True
+        return False
     if not all(calc_is_right(expr, stated) for expr, stated in calcs):
         return False
     expected = calculations(expectation)

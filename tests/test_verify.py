@@ -93,6 +93,21 @@ def test_gold_step_labels_follow_the_reference_chain():
     assert verify.gold_step_labels(backwards, reference_values=[12, 17, 34]) == ([1, 0], 1)
 
 
+def test_a_step_without_a_calculation_is_an_error_when_the_chain_is_known():
+    """Regression: with calculation-free lines labelled correct, an oracle-verifier generator learned to
+    write tool-call fragments and spelling-task text instead of calculations (pass@1 0.196 -> 0.126 over
+    3 seeds while plain GRPO reached 0.269): such a line scored above a wrong calculation."""
+    garbage = "3*4=<<3*4=12>>12\nDoubling, he has Itember: possessable'.count('n')\n12+5=<<12+5=17>>17\n#### 17"
+    assert verify.gold_step_labels(garbage, reference_values=[12, 17]) == ([1, 0, 0], 1)
+    assert verify.gold_step_labels("So he has 12 apples.\n#### 12", reference_values=[12]) == ([0], 0)
+    # without a chain a restatement cannot be checked and stays correct
+    assert verify.gold_step_labels("3*4=<<3*4=12>>12\nSo he has 12.\n#### 12") == ([1, 1], -1)
+    # the expectations rule agrees with the gold labels on the same solution
+    reference = [("3*4", "12"), ("12+5", "17")]
+    said = verify.rule_verification(garbage, verify.expectation_text(garbage, reference))
+    assert said.step_verdicts == [True, False, False] and said.overall is False
+
+
 def test_gold_labels_on_arithmetic_fixture():
     """Our task's corrupted solutions: gold first errors match what recomputation + provenance finds."""
     task = ArithmeticTask(split="test", size=60)
