@@ -52,7 +52,10 @@ def worker(argv, out_path):
                "steps_aligned_mean": mean("gen/steps_exact", gen),
                "verifier_step_agreement_mean": mean("gen/verifier_step_agreement", gen),
                "verifier_share_said_correct_mean": mean("ver/share_said_correct", ver),
-               "verifier_gold_correct_rate_mean": mean("ver/gold_correct_rate", ver)}
+               "verifier_gold_correct_rate_mean": mean("ver/gold_correct_rate", ver),
+               # training FLOPs of the whole run by model (evaluation excluded): the compute-matched view
+               "flops": {model: sum(r.get(f"gen/flops_{model}", 0.0) for r in gen) + sum(r.get(f"ver/flops_{model}", 0.0) for r in ver)
+                         for model in ("generator", "verifier")}}
     with open(out_path, "w") as f:
         json.dump(summary, f)
 
@@ -124,13 +127,23 @@ def report(results, args, command, minutes):
     row("verifier 'Correct' share in training", lambda r: r["verifier_share_said_correct_mean"])
     row("groups without reward variance", lambda r: r["zero_variance_groups"], 2)
     lines += ["", "## Cost (the compute-matched view)", "",
-              "| arm | seconds per generator update (generate / verify / train) | verifier steps | seconds per verifier step | minutes per run |",
-              "|---|---|---|---|---|"]
+              "| arm | seconds per generator update (generate / verify / train) | verifier steps | seconds per verifier step | minutes per run "
+              "| training PFLOPs per run (generator + verifier) | FLOPs ÷ the first arm's |",
+              "|---|---|---|---|---|---|---|"]
+    total_flops = {}
+    for arm in arms:  # runs made before FLOPs were counted have none: n/a
+        counted = [results[(arm, s)]["flops"] for s in seeds if "flops" in results[(arm, s)]]
+        total_flops[arm] = {m: statistics.fmean(f[m] for f in counted) for m in ("generator", "verifier")} if counted else None
+    anchor = total_flops[arms[0]]
     for arm, label in zip(arms, labels):
         rs = [results[(arm, s)] for s in seeds]
         parts = {p: statistics.fmean(r["seconds_per_update"][p] for r in rs) for p in ("generate", "verify", "train")}
+        flops = total_flops[arm]
+        flops_cell = "n/a" if flops is None else f"{sum(flops.values()) / 1e15:.3f} ({flops['generator'] / 1e15:.3f} + {flops['verifier'] / 1e15:.3f})"
+        ratio_cell = "n/a" if flops is None or anchor is None else f"{sum(flops.values()) / sum(anchor.values()):.2f}"
         lines.append(f"| {label} | {sum(parts.values()):.1f} ({parts['generate']:.1f} / {parts['verify']:.1f} / {parts['train']:.1f}) | "
-                     f"{rs[0]['verifier_steps']} | {statistics.fmean(r['verifier_seconds_per_step'] for r in rs):.1f} | {statistics.fmean(r['seconds'] for r in rs) / 60:.1f} |")
+                     f"{rs[0]['verifier_steps']} | {statistics.fmean(r['verifier_seconds_per_step'] for r in rs):.1f} | "
+                     f"{statistics.fmean(r['seconds'] for r in rs) / 60:.1f} | {flops_cell} | {ratio_cell} |")
     lines += ["", "## Per seed (held-out pass@1)", ""]
     for s in seeds:
         lines.append(f"- seed {s}: " + " vs ".join(f"{a} {results[(a, s)]['final']['pass@1']:.4f}" for a in arms))

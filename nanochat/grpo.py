@@ -598,6 +598,19 @@ def sample_batch(engine, tokenizer, task, step, num_steps, args, rank, world_siz
     return rollouts, extra_rounds
 
 
+def rollout_flops(model, rollouts, num_samples=1, train_passes=0):
+    """Approximate FLOPs `model` spent on `rollouts`, for the compute-matched view of co-training: sampling
+    them (a forward pass over each group's prompt once, then over every completion token) plus, with
+    train_passes, training on them (forward and backward over prompt and completion, once per pass).
+    Per token, GPT.estimate_flops (6 per matmul weight plus attention) for training, a third of it for a
+    forward pass. Rollouts that dynamic sampling drew and discarded are not counted."""
+    per_token = model.estimate_flops()
+    prompts = sum(len(r.prompt_ids) for r in rollouts[::num_samples])
+    completions = sum(len(r.completion_ids) for r in rollouts)
+    trained = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
+    return per_token / 3 * (prompts + completions) + per_token * train_passes * trained
+
+
 def batch_metrics(rollouts, num_samples, stats, extra_rounds, device):
     """What to log about one RL batch and its update, over all ranks: reward and its parts, accuracy, lengths,
     groups without variance (no gradient), truncation, and the update's diagnostics (rank 0's entropy, KL,

@@ -47,7 +47,7 @@ from nanochat.common import (all_gather_list, all_reduce_dict, autocast_context,
 from nanochat.engine import Engine
 from nanochat.grpo import (ClassBalancer, add_grpo_flags, alpha_schedule, batch_metrics, check_grpo_flags, checked_reward,
                            generate_rollouts, grpo_update, load_reward_fn, majority_vote, pass_at_k, rank_indices,
-                           rl_lr_multiplier, sample_and_score, sample_batch, token_advantages, token_pieces)
+                           rl_lr_multiplier, rollout_flops, sample_and_score, sample_batch, token_advantages, token_pieces)
 from nanochat.memory import cuda_memory_report, print_role_estimates
 from nanochat.report import get_report
 from nanochat.roles import Roles
@@ -266,14 +266,14 @@ def generator_step(args, roles, task, step, rank, world_size):
 
     t1 = time.time()
     alpha = alpha_schedule(step, args.num_gen_steps, args.alpha, args.alpha_end) if args.alpha > 0 else 0.0
-    judgements = None
+    judgements, readings = None, []
     counts = dict.fromkeys(("exact", "missing", "extra", "judged_correct", "judged_steps", "gold_agree", "gold_compared", "process"), 0)
     golds = [exact_labels(task, r)[0] for r in rollouts] if args.oracle_verifier or roles.verifier is not None else None
     if args.oracle_verifier:
         judgements = [verify.oracle_judge(token_pieces(roles.tokenizer, r.body_ids), gold, r.info["correct"])
                       for r, gold in zip(rollouts, golds)]
     elif roles.verifier is not None:
-        _, judgements = judge(args, roles, task, rollouts, 1, args.ver_temperature, seed=args.seed + 2_000_003 * step + rank)
+        readings, judgements = judge(args, roles, task, rollouts, 1, args.ver_temperature, seed=args.seed + 2_000_003 * step + rank)
     if judgements is not None:
         for j, gold in zip(judgements, golds):
             said = j.verification
@@ -298,6 +298,9 @@ def generator_step(args, roles, task, step, rank, world_size):
                         clip_eps=args.clip_low, clip_high=args.clip_high, ref_model=roles.reference, kl_coef=args.kl_coef,
                         grad_clip=args.grad_clip, lr_multiplier=lrm, max_completion_tokens=args.max_new_tokens)
     timer["train"] = time.time() - t2
+    # FLOPs, for the compute-matched view: the verifier's reading of every sample is part of a generator step
+    counts["flops_generator"] = rollout_flops(roles.generator, rollouts, group, train_passes=args.ppo_epochs + ((args.ppo_epochs > 1) + (args.kl_coef > 0)) / 3)
+    counts["flops_verifier"] = rollout_flops(roles.verifier, readings) if readings else 0.0
 
     s = all_reduce_dict({**counts, "n": len(rollouts)}, roles.device)
     n = max(s["n"], 1)
@@ -307,7 +310,8 @@ def generator_step(args, roles, task, step, rank, world_size):
               "gen/steps_exact": s["exact"] / n, "gen/steps_missing": s["missing"] / n, "gen/steps_extra": s["extra"] / n,
               "gen/share_steps_judged_correct": s["judged_correct"] / max(s["judged_steps"], 1),
               "gen/verifier_step_agreement": s["gold_agree"] / max(s["gold_compared"], 1),
-              "gen/lr_multiplier": lrm, **{f"gen/time_{k}": v for k, v in timer.items()}}
+              "gen/lr_multiplier": lrm, "gen/flops_generator": s["flops_generator"], "gen/flops_verifier": s["flops_verifier"],
+              **{f"gen/time_{k}": v for k, v in timer.items()}}
     print0(f"G {step:4d} | reward {record['gen/outcome_reward']:.3f} | acc {record['gen/accuracy']:.3f} | "
            f"alpha {alpha:.4f} | proc {record['gen/process_reward']:.3f} | steps-aligned {record['gen/steps_exact']:.2f} | "
            f"zero-var {record['gen/zero_variance_groups']:.2f} | gen {timer['generate']:.1f}s ver {timer['verify']:.1f}s train {timer['train']:.1f}s")
@@ -343,7 +347,9 @@ def verifier_step(args, roles, task, step, rank, world_size, balancer):
 
     counts = verify.count_verdicts([j.verification.overall for j in judgements], gold)
     counts.update(format=sum(j.verification.format_ok for j in judgements), aligned=sum(j.aligned for j in judgements),
-                  reward=sum(r.reward for r in readings), n=len(readings), gold_correct=sum(gold))
+                  reward=sum(r.reward for r in readings), n=len(readings), gold_correct=sum(gold),
+                  flops_generator=rollout_flops(roles.generator, solutions, args.ver_solutions),
+                  flops_verifier=rollout_flops(roles.verifier, readings, V, train_passes=1))
     s = all_reduce_dict(counts, roles.device)
     n = max(s["n"], 1)
     if balancer.check_collapse(s["said_correct"] / n, s["gold_correct"] / n):
@@ -354,6 +360,7 @@ def verifier_step(args, roles, task, step, rank, world_size, balancer):
               "ver/entropy_proxy": stats["entropy_proxy"], "ver/class_count_correct": balancer.counts[1],
               "ver/class_count_incorrect": balancer.counts[0],
               "ver/weight_correct": balancer.weights([1, 0])[0], "ver/class_power": balancer.power,
+              "ver/flops_generator": s["flops_generator"], "ver/flops_verifier": s["flops_verifier"],
               **{f"ver/time_{k}": t for k, t in timer.items()}}
     print0(f"V {step:4d} | reward {record['ver/reward']:.3f} | acc {record['ver/accuracy']:.3f} | bal-acc "
            f"{record['ver/balanced_accuracy']:.3f} | said-correct {record['ver/share_said_correct']:.2f} | "

@@ -280,6 +280,9 @@ def test_experiment_script_compares_the_arms(sft_base, tmp_path):
     assert pass1.count("|") == 6
     assert "gain over the baseline (paired by seed) | 0.000 |" in table and "seed 1: baseline" in table
     assert "--oracle_verifier" in (tmp_path / "logs" / "oracle_s1.log").read_text()
+    cost = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "PFLOPs" not in line}
+    assert cost["GRPO baseline"][-1] == "1.00 |" and cost["oracle verifier"][-2].endswith("+ 0.000)")
+    assert float(cost["co-trained (two models)"][-1].rstrip(" |")) > 1  # the verifier's reading and training cost FLOPs
     again = subprocess.run([sys.executable, "-m", "dev.cotrain_experiment", *flags, "--reuse", *shared], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout.count("reused: ") == 4, again.stdout[-2000:] + again.stderr[-2000:]
@@ -295,6 +298,7 @@ def test_oracle_verifier_feeds_gold_step_labels_through_the_process_path(sft_bas
     record = cotrain.generator_step(args, roles, build_rl_task("arithmetic", "train"), 0, 0, 1)
     assert record["gen/steps_exact"] == 1.0  # one verdict per step for every sample
     assert record["gen/verifier_step_agreement"] == 1.0
+    assert record["gen/flops_generator"] > 0 and record["gen/flops_verifier"] == 0  # the oracle costs no model FLOPs
     with pytest.raises(SystemExit):
         cotrain.get_args(["--oracle_verifier", "--shared_model"])
 
@@ -400,6 +404,8 @@ def test_expectations_format_end_to_end(sft_base):
                 "verifier_synthetic_balanced_accuracy", "verifier_share_said_correct", "verifier_gold_share_correct"):
         assert key in final, key
     assert 0 <= final["verifier_share_said_correct"] <= 1 and history["ver"][0]["ver/format_rate"] >= 0
+    # the verifier's reading of the generator's samples and its own training are counted as FLOPs
+    assert history["gen"][0]["gen/flops_verifier"] > 0 and history["ver"][0]["ver/flops_verifier"] > 0
     # the warm-started verifier is reusable: --ver_source cotrain loads the verifier role of that checkpoint
     ckpt = os.path.join(os.environ["NANOCHAT_BASE_DIR"], "cotrain_checkpoints", "expectations")
     model_data, _, _ = load_checkpoint(ckpt, find_last_step(ckpt), torch.device("cpu"))

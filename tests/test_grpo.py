@@ -9,7 +9,7 @@ import torch
 from nanochat.grpo import (Rollout, group_advantages, process_advantages, mix_advantages, alpha_schedule,
                            policy_gradient_loss, collate_rollouts, ClassBalancer, majority_answers, grpo_update,
                            apply_overlong, dynamic_sampling, load_reward_fn, checked_reward, rl_lr_multiplier,
-                           token_pieces)
+                           token_pieces, rollout_flops)
 from nanochat.gpt import GPT, GPTConfig
 
 
@@ -325,3 +325,15 @@ def test_token_texts_join_into_the_text_with_multibyte_characters(tiny_tokenizer
     # each step ends at the token that completes its last character
     assert verify.step_end_tokens(pieces) == [next(i for i, p in enumerate(pieces) if "✓" in p),
                                               next(i for i, p in enumerate(pieces) if "€" in p)]
+
+
+def test_rollout_flops_counts_each_prompt_once_and_every_trained_token():
+    """Sampling: one forward pass over each group's prompt and over every completion token; training: forward
+    and backward over prompt and completion per pass. Checked against the count done by hand."""
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
+    per_token = model.estimate_flops()
+    group = [Rollout(0, [1, 2, 3], [4, 5], [1, 1]), Rollout(0, [1, 2, 3], [6], [1])]  # one prompt, two samples
+    assert rollout_flops(model, group, num_samples=2) == pytest.approx(per_token / 3 * (3 + 2 + 1))
+    assert rollout_flops(model, group, num_samples=2, train_passes=2) == pytest.approx(per_token / 3 * 6 + per_token * 2 * (5 + 4))
+    assert rollout_flops(model, group, num_samples=1) == pytest.approx(per_token / 3 * (3 + 3 + 2 + 1))
+    assert rollout_flops(model, []) == 0
