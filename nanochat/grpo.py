@@ -112,18 +112,48 @@ def process_advantages(step_rewards, step_ends, length, normalize_std=False, eps
     return out
 
 
+def within_solution_advantages(step_rewards, step_ends, lengths, length):
+    """Step-level credit inside each solution only (--process_credit within), for one group: every token
+    gets its step's judgement rescaled to +-1 (x K, so +-1/K verdicts become +-1 and probability scores
+    2p - 1), tokens after the last step (the answer line, the terminal token) the last step's, and then
+    the solution's own token mean is subtracted. The result sums to zero over each solution, so it moves
+    credit from the wrong steps of a solution to its right ones and never makes one solution preferable to
+    another: that stays the outcome's job.
+
+    Why not the return-to-go of process_advantages: its step rewards are pooled over the group and centred,
+    so a solution's first token gets (sum of its rewards) - K x (pooled mean). Where most steps are wrong
+    (the mean is negative) more lines mean more credit: six garbage lines at -1/6 each score above one wrong
+    line at -1. Oracle-verifier generators drifted into multi-line garbage and lost to plain GRPO (pass@1
+    0.164 vs 0.269 over 3 seeds, dev/cotrain_experiment.md).
+    lengths[i]: sample i's number of completion tokens. Returns (G, length), zero past each solution."""
+    out = torch.zeros(len(step_rewards), length)
+    for i, (rewards, ends) in enumerate(zip(step_rewards, step_ends)):
+        if not rewards or lengths[i] == 0:
+            continue
+        values = torch.empty(lengths[i])
+        start = 0
+        for k, (r, end) in enumerate(zip(rewards, ends)):
+            stop = lengths[i] if k == len(rewards) - 1 else min(end + 1, lengths[i])
+            values[start:stop] = r * len(rewards)
+            start = max(start, stop)
+        out[i, :lengths[i]] = values - values.mean()
+    return out
+
+
 def mix_advantages(outcome_adv, process_adv, alpha):
     """Tango's advantage-level mix: (1 - alpha) * A_out (broadcast over tokens) + alpha * A_proc."""
     return (1.0 - alpha) * outcome_adv.unsqueeze(-1) + alpha * process_adv
 
 
-def token_advantages(rollouts, num_samples, alpha=0.0, judgements=None, mix="advantage", normalize_std=False):
+def token_advantages(rollouts, num_samples, alpha=0.0, judgements=None, mix="advantage", normalize_std=False, credit="return"):
     """The advantage of every rollout (prompt-major groups of `num_samples`), ready for grpo_update: a scalar
     per rollout from the outcome rewards alone, or a per-token tensor once a process signal is mixed in.
 
     judgements[i] (tasks.verify.Judgement, or None without a verifier) carries rollout i's step rewards and
     step ends. mix="advantage" (Tango): (1 - alpha) A_out + alpha A_proc, each normalised on its own;
-    mix="reward": one group baseline over r_out + alpha * (share of steps judged correct)."""
+    mix="reward": one group baseline over r_out + alpha * (share of steps judged correct). credit: the
+    process advantage of the advantage mix, "return" (process_advantages, DeepSeekMath's return-to-go over
+    group-centred step rewards) or "within" (within_solution_advantages: credit moved inside a solution)."""
     rewards = torch.tensor([r.reward for r in rollouts]).view(-1, num_samples)
     if judgements is None or alpha <= 0:
         return group_advantages(rewards, normalize_std=normalize_std).view(-1).tolist()
@@ -137,8 +167,13 @@ def token_advantages(rollouts, num_samples, alpha=0.0, judgements=None, mix="adv
     for start in range(0, len(rollouts), num_samples):
         group = range(start, start + num_samples)
         length = max(len(rollouts[i].completion_ids) for i in group)
-        process = process_advantages([judgements[i].step_rewards for i in group],
-                                     [judgements[i].step_ends for i in group], length, normalize_std=normalize_std)
+        step_rewards, step_ends = [judgements[i].step_rewards for i in group], [judgements[i].step_ends for i in group]
+        if credit == "within":
+            process = within_solution_advantages(step_rewards, step_ends, [len(rollouts[i].completion_ids) for i in group], length)
+        elif credit == "return":
+            process = process_advantages(step_rewards, step_ends, length, normalize_std=normalize_std)
+        else:
+            raise ValueError(f"credit must be 'return' or 'within', got {credit!r}")
         mixed = mix_advantages(outcome[start:start + num_samples], process, alpha)
         out += [mixed[k, :len(rollouts[i].completion_ids)] for k, i in enumerate(group)]
     return out

@@ -97,7 +97,13 @@ def get_args(argv=None):
     p.add_argument("--gen_max_tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=256)
     p.add_argument("--gen_temperature", "--temperature", dest="temperature", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=50)
-    p.add_argument("--mix", default="advantage", choices=["advantage", "reward"])
+    p.add_argument("--mix", default="advantage", choices=["advantage", "reward"],
+                   help="advantage: (1 - alpha) A_outcome + alpha A_process per token (Tango); reward: one group baseline "
+                        "over outcome + alpha x share of steps judged correct")
+    p.add_argument("--process_credit", default="return", choices=["return", "within"],
+                   help="the process advantage of --mix advantage: return = DeepSeekMath's return-to-go over group-centred "
+                        "step rewards; within = each step's verdict minus the solution's mean, so credit moves inside a "
+                        "solution and never between solutions (see nanochat.grpo.within_solution_advantages)")
     p.add_argument("--alpha", type=float, default=0.1, help="initial weight of the process signal (0: outcome only)")
     p.add_argument("--alpha_end", type=float, default=0.001, help="alpha decays exponentially to this")
     p.add_argument("--normalize_std", action="store_true", help="divide outcome advantages by the group std")
@@ -290,7 +296,7 @@ def generator_step(args, roles, task, step, rank, world_size):
     timer["verify"] = time.time() - t1
 
     t2 = time.time()
-    advantages = token_advantages(rollouts, group, alpha, judgements, args.mix, args.normalize_std)
+    advantages = token_advantages(rollouts, group, alpha, judgements, args.mix, args.normalize_std, args.process_credit)
     roles.training("G")
     lrm = rl_lr_multiplier(step, args.num_gen_steps, args.lr_schedule, args.warmup_steps)
     stats = grpo_update(roles.generator, roles.gen_optimizer, rollouts, advantages, roles.tokenizer.get_bos_token_id(),

@@ -299,6 +299,8 @@ def test_oracle_verifier_feeds_gold_step_labels_through_the_process_path(sft_bas
     assert record["gen/steps_exact"] == 1.0  # one verdict per step for every sample
     assert record["gen/verifier_step_agreement"] == 1.0
     assert record["gen/flops_generator"] > 0 and record["gen/flops_verifier"] == 0  # the oracle costs no model FLOPs
+    within = cotrain.get_args(TINY + ["--num_gen_steps", "2", "--alpha", "0.5", "--oracle_verifier", "--process_credit", "within"])
+    assert cotrain.generator_step(within, roles, build_rl_task("arithmetic", "train"), 1, 0, 1)["gen/steps_exact"] == 1.0
     with pytest.raises(SystemExit):
         cotrain.get_args(["--oracle_verifier", "--shared_model"])
 

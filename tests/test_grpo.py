@@ -9,7 +9,7 @@ import torch
 from nanochat.grpo import (Rollout, group_advantages, process_advantages, mix_advantages, alpha_schedule,
                            policy_gradient_loss, collate_rollouts, ClassBalancer, majority_answers, grpo_update,
                            apply_overlong, dynamic_sampling, load_reward_fn, checked_reward, rl_lr_multiplier,
-                           token_pieces, rollout_flops)
+                           token_pieces, rollout_flops, within_solution_advantages, token_advantages)
 from nanochat.gpt import GPT, GPTConfig
 
 
@@ -67,6 +67,36 @@ def test_process_advantages_hand_computed():
     # a sample without a process signal (step-count mismatch) gets zeros
     adv = process_advantages([None, [1.0]], [[0], [0]], length=2)
     assert torch.all(adv[0] == 0)
+
+
+def test_within_solution_credit_hand_computed():
+    """--process_credit within: each token carries its step's verdict (+-1), the answer line and terminal
+    token the last step's, minus the solution's token mean: zero sum per solution, zero past its end."""
+    # sample 0: 6 tokens, steps end at tokens 1 and 3 (right, then wrong); tokens 4-5 follow the last step
+    # sample 1: 3 tokens, one step, right; sample 2: no signal
+    adv = within_solution_advantages([[0.5, -0.5], [1.0], None], [[1, 3], [1], [0]], lengths=[6, 3, 2], length=6)
+    values = torch.tensor([1.0, 1.0, -1.0, -1.0, -1.0, -1.0])
+    assert torch.allclose(adv[0], values - values.mean())
+    assert torch.all(adv[1] == 0) and torch.all(adv[2] == 0)  # one verdict for the whole solution: nothing to move
+    assert adv[0].sum().abs() < 1e-6 and adv[0, 0] > 0 > adv[0, 2]
+    # the length exploit of the return-to-go: in a group where most steps are wrong, six garbage lines
+    # (-1/6 each) got more credit than one wrong line (-1); within a solution both get nothing
+    ret = process_advantages([[-1.0], [-1 / 6] * 6], [[0], list(range(6))], length=6)
+    assert ret[1, 0] > 0 > ret[0, 0]
+    within = within_solution_advantages([[-1.0], [-1 / 6] * 6], [[0], list(range(6))], lengths=[1, 6], length=6)
+    assert torch.all(within == 0)
+
+
+def test_token_advantages_with_within_credit():
+    from tasks.verify import Judgement, Verification
+    rollouts = [Rollout(0, [1], [5, 6, 7, 8], [1] * 4, reward=0.0), Rollout(0, [1], [5, 6], [1, 1], reward=1.0)]
+    judgements = [Judgement(Verification([True, False], False), 2, [1, 3], [0.5, -0.5]),
+                  Judgement(Verification([True], True), 1, [1], [1.0])]
+    adv = token_advantages(rollouts, 2, alpha=0.3, judgements=judgements, credit="within")
+    assert torch.allclose(adv[0], torch.tensor([0.7 * -0.5 + 0.3, 0.7 * -0.5 + 0.3, 0.7 * -0.5 - 0.3, 0.7 * -0.5 - 0.3]))
+    assert torch.allclose(adv[1], torch.full((2,), 0.7 * 0.5))
+    with pytest.raises(ValueError):
+        token_advantages(rollouts, 2, alpha=0.3, judgements=judgements, credit="bogus")
 
 
 def test_both_mixes_hand_computed():
