@@ -83,25 +83,31 @@ def group_advantages(rewards, normalize_std=False, eps=1e-6):
 def process_advantages(step_rewards, step_ends, length, normalize_std=False, eps=1e-6):
     """Step-level advantage per token for one group (DeepSeekMath's process-supervision GRPO, as in Tango).
 
-    step_rewards[i]: list of rewards for the steps of sample i (or None: no process signal for it);
-    step_ends[i]: the completion-token index where each step ends. All step rewards of the group are
-    pooled and centred (and divided by their std with normalize_std, like the outcome advantages), then
-    each token gets the sum of the centred rewards of its own step and every later step (a suffix sum),
-    so early tokens are credited for what follows them.
+    step_rewards[i]: list of rewards for the steps of sample i (or None: no process signal for it), +-1/K_i
+    for K_i steps (or (2p - 1)/K_i); step_ends[i]: the completion-token index where each step ends. Each
+    sample's rewards are put on one scale for the whole group, +-1 / (mean step count of the group), then
+    pooled and centred (and divided by their std with normalize_std, like the outcome advantages); each
+    token gets the sum of the centred rewards of its own step and every later step (a suffix sum), so early
+    tokens are credited for what follows them.
 
-    Why not always divide by the std, as DeepSeekMath does: step rewards are +-1/K, so the division blows
-    them up to ~+-1 each and a K-step suffix sum to ~K, several times the scale of the outcome advantage
-    (centred 0/1) it is mixed with. At alpha 0.3 that swamped the outcome: an oracle-verifier run wrote
-    garbage after its calculations by update 50. Centred only, a suffix sum stays within [-2, 2].
-    Returns (G, length)."""
-    pooled = [r for rewards in step_rewards if rewards for r in rewards]
+    Why one scale per group: with +-1/K_i per sample, a solution's first token gets (sum of its rewards)
+    - K_i x (pooled mean), and where most steps are wrong (the mean is negative) more lines earned more:
+    six wrong lines at -1/6 each scored above one wrong line at -1. With one scale every extra wrong line
+    adds a non-positive amount. Why not always divide by the std, as DeepSeekMath does: step rewards are
+    small, so the division blows them up to ~+-1 each and a K-step suffix sum to ~K, several times the
+    scale of the outcome advantage (centred 0/1) it is mixed with. At alpha 0.3 that swamped the outcome:
+    an oracle-verifier run wrote garbage after its calculations by update 50. Centred only, a suffix sum
+    stays on the outcome's scale. Returns (G, length)."""
     out = torch.zeros(len(step_rewards), length)
-    if not pooled:
+    signalled = [rewards for rewards in step_rewards if rewards]
+    if not signalled:
         return out
-    pooled_t = torch.tensor(pooled)
+    scale = len(signalled) / sum(len(rewards) for rewards in signalled)  # 1 / mean step count
+    scaled = [[r * len(rewards) * scale for r in rewards] if rewards else None for rewards in step_rewards]
+    pooled_t = torch.tensor([r for rewards in scaled if rewards for r in rewards])
     mean = pooled_t.mean()
-    std = pooled_t.std(unbiased=False) if len(pooled) > 1 else torch.tensor(0.0)
-    for i, (rewards, ends) in enumerate(zip(step_rewards, step_ends)):
+    std = pooled_t.std(unbiased=False) if len(pooled_t) > 1 else torch.tensor(0.0)
+    for i, (rewards, ends) in enumerate(zip(scaled, step_ends)):
         if not rewards:
             continue
         per_token = torch.zeros(length)

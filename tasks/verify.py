@@ -15,8 +15,9 @@ inside the line it was written on and is shown to the verifier as `<<expr=value>
 Gold labels: the overall label comes from the task's exact answer check. Step labels, where they can be
 computed, follow ProcessBench: steps before the first error are correct, the first error and every step
 after it are incorrect. A step is an error when one of its calculations does not evaluate to the value it
-states, or (when the chain of correct intermediate results is known, as in `arithmetic`) when its result
-is not the next value of that chain (a wrong operand, a skipped step) or it has no calculation at all.
+states, when it restates another value right after a calculation or holds stray special tokens, or (when
+the chain of correct intermediate results is known, as in `arithmetic`) when its result is not the next
+value of that chain (a wrong operand, a skipped step) or it has no calculation at all.
 """
 
 import re
@@ -123,6 +124,31 @@ def calculations(step_text):
     return [(m.group(1).strip(), m.group(2).strip()) for m in CALC.finditer(to_display(step_text))]
 
 
+def _leading_number(text):
+    """The number `text` starts with (after spaces and a '$'), or None. Plain scanning, no pattern."""
+    text = text.lstrip(" $")
+    end = 0
+    while end < len(text) and (text[end].isdigit() or (text[end] in ".," and end > 0) or (text[end] == "-" and end == 0)):
+        end += 1
+    return _to_number(text[:end].rstrip(".,")) if end and any(c.isdigit() for c in text[:end]) else None
+
+
+def step_is_well_formed(step_text):
+    """A step may not contain stray special tokens (a turn marker, a tool token outside a complete call: the
+    display notation has none left), and the number written right after a calculation, where there is one,
+    must be its value: in '<<9*13=117>>11 cards' the calculation is right but the step carries 11 on.
+    Without this, steps that ran on into junk after a right calculation, or restated a wrong value,
+    counted as correct, and an oracle-verifier generator learned both."""
+    display = to_display(step_text)
+    if "<|" in display:
+        return False
+    for m in CALC.finditer(display):
+        restated, value = _leading_number(display[m.end():]), _to_number(m.group(2))
+        if restated is not None and (value is None or abs(restated - value) > 1e-6 * max(1.0, abs(value))):
+            return False
+    return True
+
+
 def calc_is_right(expr, stated):
     result, stated_value = _to_number(use_calculator(expr)), _to_number(stated)
     return result is not None and stated_value is not None and abs(result - stated_value) <= 1e-6 * max(1.0, abs(result))
@@ -131,7 +157,9 @@ def calc_is_right(expr, stated):
 def gold_step_labels(solution, reference_values=None):
     """Per-step gold labels (1 correct / 0 incorrect) and the first error index (-1 if none).
 
-    Every calculation must evaluate to the value it states. With `reference_values` (the chain of
+    Every calculation must evaluate to the value it states, and the step must be well formed
+    (step_is_well_formed: no stray special tokens, the value restated after a calculation is its value).
+    With `reference_values` (the chain of
     intermediate results of a correct solution, known exactly for our synthetic problems) each step's
     result must also be a value of that chain that comes after the previous step's: a wrong operand or a
     skipped step produces a number off the chain even when its arithmetic is right, and a step with no
@@ -146,7 +174,7 @@ def gold_step_labels(solution, reference_values=None):
     labels, first_error, position = [], -1, -1
     for step in split_steps(to_display(solution)):
         calcs = calculations(step)
-        ok = all(calc_is_right(expr, stated) for expr, stated in calcs)
+        ok = all(calc_is_right(expr, stated) for expr, stated in calcs) and step_is_well_formed(step)
         if ok and reference_values is not None and not calcs:
             ok = False  # a step without a calculation does not advance the chain
         elif ok and reference_values is not None:
@@ -373,7 +401,7 @@ def expectation_text(solution, reference):
 def step_meets_expectation(step, expectation):
     """The rule: does a solution step (display notation) do what the verifier's expectation line says?"""
     calcs = calculations(step)
-    if not calcs:
+    if not calcs or not step_is_well_formed(step):
         return False
     if not all(calc_is_right(expr, stated) for expr, stated in calcs):
         return False

@@ -79,12 +79,21 @@ def test_within_solution_credit_hand_computed():
     assert torch.allclose(adv[0], values - values.mean())
     assert torch.all(adv[1] == 0) and torch.all(adv[2] == 0)  # one verdict for the whole solution: nothing to move
     assert adv[0].sum().abs() < 1e-6 and adv[0, 0] > 0 > adv[0, 2]
-    # the length exploit of the return-to-go: in a group where most steps are wrong, six garbage lines
-    # (-1/6 each) got more credit than one wrong line (-1); within a solution both get nothing
-    ret = process_advantages([[-1.0], [-1 / 6] * 6], [[0], list(range(6))], length=6)
-    assert ret[1, 0] > 0 > ret[0, 0]
+    # within a solution, one wrong line and six wrong lines both get nothing: no credit for length
     within = within_solution_advantages([[-1.0], [-1 / 6] * 6], [[0], list(range(6))], lengths=[1, 6], length=6)
     assert torch.all(within == 0)
+
+
+def test_return_to_go_gives_no_credit_for_extra_wrong_lines():
+    """Regression: with +-1/K_i step rewards pooled over the group, one wrong line (-1), six wrong lines (-1/6
+    each) and one right line (+1) gave the six-line solution more credit than the one-line wrong one (-0.25
+    vs -0.875). On one scale per group (1 / mean step count = 3/8) the six lines get less."""
+    adv = process_advantages([[-1.0], [-1 / 6] * 6, [1.0]], [[0], list(range(6)), [0]], length=6)
+    mean = (-7 * 3 / 8 + 3 / 8) / 8
+    assert adv[0, 0].item() == pytest.approx(-3 / 8 - mean)
+    assert adv[1, 0].item() == pytest.approx(6 * (-3 / 8 - mean))
+    assert adv[2, 0].item() == pytest.approx(3 / 8 - mean)
+    assert adv[1, 0] < adv[0, 0] < 0 < adv[2, 0]
 
 
 def test_token_advantages_with_within_credit():

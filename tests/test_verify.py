@@ -93,6 +93,28 @@ def test_gold_step_labels_follow_the_reference_chain():
     assert verify.gold_step_labels(backwards, reference_values=[12, 17, 34]) == ([1, 0], 1)
 
 
+def test_junk_or_a_wrong_restated_value_after_a_right_calculation_is_an_error():
+    """Regression: an oracle-verifier generator learned to restate a wrong value after a right calculation
+    ('117<|output_end|>11 cards', then working on with 11) and to run on into special tokens after it, because
+    gold labels called those steps correct."""
+    copied = "He has 9*13=<|python_start|>9*13<|python_end|><|output_start|>117<|output_end|>11 cards.\n#### 11"
+    assert verify.gold_step_labels(copied, reference_values=[117]) == ([0], 0)
+    assert not verify.step_is_well_formed(verify.to_display(copied).splitlines()[0])
+    junk = ("He has 13*4=<|python_start|>13*4<|python_end|><|output_start|>52<|output_end|> week <|user_end|>"
+            "<|assistant_start|>abn'.count('q')<|python_end|>\n#### 2")
+    assert verify.gold_step_labels(junk, reference_values=[52]) == ([0], 0)
+    stray = "He has 13*4=<<13*4=52>>52 coins.<|python_end|>\n#### 52"
+    assert verify.gold_step_labels(stray) == ([0], 0)
+    # well-formed steps, restated or not, with a dollar sign, a decimal, a trailing full stop
+    for fine in ("she has 7+5=<<7+5=12>>12 marbles.", "it costs $<<3*4=12>>$12.", "half is <<5/2=2.5>>2.5.",
+                 "she has <<7+5=12>>12.", "so <<7+5=12>>, which is a dozen", "<<1000*2=2000>>2,000 coins"):
+        assert verify.step_is_well_formed(fine), fine
+    # the expectations rule agrees with the gold labels
+    reference = [("9*13", "117")]
+    said = verify.rule_verification(copied, verify.expectation_text(copied, reference))
+    assert said.step_verdicts == [False] and said.overall is False
+
+
 def test_a_step_without_a_calculation_is_an_error_when_the_chain_is_known():
     """Regression: with calculation-free lines labelled correct, an oracle-verifier generator learned to
     write tool-call fragments and spelling-task text instead of calculations (pass@1 0.196 -> 0.126 over
