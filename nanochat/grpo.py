@@ -126,11 +126,9 @@ def within_solution_advantages(step_rewards, step_ends, lengths, length):
     credit from the wrong steps of a solution to its right ones and never makes one solution preferable to
     another: that stays the outcome's job.
 
-    Why not the return-to-go of process_advantages: its step rewards are pooled over the group and centred,
-    so a solution's first token gets (sum of its rewards) - K x (pooled mean). Where most steps are wrong
-    (the mean is negative) more lines mean more credit: six garbage lines at -1/6 each score above one wrong
-    line at -1. Oracle-verifier generators drifted into multi-line garbage and lost to plain GRPO (pass@1
-    0.164 vs 0.269 over 3 seeds, dev/cotrain_experiment.md).
+    Tried as an alternative to the return-to-go of process_advantages when that still gave extra wrong
+    lines credit (since fixed there); with the labels of that time it did worse (dev/cotrain_experiment.md)
+    and is off by default.
     lengths[i]: sample i's number of completion tokens. Returns (G, length), zero past each solution."""
     out = torch.zeros(len(step_rewards), length)
     for i, (rewards, ends) in enumerate(zip(step_rewards, step_ends)):
@@ -637,6 +635,13 @@ def sample_batch(engine, tokenizer, task, step, num_steps, args, rank, world_siz
     if args.overlong == "mask":
         apply_overlong(rollouts, "mask", args.max_new_tokens, buffer)
     return rollouts, extra_rounds
+
+
+def update_passes(ppo_epochs=1, kl_coef=0.0):
+    """How many training passes grpo_update makes over a batch, in units of forward + backward: one per
+    epoch, plus a forward (a third) for the old log-probs when ppo_epochs > 1 and one for the reference
+    model's with a KL penalty. For rollout_flops."""
+    return ppo_epochs + ((ppo_epochs > 1) + (kl_coef > 0)) / 3
 
 
 def rollout_flops(model, rollouts, num_samples=1, train_passes=0):

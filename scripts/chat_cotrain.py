@@ -47,7 +47,8 @@ from nanochat.common import (all_gather_list, all_reduce_dict, autocast_context,
 from nanochat.engine import Engine
 from nanochat.grpo import (ClassBalancer, add_grpo_flags, alpha_schedule, batch_metrics, check_grpo_flags, checked_reward,
                            generate_rollouts, grpo_update, load_reward_fn, majority_vote, pass_at_k, rank_indices,
-                           rl_lr_multiplier, rollout_flops, sample_and_score, sample_batch, token_advantages, token_pieces)
+                           rl_lr_multiplier, rollout_flops, sample_and_score, sample_batch, token_advantages, token_pieces,
+                           update_passes)
 from nanochat.memory import cuda_memory_report, print_role_estimates
 from nanochat.report import get_report
 from nanochat.roles import Roles
@@ -305,7 +306,7 @@ def generator_step(args, roles, task, step, rank, world_size):
                         grad_clip=args.grad_clip, lr_multiplier=lrm, max_completion_tokens=args.max_new_tokens)
     timer["train"] = time.time() - t2
     # FLOPs, for the compute-matched view: the verifier's reading of every sample is part of a generator step
-    counts["flops_generator"] = rollout_flops(roles.generator, rollouts, group, train_passes=args.ppo_epochs + ((args.ppo_epochs > 1) + (args.kl_coef > 0)) / 3)
+    counts["flops_generator"] = rollout_flops(roles.generator, rollouts, group, train_passes=update_passes(args.ppo_epochs, args.kl_coef))
     counts["flops_verifier"] = rollout_flops(roles.verifier, readings) if readings else 0.0
 
     s = all_reduce_dict({**counts, "n": len(rollouts)}, roles.device)
@@ -355,7 +356,7 @@ def verifier_step(args, roles, task, step, rank, world_size, balancer):
     counts.update(format=sum(j.verification.format_ok for j in judgements), aligned=sum(j.aligned for j in judgements),
                   reward=sum(r.reward for r in readings), n=len(readings), gold_correct=sum(gold),
                   flops_generator=rollout_flops(roles.generator, solutions, args.ver_solutions),
-                  flops_verifier=rollout_flops(roles.verifier, readings, V, train_passes=1))
+                  flops_verifier=rollout_flops(roles.verifier, readings, V, train_passes=update_passes()))
     s = all_reduce_dict(counts, roles.device)
     n = max(s["n"], 1)
     if balancer.check_collapse(s["said_correct"] / n, s["gold_correct"] / n):

@@ -154,6 +154,12 @@ def calc_is_right(expr, stated):
     return result is not None and stated_value is not None and abs(result - stated_value) <= 1e-6 * max(1.0, abs(result))
 
 
+def step_checks_out(step, calcs):
+    """A step's own checks, shared by the gold labels and the expectations rule so that the two agree: every
+    calculation evaluates to the value it states and the step is well formed."""
+    return all(calc_is_right(expr, stated) for expr, stated in calcs) and step_is_well_formed(step)
+
+
 def gold_step_labels(solution, reference_values=None):
     """Per-step gold labels (1 correct / 0 incorrect) and the first error index (-1 if none).
 
@@ -174,7 +180,7 @@ def gold_step_labels(solution, reference_values=None):
     labels, first_error, position = [], -1, -1
     for step in split_steps(to_display(solution)):
         calcs = calculations(step)
-        ok = all(calc_is_right(expr, stated) for expr, stated in calcs) and step_is_well_formed(step)
+        ok = step_checks_out(step, calcs)
         if ok and reference_values is not None and not calcs:
             ok = False  # a step without a calculation does not advance the chain
         elif ok and reference_values is not None:
@@ -401,9 +407,7 @@ def expectation_text(solution, reference):
 def step_meets_expectation(step, expectation):
     """The rule: does a solution step (display notation) do what the verifier's expectation line says?"""
     calcs = calculations(step)
-    if not calcs or not step_is_well_formed(step):
-        return False
-    if not all(calc_is_right(expr, stated) for expr, stated in calcs):
+    if not calcs or not step_checks_out(step, calcs):
         return False
     expected = calculations(expectation)
     want, got = (_to_number(expected[-1][1]) if expected else None), _to_number(calcs[-1][1])

@@ -9,7 +9,8 @@ import torch
 from nanochat.grpo import (Rollout, group_advantages, process_advantages, mix_advantages, alpha_schedule,
                            policy_gradient_loss, collate_rollouts, ClassBalancer, majority_answers, grpo_update,
                            apply_overlong, dynamic_sampling, load_reward_fn, checked_reward, rl_lr_multiplier,
-                           token_pieces, rollout_flops, within_solution_advantages, token_advantages)
+                           token_pieces, rollout_flops, within_solution_advantages, token_advantages,
+                           update_passes)
 from nanochat.gpt import GPT, GPTConfig
 
 
@@ -376,3 +377,6 @@ def test_rollout_flops_counts_each_prompt_once_and_every_trained_token():
     assert rollout_flops(model, group, num_samples=2, train_passes=2) == pytest.approx(per_token / 3 * 6 + per_token * 2 * (5 + 4))
     assert rollout_flops(model, group, num_samples=1) == pytest.approx(per_token / 3 * (3 + 3 + 2 + 1))
     assert rollout_flops(model, []) == 0
+    # grpo_update's passes: one per epoch, a forward for old log-probs (epochs > 1) and for the KL reference
+    assert update_passes() == 1 and update_passes(2) == pytest.approx(2 + 1 / 3)
+    assert update_passes(2, kl_coef=0.1) == pytest.approx(2 + 2 / 3) and update_passes(1, kl_coef=0.1) == pytest.approx(4 / 3)
