@@ -53,6 +53,7 @@ from nanochat.memory import cuda_memory_report, print_role_estimates
 from nanochat.report import get_report
 from nanochat.roles import Roles
 from tasks import verify
+from tasks.arithmetic import DIFFICULTY_PRESETS
 from tasks.by_name import RL_TASKS, build_rl_task
 
 
@@ -80,6 +81,9 @@ def get_args(argv=None):
     # task
     p.add_argument("--task", default="gsm8k", choices=RL_TASKS)
     p.add_argument("--data_dir", default=None, help="local directory with the task data (else HF datasets)")
+    p.add_argument("--difficulty", type=int, default=None, choices=sorted(DIFFICULTY_PRESETS),
+                   help="arithmetic only: a difficulty preset (tasks.arithmetic.DIFFICULTY_PRESETS; default: 1-3 steps over numbers "
+                        "up to 20). 2 (2-3 steps) leaves most of the SFT d4 generator's groups all-wrong, where only steps tell samples apart")
     p.add_argument("--reward", default="exact", choices=["exact", "majority"],
                    help="outcome label: the exact answer check, or the group's majority answer (no ground truth)")
     # schedule
@@ -105,6 +109,9 @@ def get_args(argv=None):
                    help="the process advantage of --mix advantage: return = DeepSeekMath's return-to-go over group-centred "
                         "step rewards; within = each step's verdict minus the solution's mean, so credit moves inside a "
                         "solution and never between solutions (see nanochat.grpo.within_solution_advantages)")
+    p.add_argument("--answer_step", action="store_true",
+                   help="judge the answer as one more step, by the overall verdict, instead of flagging the last step of a "
+                        "wrong solution whose steps all check out (see tasks.verify.process_step_rewards)")
     p.add_argument("--alpha", type=float, default=0.1, help="initial weight of the process signal (0: outcome only)")
     p.add_argument("--alpha_end", type=float, default=0.001, help="alpha decays exponentially to this")
     p.add_argument("--normalize_std", action="store_true", help="divide outcome advantages by the group std")
@@ -172,6 +179,8 @@ def get_args(argv=None):
         p.error("--reward majority replaces the reward: it excludes --reward_fn and --dynamic_sampling")
     if args.verifier_format == "expectations" and args.process_score == "prob":
         p.error("--process_score prob reads verdict words; the expectations format has none (its verdicts come from a rule)")
+    if args.difficulty is not None and args.task != "arithmetic":
+        p.error("--difficulty is for --task arithmetic only")
     check_grpo_flags(p, args)
     return args
 
@@ -235,7 +244,7 @@ def judge(args, roles, task, solutions, num_verifications, temperature, seed):
     probs = [None] * len(readings)
     if args.process_score == "prob":
         probs = verify.verdict_probabilities(roles.verifier, tokenizer, readings, roles.device, args.device_batch_size)
-    judgements = [verify.judge(texts[i // num_verifications], r.text, p, args.verifier_format)
+    judgements = [verify.judge(texts[i // num_verifications], r.text, p, args.verifier_format, args.answer_step)
                   for i, (r, p) in enumerate(zip(readings, probs))]
     return readings, judgements
 
@@ -277,7 +286,7 @@ def generator_step(args, roles, task, step, rank, world_size):
     counts = dict.fromkeys(("exact", "missing", "extra", "judged_correct", "judged_steps", "gold_agree", "gold_compared", "process"), 0)
     golds = [exact_labels(task, r)[0] for r in rollouts] if args.oracle_verifier or roles.verifier is not None else None
     if args.oracle_verifier:
-        judgements = [verify.oracle_judge(token_pieces(roles.tokenizer, r.body_ids), gold, r.info["correct"])
+        judgements = [verify.oracle_judge(token_pieces(roles.tokenizer, r.body_ids), gold, r.info["correct"], args.answer_step)
                       for r, gold in zip(rollouts, golds)]
     elif roles.verifier is not None:
         readings, judgements = judge(args, roles, task, rollouts, 1, args.ver_temperature, seed=args.seed + 2_000_003 * step + rank)
@@ -565,7 +574,7 @@ def main(argv=None):
     report = get_report()
 
     roles = load_roles(args, device)
-    train_task, val_task = build_rl_task(args.task, "train", args.data_dir), build_rl_task(args.task, "test", args.data_dir)
+    train_task, val_task = (build_rl_task(args.task, split, args.data_dir, args.difficulty) for split in ("train", "test"))
     if args.reward_fn:
         checked_reward(load_reward_fn(args.reward_fn), train_task[0], "")  # fails here, not mid-run
     has_own_verifier = roles.verifier is not None and not args.shared_model

@@ -49,13 +49,16 @@ def canonical_task_name(name):
     return key
 
 
-def make_task(name, split, data_dir=None, identity_file=None, size=None):
+def make_task(name, split, data_dir=None, identity_file=None, size=None, difficulty=None):
     """The Task behind a name and split ("train", "val" or "test"). Returns None when the task has no
     such split (identity has only train; humaneval only test), so callers can leave it out of a mixture.
-    `size` caps the number of examples (the first `size` of the task's own, shuffled, order)."""
+    `size` caps the number of examples (the first `size` of the task's own, shuffled, order). `difficulty`:
+    one of the arithmetic task's presets (tasks.arithmetic.DIFFICULTY_PRESETS); no other task has one."""
     name = canonical_task_name(name)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if difficulty is not None and name != "arithmetic":
+        raise ValueError(f"a difficulty preset is for the arithmetic task only, not {name!r}")
     slice_kwargs = {} if size is None else {"stop": int(size)}
     if name in ("arc-easy", "arc-challenge"):
         from tasks.arc import ARC
@@ -101,8 +104,8 @@ def make_task(name, split, data_dir=None, identity_file=None, size=None):
     if name == "arithmetic":
         from tasks.arithmetic import ArithmeticTask
         if split == "train":
-            return ArithmeticTask(split="train", size=size if size is not None else 10000)
-        return ArithmeticTask(split="test", size=size if size is not None else SYNTHETIC_TEST_SIZE)
+            return ArithmeticTask(split="train", size=size if size is not None else 10000, difficulty=difficulty)
+        return ArithmeticTask(split="test", size=size if size is not None else SYNTHETIC_TEST_SIZE, difficulty=difficulty)
     raise AssertionError(name)
 
 
@@ -194,8 +197,8 @@ def parse_task_names(spec):
 RL_TASKS = ("gsm8k", "aqua", "arithmetic")
 
 
-def build_rl_task(name, split, data_dir=None):
-    """The train or test Task of an RL task."""
+def build_rl_task(name, split, data_dir=None, difficulty=None):
+    """The train or test Task of an RL task; `difficulty` picks an arithmetic preset (see make_task)."""
     if name not in RL_TASKS:
         raise ValueError(f"unknown RL task {name!r}: expected one of {RL_TASKS}")
-    return make_task(name, split, data_dir=data_dir)
+    return make_task(name, split, data_dir=data_dir, difficulty=difficulty)

@@ -209,7 +209,7 @@ def test_new_grpo_flags_reach_the_update_and_change_it(graded, monkeypatch, tmp_
     assert "dynamic sampling stopped at its cap" in capsys.readouterr().out
     with pytest.raises(ValueError, match="must return a number"):
         chat_rl.main(COMMON + ["--num_steps", "1", "--output_tag", "bad", "--reward_fn", f"{reward_file}:word"])
-    for bad in (["--reward_fn", f"{reward_file}:nothing"], ["--clip_low", "1.5"], ["--clip_high", "-0.1"]):
+    for bad in (["--reward_fn", f"{reward_file}:nothing"], ["--clip_low", "1.5"], ["--clip_high", "-0.1"], ["--difficulty", "7"]):
         with pytest.raises(SystemExit):
             chat_rl.get_args(COMMON + bad)
 

@@ -380,3 +380,25 @@ def test_rollout_flops_counts_each_prompt_once_and_every_trained_token():
     # grpo_update's passes: one per epoch, a forward for old log-probs (epochs > 1) and for the KL reference
     assert update_passes() == 1 and update_passes(2) == pytest.approx(2 + 1 / 3)
     assert update_passes(2, kl_coef=0.1) == pytest.approx(2 + 2 / 3) and update_passes(1, kl_coef=0.1) == pytest.approx(4 / 3)
+
+
+def test_answer_step_puts_an_early_stop_on_the_answer_tokens():
+    """Two samples of one question, both wrong: one stops after two right lines, one writes a wrong third
+    line. Without the answer step the early stop's right second line takes the whole penalty and its answer
+    line (the tokens after the last step) none; with it the answer line pays most and the right lines less."""
+    from tasks.verify import oracle_judge
+    stop = ["a 1+1=", "<<1+1=2>>2.", "\n", "b 2*3=", "<<2*3=6>>6.", "\n#### ", "6"]
+    wrong = ["a 1+1=", "<<1+1=2>>2.", "\n", "b 2*3=", "<<2*3=6>>6.", "\n", "c 6+2=", "<<6+2=9>>9.", "\n#### ", "9"]
+    rollouts = [Rollout(0, [1], list(range(len(stop))), [1] * len(stop), reward=0.0),
+                Rollout(0, [1], list(range(len(wrong))), [1] * len(wrong), reward=0.0)]
+    early = {}
+    for answer_step in (False, True):
+        judgements = [oracle_judge(stop, [1, 1], False, answer_step), oracle_judge(wrong, [1, 1, 0], False, answer_step)]
+        early[answer_step] = token_advantages(rollouts, 2, alpha=0.3, judgements=judgements)[0]
+    assert early[False][4] < 0 and early[False][5] == 0 and early[False][6] == 0
+    assert early[True][5] < early[True][4] and early[True][5] < 0 and early[True][6] < 0
+    assert early[True][4] > early[False][4] and early[True][0] > 0
+    # hand-computed: one scale 2/7 (1 / mean step count, 3 and 4 rewards), pooled mean (2/7)(4 - 3)/7
+    mean = 2 / 49
+    assert early[True][5].item() == pytest.approx(0.3 * (-2 / 7 - mean))
+    assert early[True][4].item() == pytest.approx(0.3 * (2 / 7 - mean - 2 / 7 - mean))

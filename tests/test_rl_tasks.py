@@ -68,3 +68,17 @@ def test_majority_vote_uses_the_tasks_answers(name):
     assert majority_vote(task, rollouts) == [1, 0, 1, 0]
     none = [Rollout(0, [], [], [], text="nothing", info={"conversation": conversation})] * 2
     assert majority_vote(task, none) == [0, 0]
+
+
+def test_difficulty_preset_reaches_the_arithmetic_task_only():
+    from tasks.arithmetic import DIFFICULTY_PRESETS
+    for split in ("train", "test"):
+        task = build_rl_task("arithmetic", split, difficulty=2)
+        preset = DIFFICULTY_PRESETS[2]
+        assert (task.min_steps, task.max_steps, task.max_number) == (preset["min_steps"], preset["max_steps"], preset["max_number"])
+        assert all(preset["min_steps"] <= len(task.reference_chain(i)) <= preset["max_steps"] for i in range(50))
+    assert build_rl_task("arithmetic", "train").min_steps == 1  # no preset: the default mix
+    with pytest.raises(ValueError, match="arithmetic task only"):
+        build_rl_task("gsm8k", "train", difficulty=2)
+    with pytest.raises(ValueError, match="difficulty must be one of"):
+        build_rl_task("arithmetic", "train", difficulty=9)

@@ -2,6 +2,8 @@
 
 import random
 
+import pytest
+
 from hypothesis import given, settings, strategies as st
 
 from tasks import verify
@@ -222,6 +224,34 @@ def test_oracle_judge_reads_gold_labels():
     j = verify.oracle_judge(tokens, labels)
     assert j.aligned and j.step_rewards == [0.5, -0.5] and j.verification.overall is False and j.step_ends == [1, 4]
     assert verify.oracle_judge(tokens, [1]).step_rewards is None  # labels that do not line up give no signal
+
+
+def test_answer_step_charges_stopping_early_to_the_answer_not_the_last_right_line():
+    # every line checks out but the solution answers before the question's last step: the answer is wrong
+    tokens = ["He has 3*4=", "<<3*4=12>>12.", "\n", "Then 12+5=", "<<12+5=17>>17.", "\n#### ", "17"]
+    labels, _ = verify.gold_step_labels("".join(tokens))
+    assert labels == [1, 1]
+    flagged = verify.oracle_judge(tokens, labels, overall_correct=False)
+    assert flagged.step_rewards == [0.5, -0.5] and flagged.step_ends == [1, 4]  # the old rule: the last right line pays
+    answered = verify.oracle_judge(tokens, labels, overall_correct=False, answer_step=True)
+    assert answered.num_steps == 2 and answered.aligned
+    assert answered.step_rewards == [1 / 3, 1 / 3, -1 / 3] and answered.step_ends == [1, 4, 6]  # lands on the last token
+    assert answered.process_fraction == 2 / 3
+    right = verify.oracle_judge(tokens, labels, overall_correct=True, answer_step=True)
+    assert right.step_rewards == [1 / 3] * 3 and right.process_fraction == 1.0
+    # a learned verifier's answer step is its Overall verdict; without one there is no signal
+    said = verify.judge(tokens, "Step 1: ok → Correct\nStep 2: ok → Correct\nOverall: Incorrect", answer_step=True)
+    assert said.step_rewards == [1 / 3, 1 / 3, -1 / 3] and said.step_ends == [1, 4, 6]
+    assert verify.judge(tokens, "Step 1: ok → Correct\nStep 2: ok → Correct", answer_step=True).step_rewards is None
+    # read as probabilities the answer step is (2 p(Overall) - 1) / (K + 1), and the last step is not capped by it
+    probs = verify.judge(tokens, "Step 1: ok → Correct\nStep 2: ok → Correct\nOverall: Incorrect", probs=[0.9, 0.8, 0.25],
+                         answer_step=True)
+    assert probs.step_rewards == pytest.approx([0.8 / 3, 0.6 / 3, -0.5 / 3])
+    assert probs.process_fraction == pytest.approx((0.9 + 0.8 + 0.25) / 3)
+    capped = verify.judge(tokens, "Step 1: ok → Correct\nStep 2: ok → Correct\nOverall: Incorrect", probs=[0.9, 0.8, 0.25])
+    assert capped.step_rewards == pytest.approx([0.8 / 2, -0.5 / 2]) and capped.step_ends == [1, 4]
+    # no steps, no signal, no answer step
+    assert verify.oracle_judge(["#### ", "17"], [], overall_correct=False, answer_step=True).step_ends == []
 
 
 # -----------------------------------------------------------------------------
