@@ -109,6 +109,10 @@ def get_args(argv=None):
                    help="the process advantage of --mix advantage: return = DeepSeekMath's return-to-go over group-centred "
                         "step rewards; within = each step's verdict minus the solution's mean, so credit moves inside a "
                         "solution and never between solutions (see nanochat.grpo.within_solution_advantages)")
+    p.add_argument("--process_centre", default="tokens", choices=["tokens", "steps"],
+                   help="tokens: the return-to-go process advantage is centred over the group's tokens (a step's reward "
+                        "reaches every token before it, so centring step rewards alone pushed most sampled tokens down); "
+                        "steps: only the step rewards are centred (the old behaviour)")
     p.add_argument("--answer_step", action="store_true",
                    help="judge the answer as one more step, by the overall verdict, instead of flagging the last step of a "
                         "wrong solution whose steps all check out (see tasks.verify.process_step_rewards)")
@@ -306,7 +310,8 @@ def generator_step(args, roles, task, step, rank, world_size):
     timer["verify"] = time.time() - t1
 
     t2 = time.time()
-    advantages = token_advantages(rollouts, group, alpha, judgements, args.mix, args.normalize_std, args.process_credit)
+    advantages = token_advantages(rollouts, group, alpha, judgements, args.mix, args.normalize_std, args.process_credit,
+                                  args.process_centre)
     roles.training("G")
     lrm = rl_lr_multiplier(step, args.num_gen_steps, args.lr_schedule, args.warmup_steps)
     stats = grpo_update(roles.generator, roles.gen_optimizer, rollouts, advantages, roles.tokenizer.get_bos_token_id(),

@@ -394,7 +394,7 @@ def test_answer_step_puts_an_early_stop_on_the_answer_tokens():
     early = {}
     for answer_step in (False, True):
         judgements = [oracle_judge(stop, [1, 1], False, answer_step), oracle_judge(wrong, [1, 1, 0], False, answer_step)]
-        early[answer_step] = token_advantages(rollouts, 2, alpha=0.3, judgements=judgements)[0]
+        early[answer_step] = token_advantages(rollouts, 2, alpha=0.3, judgements=judgements, centre="steps")[0]
     assert early[False][4] < 0 and early[False][5] == 0 and early[False][6] == 0
     assert early[True][5] < early[True][4] and early[True][5] < 0 and early[True][6] < 0
     assert early[True][4] > early[False][4] and early[True][0] > 0
@@ -402,3 +402,30 @@ def test_answer_step_puts_an_early_stop_on_the_answer_tokens():
     mean = 2 / 49
     assert early[True][5].item() == pytest.approx(0.3 * (-2 / 7 - mean))
     assert early[True][4].item() == pytest.approx(0.3 * (2 / 7 - mean - 2 / 7 - mean))
+
+
+def test_token_centring_removes_the_net_push_down_of_the_return_to_go():
+    """Regression: centring step rewards leaves the return-to-go net negative over tokens (a late wrong step
+    reaches every token before it). Hand-computed: samples with steps [+1, -1] ending at tokens 1, 3 and [+1]
+    ending at 0, lengths 4 and 2, one scale 2/3: rewards [2/3, -2/3] and [2/3], pooled mean 2/9."""
+    steps = process_advantages([[0.5, -0.5], [1.0]], [[1, 3], [0]], length=4)
+    a, b, c = 2 / 3 - 2 / 9, -2 / 3 - 2 / 9, 2 / 3 - 2 / 9
+    assert torch.allclose(steps, torch.tensor([[a + b, a + b, b, b], [c, 0, 0, 0]]))
+    real_mean = (2 * (a + b) + 2 * b + c) / 6
+    assert real_mean < 0  # the push down
+    tokens = process_advantages([[0.5, -0.5], [1.0]], [[1, 3], [0]], length=4, lengths=[4, 2])
+    assert torch.allclose(tokens[0], steps[0] - real_mean)
+    assert torch.allclose(tokens[1, :2], steps[1, :2] - real_mean) and torch.all(tokens[1, 2:] == 0)  # padding stays 0
+    assert abs(tokens[0].sum() + tokens[1, :2].sum()) < 1e-6
+    # a sample without process signal is neither counted nor shifted
+    none = process_advantages([[0.5, -0.5], None], [[1, 3], []], length=4, lengths=[4, 2])
+    assert torch.all(none[1] == 0) and abs(none[0].sum()) < 1e-6
+    # through token_advantages (the default) the process part sums to zero over a group's tokens
+    rollouts = [Rollout(0, [1], [5, 6, 7, 8], [1] * 4, reward=0.0), Rollout(0, [1], [5, 6], [1, 1], reward=0.0)]
+    from tasks.verify import Judgement, Verification
+    judgements = [Judgement(Verification([True, False], False), 2, [1, 3], [0.5, -0.5]),
+                  Judgement(Verification([True], False), 1, [0], [1.0])]
+    adv = token_advantages(rollouts, 2, alpha=1.0, judgements=judgements)
+    assert abs(adv[0].sum() + adv[1].sum()) < 1e-6
+    with pytest.raises(ValueError):
+        token_advantages(rollouts, 2, alpha=1.0, judgements=judgements, centre="bogus")
