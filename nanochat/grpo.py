@@ -188,13 +188,14 @@ def token_advantages(rollouts, num_samples, alpha=0.0, judgements=None, mix="adv
     out = []
     for start in range(0, len(rollouts), num_samples):
         group = range(start, start + num_samples)
-        length = max(len(rollouts[i].completion_ids) for i in group)
+        lengths = [len(rollouts[i].completion_ids) for i in group]
+        length = max(lengths)
         step_rewards, step_ends = [judgements[i].step_rewards for i in group], [judgements[i].step_ends for i in group]
         if credit == "within":
-            process = within_solution_advantages(step_rewards, step_ends, [len(rollouts[i].completion_ids) for i in group], length)
+            process = within_solution_advantages(step_rewards, step_ends, lengths, length)
         elif credit == "return":
-            lengths = [len(rollouts[i].completion_ids) for i in group] if centre == "tokens" else None
-            process = process_advantages(step_rewards, step_ends, length, normalize_std=normalize_std, lengths=lengths)
+            process = process_advantages(step_rewards, step_ends, length, normalize_std=normalize_std,
+                                         lengths=lengths if centre == "tokens" else None)
         else:
             raise ValueError(f"credit must be 'return' or 'within', got {credit!r}")
         mixed = mix_advantages(outcome[start:start + num_samples], process, alpha)

@@ -329,13 +329,9 @@ def process_step_rewards(verification, num_steps, answer_step=False):
     *correct* line, which teaches the generator to leave out right lines; the oracle generator answered one
     or two lines early in 45 of 128 samples against 19 for GRPO (dev/cotrain_strict.md). The answer step puts
     that penalty on the decision to answer instead."""
-    if num_steps == 0 or verification.num_steps != num_steps:
+    if num_steps == 0 or verification.num_steps != num_steps or (answer_step and verification.overall is None):
         return None
-    if not answer_step:
-        return [(1.0 if ok else -1.0) / num_steps for ok in process_verdicts(verification)]
-    if verification.overall is None:
-        return None
-    verdicts = list(verification.step_verdicts) + [verification.overall]
+    verdicts = list(verification.step_verdicts) + [verification.overall] if answer_step else process_verdicts(verification)
     return [(1.0 if ok else -1.0) / len(verdicts) for ok in verdicts]
 
 
@@ -488,8 +484,9 @@ class Judgement:
 
     @property
     def process_fraction(self):
-        """Share of the solution's steps judged correct (0 without a process signal), the `--mix reward` term;
-        the mean p("Correct") when the verdicts were read as probabilities."""
+        """Share of the solution's steps judged correct (0 without a process signal; the answer counts as a step
+        with an answer step), the `--mix reward` term; the mean p("Correct") when the verdicts were read as
+        probabilities."""
         if not self.step_rewards:
             return 0.0
         # every reward is (2p - 1)/n for n rewards (p in {0, 1} for words), so (n r + 1)/2 is its p
