@@ -260,13 +260,15 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
 SCHEDULE_KEYS = frozenset({"num_iterations", "num_steps", "num_epochs", "num_gen_steps", "target_flops",
                            "target_param_data_ratio", "stop_after"})
 # Operational: what is logged, evaluated, saved, where it runs, and how the same batch is split into
-# micro-batches or kept in memory; none of them changes the weights the run produces (beyond float rounding).
+# micro-batches or kept in memory; none of them changes the weights the run produces (beyond float rounding),
+# except max_batch_rows, which where it cuts a sampling batch draws other samples from the same distribution
+# (a run that ran out of memory must be able to resume with a lower bound).
 OPERATIONAL_KEYS = frozenset({"run", "device_type", "compile", "dry_run", "resume", "resume_from_step", "model_tag",
                               "output_tag", "save_every", "eval_every", "eval_tokens", "eval_steps", "eval_examples",
                               "eval_samples", "eval_metrics_every", "eval_metrics_tasks", "eval_metrics_max_problems",
                               "eval_max_new_tokens", "ver_eval_examples", "core_metric_every", "core_metric_max_per_task",
                               "bundle_dir", "sample_every", "print_memory", "device_batch_size", "offload_frozen",
-                              "grad_checkpointing"})
+                              "grad_checkpointing", "max_batch_rows"})
 RESUME_IGNORED_KEYS = SCHEDULE_KEYS | OPERATIONAL_KEYS
 
 

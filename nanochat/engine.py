@@ -361,8 +361,13 @@ class Engine:
     DECODE_MODES = ("auto", "dynamic", "static", "compile", "graph")
     CAPACITY_QUANTUM = 64  # static caches are a multiple of this long: few shapes, few recompiles
 
-    def __init__(self, model, tokenizer, decode="auto"):
-        """decode picks the decoding loop (all give the same tokens; see _decode_mode):
+    def __init__(self, model, tokenizer, decode="auto", max_rows=None):
+        """max_rows (None: no limit): the most rows generate_prompts samples in one batched pass. The KV cache
+        and the logits grow with the rows (256 problems x 4 samples at d4 on CPU: ~2.8 GB), so larger requests
+        are cut into chunks of whole prompts, chunk c sampled with seed + c: the same results as one pass
+        whenever no cut is needed, other (equally random) samples when one is.
+
+        decode picks the decoding loop (all give the same tokens; see _decode_mode):
         dynamic  the growing-batch loop: shrinks the cache when rows finish, reads only the filled columns
         static   the fixed-shape step (StaticKVCache, batch buckets, sampling on the device), eager
         compile  the fixed-shape step under torch.compile (one graph per batch bucket and cache length)
@@ -370,6 +375,9 @@ class Engine:
         auto     graph on CUDA, static on CPU (measured: dev/bench_rollout.md)"""
         if decode not in self.DECODE_MODES:
             raise ValueError(f"decode must be one of {self.DECODE_MODES}, got {decode!r}")
+        if max_rows is not None and (not isinstance(max_rows, numbers.Integral) or max_rows < 1):
+            raise ValueError(f"max_rows must be a positive integer or None, got {max_rows!r}")
+        self.max_rows = max_rows
         self.model = model
         self.tokenizer = tokenizer
         self.decode = decode
@@ -698,8 +706,8 @@ class Engine:
 
     def generate_prompts(self, prompts, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42,
                          line_headers=None):
-        """Sample num_samples completions for each of several prompts (of any lengths) in one batch.
-        Returns a list of (completion_tokens, completion_mask), prompt-major: prompt 0's samples first.
+        """Sample num_samples completions for each of several prompts (of any lengths) in one batch (in chunks
+        of whole prompts where it would exceed max_rows, see __init__). Returns a list of (completion_tokens, completion_mask), prompt-major: prompt 0's samples first.
         Completions exclude the prompt and the stop token.
 
         line_headers[i] (optional): token lists forced, in order, at the start of the completion and after
@@ -710,9 +718,15 @@ class Engine:
             return []
         if line_headers is not None and len(line_headers) != len(prompts):
             raise ValueError(f"line_headers needs one list per prompt ({len(prompts)}), got {len(line_headers)}")
-        stream = self._stream(prompts, num_samples, max_tokens, temperature, top_k, seed, line_headers=line_headers)
-        completions, masks = self._collect(stream, len(prompts) * num_samples)
-        return list(zip(completions, masks))
+        per_pass = len(prompts) if self.max_rows is None else max(1, self.max_rows // max(num_samples, 1))
+        results = []
+        for c, start in enumerate(range(0, len(prompts), per_pass)):
+            chunk = prompts[start:start + per_pass]
+            headers = None if line_headers is None else line_headers[start:start + per_pass]
+            stream = self._stream(chunk, num_samples, max_tokens, temperature, top_k, seed + c, line_headers=headers)
+            completions, masks = self._collect(stream, len(chunk) * num_samples)
+            results.extend(zip(completions, masks))
+        return results
 
 
 # -----------------------------------------------------------------------------

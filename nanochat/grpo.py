@@ -390,6 +390,10 @@ def add_grpo_flags(parser):
                              "replacing the task's reward (accuracy still uses the task's checker)")
     parser.add_argument("--lr_schedule", default="linear", choices=["constant", "linear", "cosine"])
     parser.add_argument("--warmup_steps", type=int, default=0, help="linear LR warm-up steps")
+    parser.add_argument("--max_batch_rows", type=int, default=None,
+                        help="the most sequences sampled in one batched pass (default: no limit); bounds sampling memory "
+                             "(the evaluation's examples x samples at once: ~2.8 GB at d4 for 256 x 4 on CPU). Larger "
+                             "requests are sampled in chunks, each with its own seed (nanochat.engine.Engine)")
 
 
 def check_grpo_flags(parser, args):
@@ -404,6 +408,8 @@ def check_grpo_flags(parser, args):
         parser.error("--kl_coef, --dynamic_sampling and --warmup_steps must be >= 0")
     if args.overlong_buffer is not None and args.overlong_buffer < 1:
         parser.error("--overlong_buffer must be >= 1")
+    if args.max_batch_rows is not None and args.max_batch_rows < 1:
+        parser.error(f"--max_batch_rows must be >= 1, got {args.max_batch_rows}")
     if args.reward_fn is not None:
         try:
             load_reward_fn(args.reward_fn)  # the script calls it once on a real example before training, too

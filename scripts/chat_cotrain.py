@@ -53,8 +53,7 @@ from nanochat.memory import cuda_memory_report, print_role_estimates
 from nanochat.report import get_report
 from nanochat.roles import Roles
 from tasks import verify
-from tasks.arithmetic import DIFFICULTY_PRESETS
-from tasks.by_name import RL_TASKS, build_rl_task
+from tasks.by_name import add_rl_task_flags, build_rl_task, check_rl_task_flags
 
 
 def get_args(argv=None):
@@ -79,11 +78,7 @@ def get_args(argv=None):
                    help="no verifier model: step verdicts come from the task's exact gold step labels (the ceiling and control)")
     p.add_argument("--output_tag", default=None, help="checkpoint tag (default: g<depth>_v<depth>)")
     # task
-    p.add_argument("--task", default="gsm8k", choices=RL_TASKS)
-    p.add_argument("--data_dir", default=None, help="local directory with the task data (else HF datasets)")
-    p.add_argument("--difficulty", type=int, default=None, choices=sorted(DIFFICULTY_PRESETS),
-                   help="arithmetic only: a difficulty preset (tasks.arithmetic.DIFFICULTY_PRESETS; default: 1-3 steps over numbers "
-                        "up to 20). 2 (2-3 steps) leaves most of the SFT d4 generator's groups all-wrong, where only steps tell samples apart")
+    add_rl_task_flags(p)
     p.add_argument("--reward", default="exact", choices=["exact", "majority"],
                    help="outcome label: the exact answer check, or the group's majority answer (no ground truth)")
     # schedule
@@ -183,8 +178,7 @@ def get_args(argv=None):
         p.error("--reward majority replaces the reward: it excludes --reward_fn and --dynamic_sampling")
     if args.verifier_format == "expectations" and args.process_score == "prob":
         p.error("--process_score prob reads verdict words; the expectations format has none (its verdicts come from a rule)")
-    if args.difficulty is not None and args.task != "arithmetic":
-        p.error("--difficulty is for --task arithmetic only")
+    check_rl_task_flags(p, args)
     check_grpo_flags(p, args)
     return args
 
@@ -228,10 +222,11 @@ def load_roles(args, device):
     ver_optimizer, ver_engine = None, None
     if verifier is not None:
         ver_optimizer = gen_optimizer if args.shared_model else make_optimizer(args, verifier, args.ver_init_lr_frac)
-        ver_engine = Engine(verifier, tokenizer)
+        ver_engine = Engine(verifier, tokenizer, max_rows=args.max_batch_rows)
     reference = copy.deepcopy(generator).eval() if args.kl_coef > 0 else None
-    return Roles(generator, verifier, tokenizer, Engine(generator, tokenizer), ver_engine, gen_optimizer, ver_optimizer,
-                 device, args.offload_frozen, reference)
+    gen_engine = Engine(generator, tokenizer, max_rows=args.max_batch_rows)
+    return Roles(generator, verifier, tokenizer, gen_engine, ver_engine, gen_optimizer, ver_optimizer, device,
+                 args.offload_frozen, reference)
 
 
 def judge(args, roles, task, solutions, num_verifications, temperature, seed):

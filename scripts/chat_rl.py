@@ -26,8 +26,7 @@ from nanochat.engine import Engine
 from nanochat.grpo import (add_grpo_flags, batch_metrics, check_grpo_flags, checked_reward, group_advantages, grpo_update,
                            load_reward_fn, majority_answers, pass_at_k, rl_lr_multiplier, sample_batch)
 from nanochat.report import get_report
-from tasks.arithmetic import DIFFICULTY_PRESETS
-from tasks.by_name import build_rl_task, RL_TASKS
+from tasks.by_name import add_rl_task_flags, build_rl_task, check_rl_task_flags
 
 
 def get_args(argv=None):
@@ -42,10 +41,7 @@ def get_args(argv=None):
     parser.add_argument("--model_step", type=int, default=None, help="checkpoint step to load (default: last)")
     parser.add_argument("--output_tag", default=None, help="tag of the RL checkpoints (default: the model tag)")
     # task and sampling
-    parser.add_argument("--task", default="gsm8k", choices=RL_TASKS)
-    parser.add_argument("--data_dir", default=None, help="local directory with the task data (else HF datasets)")
-    parser.add_argument("--difficulty", type=int, default=None, choices=sorted(DIFFICULTY_PRESETS),
-                        help="arithmetic only: a difficulty preset (tasks.arithmetic.DIFFICULTY_PRESETS; default: 1-3 steps)")
+    add_rl_task_flags(parser)
     parser.add_argument("--num_steps", type=int, default=-1, help="optimizer steps (-1: one pass over the train split)")
     parser.add_argument("--examples_per_step", type=int, default=16, help="questions per step, over all ranks")
     parser.add_argument("--num_samples", type=int, default=16, help="completions per question (the GRPO group)")
@@ -73,8 +69,7 @@ def get_args(argv=None):
     for name in ("examples_per_step", "num_samples", "max_new_tokens", "device_batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
-    if args.difficulty is not None and args.task != "arithmetic":
-        parser.error("--difficulty is for --task arithmetic only")
+    check_rl_task_flags(parser, args)
     check_grpo_flags(parser, args)
     return args
 
@@ -91,7 +86,7 @@ def main(argv=None):
     model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.model_step)
     model_tag = args.output_tag or meta.get("model_tag") or args.model_tag or f"d{model.config.n_layer}"
     out_dir = os.path.join(get_base_dir(), CHECKPOINT_DIRS["rl"], model_tag)
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, max_rows=args.max_batch_rows)
     ref_model = copy.deepcopy(model).eval() if args.kl_coef > 0 else None
     train_task = build_rl_task(args.task, "train", args.data_dir, args.difficulty)
     val_task = build_rl_task(args.task, "test", args.data_dir, args.difficulty)

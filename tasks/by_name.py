@@ -197,6 +197,22 @@ def parse_task_names(spec):
 RL_TASKS = ("gsm8k", "aqua", "arithmetic")
 
 
+def add_rl_task_flags(parser):
+    """--task, --data_dir and --difficulty: the task flags chat_rl and chat_cotrain share."""
+    from tasks.arithmetic import DIFFICULTY_PRESETS
+    parser.add_argument("--task", default="gsm8k", choices=RL_TASKS)
+    parser.add_argument("--data_dir", default=None, help="local directory with the task data (else HF datasets)")
+    parser.add_argument("--difficulty", type=int, default=None, choices=sorted(DIFFICULTY_PRESETS),
+                        help="arithmetic only: a difficulty preset (tasks.arithmetic.DIFFICULTY_PRESETS; default: 1-3 steps over "
+                             "numbers up to 20). 2 (2-3 steps) leaves most of the SFT d4 generator's groups all-wrong at T=1")
+
+
+def check_rl_task_flags(parser, args):
+    """A one-line error (through parser.error) for task flags that do not go together."""
+    if args.difficulty is not None and args.task != "arithmetic":
+        parser.error("--difficulty is for --task arithmetic only")
+
+
 def build_rl_task(name, split, data_dir=None, difficulty=None):
     """The train or test Task of an RL task; `difficulty` picks an arithmetic preset (see make_task)."""
     if name not in RL_TASKS:

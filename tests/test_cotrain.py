@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nanochat.checkpoint_manager import find_last_step, load_checkpoint
-from nanochat.grpo import ClassBalancer, sample_and_score
+from nanochat.grpo import ClassBalancer, sample_and_score, sample_batch
 from tasks import verify
 from tasks.by_name import RL_TASKS, build_rl_task
 
@@ -46,6 +46,19 @@ def test_bad_flags_fail_clearly(capsys):
     assert "--no_verifier needs --alpha 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         get_args(["--num_samples", "0"])
+    with pytest.raises(SystemExit):
+        get_args(["--max_batch_rows", "0"])
+    assert "--max_batch_rows must be >= 1" in capsys.readouterr().err
+
+
+def test_max_batch_rows_bounds_both_roles_sampling(sft_base):
+    import scripts.chat_cotrain as cotrain
+    roles = cotrain.load_roles(cotrain.get_args(TINY + ["--max_batch_rows", "6"]), torch.device("cpu"))
+    assert roles.gen_engine.max_rows == 6 and roles.ver_engine.max_rows == 6
+    args = cotrain.get_args(TINY + ["--num_samples", "4", "--max_batch_rows", "6"])
+    rollouts, _ = sample_batch(roles.gen_engine, roles.tokenizer, build_rl_task("arithmetic", "train"), 0, 1, args, 0, 1,
+                               torch.device("cpu"))
+    assert len(rollouts) == args.examples_per_step * 4  # whole groups of 4, one per pass
 
 
 def varied_verdicts(text):

@@ -101,6 +101,37 @@ def test_generate_prompts_of_different_lengths_equal_naive(num_samples, decode):
         assert mask == [1] * 16
 
 
+@pytest.mark.parametrize("decode", DECODE_MODES)
+def test_max_rows_cuts_whole_prompts_into_seeded_chunks(decode):
+    """max_rows bounds the rows of one pass (the memory of an evaluation): chunk c is exactly a separate
+    call on its prompts with seed + c, and a request that fits is untouched."""
+    model = BatchRecordingGPT(GPTConfig(sequence_len=64, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
+    model.load_state_dict(tiny_model().state_dict())
+    model.eval()
+    model.batch_sizes = []
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (4, 1, 13, 7, 9)]
+    kwargs = dict(num_samples=3, max_tokens=12, temperature=1.0, seed=11)
+    whole = Engine(model, StandInTokenizer(), decode=decode).generate_prompts(prompts, **kwargs)
+    assert Engine(model, StandInTokenizer(), decode=decode, max_rows=15).generate_prompts(prompts, **kwargs) == whole
+    model.batch_sizes = []
+    chunked = Engine(model, StandInTokenizer(), decode=decode, max_rows=7).generate_prompts(prompts, **kwargs)
+    # 7 rows hold two prompts of 3 samples (the static loop pads 6 rows to its batch bucket, 8; 15 rows: 16)
+    assert max(model.batch_sizes) == (6 if decode == "dynamic" else 8)
+    plain = Engine(model, StandInTokenizer(), decode=decode)
+    expected = []
+    for c, start in enumerate(range(0, 5, 2)):
+        expected += plain.generate_prompts(prompts[start:start + 2], **{**kwargs, "seed": 11 + c})
+    assert chunked == expected and len(chunked) == 15
+    assert chunked != whole  # other prompts in the batch change the random stream of later chunks
+    # more samples than max_rows: one prompt per pass, never an empty chunk
+    one = Engine(model, StandInTokenizer(), decode=decode, max_rows=2).generate_prompts(prompts[:2], **kwargs)
+    assert one == plain.generate_prompts(prompts[:1], **kwargs) + plain.generate_prompts(prompts[1:2], **{**kwargs, "seed": 12})
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="max_rows"):
+            Engine(model, StandInTokenizer(), max_rows=bad)
+
+
 class BatchRecordingGPT(GPT):
     """Records the batch size of every forward call."""
 
