@@ -268,7 +268,7 @@ OPERATIONAL_KEYS = frozenset({"run", "device_type", "compile", "dry_run", "resum
                               "eval_samples", "eval_metrics_every", "eval_metrics_tasks", "eval_metrics_max_problems",
                               "eval_max_new_tokens", "ver_eval_examples", "core_metric_every", "core_metric_max_per_task",
                               "bundle_dir", "sample_every", "print_memory", "device_batch_size", "offload_frozen",
-                              "grad_checkpointing", "max_batch_rows"})
+                              "grad_checkpointing", "max_batch_rows", "eval_split"})
 RESUME_IGNORED_KEYS = SCHEDULE_KEYS | OPERATIONAL_KEYS
 
 

@@ -574,7 +574,7 @@ def main(argv=None):
     report = get_report()
 
     roles = load_roles(args, device)
-    train_task, val_task = (build_rl_task(args.task, split, args.data_dir, args.difficulty) for split in ("train", "test"))
+    train_task, val_task = (build_rl_task(args.task, split, args.data_dir, args.difficulty) for split in ("train", args.eval_split))
     if args.reward_fn:
         checked_reward(load_reward_fn(args.reward_fn), train_task[0], "")  # fails here, not mid-run
     has_own_verifier = roles.verifier is not None and not args.shared_model

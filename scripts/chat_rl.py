@@ -89,7 +89,7 @@ def main(argv=None):
     engine = Engine(model, tokenizer, max_rows=args.max_batch_rows)
     ref_model = copy.deepcopy(model).eval() if args.kl_coef > 0 else None
     train_task = build_rl_task(args.task, "train", args.data_dir, args.difficulty)
-    val_task = build_rl_task(args.task, "test", args.data_dir, args.difficulty)
+    val_task = build_rl_task(args.task, args.eval_split, args.data_dir, args.difficulty)
     num_steps = args.num_steps if args.num_steps > 0 else len(train_task) // args.examples_per_step
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     if reward_fn is not None:

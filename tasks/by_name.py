@@ -198,10 +198,14 @@ RL_TASKS = ("gsm8k", "aqua", "arithmetic")
 
 
 def add_rl_task_flags(parser):
-    """--task, --data_dir and --difficulty: the task flags chat_rl and chat_cotrain share."""
+    """--task, --data_dir, --eval_split and --difficulty: the task flags chat_rl and chat_cotrain share."""
     from tasks.arithmetic import DIFFICULTY_PRESETS
     parser.add_argument("--task", default="gsm8k", choices=RL_TASKS)
     parser.add_argument("--data_dir", default=None, help="local directory with the task data (else HF datasets)")
+    parser.add_argument("--eval_split", default="test", choices=["test", "val"],
+                        help="the problems the held-out evaluations use: test, or val to choose settings without "
+                             "looking at test (arithmetic: other problems of the train distribution; aqua: its "
+                             "validation split; gsm8k has none)")
     parser.add_argument("--difficulty", type=int, default=None, choices=sorted(DIFFICULTY_PRESETS),
                         help="arithmetic only: a difficulty preset (tasks.arithmetic.DIFFICULTY_PRESETS; default: 1-3 steps over "
                              "numbers up to 20). 2 (2-3 steps) leaves most of the SFT d4 generator's groups all-wrong at T=1")
@@ -211,10 +215,25 @@ def check_rl_task_flags(parser, args):
     """A one-line error (through parser.error) for task flags that do not go together."""
     if args.difficulty is not None and args.task != "arithmetic":
         parser.error("--difficulty is for --task arithmetic only")
+    if args.eval_split == "val" and args.task == "gsm8k":
+        parser.error("--eval_split val: GSM8K has no validation split disjoint from test")
+
+
+# The arithmetic task's validation problems: train-split skeletons (so never a test problem) drawn under
+# another seed (so, up to chance collisions among small numbers, not the problems the generator trains on)
+ARITHMETIC_VAL_SEED = 1
 
 
 def build_rl_task(name, split, data_dir=None, difficulty=None):
-    """The train or test Task of an RL task; `difficulty` picks an arithmetic preset (see make_task)."""
+    """The train, val or test Task of an RL task; `difficulty` picks an arithmetic preset (see make_task).
+    "val" is for choosing settings without looking at test, so unlike make_task's "val" (validation losses,
+    test where a task has no other) it never falls back on test: arithmetic draws it as above, AQuA has
+    its own validation split, and GSM8K, which has none, is an error."""
     if name not in RL_TASKS:
         raise ValueError(f"unknown RL task {name!r}: expected one of {RL_TASKS}")
+    if split == "val" and name == "gsm8k":
+        raise ValueError("GSM8K has no validation split disjoint from test: evaluate on test, or use aqua or arithmetic")
+    if split == "val" and name == "arithmetic":
+        from tasks.arithmetic import ArithmeticTask
+        return ArithmeticTask(split="train", size=SYNTHETIC_TEST_SIZE, difficulty=difficulty, seed=ARITHMETIC_VAL_SEED)
     return make_task(name, split, data_dir=data_dir, difficulty=difficulty)

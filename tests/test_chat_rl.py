@@ -163,6 +163,18 @@ def test_two_steps_and_evaluations_on_every_rl_task(sft_base, task):
     assert meta["task"] == task
 
 
+def test_eval_split_val_evaluates_on_the_validation_problems(sft_base, monkeypatch):
+    import scripts.chat_rl as chat_rl
+    from tasks.by_name import build_rl_task
+    built = []
+    monkeypatch.setattr(chat_rl, "build_rl_task", lambda *a, **k: built.append(a[1]) or build_rl_task(*a, **k))
+    evaluated = []
+    real = chat_rl.pass_at_k
+    monkeypatch.setattr(chat_rl, "pass_at_k", lambda engine, tok, task, *a, **k: evaluated.append(task.seed) or real(engine, tok, task, *a, **k))
+    chat_rl.main(COMMON + ["--num_steps", "1", "--eval_examples", "2", "--eval_split", "val", "--output_tag", "val_split"])
+    assert built == ["train", "val"] and evaluated and set(evaluated) == {1}  # the val problems' seed
+
+
 def test_new_grpo_flags_reach_the_update_and_change_it(graded, monkeypatch, tmp_path, capsys):
     """--loss_agg, --clip_high, --overlong, --reward_fn and --lr_schedule each reach grpo_update (or the
     rewards) and change the trained weights; dynamic sampling on a reward that is always 0 stops at its cap."""

@@ -107,6 +107,14 @@ def test_run_completes_with_schedule_and_checkpoint(sft_base):
     assert find_last_step(ckpt) == 4
 
 
+def test_eval_split_val_evaluates_on_the_validation_problems(sft_base, monkeypatch):
+    import scripts.chat_cotrain as cotrain
+    seeds, real = [], cotrain.evaluate
+    monkeypatch.setattr(cotrain, "evaluate", lambda args, roles, task, *a: seeds.append((task.split, task.seed)) or real(args, roles, task, *a))
+    cotrain.main(TINY + ["--num_gen_steps", "1", "--no_verifier", "--alpha", "0", "--eval_split", "val", "--output_tag", "val_split"])
+    assert seeds == [("train", 1)] * 2  # start and end, on the val problems (train skeletons, seed 1), not test
+
+
 def final_generator_weights(source, tag):
     base = os.environ["NANOCHAT_BASE_DIR"]
     directory = os.path.join(base, source, tag)

@@ -82,3 +82,31 @@ def test_difficulty_preset_reaches_the_arithmetic_task_only():
         build_rl_task("gsm8k", "train", difficulty=2)
     with pytest.raises(ValueError, match="difficulty must be one of"):
         build_rl_task("arithmetic", "train", difficulty=9)
+
+
+def test_val_split_is_disjoint_from_test_and_mostly_from_train():
+    """--eval_split val chooses settings without test: arithmetic's val problems have train skeletons (never
+    a test problem) under another seed; GSM8K has no such split; AQuA uses its own validation split."""
+    for difficulty in (None, 2):
+        val, train, test = (build_rl_task("arithmetic", split, difficulty=difficulty) for split in ("val", "train", "test"))
+        questions = [val.question(val[i]) for i in range(len(val))]
+        assert len(val) == 256 and len(set(questions)) > 250
+        assert all(val._split_of(val.problem(i)["skeleton"]) == "train" for i in range(len(val)))
+        assert not set(questions) & {test.question(test[i]) for i in range(len(test))}
+        seen = {train.question(train[i]) for i in range(2000)}  # what 250 updates of 8 questions would train on
+        assert sum(q in seen for q in questions) <= 3  # chance collisions of one-step problems only (measured: 1 and 0)
+        if difficulty == 2:
+            assert val.min_steps == 2
+    with pytest.raises(ValueError, match="no validation split"):
+        build_rl_task("gsm8k", "val", FIXTURES)
+    aqua_val, aqua_test = build_rl_task("aqua", "val", FIXTURES), build_rl_task("aqua", "test", FIXTURES)
+    assert aqua_val.split == "validation" and aqua_test.split == "test"
+
+
+def test_eval_split_flag_picks_the_evaluation_task(capsys):
+    from scripts.chat_rl import get_args
+    assert get_args(["--task", "arithmetic"]).eval_split == "test"
+    assert get_args(["--task", "arithmetic", "--eval_split", "val"]).eval_split == "val"
+    with pytest.raises(SystemExit):
+        get_args(["--task", "gsm8k", "--eval_split", "val"])
+    assert "GSM8K has no validation split" in capsys.readouterr().err
