@@ -222,6 +222,25 @@ def majority_answers(answers):
     return max(counts, key=counts.get) if counts else None
 
 
+def balanced_choice(labels, n, rng):
+    """Indices of n of the samples with binary `labels`, half of each class where the pool has enough and
+    the rest from the other class, in random order (rng: a random.Random). Loss weights cannot stand in
+    for this: a verifier group (several readings of one solution) whose readings all agree has zero
+    advantage whatever its weight, so a verifier that has stopped saying "Correct" learns nothing from the
+    few right solutions a weak generator writes, and needs them in every batch before it drifts there."""
+    if not 0 <= n <= len(labels):
+        raise ValueError(f"cannot choose {n} of {len(labels)} samples")
+    by_class = {c: [i for i, label in enumerate(labels) if int(label) == c] for c in (0, 1)}
+    for members in by_class.values():
+        rng.shuffle(members)
+    take = {1: min(len(by_class[1]), n // 2 + n % 2 * rng.randrange(2))}
+    take[0] = min(len(by_class[0]), n - take[1])
+    take[1] = n - take[0]  # one class short: the other fills the rest
+    chosen = by_class[1][:take[1]] + by_class[0][:take[0]]
+    rng.shuffle(chosen)
+    return chosen
+
+
 class ClassBalancer:
     """Per-sample loss weights proportional to 1/count^power of the sample's class (running count), renormalised
     to mean 1 over the batch. Keeps a verifier from learning "always Incorrect" from a generator that is right

@@ -45,8 +45,8 @@ from nanochat.checkpoint_manager import (CHECKPOINT_DIRS, find_resume_step, load
 from nanochat.common import (all_gather_list, all_reduce_dict, autocast_context, compute_init, get_base_dir, init_wandb, print0,
                              run_stage)
 from nanochat.engine import Engine
-from nanochat.grpo import (ClassBalancer, add_grpo_flags, alpha_schedule, batch_metrics, check_grpo_flags, checked_reward,
-                           generate_rollouts, grpo_update, load_reward_fn, majority_vote, pass_at_k, rank_indices,
+from nanochat.grpo import (ClassBalancer, add_grpo_flags, alpha_schedule, balanced_choice, batch_metrics, check_grpo_flags,
+                           checked_reward, generate_rollouts, grpo_update, load_reward_fn, majority_vote, pass_at_k, rank_indices,
                            rl_lr_multiplier, rollout_flops, sample_and_score, sample_batch, token_advantages, token_pieces,
                            update_passes)
 from nanochat.memory import cuda_memory_report, print_role_estimates
@@ -119,6 +119,10 @@ def get_args(argv=None):
     p.add_argument("--ver_examples_per_step", type=int, default=8, help="questions per verifier step (all ranks)")
     p.add_argument("--ver_solutions", type=int, default=2, help="generator solutions per question in a verifier step")
     p.add_argument("--ver_samples", type=int, default=5, help="verifications per solution (the verifier's group)")
+    p.add_argument("--ver_pool", type=int, default=1,
+                   help=">1: the generator writes ver_pool x ver_solutions solutions per question and the verifier reads "
+                        "a class-balanced choice of ver_solutions per question's worth (as many right as wrong where there are "
+                        "enough): a weak generator's rare right solutions in every verifier batch")
     p.add_argument("--ver_max_tokens", type=int, default=256)
     p.add_argument("--ver_temperature", type=float, default=1.0)
     p.add_argument("--forced_headers", action="store_true",
@@ -161,7 +165,7 @@ def get_args(argv=None):
                    help="checkpoint and exit after this many global steps (for time-limited jobs; resume later)")
     args = p.parse_args(argv)
     for name in ("examples_per_step", "num_samples", "max_new_tokens", "ver_examples_per_step", "ver_solutions", "ver_eval_votes",
-                 "ver_samples", "ver_max_tokens", "device_batch_size", "num_gen_steps", "gen_steps"):
+                 "ver_samples", "ver_max_tokens", "device_batch_size", "num_gen_steps", "gen_steps", "ver_pool"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if args.ver_steps < 0 or args.verifier_warmup_steps < 0 or args.verifier_sft_steps < 0:
@@ -341,8 +345,13 @@ def verifier_step(args, roles, task, step, rank, world_size, balancer):
     t0 = time.time()
     roles.sampling(roles.generator)
     indices = rank_indices(step, args.ver_examples_per_step, rank, world_size, len(task), from_end=True)
-    solutions = sample_and_score(roles.gen_engine, roles.tokenizer, task, indices, args.ver_solutions, args.max_new_tokens,
-                                 args.temperature, args.top_k, seed=args.seed + 3_000_017 * step + rank)
+    pool = sample_and_score(roles.gen_engine, roles.tokenizer, task, indices, args.ver_solutions * args.ver_pool,
+                            args.max_new_tokens, args.temperature, args.top_k, seed=args.seed + 3_000_017 * step + rank)
+    solutions = pool
+    if args.ver_pool > 1:
+        chosen = balanced_choice([r.info["correct"] for r in pool], len(indices) * args.ver_solutions,
+                                 random.Random(args.seed + 6_000_011 * step + rank))
+        solutions = [pool[i] for i in chosen]
     timer["generate"] = time.time() - t0
     t1 = time.time()
     V = args.ver_samples
@@ -364,7 +373,7 @@ def verifier_step(args, roles, task, step, rank, world_size, balancer):
     counts = verify.count_verdicts([j.verification.overall for j in judgements], gold)
     counts.update(format=sum(j.verification.format_ok for j in judgements), aligned=sum(j.aligned for j in judgements),
                   reward=sum(r.reward for r in readings), n=len(readings), gold_correct=sum(gold),
-                  flops_generator=rollout_flops(roles.generator, solutions, args.ver_solutions),
+                  flops_generator=rollout_flops(roles.generator, pool, args.ver_solutions * args.ver_pool),
                   flops_verifier=rollout_flops(roles.verifier, readings, V, train_passes=update_passes()))
     s = all_reduce_dict(counts, roles.device)
     n = max(s["n"], 1)

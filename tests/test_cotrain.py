@@ -115,6 +115,23 @@ def test_eval_split_val_evaluates_on_the_validation_problems(sft_base, monkeypat
     assert seeds == [("train", 1)] * 2  # start and end, on the val problems (train skeletons, seed 1), not test
 
 
+def test_ver_pool_gives_the_verifier_a_class_balanced_batch(sft_base, monkeypatch):
+    import scripts.chat_cotrain as cotrain
+    from tasks.arithmetic import ArithmeticTask
+    monkeypatch.setattr(ArithmeticTask, "evaluate", lambda self, conversation, text: int(len(text) % 5 == 0))  # ~1 in 5 "right"
+    read, real = [], cotrain.judge
+    monkeypatch.setattr(cotrain, "judge", lambda args, roles, task, solutions, *a, **k: read.append(solutions) or real(args, roles, task, solutions, *a, **k))
+    for pool in (1, 4):
+        args = cotrain.get_args(TINY + ["--ver_solutions", "2", "--ver_pool", str(pool), "--ver_examples_per_step", "4"])
+        roles = cotrain.load_roles(args, torch.device("cpu"))
+        record = cotrain.verifier_step(args, roles, build_rl_task("arithmetic", "train"), 0, 0, 1, ClassBalancer())
+        labels = [s.info["correct"] for s in read[-1]]
+        assert len(labels) == 8 and record["ver/gold_correct_rate"] == sum(labels) / 8
+        if pool == 1:
+            plain = sum(labels)
+    assert plain < 4 and sum(labels) == 4  # 8 of a pool of 32: as many right as wrong
+
+
 def final_generator_weights(source, tag):
     base = os.environ["NANOCHAT_BASE_DIR"]
     directory = os.path.join(base, source, tag)

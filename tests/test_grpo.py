@@ -10,7 +10,7 @@ from nanochat.grpo import (Rollout, group_advantages, process_advantages, mix_ad
                            policy_gradient_loss, collate_rollouts, ClassBalancer, majority_answers, grpo_update,
                            apply_overlong, dynamic_sampling, load_reward_fn, checked_reward, rl_lr_multiplier,
                            token_pieces, rollout_flops, within_solution_advantages, token_advantages,
-                           update_passes)
+                           update_passes, balanced_choice)
 from nanochat.gpt import GPT, GPTConfig
 
 
@@ -429,3 +429,20 @@ def test_token_centring_removes_the_net_push_down_of_the_return_to_go():
     assert abs(adv[0].sum() + adv[1].sum()) < 1e-6
     with pytest.raises(ValueError):
         token_advantages(rollouts, 2, alpha=1.0, judgements=judgements, centre="bogus")
+
+
+def test_balanced_choice_takes_half_of_each_class_and_fills_from_the_other():
+    import random
+    labels = [0] * 14 + [1] * 2  # a weak generator: 2 right of 16
+    chosen = balanced_choice(labels, 8, random.Random(0))
+    assert len(chosen) == len(set(chosen)) == 8 and sum(labels[i] for i in chosen) == 2  # both right ones, 6 wrong
+    labels = [1, 0] * 8
+    for seed in range(20):
+        chosen = balanced_choice(labels, 6, random.Random(seed))
+        assert sum(labels[i] for i in chosen) == 3
+        odd = balanced_choice(labels, 5, random.Random(seed))
+        assert sum(labels[i] for i in odd) in (2, 3)  # the odd one out goes to either class
+    assert sorted(balanced_choice([0] * 5, 5, random.Random(1))) == list(range(5))  # one class only: all of it
+    assert balanced_choice(labels, 6, random.Random(3)) == balanced_choice(labels, 6, random.Random(3))
+    with pytest.raises(ValueError, match="cannot choose"):
+        balanced_choice([0, 1], 3, random.Random(0))
