@@ -89,7 +89,20 @@ def run(arm, seed, args):
     return result
 
 
-def report(results, args, command, minutes):
+def load_matched(directory, seeds):
+    """{seed: result} of a compute-matched GRPO baseline (baseline_s<seed>.json in `directory`: GRPO given the
+    learned arm's FLOPs as extra updates, run with its own --num_gen_steps), or a clear error."""
+    matched = {}
+    for seed in seeds:
+        path = os.path.join(directory, f"baseline_s{seed}.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"--matched_baseline: no {path} (run the baseline arm there with more updates first)")
+        with open(path) as f:
+            matched[seed] = json.load(f)
+    return matched
+
+
+def report(results, args, command, minutes, matched=None):
     arms, seeds = args.arms, args.seeds
     labels = [ARMS[a][0] for a in arms]
     final_keys = list(results[(arms[0], seeds[0])]["final"])
@@ -110,6 +123,9 @@ def report(results, args, command, minutes):
     row("generator pass@1 (held-out, T=1)", final("pass@1"))
     row("gain over the baseline (paired by seed)",
         lambda r: r["final"]["pass@1"] - results[("baseline", r["seed"])]["final"]["pass@1"] if "baseline" in arms else float("nan"))
+    if matched:
+        row("gain over the compute-matched baseline (paired by seed; see Cost)",
+            lambda r: r["final"]["pass@1"] - matched[r["seed"]]["final"]["pass@1"])
     row("generator pass@1 before training", lambda r: r["start"]["pass@1"])
     row(f"generator {k_key}", final(k_key))
     for label, prefix in (("majority vote", "majority@"), ("verifier-reranked best-of-N", "verifier_best_of_"),
@@ -144,6 +160,14 @@ def report(results, args, command, minutes):
         lines.append(f"| {label} | {sum(parts.values()):.1f} ({parts['generate']:.1f} / {parts['verify']:.1f} / {parts['train']:.1f}) | "
                      f"{rs[0]['verifier_steps']} | {statistics.fmean(r['verifier_seconds_per_step'] for r in rs):.1f} | "
                      f"{statistics.fmean(r['seconds'] for r in rs) / 60:.1f} | {flops_cell} | {ratio_cell} |")
+    if matched:
+        rs = [matched[s] for s in seeds]
+        flops = statistics.fmean(sum(r["flops"].values()) for r in rs)
+        ratio = "" if anchor is None else f", {flops / sum(anchor.values()):.2f}x the first arm's"
+        lines += ["", f"Compute-matched GRPO baseline (`{args.matched_baseline}`): {len(rs[0]['reward_curve'])} updates, "
+                      f"{flops / 1e15:.3f} PFLOPs per run{ratio}, {statistics.fmean(r['seconds'] for r in rs) / 60:.1f} min per run; "
+                      f"held-out pass@1 {formatted([r['final']['pass@1'] for r in rs], 3)} (seeds "
+                      + " / ".join(f"{r['final']['pass@1']:.4f}" for r in rs) + ")."]
     lines += ["", "## Per seed (held-out pass@1)", ""]
     for s in seeds:
         lines.append(f"- seed {s}: " + " vs ".join(f"{a} {results[(a, s)]['final']['pass@1']:.4f}" for a in arms))
@@ -181,6 +205,9 @@ def main(argv=None):
     p.add_argument("--tag_prefix", default="exp", help="checkpoint tags are <prefix>_<arm>_s<seed> (a new prefix keeps "
                    "the checkpoints of earlier experiments)")
     p.add_argument("--out", default="dev/cotrain_experiment.md")
+    p.add_argument("--matched_baseline", default=None,
+                   help="a --log_dir holding baseline_s<seed>.json of a GRPO baseline given more updates (the learned arm's "
+                        "FLOPs): the report adds each arm's gain over it and its cost")
     p.add_argument("--reuse", action="store_true",
                    help="take the result of a run already finished in --log_dir (<arm>_s<seed>.json) instead of running it")
     args = p.parse_args(argv)
@@ -192,13 +219,14 @@ def main(argv=None):
         p.error(f"--arms: choose distinct arms from {', '.join(ARMS)} (got {','.join(args.arms)!r})")
     if args.parallel < 1:
         p.error("--parallel must be >= 1")
+    matched = load_matched(args.matched_baseline, args.seeds) if args.matched_baseline else None
     os.makedirs(args.log_dir, exist_ok=True)
     jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]  # seeds outermost: a partial run still pairs arms
     t0 = time.time()
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         futures = {job: pool.submit(run, *job, args) for job in jobs}
         results = {job: {**f.result(), "seed": job[1]} for job, f in futures.items()}
-    text = report(results, args, command, (time.time() - t0) / 60)
+    text = report(results, args, command, (time.time() - t0) / 60, matched)
     with open(args.out, "w") as f:
         f.write(text)
     print(text)

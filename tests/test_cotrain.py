@@ -325,6 +325,17 @@ def test_experiment_script_compares_the_arms(sft_base, tmp_path):
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout.count("reused: ") == 4, again.stdout[-2000:] + again.stderr[-2000:]
     assert out.read_text().split("Wall time")[1].split("\n", 1)[1] == table.split("Wall time")[1].split("\n", 1)[1]
+    # the same baseline runs standing in for a compute-matched baseline: every arm's gain over it is its plain gain
+    matched = subprocess.run([sys.executable, "-m", "dev.cotrain_experiment", *flags, "--reuse", "--matched_baseline",
+                              str(tmp_path / "logs"), *shared], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert matched.returncode == 0, matched.stdout[-2000:] + matched.stderr[-2000:]
+    text = out.read_text()
+    gain = next(line for line in text.splitlines() if line.startswith("| gain over the baseline"))
+    assert next(line for line in text.splitlines() if line.startswith("| gain over the compute-matched")).split(")", 1)[1] == gain.split(")", 1)[1]
+    assert "Compute-matched GRPO baseline" in text and "1 updates" in text
+    missing = subprocess.run([sys.executable, "-m", "dev.cotrain_experiment", *flags, "--reuse", "--matched_baseline",
+                              str(tmp_path / "nowhere"), *shared], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "no " in missing.stderr and "baseline_s1.json" in missing.stderr
 
 
 def test_oracle_verifier_feeds_gold_step_labels_through_the_process_path(sft_base, varied_rewards):
