@@ -87,21 +87,6 @@ def load_model_to_train(args, stage, device):
     return model, tokenizer, model_tag, checkpoint_dir, optimizer
 
 
-def load_task_mixtures(args):
-    """(train task, val task or None) for --tasks; the val mixture uses the same tasks' held-out splits.
-    Identity conversations default to <base dir>/identity_conversations.jsonl."""
-    from tasks.by_name import make_mixture
-    identity_file = args.identity_file or os.path.join(get_base_dir(), "identity_conversations.jsonl")
-    train_task, train_names = make_mixture(args.tasks, "train", data_dir=args.data_dir, identity_file=identity_file)
-    if train_task is None:
-        raise ValueError(f"--tasks {args.tasks!r} leaves nothing to train on")
-    val_task, val_names = make_mixture(args.tasks, "val", data_dir=args.data_dir, identity_file=identity_file,
-                                       val_size=args.val_size)
-    print0(f"training on {len(train_task):,} conversations ({', '.join(train_names)}); "
-           f"validation: {len(val_task) if val_task else 0:,} ({', '.join(val_names) or 'none'})")
-    return train_task, val_task
-
-
 def epoch_progress(state, rank, world_size, num_examples, device):
     """Fraction of the training task consumed, the same on every rank (the furthest rank's)."""
     p = torch.tensor((rank + state["position"] * world_size) / num_examples, dtype=torch.float64, device=device)

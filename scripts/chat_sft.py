@@ -74,7 +74,8 @@ def load_metric_tasks(spec, data_dir):
 def main(argv=None):
     args = get_args(argv)
     from nanochat.chat_data import evaluate_loss, sft_batches
-    from nanochat.chat_train import load_model_to_train, load_task_mixtures, train_chat
+    from nanochat.chat_train import load_model_to_train, train_chat
+    from tasks.by_name import load_task_mixtures
     from nanochat.engine import Engine
     from nanochat.eval import run_task_eval
     from nanochat.report import get_report

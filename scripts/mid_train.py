@@ -60,7 +60,8 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     from nanochat.chat_data import packed_batches
-    from nanochat.chat_train import load_model_to_train, load_task_mixtures, train_chat
+    from nanochat.chat_train import load_model_to_train, train_chat
+    from tasks.by_name import load_task_mixtures
     from nanochat.loss_eval import evaluate_bpb
     from nanochat.report import get_report
     from nanochat.tokenizer import get_token_bytes

@@ -6,7 +6,7 @@ whose data is missing fails only when it is used, with that task's own error mes
 
 import os
 
-from nanochat.common import get_logger
+from nanochat.common import get_base_dir, get_logger, print0
 from nanochat.eval import CHANCE
 from tasks.common import TaskMixture
 from tasks.records import DataNotFoundError
@@ -237,3 +237,17 @@ def build_rl_task(name, split, data_dir=None, difficulty=None):
         from tasks.arithmetic import ArithmeticTask
         return ArithmeticTask(split="train", size=SYNTHETIC_TEST_SIZE, difficulty=difficulty, seed=ARITHMETIC_VAL_SEED)
     return make_task(name, split, data_dir=data_dir, difficulty=difficulty)
+
+
+def load_task_mixtures(args):
+    """(train task, val task or None) for --tasks; the val mixture uses the same tasks' held-out splits.
+    Identity conversations default to <base dir>/identity_conversations.jsonl."""
+    identity_file = args.identity_file or os.path.join(get_base_dir(), "identity_conversations.jsonl")
+    train_task, train_names = make_mixture(args.tasks, "train", data_dir=args.data_dir, identity_file=identity_file)
+    if train_task is None:
+        raise ValueError(f"--tasks {args.tasks!r} leaves nothing to train on")
+    val_task, val_names = make_mixture(args.tasks, "val", data_dir=args.data_dir, identity_file=identity_file,
+                                       val_size=args.val_size)
+    print0(f"training on {len(train_task):,} conversations ({', '.join(train_names)}); "
+           f"validation: {len(val_task) if val_task else 0:,} ({', '.join(val_names) or 'none'})")
+    return train_task, val_task
