@@ -707,8 +707,9 @@ class Engine:
     def generate_prompts(self, prompts, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42,
                          line_headers=None):
         """Sample num_samples completions for each of several prompts (of any lengths) in one batch (in chunks
-        of whole prompts where it would exceed max_rows, see __init__). Returns a list of (completion_tokens, completion_mask), prompt-major: prompt 0's samples first.
-        Completions exclude the prompt and the stop token.
+        of whole prompts where it would exceed max_rows, see __init__). Returns a list of (completion_tokens,
+        completion_mask), prompt-major: prompt 0's samples first. Completions exclude the prompt and the stop
+        token.
 
         line_headers[i] (optional): token lists forced, in order, at the start of the completion and after
         each newline the model writes, for prompt i's samples; they have mask 0. A verifier given
