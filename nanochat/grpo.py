@@ -125,7 +125,8 @@ def process_advantages(step_rewards, step_ends, length, normalize_std=False, eps
                 per_token[end] += ((r - mean) / (std + eps)) if normalize_std else (r - mean)
         out[i] = per_token.flip(0).cumsum(0).flip(0)
     if lengths is not None:
-        real = (torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]) & torch.tensor([bool(r) for r in step_rewards])[:, None]
+        signal = torch.tensor([bool(rewards) for rewards in step_rewards])
+        real = (torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]) & signal[:, None]
         if real.any():
             out = torch.where(real, out - out[real].mean(), out)
     return out
@@ -230,13 +231,12 @@ def balanced_choice(labels, n, rng):
     few right solutions a weak generator writes, and needs them in every batch before it drifts there."""
     if not 0 <= n <= len(labels):
         raise ValueError(f"cannot choose {n} of {len(labels)} samples")
-    by_class = {c: [i for i, label in enumerate(labels) if int(label) == c] for c in (0, 1)}
-    for members in by_class.values():
-        rng.shuffle(members)
-    take = {1: min(len(by_class[1]), n // 2 + n % 2 * rng.randrange(2))}
-    take[0] = min(len(by_class[0]), n - take[1])
-    take[1] = n - take[0]  # one class short: the other fills the rest
-    chosen = by_class[1][:take[1]] + by_class[0][:take[0]]
+    wrong = [i for i, label in enumerate(labels) if not int(label)]
+    right = [i for i, label in enumerate(labels) if int(label)]
+    rng.shuffle(wrong)
+    rng.shuffle(right)
+    num_wrong = min(len(wrong), n - min(len(right), n // 2 + n % 2 * rng.randrange(2)))
+    chosen = right[:n - num_wrong] + wrong[:num_wrong]  # one class short: the other fills the rest
     rng.shuffle(chosen)
     return chosen
 
