@@ -242,17 +242,34 @@ def balanced_choice(labels, n, rng):
 
 
 class ClassBalancer:
-    """Per-sample loss weights proportional to 1/count^power of the sample's class (running count), renormalised
-    to mean 1 over the batch. Keeps a verifier from learning "always Incorrect" from a generator that is right
-    5% of the time. Counts are an exponential moving average across batches (Tango: decay 0.8, power 0.5;
-    power 1 gives both classes equal total weight).
+    """How the verifier's training batches weigh the two classes (right and wrong generator solutions).
 
-    It also watches for collapse: a verifier whose share of "Correct" verdicts strays more than `margin` from
-    the gold share for `patience` verifier steps in a row gets 1/count weights from then on."""
+    Loss weights: per sample proportional to 1/count^power of its class (running count), renormalised to mean 1
+    over the batch. Keeps a verifier from learning "always Incorrect" from a generator that is right 5% of the
+    time. Counts are an exponential moving average across batches (Tango: decay 0.8, power 0.5; power 1 gives
+    both classes equal total weight). `pool`: how many times more solutions the generator writes than the
+    verifier reads, so that each batch can be a class-balanced choice (chat_cotrain --ver_pool).
 
-    def __init__(self, decay=0.8, power=0.5, margin=0.3, patience=3):
-        self.decay, self.power, self.margin, self.patience = decay, power, margin, patience
+    Collapse guard: a verifier step "strays" when its share of "Correct" verdicts is more than `margin` off the
+    gold share, or when, in moving averages of both shares (`share_decay`: ~10 steps, since one step's batch
+    is small), either verdict is said less than `relative` times as often as it is true. After `patience`
+    straying steps in a row the weights become 1/count and the pool grows to `collapse_pool`.
+    Why the relative test: at a gold share of 0.12 a verifier that never says Correct is only 0.12 off, so the
+    absolute margin never fires. Why a pool: once no reading says Correct, a group of readings that all agree
+    has zero advantage whatever its weight, so only batches that hold right solutions bring Correct back
+    (dev/cotrain_experiment.md, section 4). share_decay 0.9 and relative 0.5 were chosen by replaying the guard
+    over the shares logged by 11 co-training runs (dev/replay_collapse_guard.py): it fires on the one that
+    collapsed (at verifier step 18 of 33; before that its small batches mostly held no right solution, so the
+    collapse could not be told from a healthy verifier's lull) and on none of the other 10; with the counts'
+    decay 0.8 it also fired on two healthy runs."""
+
+    def __init__(self, decay=0.8, power=0.5, margin=0.3, patience=3, relative=0.5, share_decay=0.9, pool=1,
+                 collapse_pool=1):
+        self.decay, self.power, self.margin, self.patience, self.relative = decay, power, margin, patience, relative
+        self.share_decay = share_decay
+        self.pool, self.collapse_pool = pool, collapse_pool
         self.counts = {0: 0.0, 1: 0.0}
+        self.shares = None  # moving averages of (share said Correct, gold share)
         self.strikes = 0
 
     def update(self, labels):
@@ -273,22 +290,33 @@ class ClassBalancer:
         return [w / mean for w in raw]
 
     def check_collapse(self, share_said_correct, gold_share):
-        """Call once per verifier step with global shares. Returns True on the step that escalates to 1/count."""
+        """Call once per verifier step with global shares. Returns True on the step that escalates."""
         if self.power == 0 or self.patience <= 0:
             return False
-        self.strikes = self.strikes + 1 if abs(share_said_correct - gold_share) > self.margin else 0
-        if self.strikes >= self.patience and self.power < 1.0:
-            self.power = 1.0
+        if self.shares is None:
+            self.shares = (share_said_correct, gold_share)
+        else:
+            self.shares = tuple(self.share_decay * old + (1 - self.share_decay) * new
+                                for old, new in zip(self.shares, (share_said_correct, gold_share)))
+        said, gold = self.shares
+        strayed = (abs(share_said_correct - gold_share) > self.margin or said < self.relative * gold
+                   or 1 - said < self.relative * (1 - gold))
+        self.strikes = self.strikes + 1 if strayed else 0
+        if self.strikes >= self.patience and (self.power < 1.0 or self.pool < self.collapse_pool):
+            self.power, self.pool = max(self.power, 1.0), max(self.pool, self.collapse_pool)
             return True
         return False
 
     def state_dict(self):
-        return {"decay": self.decay, "power": self.power, "strikes": self.strikes,
+        return {"decay": self.decay, "power": self.power, "strikes": self.strikes, "pool": self.pool,
+                "shares": list(self.shares) if self.shares is not None else None,
                 "counts": {str(k): v for k, v in self.counts.items()}}
 
     def load_state_dict(self, state):
         self.decay = state["decay"]
         self.power, self.strikes = state.get("power", 0.5), state.get("strikes", 0)
+        self.pool = state.get("pool", self.pool)
+        self.shares = tuple(state["shares"]) if state.get("shares") is not None else None
         self.counts = {int(k): v for k, v in state["counts"].items()}
 
 
@@ -732,6 +760,17 @@ def majority_vote(task, rollouts):
     answers = [task.extract_answer(r.info["conversation"], r.text) for r in rollouts]
     majority = majority_answers(answers)
     return [int(majority is not None and a == majority) for a in answers]
+
+
+def majority_correct(task, groups):
+    """How many groups (the k samples of one problem each) have a right majority answer (majority@k): the
+    first sample that voted with the majority stands for the group, or the first sample where no answer won."""
+    return sum(next((r for r, vote in zip(group, majority_vote(task, group)) if vote), group[0]).info["correct"]
+               for group in groups)
+
+
+# chat_cotrain samples its held-out evaluation with --seed + this (dev/eval_checkpoints.py replays it)
+HELDOUT_SEED_OFFSET = 5_000_011
 
 
 def pass_at_k(engine, tokenizer, task, indices, k, max_new_tokens, temperature, top_k, seed):

@@ -45,10 +45,10 @@ from nanochat.checkpoint_manager import (CHECKPOINT_DIRS, find_resume_step, load
 from nanochat.common import (all_gather_list, all_reduce_dict, autocast_context, compute_init, get_base_dir, init_wandb, print0,
                              run_stage)
 from nanochat.engine import Engine
-from nanochat.grpo import (ClassBalancer, add_grpo_flags, alpha_schedule, balanced_choice, batch_metrics, check_grpo_flags,
-                           checked_reward, generate_rollouts, grpo_update, load_reward_fn, majority_vote, pass_at_k, rank_indices,
-                           rl_lr_multiplier, rollout_flops, sample_and_score, sample_batch, token_advantages, token_pieces,
-                           update_passes)
+from nanochat.grpo import (HELDOUT_SEED_OFFSET, ClassBalancer, add_grpo_flags, alpha_schedule, balanced_choice, batch_metrics,
+                           check_grpo_flags, checked_reward, generate_rollouts, grpo_update, load_reward_fn, majority_correct,
+                           majority_vote, pass_at_k, rank_indices, rl_lr_multiplier, rollout_flops, sample_and_score,
+                           sample_batch, token_advantages, token_pieces, update_passes)
 from nanochat.memory import cuda_memory_report, print_role_estimates
 from nanochat.report import get_report
 from nanochat.roles import Roles
@@ -137,7 +137,12 @@ def get_args(argv=None):
     p.add_argument("--class_balance", default="sqrt", choices=["sqrt", "inverse", "none"],
                    help="verifier loss weights 1/sqrt(class count) (Tango), 1/count (balanced classes) or none")
     p.add_argument("--collapse_patience", type=int, default=3,
-                   help="verifier steps with its 'Correct' share > 0.3 off the gold share before 1/count weights (0: never)")
+                   help="verifier steps in a row with its 'Correct' share > 0.3 off the gold share, or (moving averages) "
+                        "either verdict said under half as often as it is true, before the collapse guard gives 1/count "
+                        "weights and --collapse_pool (0: never)")
+    p.add_argument("--collapse_pool", type=int, default=4,
+                   help="on collapse the verifier's batches become class-balanced choices from this many times more "
+                        "solutions (as --ver_pool; 1: weights only)")
     # optimisation (per model)
     p.add_argument("--device_batch_size", type=int, default=8)
     p.add_argument("--gen_init_lr_frac", type=float, default=0.05)
@@ -165,7 +170,7 @@ def get_args(argv=None):
                    help="checkpoint and exit after this many global steps (for time-limited jobs; resume later)")
     args = p.parse_args(argv)
     for name in ("examples_per_step", "num_samples", "max_new_tokens", "ver_examples_per_step", "ver_solutions", "ver_eval_votes",
-                 "ver_samples", "ver_max_tokens", "device_batch_size", "num_gen_steps", "gen_steps", "ver_pool"):
+                 "ver_samples", "ver_max_tokens", "device_batch_size", "num_gen_steps", "gen_steps", "ver_pool", "collapse_pool"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if args.ver_steps < 0 or args.verifier_warmup_steps < 0 or args.verifier_sft_steps < 0:
@@ -345,10 +350,12 @@ def verifier_step(args, roles, task, step, rank, world_size, balancer):
     t0 = time.time()
     roles.sampling(roles.generator)
     indices = rank_indices(step, args.ver_examples_per_step, rank, world_size, len(task), from_end=True)
-    pool = sample_and_score(roles.gen_engine, roles.tokenizer, task, indices, args.ver_solutions * args.ver_pool,
+    pool_size = max(args.ver_pool, balancer.pool)  # --collapse_pool once the collapse guard has fired
+    per_question = args.ver_solutions * pool_size
+    pool = sample_and_score(roles.gen_engine, roles.tokenizer, task, indices, per_question,
                             args.max_new_tokens, args.temperature, args.top_k, seed=args.seed + 3_000_017 * step + rank)
     solutions = pool
-    if args.ver_pool > 1:
+    if pool_size > 1:
         chosen = balanced_choice([r.info["correct"] for r in pool], len(indices) * args.ver_solutions,
                                  random.Random(args.seed + 6_000_011 * step + rank))
         solutions = [pool[i] for i in chosen]
@@ -373,18 +380,19 @@ def verifier_step(args, roles, task, step, rank, world_size, balancer):
     counts = verify.count_verdicts([j.verification.overall for j in judgements], gold)
     counts.update(format=sum(j.verification.format_ok for j in judgements), aligned=sum(j.aligned for j in judgements),
                   reward=sum(r.reward for r in readings), n=len(readings), gold_correct=sum(gold),
-                  flops_generator=rollout_flops(roles.generator, pool, args.ver_solutions * args.ver_pool),
+                  flops_generator=rollout_flops(roles.generator, pool, per_question),
                   flops_verifier=rollout_flops(roles.verifier, readings, V, train_passes=update_passes()))
     s = all_reduce_dict(counts, roles.device)
     n = max(s["n"], 1)
     if balancer.check_collapse(s["said_correct"] / n, s["gold_correct"] / n):
         print0(f"warning: the verifier's share of 'Correct' verdicts has strayed from the gold share for {args.collapse_patience} "
-               "verifier steps (collapse to one class): switching to 1/count class weights")
+               f"verifier steps (collapse to one class): switching to 1/count class weights and class-balanced batches "
+               f"from {max(args.ver_pool, balancer.pool)}x the solutions")
     record = {"ver_step": step, "ver/reward": s["reward"] / n, **{f"ver/{k}": v for k, v in verify.verdict_metrics(s).items()},
               "ver/format_rate": s["format"] / n, "ver/steps_aligned": s["aligned"] / n, "ver/gold_correct_rate": s["gold_correct"] / n,
               "ver/entropy_proxy": stats["entropy_proxy"], "ver/class_count_correct": balancer.counts[1],
               "ver/class_count_incorrect": balancer.counts[0],
-              "ver/weight_correct": balancer.weights([1, 0])[0], "ver/class_power": balancer.power,
+              "ver/weight_correct": balancer.weights([1, 0])[0], "ver/class_power": balancer.power, "ver/pool": max(args.ver_pool, balancer.pool),
               "ver/flops_generator": s["flops_generator"], "ver/flops_verifier": s["flops_verifier"],
               **{f"ver/time_{k}": t for k, t in timer.items()}}
     print0(f"V {step:4d} | reward {record['ver/reward']:.3f} | acc {record['ver/accuracy']:.3f} | bal-acc "
@@ -458,12 +466,9 @@ def evaluate(args, roles, task, rank, world_size):
     indices = list(range(rank, min(args.eval_examples, len(task)), world_size))
     k = args.eval_samples
     n, pass1, passk, rollouts = pass_at_k(roles.gen_engine, roles.tokenizer, task, indices, k, args.max_new_tokens,
-                                          args.temperature, args.top_k, seed=args.seed + 5_000_011)
-    counts = {"n": n, "pass1": pass1, "passk": passk, "majority": 0}
+                                          args.temperature, args.top_k, seed=args.seed + HELDOUT_SEED_OFFSET)
     groups = [rollouts[p:p + k] for p in range(0, len(rollouts), k)]
-    for group in groups:
-        votes = majority_vote(task, group)
-        counts["majority"] += next((r for r, vote in zip(group, votes) if vote), group[0]).info["correct"]
+    counts = {"n": n, "pass1": pass1, "passk": passk, "majority": majority_correct(task, groups)}
     pairs = {}
     if roles.verifier is not None:
         readings, judgements = judge(args, roles, task, rollouts, 1, 0.0, seed=args.seed)
@@ -591,7 +596,7 @@ def main(argv=None):
     out_dir = os.path.join(get_base_dir(), CHECKPOINT_DIRS["cotrain"], output_tag)
     phases = phase_schedule(args)
     balancer = ClassBalancer(decay=0.8, power={"sqrt": 0.5, "inverse": 1.0, "none": 0.0}[args.class_balance],
-                             patience=args.collapse_patience)
+                             patience=args.collapse_patience, pool=args.ver_pool, collapse_pool=args.collapse_pool)
     if args.print_memory:
         samples = args.num_samples * args.examples_per_step // world_size
         print_role_estimates({"generator": (roles.generator, samples), "verifier": (roles.verifier, args.ver_samples * samples)},

@@ -361,16 +361,22 @@ def test_oracle_verifier_feeds_gold_step_labels_through_the_process_path(sft_bas
 
 def test_collapse_guard_switches_a_one_class_verifier_to_balanced_weights(sft_base, monkeypatch):
     """A verifier that says "Correct" to everything while the (random) generator is always wrong has collapsed:
-    after --collapse_patience verifier steps its class weights become 1/count."""
+    after --collapse_patience verifier steps its class weights become 1/count and its batches class-balanced
+    choices from --collapse_pool times more solutions."""
     import scripts.chat_cotrain as cotrain
     monkeypatch.setattr(verify, "parse_verification", lambda text: REAL_PARSE("Step 1: x → Correct\nOverall: Correct"))
     args = cotrain.get_args(TINY + ["--collapse_patience", "2"])
     roles = cotrain.load_roles(args, torch.device("cpu"))
-    balancer = ClassBalancer(power=0.5, patience=args.collapse_patience)
     task = build_rl_task("arithmetic", "train")
+    balancer = ClassBalancer(power=0.5, patience=args.collapse_patience, pool=args.ver_pool, collapse_pool=args.collapse_pool)
+    asked, real = [], cotrain.sample_and_score
+    monkeypatch.setattr(cotrain, "sample_and_score",
+                        lambda engine, tok, task, indices, k, *a, **kw: asked.append(k) or real(engine, tok, task, indices, k, *a, **kw))
     records = [cotrain.verifier_step(args, roles, task, step, 0, 1, balancer) for step in range(3)]
     assert all(r["ver/share_said_correct"] == 1.0 and r["ver/gold_correct_rate"] == 0.0 for r in records)
     assert [r["ver/class_power"] for r in records] == [0.5, 1.0, 1.0]
+    # and from the step after it fires, the generator writes --collapse_pool (default 4) x --ver_solutions per question
+    assert [r["ver/pool"] for r in records] == [1, 4, 4] and asked == [1, 1, 4]
 
 
 def test_absurd_learning_rate_stops_before_saving_and_resume_checks_the_config(sft_base, varied_rewards):

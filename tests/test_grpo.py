@@ -224,14 +224,40 @@ def test_inverse_class_weights_balance_the_classes():
 
 
 def test_collapse_guard_escalates_after_patience_and_resets():
-    balancer = ClassBalancer(power=0.5, margin=0.3, patience=3)
+    balancer = ClassBalancer(power=0.5, margin=0.3, patience=3, relative=0.0)  # the absolute margin alone
     assert not balancer.check_collapse(0.95, 0.5) and not balancer.check_collapse(0.9, 0.5)
     assert not balancer.check_collapse(0.6, 0.5)  # tracking again: the count restarts
     assert [balancer.check_collapse(0.0, 0.5) for _ in range(3)] == [False, False, True]
     assert balancer.power == 1.0 and not balancer.check_collapse(0.0, 0.5)  # escalates once
+    assert balancer.pool == 1  # collapse_pool 1: weights only
     restored = ClassBalancer()
     restored.load_state_dict(balancer.state_dict())
-    assert restored.power == 1.0 and restored.strikes == balancer.strikes
+    assert restored.power == 1.0 and restored.strikes == balancer.strikes and restored.shares == balancer.shares
+
+
+def test_collapse_guard_fires_at_a_low_gold_share_and_turns_on_the_pool():
+    """Seed 1 of dev/logs/cotrain_hard_learned: the generator is right ~12 % of the time and the verifier stops
+    saying Correct. Never 0.3 off, yet a collapse: the relative test catches it on the moving averages (the
+    first step sets them: said 0.1 vs gold 0.12 is fine, then said falls to 0 while gold stays 0.12)."""
+    balancer = ClassBalancer(power=0.5, margin=0.3, patience=3, relative=0.5, pool=1, collapse_pool=4)
+    said_share, gold_share = [0.1] + [0.0] * 8, [0.12] * 9
+    fired = [balancer.check_collapse(said, gold) for said, gold in zip(said_share, gold_share)]
+    # moving averages of said (decay 0.9): 0.1, 0.09, 0.081, 0.0729, 0.0656, 0.0590 (< 0.06: strike 1), 0.0531, 0.0478
+    assert fired == [False] * 7 + [True, False]
+    assert balancer.power == 1.0 and balancer.pool == 4
+    restored = ClassBalancer(pool=1)
+    restored.load_state_dict(balancer.state_dict())
+    assert restored.pool == 4 and restored.shares == pytest.approx(balancer.shares)
+    # a verifier that tracks a low gold share with noise (said 0.08-0.12 vs gold 0.1-0.14) never strays
+    healthy = ClassBalancer(power=0.5, patience=3, relative=0.5, collapse_pool=4)
+    assert not any(healthy.check_collapse(0.08 + 0.04 * (i % 2), 0.1 + 0.04 * (i % 3 == 0)) for i in range(50))
+    assert healthy.strikes == 0 and healthy.pool == 1
+    # the mirror image: a verifier that stops saying Incorrect to a generator right 90 % of the time
+    mirror = ClassBalancer(power=1.0, patience=2, relative=0.5, collapse_pool=2)
+    assert [mirror.check_collapse(1.0, 0.9) for _ in range(2)] == [False, True] and mirror.pool == 2
+    # power 1 with the pool already there: nothing left to escalate
+    done = ClassBalancer(power=1.0, patience=1, pool=4, collapse_pool=4)
+    assert not done.check_collapse(0.0, 0.12)
 
 
 # -----------------------------------------------------------------------------
