@@ -392,7 +392,8 @@ def verifier_step(args, roles, task, step, rank, world_size, balancer):
               "ver/format_rate": s["format"] / n, "ver/steps_aligned": s["aligned"] / n, "ver/gold_correct_rate": s["gold_correct"] / n,
               "ver/entropy_proxy": stats["entropy_proxy"], "ver/class_count_correct": balancer.counts[1],
               "ver/class_count_incorrect": balancer.counts[0],
-              "ver/weight_correct": balancer.weights([1, 0])[0], "ver/class_power": balancer.power, "ver/pool": max(args.ver_pool, balancer.pool),
+              "ver/weight_correct": balancer.weights([1, 0])[0], "ver/class_power": balancer.power,
+              "ver/pool": max(args.ver_pool, balancer.pool),
               "ver/flops_generator": s["flops_generator"], "ver/flops_verifier": s["flops_verifier"],
               **{f"ver/time_{k}": t for k, t in timer.items()}}
     print0(f"V {step:4d} | reward {record['ver/reward']:.3f} | acc {record['ver/accuracy']:.3f} | bal-acc "
