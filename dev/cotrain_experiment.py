@@ -102,6 +102,16 @@ def load_matched(directory, seeds):
     return matched
 
 
+def eval_split(flags):
+    """The split the arms were scored on: chat_cotrain's --eval_split among the flags given to every arm."""
+    for i, flag in enumerate(flags):
+        if flag == "--eval_split" and i + 1 < len(flags):
+            return flags[i + 1]
+        if flag.startswith("--eval_split="):
+            return flag.split("=", 1)[1]
+    return "test"
+
+
 def report(results, args, command, minutes, matched=None):
     arms, seeds = args.arms, args.seeds
     labels = [ARMS[a][0] for a in arms]
@@ -110,7 +120,7 @@ def report(results, args, command, minutes, matched=None):
     lines = [f"# Co-training arms on {args.task}: {len(seeds)} seeds, {args.num_gen_steps} generator updates each", "",
              f"Command: `{command}`", "",
              f"Seeds {seeds} fixed before the runs; every arm starts from the same SFT generator ({args.gen_tag}) and is "
-             f"scored on the same held-out problems (the task's test split). Wall time {minutes:.1f} min"
+             f"scored on the same held-out problems (the task's {eval_split(args.shared)} split). Wall time {minutes:.1f} min"
              f"{' (results reused from earlier invocations: see the cost table)' if args.reuse else ''}. "
              "Cells: mean ± half-width of the 95% t interval over seeds.", "",
              "| metric | " + " | ".join(labels) + " |", "|---" * (len(arms) + 1) + "|"]

@@ -317,7 +317,7 @@ def test_experiment_script_compares_the_arms(sft_base, tmp_path):
     pass1 = next(line for line in table.splitlines() if line.startswith("| generator pass@1 (held-out"))
     assert pass1.count("|") == 6
     assert "gain over the baseline (paired by seed) | 0.000 |" in table and "seed 1: baseline" in table
-    assert "--oracle_verifier" in (tmp_path / "logs" / "oracle_s1.log").read_text()
+    assert "--oracle_verifier" in (tmp_path / "logs" / "oracle_s1.log").read_text() and "(the task's test split)" in table
     cost = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "PFLOPs" not in line}
     assert cost["GRPO baseline"][-1] == "1.00 |" and cost["oracle verifier"][-2].endswith("+ 0.000)")
     assert float(cost["co-trained (two models)"][-1].rstrip(" |")) > 1  # the verifier's reading and training cost FLOPs
@@ -336,6 +336,12 @@ def test_experiment_script_compares_the_arms(sft_base, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "dev.cotrain_experiment", *flags, "--reuse", "--matched_baseline",
                               str(tmp_path / "nowhere"), *shared], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "no " in missing.stderr and "baseline_s1.json" in missing.stderr
+
+
+def test_experiment_report_names_the_split_it_scored():
+    from dev.cotrain_experiment import eval_split
+    assert eval_split(["--difficulty", "2", "--eval_split", "val", "--eval_every", "0"]) == "val"
+    assert eval_split(["--eval_split=val"]) == "val" and eval_split(["--difficulty", "2"]) == "test"
 
 
 def test_oracle_verifier_feeds_gold_step_labels_through_the_process_path(sft_base, varied_rewards):
