@@ -17,8 +17,6 @@ import json
 import os
 import time
 
-import torch
-
 from nanochat.checkpoint_manager import CHECKPOINT_DIRS, list_steps, load_model
 from nanochat.common import UserInputError, compute_init, get_base_dir, run_stage
 from nanochat.engine import Engine
