@@ -163,6 +163,20 @@ def mix_advantages(outcome_adv, process_adv, alpha):
     return (1.0 - alpha) * outcome_adv.unsqueeze(-1) + alpha * process_adv
 
 
+def gated_advantages(outcome_adv, process_adv, rewards, alpha):
+    """--mix gated, for one group: the outcome advantage alone where the group's rewards differ, and
+    alpha * A_proc where every sample got the same reward (all wrong or all right), where the outcome
+    advantage is zero and only the step signal can tell samples apart.
+
+    Why: the Tango mix adds the process signal to groups the outcome already ranks, and it takes (1 - alpha)
+    of the outcome with it; at arithmetic preset 2 most groups are flat (63 % of the baseline's), so the step
+    signal is wanted there and nowhere else. outcome_adv, rewards: (G,); process_adv: (G, length)."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    if bool((rewards == rewards[0]).all()):
+        return alpha * process_adv
+    return outcome_adv.unsqueeze(-1).expand_as(process_adv).clone()
+
+
 def token_advantages(rollouts, num_samples, alpha=0.0, judgements=None, mix="advantage", normalize_std=False, credit="return",
                      centre="tokens"):
     """The advantage of every rollout (prompt-major groups of `num_samples`), ready for grpo_update: a scalar
@@ -170,6 +184,7 @@ def token_advantages(rollouts, num_samples, alpha=0.0, judgements=None, mix="adv
 
     judgements[i] (tasks.verify.Judgement, or None without a verifier) carries rollout i's step rewards and
     step ends. mix="advantage" (Tango): (1 - alpha) A_out + alpha A_proc, each normalised on its own;
+    mix="gated": A_out in groups whose rewards differ, alpha A_proc in flat groups (gated_advantages);
     mix="reward": one group baseline over r_out + alpha * (share of steps judged correct). credit: the
     process advantage of the advantage mix, "return" (process_advantages, DeepSeekMath's return-to-go over
     group-centred step rewards) or "within" (within_solution_advantages: credit moved inside a solution);
@@ -183,8 +198,8 @@ def token_advantages(rollouts, num_samples, alpha=0.0, judgements=None, mix="adv
     if mix == "reward":
         fractions = torch.tensor([j.process_fraction for j in judgements]).view(-1, num_samples)
         return group_advantages(rewards + alpha * fractions, normalize_std=normalize_std).view(-1).tolist()
-    if mix != "advantage":
-        raise ValueError(f"mix must be 'advantage' or 'reward', got {mix!r}")
+    if mix not in ("advantage", "gated"):
+        raise ValueError(f"mix must be 'advantage', 'gated' or 'reward', got {mix!r}")
     outcome = group_advantages(rewards, normalize_std=normalize_std).view(-1)
     out = []
     for start in range(0, len(rollouts), num_samples):
@@ -199,7 +214,10 @@ def token_advantages(rollouts, num_samples, alpha=0.0, judgements=None, mix="adv
                                          lengths=lengths if centre == "tokens" else None)
         else:
             raise ValueError(f"credit must be 'return' or 'within', got {credit!r}")
-        mixed = mix_advantages(outcome[start:start + num_samples], process, alpha)
+        if mix == "gated":
+            mixed = gated_advantages(outcome[start:start + num_samples], process, rewards.view(-1)[start:start + num_samples], alpha)
+        else:
+            mixed = mix_advantages(outcome[start:start + num_samples], process, alpha)
         out += [mixed[k, :len(rollouts[i].completion_ids)] for k, i in enumerate(group)]
     return out
 

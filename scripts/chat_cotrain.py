@@ -14,7 +14,8 @@ Generator step: `--num_samples` samples per question; the verifier judges every 
 (sampled, T=1); outcome reward r_o in {0,1} from the exact checker (the verifier's Overall never replaces
 it); step k of a K-step solution scores +-1/K at its last token, used only when the verifier returned
 exactly K verdicts. `--mix advantage` (default, Tango): A = (1-alpha) A_out + alpha A_proc with the two
-normalised separately; `--mix reward`: r = r_o + alpha * (fraction of steps judged correct).
+normalised separately; `--mix gated`: A_out in groups whose rewards differ and alpha A_proc in groups where
+they are all equal; `--mix reward`: r = r_o + alpha * (fraction of steps judged correct).
 
 What the verifier writes (`--verifier_format`): `verdicts`, a check and a verdict word per step; or
 `expectations`, the calculation each step should do (re-derived from the question, values from the
@@ -97,11 +98,12 @@ def get_args(argv=None):
     p.add_argument("--gen_max_tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=256)
     p.add_argument("--gen_temperature", "--temperature", dest="temperature", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=50)
-    p.add_argument("--mix", default="advantage", choices=["advantage", "reward"],
-                   help="advantage: (1 - alpha) A_outcome + alpha A_process per token (Tango); reward: one group baseline "
-                        "over outcome + alpha x share of steps judged correct")
+    p.add_argument("--mix", default="advantage", choices=["advantage", "gated", "reward"],
+                   help="advantage: (1 - alpha) A_outcome + alpha A_process per token (Tango); gated: A_outcome where a "
+                        "group's rewards differ, alpha A_process where they are all equal (all wrong or all right); "
+                        "reward: one group baseline over outcome + alpha x share of steps judged correct")
     p.add_argument("--process_credit", default="return", choices=["return", "within"],
-                   help="the process advantage of --mix advantage: return = DeepSeekMath's return-to-go over group-centred "
+                   help="the process advantage of --mix advantage and gated: return = DeepSeekMath's return-to-go over group-centred "
                         "step rewards; within = each step's verdict minus the solution's mean, so credit moves inside a "
                         "solution and never between solutions (see nanochat.grpo.within_solution_advantages)")
     p.add_argument("--process_centre", default="tokens", choices=["tokens", "steps"],

@@ -356,6 +356,8 @@ def test_oracle_verifier_feeds_gold_step_labels_through_the_process_path(sft_bas
     assert record["gen/flops_generator"] > 0 and record["gen/flops_verifier"] == 0  # the oracle costs no model FLOPs
     within = cotrain.get_args(TINY + ["--num_gen_steps", "2", "--alpha", "0.5", "--oracle_verifier", "--process_credit", "within"])
     assert cotrain.generator_step(within, roles, build_rl_task("arithmetic", "train"), 1, 0, 1)["gen/steps_exact"] == 1.0
+    gated = cotrain.get_args(TINY + ["--num_gen_steps", "2", "--alpha", "0.5", "--oracle_verifier", "--mix", "gated"])
+    assert cotrain.generator_step(gated, roles, build_rl_task("arithmetic", "train"), 1, 0, 1)["gen/steps_exact"] == 1.0
     answer = cotrain.get_args(TINY + ["--num_gen_steps", "2", "--alpha", "0.5", "--oracle_verifier", "--answer_step", "--difficulty", "2"])
     record = cotrain.generator_step(answer, roles, build_rl_task("arithmetic", "train", difficulty=answer.difficulty), 1, 0, 1)
     assert record["gen/steps_exact"] == 1.0 and 0.0 <= record["gen/process_reward"] <= 1.0

@@ -472,3 +472,34 @@ def test_balanced_choice_takes_half_of_each_class_and_fills_from_the_other():
     assert balanced_choice(labels, 6, random.Random(3)) == balanced_choice(labels, 6, random.Random(3))
     with pytest.raises(ValueError, match="cannot choose"):
         balanced_choice([0, 1], 3, random.Random(0))
+
+
+def test_gated_mix_uses_the_step_signal_only_in_flat_groups():
+    """--mix gated: a group whose rewards differ gets its outcome advantage untouched (no (1 - alpha) factor,
+    no process term); an all-wrong group gets alpha x the process advantage, the same tensor the Tango mix
+    would put there."""
+    from tasks.verify import Judgement, Verification
+    wrong_steps = Judgement(Verification([True, False], False), 2, [1, 3], [0.5, -0.5])
+    right_steps = Judgement(Verification([True, True], False), 2, [1, 3], [0.5, 0.5])
+    varied = [Rollout(0, [1], [5, 6, 7, 8], [1] * 4, reward=1.0), Rollout(0, [1], [5, 6, 7, 8], [1] * 4, reward=0.0)]
+    flat = [Rollout(1, [1], [5, 6, 7, 8], [1] * 4, reward=0.0), Rollout(1, [1], [5, 6, 7, 8], [1] * 4, reward=0.0)]
+    rollouts = varied + flat
+    judgements = [right_steps, wrong_steps, right_steps, wrong_steps]
+    gated = token_advantages(rollouts, 2, alpha=0.3, judgements=judgements, mix="gated")
+    tango = token_advantages(rollouts, 2, alpha=0.3, judgements=judgements, mix="advantage")
+    assert torch.equal(gated[0], torch.full((4,), 0.5)) and torch.equal(gated[1], torch.full((4,), -0.5))
+    # hand-computed for the flat group: step rewards [0.5, 0.5] and [0.5, -0.5] (already on one scale), pooled
+    # mean 0.25 -> centred [0.25, 0.25] and [0.25, -0.75] at tokens 1 and 3; suffix sums [0.5, 0.5, 0.25, 0.25]
+    # and [-0.5, -0.5, -0.75, -0.75]; their mean over the group's 8 tokens is -0.125, subtracted; times alpha
+    assert torch.allclose(gated[2], 0.3 * torch.tensor([0.625, 0.625, 0.375, 0.375]))
+    assert torch.allclose(gated[3], 0.3 * torch.tensor([-0.375, -0.375, -0.625, -0.625]))
+    proc = process_advantages([[0.5, 0.5], [0.5, -0.5]], [[1, 3], [1, 3]], 4, lengths=[4, 4])
+    assert torch.allclose(gated[2], tango[2]) and torch.allclose(gated[3], tango[3])
+    assert not torch.allclose(gated[2], torch.zeros(4))  # the flat group does get a signal
+    assert not torch.allclose(tango[0], gated[0])        # and the Tango mix differs on the varied group
+    # an all-right group is flat too
+    all_right = [Rollout(0, [1], [5, 6, 7, 8], [1] * 4, reward=1.0)] * 2
+    assert torch.allclose(token_advantages(all_right, 2, 0.3, [right_steps, wrong_steps], mix="gated")[1],
+                          0.3 * proc[1])
+    with pytest.raises(ValueError):
+        token_advantages(rollouts, 2, alpha=0.3, judgements=judgements, mix="bogus")
