@@ -13,6 +13,7 @@ without them the tests skip and say so. Screenshots go to a tmp dir; their paths
 
 import os
 import sys
+import threading
 import types
 
 import pytest
@@ -76,6 +77,26 @@ def wait_idle(page):
     page.wait_for_function("document.body.dataset.busy === 'false' && !document.querySelector('.message.pending')")
 
 
+def hold_stream(engine, gates):
+    """Make engine.generate pause before token n until its event is set, for each (n, event) in gates, so a
+    reply cannot run to its token limit before the test has watched it grow and clicked Stop, however slowly
+    the browser runs beside the model (a busy CI machine once let a 4000-token reply finish first).
+    Undo with `del engine.generate`."""
+    real = engine.generate
+
+    def generate(*args, **kwargs):
+        stream = real(*args, **kwargs)
+        try:
+            for i, item in enumerate(stream):
+                for n, event in gates:
+                    if i == n:
+                        event.wait(timeout=120)
+                yield item
+        finally:
+            stream.close()
+    engine.generate = generate
+
+
 def test_chat_in_a_real_browser(page, tiny_tokenizer, tmp_path):
     from playwright.sync_api import expect
     app = chat_web.create_app(make_workers(tiny_tokenizer), tiny_tokenizer, model_name="babbler")
@@ -98,15 +119,21 @@ def test_chat_in_a_real_browser(page, tiny_tokenizer, tmp_path):
         expect(page.locator('.message[data-role="assistant"] .note')).to_have_text("stopped at the token limit")
         assert worker.history[-1]["finish_reason"] == "length" and worker.history[-1]["tokens"] == 12
 
-        # a long reply: watch it grow, then stop it
+        # a long reply: watch it grow, then stop it (held at token 20 until the page has shown some of it, and at
+        # token 200 until Stop was clicked: the server must notice the closed stream, not the token limit)
+        grow, stopped = threading.Event(), threading.Event()
+        hold_stream(worker.engine, [(20, grow), (200, stopped)])
         page.fill("#max-tokens", "4000")
         send(page, "Tell me a very long story")
         expect(page.locator("#stop")).to_be_visible()
         page.wait_for_function("document.querySelectorAll('.message.assistant .content')[1]?.textContent.length > 0")
         first = len(replies.nth(1).text_content())
+        grow.set()
         page.wait_for_function(f"document.querySelectorAll('.message.assistant .content')[1].textContent.length > {first}")
         page.click("#stop")
         wait_idle(page)
+        stopped.set()
+        del worker.engine.generate
         expect(page.locator("#send")).to_be_visible()
         expect(page.locator('.message[data-role="assistant"] .note').nth(1)).to_have_text("stopped")
         stopped_text = replies.nth(1).text_content()
