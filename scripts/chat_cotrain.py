@@ -345,6 +345,13 @@ def generator_step(args, roles, task, step, rank, world_size):
     return record
 
 
+def make_balancer(args):
+    """The verifier's class weights and batch pool: it alone holds the pool size, --ver_pool at the start and
+    --collapse_pool once its collapse guard has fired."""
+    return ClassBalancer(decay=0.8, power={"sqrt": 0.5, "inverse": 1.0, "none": 0.0}[args.class_balance],
+                         patience=args.collapse_patience, pool=args.ver_pool, collapse_pool=args.collapse_pool)
+
+
 def verifier_step(args, roles, task, step, rank, world_size, balancer):
     """The frozen generator writes solutions, the verifier judges each several times and is rewarded for
     the right Overall verdict (plus format). Returns the step's metrics (all ranks)."""
@@ -352,7 +359,7 @@ def verifier_step(args, roles, task, step, rank, world_size, balancer):
     t0 = time.time()
     roles.sampling(roles.generator)
     indices = rank_indices(step, args.ver_examples_per_step, rank, world_size, len(task), from_end=True)
-    pool_size = max(args.ver_pool, balancer.pool)  # --collapse_pool once the collapse guard has fired
+    pool_size = balancer.pool
     per_question = args.ver_solutions * pool_size
     pool = sample_and_score(roles.gen_engine, roles.tokenizer, task, indices, per_question,
                             args.max_new_tokens, args.temperature, args.top_k, seed=args.seed + 3_000_017 * step + rank)
@@ -387,7 +394,7 @@ def verifier_step(args, roles, task, step, rank, world_size, balancer):
     s = all_reduce_dict(counts, roles.device)
     n = max(s["n"], 1)
     escalated = balancer.check_collapse(s["said_correct"] / n, s["gold_correct"] / n)
-    next_pool_size = max(args.ver_pool, balancer.pool)  # what the next verifier step samples
+    next_pool_size = balancer.pool  # what the next verifier step samples
     if escalated:
         print0(f"warning: the verifier's share of 'Correct' verdicts has strayed from the gold share for {args.collapse_patience} "
                f"verifier steps (collapse to one class): switching to 1/count class weights and class-balanced batches "
@@ -600,8 +607,7 @@ def main(argv=None):
     output_tag = args.output_tag or f"g{roles.generator.config.n_layer}" + (f"_v{roles.verifier.config.n_layer}" if has_own_verifier else "")
     out_dir = os.path.join(get_base_dir(), CHECKPOINT_DIRS["cotrain"], output_tag)
     phases = phase_schedule(args)
-    balancer = ClassBalancer(decay=0.8, power={"sqrt": 0.5, "inverse": 1.0, "none": 0.0}[args.class_balance],
-                             patience=args.collapse_patience, pool=args.ver_pool, collapse_pool=args.collapse_pool)
+    balancer = make_balancer(args)
     if args.print_memory:
         samples = args.num_samples * args.examples_per_step // world_size
         print_role_estimates({"generator": (roles.generator, samples), "verifier": (roles.verifier, args.ver_samples * samples)},

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nanochat.checkpoint_manager import find_last_step, load_checkpoint
-from nanochat.grpo import ClassBalancer, sample_and_score, sample_batch
+from nanochat.grpo import sample_and_score, sample_batch
 from tasks import verify
 from tasks.by_name import RL_TASKS, build_rl_task
 
@@ -83,7 +83,7 @@ def test_each_step_trains_only_its_own_model(sft_base, varied_rewards):
     roles = cotrain.load_roles(args, torch.device("cpu"))
     task = build_rl_task("arithmetic", "train")
     generator, verifier = checksum(roles.generator), checksum(roles.verifier)
-    record = cotrain.verifier_step(args, roles, task, 0, 0, 1, ClassBalancer())
+    record = cotrain.verifier_step(args, roles, task, 0, 0, 1, cotrain.make_balancer(args))
     assert checksum(roles.generator) == generator, "the frozen generator changed in a verifier step"
     assert checksum(roles.verifier) != verifier, "the verifier did not train"
     assert {"ver/balanced_accuracy", "ver/share_said_correct", "ver/steps_aligned", "ver/time_train"} <= set(record)
@@ -124,7 +124,7 @@ def test_ver_pool_gives_the_verifier_a_class_balanced_batch(sft_base, monkeypatc
     for pool in (1, 4):
         args = cotrain.get_args(TINY + ["--ver_solutions", "2", "--ver_pool", str(pool), "--ver_examples_per_step", "4"])
         roles = cotrain.load_roles(args, torch.device("cpu"))
-        record = cotrain.verifier_step(args, roles, build_rl_task("arithmetic", "train"), 0, 0, 1, ClassBalancer())
+        record = cotrain.verifier_step(args, roles, build_rl_task("arithmetic", "train"), 0, 0, 1, cotrain.make_balancer(args))
         labels = [s.info["correct"] for s in read[-1]]
         assert len(labels) == 8 and record["ver/gold_correct_rate"] == sum(labels) / 8
         if pool == 1:
@@ -376,7 +376,7 @@ def test_collapse_guard_switches_a_one_class_verifier_to_balanced_weights(sft_ba
     args = cotrain.get_args(TINY + ["--collapse_patience", "2"])
     roles = cotrain.load_roles(args, torch.device("cpu"))
     task = build_rl_task("arithmetic", "train")
-    balancer = ClassBalancer(power=0.5, patience=args.collapse_patience, pool=args.ver_pool, collapse_pool=args.collapse_pool)
+    balancer = cotrain.make_balancer(args)
     asked, real = [], cotrain.sample_and_score
     monkeypatch.setattr(cotrain, "sample_and_score",
                         lambda engine, tok, task, indices, k, *a, **kw: asked.append(k) or real(engine, tok, task, indices, k, *a, **kw))
