@@ -34,12 +34,18 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def score(tag, step, split, device):
-    """{pass@1, pass@k, majority@k, n, ...} of the generator of checkpoint <tag> at <step> on <split>."""
+def load_generator(tag, step, split, device):
+    """(engine, tokenizer, task, run flags, meta) for the generator of co-training checkpoint <tag> at <step>
+    (None: its last), with the run's own task and difficulty on <split> (shared with dev/rollout_shape.py)."""
     model, tokenizer, meta = load_model("cotrain", device, model_tag=tag, step=step, model_key="generator")
     run = meta["user_config"]
     task = build_rl_task(run["task"], split, run.get("data_dir"), run.get("difficulty"))
-    engine = Engine(model, tokenizer, max_rows=run.get("max_batch_rows"))
+    return Engine(model, tokenizer, max_rows=run.get("max_batch_rows")), tokenizer, task, run, meta
+
+
+def score(tag, step, split, device):
+    """{pass@1, pass@k, majority@k, n, ...} of the generator of checkpoint <tag> at <step> on <split>."""
+    engine, tokenizer, task, run, _ = load_generator(tag, step, split, device)
     indices = list(range(min(run["eval_examples"], len(task))))
     k = run["eval_samples"]
     start = time.time()

@@ -18,12 +18,10 @@ import collections
 import json
 import statistics
 
-from nanochat.checkpoint_manager import load_model
+from dev.eval_checkpoints import load_generator
 from nanochat.common import UserInputError, compute_init, run_stage
-from nanochat.engine import Engine
 from nanochat.grpo import sample_and_score
 from tasks import verify
-from tasks.by_name import build_rl_task
 
 
 def get_args(argv=None):
@@ -45,12 +43,9 @@ def get_args(argv=None):
 
 def shape(tag, step, split, problems, samples, seed, show, device):
     """The numbers above for the generator of checkpoint <tag> at <step> (None: its last)."""
-    model, tokenizer, meta = load_model("cotrain", device, model_tag=tag, step=step, model_key="generator")
-    run = meta["user_config"]
-    task = build_rl_task(run["task"], split, run.get("data_dir"), run.get("difficulty"))
+    engine, tokenizer, task, run, meta = load_generator(tag, step, split, device)
     if not hasattr(task, "reference_chain"):
         raise UserInputError(f"{tag}: task {run['task']!r} has no reference chain, so steps cannot be labelled exactly")
-    engine = Engine(model, tokenizer, max_rows=run.get("max_batch_rows"))
     indices = list(range(min(problems, len(task))))
     rollouts = sample_and_score(engine, tokenizer, task, indices, samples, run["max_new_tokens"], run["temperature"],
                                 run["top_k"], seed)

@@ -215,7 +215,7 @@ def token_advantages(rollouts, num_samples, alpha=0.0, judgements=None, mix="adv
         else:
             raise ValueError(f"credit must be 'return' or 'within', got {credit!r}")
         if mix == "gated":
-            mixed = gated_advantages(outcome[start:start + num_samples], process, rewards.view(-1)[start:start + num_samples], alpha)
+            mixed = gated_advantages(outcome[start:start + num_samples], process, rewards[start // num_samples], alpha)
         else:
             mixed = mix_advantages(outcome[start:start + num_samples], process, alpha)
         out += [mixed[k, :len(rollouts[i].completion_ids)] for k, i in enumerate(group)]

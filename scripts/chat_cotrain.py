@@ -359,12 +359,11 @@ def verifier_step(args, roles, task, step, rank, world_size, balancer):
     t0 = time.time()
     roles.sampling(roles.generator)
     indices = rank_indices(step, args.ver_examples_per_step, rank, world_size, len(task), from_end=True)
-    pool_size = balancer.pool
-    per_question = args.ver_solutions * pool_size
+    per_question = args.ver_solutions * balancer.pool
     pool = sample_and_score(roles.gen_engine, roles.tokenizer, task, indices, per_question,
                             args.max_new_tokens, args.temperature, args.top_k, seed=args.seed + 3_000_017 * step + rank)
     solutions = pool
-    if pool_size > 1:
+    if balancer.pool > 1:
         chosen = balanced_choice([r.info["correct"] for r in pool], len(indices) * args.ver_solutions,
                                  random.Random(args.seed + 6_000_011 * step + rank))
         solutions = [pool[i] for i in chosen]
@@ -393,18 +392,16 @@ def verifier_step(args, roles, task, step, rank, world_size, balancer):
                   flops_verifier=rollout_flops(roles.verifier, readings, V, train_passes=update_passes()))
     s = all_reduce_dict(counts, roles.device)
     n = max(s["n"], 1)
-    escalated = balancer.check_collapse(s["said_correct"] / n, s["gold_correct"] / n)
-    next_pool_size = balancer.pool  # what the next verifier step samples
-    if escalated:
+    if balancer.check_collapse(s["said_correct"] / n, s["gold_correct"] / n):
         print0(f"warning: the verifier's share of 'Correct' verdicts has strayed from the gold share for {args.collapse_patience} "
                f"verifier steps (collapse to one class): switching to 1/count class weights and class-balanced batches "
-               f"from {next_pool_size}x the solutions")
+               f"from {balancer.pool}x the solutions")
     record = {"ver_step": step, "ver/reward": s["reward"] / n, **{f"ver/{k}": v for k, v in verify.verdict_metrics(s).items()},
               "ver/format_rate": s["format"] / n, "ver/steps_aligned": s["aligned"] / n, "ver/gold_correct_rate": s["gold_correct"] / n,
               "ver/entropy_proxy": stats["entropy_proxy"], "ver/class_count_correct": balancer.counts[1],
               "ver/class_count_incorrect": balancer.counts[0],
               "ver/weight_correct": balancer.weights([1, 0])[0], "ver/class_power": balancer.power,
-              "ver/pool": next_pool_size,
+              "ver/pool": balancer.pool,  # what the next verifier step samples
               "ver/flops_generator": s["flops_generator"], "ver/flops_verifier": s["flops_verifier"],
               **{f"ver/time_{k}": t for k, t in timer.items()}}
     print0(f"V {step:4d} | reward {record['ver/reward']:.3f} | acc {record['ver/accuracy']:.3f} | bal-acc "

@@ -15,8 +15,8 @@ def test_numbers_match_hand_labelled_solutions(sft_base, monkeypatch):
     import dev.rollout_shape as rollout_shape
     import scripts.chat_cotrain as cotrain
     cotrain.main(TINY + ["--output_tag", "shaped"])
-    real_build = rollout_shape.build_rl_task
-    task = real_build("arithmetic", "val")
+    from tasks.by_name import build_rl_task
+    task = build_rl_task("arithmetic", "val")
     chain = task.reference_chain(0)
     first = chain[0]
     # one right first step then the answer; one wrong first step (and so a wrong second); one at the token limit
@@ -58,7 +58,8 @@ def test_samples_a_real_generator_and_refuses_tasks_without_a_chain(sft_base, tm
     class NoChain:
         def __len__(self):
             return 2
-    monkeypatch.setattr(rollout_shape, "build_rl_task", lambda *a: NoChain())
+    import dev.eval_checkpoints as eval_checkpoints  # where rollout_shape's loader builds the task
+    monkeypatch.setattr(eval_checkpoints, "build_rl_task", lambda *a: NoChain())
     with pytest.raises(UserInputError, match="no reference chain"):
         rollout_shape.main(args)
     with pytest.raises(SystemExit):
