@@ -113,6 +113,10 @@ def get_args(argv=None):
     p.add_argument("--answer_step", action="store_true",
                    help="judge the answer as one more step, by the overall verdict, instead of flagging the last step of a "
                         "wrong solution whose steps all check out (see tasks.verify.process_step_rewards)")
+    p.add_argument("--unwritten_wrong", action="store_true",
+                   help="with --oracle_verifier: a wrong solution that writes fewer steps than its problem's reference "
+                        "chain is charged a wrong verdict for each step it left out, so stopping early never scores above "
+                        "trying the next step (see tasks.verify.unwritten_steps)")
     p.add_argument("--alpha", type=float, default=0.1, help="initial weight of the process signal (0: outcome only)")
     p.add_argument("--alpha_end", type=float, default=0.001, help="alpha decays exponentially to this")
     p.add_argument("--normalize_std", action="store_true", help="divide outcome advantages by the group std")
@@ -181,6 +185,10 @@ def get_args(argv=None):
         p.error("--no_verifier needs --alpha 0 (there is no process signal without a verifier)")
     if args.oracle_verifier and (args.no_verifier or args.shared_model):
         p.error("--oracle_verifier replaces the verifier model: it excludes --no_verifier and --shared_model")
+    if args.unwritten_wrong and not args.oracle_verifier:
+        p.error("--unwritten_wrong needs --oracle_verifier (only the oracle knows how many steps a problem needs)")
+    if args.unwritten_wrong and args.process_credit != "return":
+        p.error("--unwritten_wrong charges the missing steps on the last token, which only --process_credit return reaches")
     if args.no_verifier and args.shared_model:
         p.error("--shared_model needs a verifier role")
     if not 0.0 <= args.alpha <= 1.0:
@@ -276,6 +284,15 @@ def exact_labels(task, rollout):
     return labels, first_error, correct
 
 
+def reference_steps(task, index):
+    """How many steps task[index]'s reference solution takes (--unwritten_wrong); a clear error for a task
+    that does not know."""
+    chain = task.reference_chain(index)
+    if chain is None:
+        raise ValueError(f"--unwritten_wrong needs a task with reference chains; {type(task).__name__} has none")
+    return len(chain)
+
+
 def generator_step(args, roles, task, step, rank, world_size):
     """Sample, judge, mix the advantages, update the generator. Returns the step's metrics (all ranks)."""
     timer = {}
@@ -296,8 +313,9 @@ def generator_step(args, roles, task, step, rank, world_size):
     counts = dict.fromkeys(("exact", "missing", "extra", "judged_correct", "judged_steps", "gold_agree", "gold_compared", "process"), 0)
     golds = [exact_labels(task, r)[0] for r in rollouts] if args.oracle_verifier or roles.verifier is not None else None
     if args.oracle_verifier:
-        judgements = [verify.oracle_judge(token_pieces(roles.tokenizer, r.body_ids), gold, r.info["correct"], args.answer_step)
-                      for r, gold in zip(rollouts, golds)]
+        needed = [reference_steps(task, r.example_index) if args.unwritten_wrong else None for r in rollouts]
+        judgements = [verify.oracle_judge(token_pieces(roles.tokenizer, r.body_ids), gold, r.info["correct"], args.answer_step, steps)
+                      for r, gold, steps in zip(rollouts, golds, needed)]
     elif roles.verifier is not None:
         readings, judgements = judge(args, roles, task, rollouts, 1, args.ver_temperature, seed=args.seed + 2_000_003 * step + rank)
     if judgements is not None:

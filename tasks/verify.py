@@ -321,18 +321,38 @@ def process_verdicts(verification):
     return verdicts
 
 
-def process_step_rewards(verification, num_steps, answer_step=False):
+def process_step_rewards(verification, num_steps, answer_step=False, unwritten=0):
     """Generator process rewards: +1/K or -1/K per step (process_verdicts), only when the verifier gave
     exactly K verdicts. With answer_step the answer is a step of its own, judged by the overall verdict:
     K step verdicts as judged and the overall one, +-1/(K + 1) each (no signal without an overall verdict).
     Why: process_verdicts makes a solution that stops before the question's last step pay on its last
     *correct* line, which teaches the generator to leave out right lines; the oracle generator answered one
     or two lines early in 45 of 128 samples against 19 for GRPO (dev/cotrain_strict.md). The answer step puts
-    that penalty on the decision to answer instead."""
+    that penalty on the decision to answer instead.
+
+    unwritten: that many more verdicts, all wrong, for steps the solution needed and never wrote (see
+    unwritten_steps), listed last."""
     if num_steps == 0 or verification.num_steps != num_steps or (answer_step and verification.overall is None):
         return None
     verdicts = list(verification.step_verdicts) + [verification.overall] if answer_step else process_verdicts(verification)
+    verdicts = verdicts + [False] * unwritten
     return [(1.0 if ok else -1.0) / len(verdicts) for ok in verdicts]
+
+
+def unwritten_steps(num_steps, reference_steps, correct):
+    """How many steps a solution is charged for leaving out: a wrong solution that wrote fewer steps than its
+    problem's reference chain has gets one wrong verdict per missing step (a right one: none, however short).
+
+    Why: a written step is judged +-1 and a step never written nothing, so a solution that writes one right
+    step and answers scores above one that tries the next step and gets it wrong, though both have the same
+    wrong answer. At arithmetic preset 2 on validation problems the heavier the step signal, the fewer steps
+    the generator wrote (2.28 per solution for GRPO, 2.11 for the Tango mix at alpha 0.3, 1.33 for the step
+    signal alone; the problems need 2.52) and the more of its solutions were a run of right steps stopped
+    early (dev/cotrain_val_gated.md). With the missing steps charged, stopping early scores the same as a
+    wrong attempt and below a right one. A step that merges two reference steps counts once, so a wrong
+    solution that merges is charged one step it did compute: merging is rare, and it only pushes toward
+    writing steps out."""
+    return 0 if correct or not reference_steps else max(0, reference_steps - num_steps)
 
 
 # -----------------------------------------------------------------------------
@@ -470,7 +490,8 @@ class Judgement:
     tokens) of the token that finishes step k, where the process reward of step k lands; `step_rewards`
     is +-1/K per step when the verifier gave exactly one verdict per step, else None (no process signal).
     With an answer step (process_step_rewards) both have one entry more than the solution's num_steps: the
-    answer's reward, landing on the solution's last token."""
+    answer's reward, landing on the solution's last token; steps charged as unwritten (unwritten_steps) add
+    one entry each, also on the last token."""
     verification: Verification
     num_steps: int
     step_ends: list
@@ -601,18 +622,24 @@ def auc(scores, labels):
     return wins / (len(positives) * len(negatives))
 
 
-def oracle_judge(solution_token_texts, step_labels, overall_correct=None, answer_step=False):
+def oracle_judge(solution_token_texts, step_labels, overall_correct=None, answer_step=False, reference_steps=None):
     """The Judgement of a perfect process verifier: one verdict per step, read from exact gold step labels
     (gold_step_labels), and the overall verdict from the exact answer check when given. It is the ceiling
     and the control for a learned verifier: a protocol that cannot show a gain with it cannot show one with
-    a learned verifier either."""
+    a learned verifier either. reference_steps (the length of the problem's reference chain): a wrong
+    solution is also charged a wrong verdict for every step it left unwritten (unwritten_steps), landing on
+    its last token."""
     verdicts = [bool(label) for label in step_labels]
     overall = bool(overall_correct) if overall_correct is not None else (all(verdicts) if verdicts else None)
     verification = Verification(step_verdicts=verdicts, overall=overall,
                                 format_ok=bool(verdicts), step_numbers=list(range(1, len(verdicts) + 1)))
     step_ends = step_end_tokens(solution_token_texts)
-    return Judgement(verification, len(step_ends), _with_answer_step(step_ends, solution_token_texts, answer_step),
-                     process_step_rewards(verification, len(step_ends), answer_step))
+    unwritten = unwritten_steps(len(step_ends), reference_steps, overall) if step_ends else 0
+    rewards = process_step_rewards(verification, len(step_ends), answer_step, unwritten)
+    ends = _with_answer_step(step_ends, solution_token_texts, answer_step)
+    if rewards is not None:
+        ends = ends + [len(solution_token_texts) - 1] * unwritten
+    return Judgement(verification, len(step_ends), ends, rewards)
 
 
 # -----------------------------------------------------------------------------

@@ -361,10 +361,29 @@ def test_oracle_verifier_feeds_gold_step_labels_through_the_process_path(sft_bas
     answer = cotrain.get_args(TINY + ["--num_gen_steps", "2", "--alpha", "0.5", "--oracle_verifier", "--answer_step", "--difficulty", "2"])
     record = cotrain.generator_step(answer, roles, build_rl_task("arithmetic", "train", difficulty=answer.difficulty), 1, 0, 1)
     assert record["gen/steps_exact"] == 1.0 and 0.0 <= record["gen/process_reward"] <= 1.0
+    unwritten = cotrain.get_args(TINY + ["--num_gen_steps", "2", "--alpha", "0.5", "--oracle_verifier", "--answer_step",
+                                         "--unwritten_wrong", "--difficulty", "2"])
+    record = cotrain.generator_step(unwritten, roles, build_rl_task("arithmetic", "train", difficulty=2), 1, 0, 1)
+    assert record["gen/steps_exact"] == 1.0 and 0.0 <= record["gen/process_reward"] <= 1.0
     with pytest.raises(SystemExit):
         cotrain.get_args(["--oracle_verifier", "--shared_model"])
     with pytest.raises(SystemExit):
         cotrain.get_args(["--task", "gsm8k", "--difficulty", "2"])  # presets are the arithmetic task's
+    for bad in (["--unwritten_wrong"], ["--oracle_verifier", "--unwritten_wrong", "--process_credit", "within"]):
+        with pytest.raises(SystemExit):
+            cotrain.get_args(bad)
+
+
+def test_unwritten_wrong_reads_the_number_of_steps_from_the_reference_chain():
+    import scripts.chat_cotrain as cotrain
+    task = build_rl_task("arithmetic", "train", difficulty=2)
+    assert cotrain.reference_steps(task, 3) == len(task.reference_calculations(3)) >= 1
+
+    class NoChain:
+        def reference_chain(self, index):
+            return None
+    with pytest.raises(ValueError, match="reference chains"):
+        cotrain.reference_steps(NoChain(), 0)
 
 
 def test_collapse_guard_switches_a_one_class_verifier_to_balanced_weights(sft_base, monkeypatch):

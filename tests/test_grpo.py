@@ -430,6 +430,25 @@ def test_answer_step_puts_an_early_stop_on_the_answer_tokens():
     assert early[True][4].item() == pytest.approx(0.3 * (2 / 7 - mean - 2 / 7 - mean))
 
 
+def test_unwritten_steps_make_an_early_stop_score_the_same_as_a_wrong_attempt():
+    """The same two wrong samples as above, for a problem that needs three steps. With the answer step alone the
+    early stop's first token is credited above the attempt's (the attempt's wrong third line costs, the line
+    the early stop never wrote costs nothing); with the missing step charged both first tokens are credited
+    the same: stopping early no longer pays."""
+    from tasks.verify import oracle_judge
+    stop = ["a 1+1=", "<<1+1=2>>2.", "\n", "b 2*3=", "<<2*3=6>>6.", "\n#### ", "6"]
+    wrong = ["a 1+1=", "<<1+1=2>>2.", "\n", "b 2*3=", "<<2*3=6>>6.", "\n", "c 6+2=", "<<6+2=9>>9.", "\n#### ", "9"]
+    rollouts = [Rollout(0, [1], list(range(len(stop))), [1] * len(stop), reward=0.0),
+                Rollout(0, [1], list(range(len(wrong))), [1] * len(wrong), reward=0.0)]
+    first = {}
+    for needed in (None, 3):
+        judgements = [oracle_judge(stop, [1, 1], False, True, needed), oracle_judge(wrong, [1, 1, 0], False, True, needed)]
+        adv = token_advantages(rollouts, 2, alpha=0.3, judgements=judgements, centre="steps")
+        first[needed] = (adv[0][0].item(), adv[1][0].item())
+    assert first[None][0] > first[None][1]
+    assert first[3][0] == pytest.approx(first[3][1])
+
+
 def test_token_centring_removes_the_net_push_down_of_the_return_to_go():
     """Regression: centring step rewards leaves the return-to-go net negative over tokens (a late wrong step
     reaches every token before it). Hand-computed: samples with steps [+1, -1] ending at tokens 1, 3 and [+1]

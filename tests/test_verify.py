@@ -226,6 +226,28 @@ def test_oracle_judge_reads_gold_labels():
     assert verify.oracle_judge(tokens, [1]).step_rewards is None  # labels that do not line up give no signal
 
 
+def test_unwritten_steps_charge_a_wrong_solution_for_the_steps_it_left_out():
+    assert verify.unwritten_steps(1, 3, correct=False) == 2
+    assert verify.unwritten_steps(3, 3, correct=False) == 0 and verify.unwritten_steps(4, 3, correct=False) == 0
+    assert verify.unwritten_steps(1, 3, correct=True) == 0  # a right answer is never charged, however short
+    assert verify.unwritten_steps(1, None, correct=False) == 0 and verify.unwritten_steps(1, 0, correct=False) == 0
+    # one right step and an answer, where the problem needs three: the answer and two missing steps are wrong
+    tokens = ["He has 3*4=", "<<3*4=12>>12.", "\n#### ", "12"]
+    j = verify.oracle_judge(tokens, [1], overall_correct=False, answer_step=True, reference_steps=3)
+    assert j.num_steps == 1 and j.aligned
+    assert j.step_rewards == [0.25, -0.25, -0.25, -0.25] and j.step_ends == [1, 3, 3, 3]
+    assert j.process_fraction == 0.25
+    # without the answer step the missing steps are still charged, on the last token (and the last written step
+    # of a wrong solution is flagged, the old rule of process_verdicts)
+    plain = verify.oracle_judge(tokens, [1], overall_correct=False, reference_steps=3)
+    assert plain.step_rewards == [-1 / 3] * 3 and plain.step_ends == [1, 3, 3]
+    # a right answer, or no reference length, changes nothing
+    assert verify.oracle_judge(tokens, [1], True, True, reference_steps=3).step_rewards == [0.5, 0.5]
+    assert verify.oracle_judge(tokens, [1], False, True).step_rewards == [0.5, -0.5]
+    # no steps at all: no signal, whatever the reference length
+    assert verify.oracle_judge(["#### ", "5"], [], False, True, reference_steps=3).step_rewards is None
+
+
 def test_answer_step_charges_stopping_early_to_the_answer_not_the_last_right_line():
     # every line checks out but the solution answers before the question's last step: the answer is wrong
     tokens = ["He has 3*4=", "<<3*4=12>>12.", "\n", "Then 12+5=", "<<12+5=17>>17.", "\n#### ", "17"]
