@@ -22,6 +22,7 @@ What the verifier writes (`--verifier_format`): `verdicts`, a check and a verdic
 calculator) and its answer, with the verdicts decided by a rule that compares them with the solution
 (tasks/verify.py). `--forced_headers` makes the engine open every line with "Step k:", so every solution
 gets exactly K verdicts. `--oracle_verifier` replaces the verifier by exact gold step labels: the ceiling.
+`--unwritten_wrong` charges a wrong solution for the steps it never wrote, so that stopping early does not pay.
 
 Verifier step: the frozen generator samples solutions; the verifier samples `--ver_samples` verifications
 of each; reward = [Overall matches the gold label] + format_weight x format score; per-sample loss weights
@@ -114,9 +115,10 @@ def get_args(argv=None):
                    help="judge the answer as one more step, by the overall verdict, instead of flagging the last step of a "
                         "wrong solution whose steps all check out (see tasks.verify.process_step_rewards)")
     p.add_argument("--unwritten_wrong", action="store_true",
-                   help="with --oracle_verifier: a wrong solution that writes fewer steps than its problem's reference "
-                        "chain is charged a wrong verdict for each step it left out, so stopping early never scores above "
-                        "trying the next step (see tasks.verify.unwritten_steps)")
+                   help="a wrong solution that writes fewer steps than its problem needs is charged a wrong verdict for each "
+                        "step it left out, so stopping early never scores above trying the next step (see "
+                        "tasks.verify.unwritten_steps); the oracle counts the steps of the reference chain, a learned "
+                        "verifier in the expectations format the calculations it expects in all")
     p.add_argument("--alpha", type=float, default=0.1, help="initial weight of the process signal (0: outcome only)")
     p.add_argument("--alpha_end", type=float, default=0.001, help="alpha decays exponentially to this")
     p.add_argument("--normalize_std", action="store_true", help="divide outcome advantages by the group std")
@@ -185,8 +187,9 @@ def get_args(argv=None):
         p.error("--no_verifier needs --alpha 0 (there is no process signal without a verifier)")
     if args.oracle_verifier and (args.no_verifier or args.shared_model):
         p.error("--oracle_verifier replaces the verifier model: it excludes --no_verifier and --shared_model")
-    if args.unwritten_wrong and not args.oracle_verifier:
-        p.error("--unwritten_wrong needs --oracle_verifier (only the oracle knows how many steps a problem needs)")
+    if args.unwritten_wrong and not (args.oracle_verifier or (args.verifier_format == "expectations" and not args.no_verifier)):
+        p.error("--unwritten_wrong needs --oracle_verifier or --verifier_format expectations (the verdicts format does not "
+                "say how many steps a problem needs)")
     if args.unwritten_wrong and args.process_credit != "return":
         p.error("--unwritten_wrong charges the missing steps on the last token, which only --process_credit return reaches")
     if args.no_verifier and args.shared_model:
@@ -262,7 +265,7 @@ def judge(args, roles, task, solutions, num_verifications, temperature, seed):
     probs = [None] * len(readings)
     if args.process_score == "prob":
         probs = verify.verdict_probabilities(roles.verifier, tokenizer, readings, roles.device, args.device_batch_size)
-    judgements = [verify.judge(texts[i // num_verifications], r.text, p, args.verifier_format, args.answer_step)
+    judgements = [verify.judge(texts[i // num_verifications], r.text, p, args.verifier_format, args.answer_step, args.unwritten_wrong)
                   for i, (r, p) in enumerate(zip(readings, probs))]
     return readings, judgements
 

@@ -263,6 +263,7 @@ class Verification:
     overall: object = None                             # True / False / None when unparsable
     format_ok: bool = False                            # numbered 1..n in order, every line parsed, an Overall
     step_numbers: list = field(default_factory=list)
+    needed_steps: object = None                        # expectations format: the calculations the verifier expects in all
 
     @property
     def num_steps(self):
@@ -463,6 +464,8 @@ def rule_verification(solution, verifier_text):
             continue
         stray = True
     steps = split_steps(to_display(solution))
+    if overall is not None:  # the steps it expected a calculation of, and the calculations it lists as left
+        result.needed_steps = sum(bool(calculations(e)) for e in expectations) + len(calculations(overall))
     ok = True
     for k, expectation in enumerate(expectations):
         ok = ok and k < len(steps) and step_meets_expectation(steps[k], expectation)
@@ -519,16 +522,20 @@ def _with_answer_step(step_ends, solution_token_texts, answer_step):
     return step_ends + [len(solution_token_texts) - 1] if answer_step and step_ends else step_ends
 
 
-def judge(solution_token_texts, verifier_text, probs=None, fmt="verdicts", answer_step=False):
+def judge(solution_token_texts, verifier_text, probs=None, fmt="verdicts", answer_step=False, unwritten_wrong=False):
     """The Judgement of a solution, given the decoded text of each of its completion tokens (without the
     terminal token) and what the verifier wrote about it (in format `fmt`). With `probs` (the verdict_queries
     probabilities, steps first, then the overall verdict's if it has one) the process rewards are (2p - 1)/K
     per step: the verifier's confidence rather than the word it sampled. answer_step: the answer is judged as
-    one more step, by the overall verdict (process_step_rewards)."""
+    one more step, by the overall verdict (process_step_rewards). unwritten_wrong: a solution the verifier
+    judges wrong is charged the steps it left unwritten (unwritten_steps), counted from the calculations the
+    verifier expects in all (the expectations format's needed_steps; no charge in a format without them)."""
     verification = read_verification(fmt, "".join(solution_token_texts), verifier_text)
     step_ends = step_end_tokens(solution_token_texts)
     num_steps = len(step_ends)
-    step_rewards = process_step_rewards(verification, num_steps, answer_step)
+    unwritten = unwritten_steps(num_steps, verification.needed_steps, verification.overall is not False) \
+        if unwritten_wrong and num_steps else 0
+    step_rewards = process_step_rewards(verification, num_steps, answer_step, unwritten)
     step_probs = overall_prob = None
     if probs is not None:
         step_probs = probs[:verification.num_steps] if len(probs) >= verification.num_steps else None
@@ -537,9 +544,12 @@ def judge(solution_token_texts, verifier_text, probs=None, fmt="verdicts", answe
             step_probs = step_probs[:-1] + [min(step_probs[-1], overall_prob)]
         if step_rewards is not None:
             judged = step_probs + [overall_prob] if step_probs and answer_step else step_probs
+            judged = judged + [0.0] * unwritten if judged else judged
             step_rewards = None if not judged or None in judged else [(2 * p - 1) / len(judged) for p in judged]
-    return Judgement(verification, num_steps, _with_answer_step(step_ends, solution_token_texts, answer_step), step_rewards,
-                     step_probs, overall_prob)
+    ends = _with_answer_step(step_ends, solution_token_texts, answer_step)
+    if step_rewards is not None:
+        ends = ends + [len(solution_token_texts) - 1] * unwritten
+    return Judgement(verification, num_steps, ends, step_rewards, step_probs, overall_prob)
 
 
 # Verdict words, located in the lines parse_verification reads (no nested quantifiers: linear time)

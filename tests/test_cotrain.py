@@ -369,7 +369,9 @@ def test_oracle_verifier_feeds_gold_step_labels_through_the_process_path(sft_bas
         cotrain.get_args(["--oracle_verifier", "--shared_model"])
     with pytest.raises(SystemExit):
         cotrain.get_args(["--task", "gsm8k", "--difficulty", "2"])  # presets are the arithmetic task's
-    for bad in (["--unwritten_wrong"], ["--oracle_verifier", "--unwritten_wrong", "--process_credit", "within"]):
+    assert cotrain.get_args(["--unwritten_wrong", "--verifier_format", "expectations"]).unwritten_wrong
+    for bad in (["--unwritten_wrong"], ["--oracle_verifier", "--unwritten_wrong", "--process_credit", "within"],
+                ["--unwritten_wrong", "--verifier_format", "expectations", "--no_verifier", "--alpha", "0"]):
         with pytest.raises(SystemExit):
             cotrain.get_args(bad)
 

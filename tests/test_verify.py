@@ -248,6 +248,23 @@ def test_unwritten_steps_charge_a_wrong_solution_for_the_steps_it_left_out():
     assert verify.oracle_judge(["#### ", "5"], [], False, True, reference_steps=3).step_rewards is None
 
 
+def test_a_learned_expectations_verifier_charges_unwritten_steps_from_the_calculations_it_expects():
+    tokens = ["He has 3*4=", "<<3*4=12>>12.", "\n#### ", "12"]
+    said = "Step 1: 3*4=<<3*4=12>>12\nOverall: 12+5=<<12+5=17>>17, 17*2=<<17*2=34>>34, answer 34"
+    v = verify.rule_verification("".join(tokens), said)
+    assert v.needed_steps == 3 and v.step_verdicts == [True] and v.overall is False
+    j = verify.judge(tokens, said, fmt="expectations", answer_step=True, unwritten_wrong=True)
+    assert j.step_rewards == [0.25, -0.25, -0.25, -0.25] and j.step_ends == [1, 3, 3, 3]
+    assert verify.judge(tokens, said, fmt="expectations", answer_step=True).step_rewards == [0.5, -0.5]  # off by default
+    # "no calculation" lines are steps written but not steps expected; a solution judged right is never charged
+    assert verify.rule_verification("x", "Step 1: no calculation\nOverall: 1+1=<<1+1=2>>2, answer 2").needed_steps == 1
+    right = "Step 1: 3*4=<<3*4=12>>12\nOverall: answer 12"
+    assert verify.judge(tokens, right, fmt="expectations", answer_step=True, unwritten_wrong=True).step_rewards == [0.5, 0.5]
+    # the verdicts format says nothing about the steps needed: no charge; no Overall line: nothing to count
+    verdicts = verify.judge(tokens, "Step 1: ok → Correct\nOverall: Incorrect", answer_step=True, unwritten_wrong=True)
+    assert verdicts.step_rewards == [0.5, -0.5] and verify.rule_verification("x", "Step 1: 1+1=<<1+1=2>>2").needed_steps is None
+
+
 def test_answer_step_charges_stopping_early_to_the_answer_not_the_last_right_line():
     # every line checks out but the solution answers before the question's last step: the answer is wrong
     tokens = ["He has 3*4=", "<<3*4=12>>12.", "\n", "Then 12+5=", "<<12+5=17>>17.", "\n#### ", "17"]
