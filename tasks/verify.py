@@ -351,8 +351,9 @@ def unwritten_steps(num_steps, reference_steps, correct):
     signal alone; the problems need 2.52) and the more of its solutions were a run of right steps stopped
     early (dev/cotrain_val_gated.md). With the missing steps charged, stopping early scores the same as a
     wrong attempt and below a right one. A step that merges two reference steps counts once, so a wrong
-    solution that merges is charged one step it did compute: merging is rare, and it only pushes toward
-    writing steps out."""
+    solution that merges is charged one step it did compute (a push toward writing steps out). Measured
+    (dev/cotrain_val_unwritten.md, oracle, 3 seeds): it halves the early stops of the gated alpha-1.0 arm and
+    takes its gain over GRPO from -0.017 to +0.004, but moves the alpha-0.3 arm's only from +0.019 to +0.022."""
     return 0 if correct or not reference_steps else max(0, reference_steps - num_steps)
 
 
