@@ -185,7 +185,9 @@ def token_advantages(rollouts, num_samples, alpha=0.0, judgements=None, mix="adv
     judgements[i] (tasks.verify.Judgement, or None without a verifier) carries rollout i's step rewards and
     step ends. mix="advantage" (Tango): (1 - alpha) A_out + alpha A_proc, each normalised on its own;
     mix="gated": A_out in groups whose rewards differ, alpha A_proc in flat groups (gated_advantages);
-    mix="reward": one group baseline over r_out + alpha * (share of steps judged correct). credit: the
+    mix="reward": one group baseline over r_out + alpha * (share of steps judged correct); mix="progress": one
+    group baseline over r_out + alpha * (share of the problem's chain right before the first error, the
+    Judgement's progress: no per-token credit, so leaving a step out never pays). credit: the
     process advantage of the advantage mix, "return" (process_advantages, DeepSeekMath's return-to-go over
     group-centred step rewards) or "within" (within_solution_advantages: credit moved inside a solution);
     centre: "tokens" also centres the return-to-go over the group's tokens, "steps" only its step rewards
@@ -195,11 +197,11 @@ def token_advantages(rollouts, num_samples, alpha=0.0, judgements=None, mix="adv
     rewards = torch.tensor([r.reward for r in rollouts]).view(-1, num_samples)
     if judgements is None or alpha <= 0:
         return group_advantages(rewards, normalize_std=normalize_std).view(-1).tolist()
-    if mix == "reward":
-        fractions = torch.tensor([j.process_fraction for j in judgements]).view(-1, num_samples)
-        return group_advantages(rewards + alpha * fractions, normalize_std=normalize_std).view(-1).tolist()
+    if mix in ("reward", "progress"):
+        scores = torch.tensor([j.process_fraction if mix == "reward" else j.progress for j in judgements]).view(-1, num_samples)
+        return group_advantages(rewards + alpha * scores, normalize_std=normalize_std).view(-1).tolist()
     if mix not in ("advantage", "gated"):
-        raise ValueError(f"mix must be 'advantage', 'gated' or 'reward', got {mix!r}")
+        raise ValueError(f"mix must be 'advantage', 'gated', 'reward' or 'progress', got {mix!r}")
     outcome = group_advantages(rewards, normalize_std=normalize_std).view(-1)
     out = []
     for start in range(0, len(rollouts), num_samples):

@@ -15,7 +15,8 @@ Generator step: `--num_samples` samples per question; the verifier judges every 
 it); step k of a K-step solution scores +-1/K at its last token, used only when the verifier returned
 exactly K verdicts. `--mix advantage` (default, Tango): A = (1-alpha) A_out + alpha A_proc with the two
 normalised separately; `--mix gated`: A_out in groups whose rewards differ and alpha A_proc in groups where
-they are all equal; `--mix reward`: r = r_o + alpha * (fraction of steps judged correct).
+they are all equal; `--mix reward`: r = r_o + alpha * (fraction of steps judged correct); `--mix progress`:
+r = r_o + alpha * (share of the problem's steps right before the first wrong one).
 
 What the verifier writes (`--verifier_format`): `verdicts`, a check and a verdict word per step; or
 `expectations`, the calculation each step should do (re-derived from the question, values from the
@@ -99,10 +100,12 @@ def get_args(argv=None):
     p.add_argument("--gen_max_tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=256)
     p.add_argument("--gen_temperature", "--temperature", dest="temperature", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=50)
-    p.add_argument("--mix", default="advantage", choices=["advantage", "gated", "reward"],
+    p.add_argument("--mix", default="advantage", choices=["advantage", "gated", "reward", "progress"],
                    help="advantage: (1 - alpha) A_outcome + alpha A_process per token (Tango); gated: A_outcome where a "
                         "group's rewards differ, alpha A_process where they are all equal (all wrong or all right); "
-                        "reward: one group baseline over outcome + alpha x share of steps judged correct")
+                        "reward: one group baseline over outcome + alpha x share of steps judged correct; progress: one "
+                        "group baseline over outcome + alpha x share of the problem's steps judged right before the first "
+                        "wrong one (needs --unwritten_wrong, which says how many steps a problem needs)")
     p.add_argument("--process_credit", default="return", choices=["return", "within"],
                    help="the process advantage of --mix advantage and gated: return = DeepSeekMath's return-to-go over group-centred "
                         "step rewards; within = each step's verdict minus the solution's mean, so credit moves inside a "
@@ -192,6 +195,8 @@ def get_args(argv=None):
                 "say how many steps a problem needs)")
     if args.unwritten_wrong and args.process_credit != "return":
         p.error("--unwritten_wrong charges the missing steps on the last token, which only --process_credit return reaches")
+    if args.mix == "progress" and not args.unwritten_wrong:
+        p.error("--mix progress needs --unwritten_wrong: the progress share counts the steps a problem needs")
     if args.no_verifier and args.shared_model:
         p.error("--shared_model needs a verifier role")
     if not 0.0 <= args.alpha <= 1.0:
@@ -329,7 +334,7 @@ def generator_step(args, roles, task, step, rank, world_size):
             counts["extra"] += said.num_steps > j.num_steps
             counts["judged_correct"] += sum(said.step_verdicts)
             counts["judged_steps"] += said.num_steps
-            counts["process"] += j.process_fraction
+            counts["process"] += j.progress if args.mix == "progress" else j.process_fraction  # the term alpha weighs
             # where gold step labels are computable, how often the verifier's step verdicts agree with them
             if gold and said.num_steps == len(gold):
                 counts["gold_agree"] += sum(int(v) == label for v, label in zip(said.step_verdicts, gold))

@@ -263,7 +263,8 @@ class Verification:
     overall: object = None                             # True / False / None when unparsable
     format_ok: bool = False                            # numbered 1..n in order, every line parsed, an Overall
     step_numbers: list = field(default_factory=list)
-    needed_steps: object = None                        # expectations format: the calculations the verifier expects in all
+    needed_steps: object = None                        # steps the problem needs: the calculations an expectations-format
+                                                       # verifier expects in all, or the oracle's reference chain length
 
     @property
     def num_steps(self):
@@ -518,9 +519,37 @@ class Judgement:
         n = len(self.step_rewards)
         return sum((n * r + 1) / 2 for r in self.step_rewards) / n
 
+    @property
+    def progress(self):
+        """How far along its problem's chain a solution got right (`--mix progress`): the steps judged right before
+        the first wrong one, over the steps the problem needs (the verification's needed_steps; the steps written
+        if more, or if it does not say). 1.0 for a solution judged right overall whose steps all check out; 0.0
+        without one verdict per step. A wrong solution whose steps all check out is charged its last one (as
+        process_verdicts does) once it wrote every step the problem needs; before that, its right steps count.
 
-def _with_answer_step(step_ends, solution_token_texts, answer_step):
-    return step_ends + [len(solution_token_texts) - 1] if answer_step and step_ends else step_ends
+        Why one number per solution: a step signal that scores steps one by one pays a solution to stop early
+        (a step never written scores nothing); a share of the chain cannot, since a step left out is a step not
+        done, and a solution that stops after one right step scores exactly what one that tries the second step
+        and gets it wrong does."""
+        said = self.verification
+        if not self.aligned or self.num_steps == 0:
+            return 0.0
+        right = next((k for k, ok in enumerate(said.step_verdicts) if not ok), self.num_steps)
+        needed = max(self.num_steps, said.needed_steps or 0)
+        if right == self.num_steps:
+            if said.overall is True:
+                return 1.0
+            if said.overall is False and self.num_steps == needed:
+                right -= 1
+        return right / needed
+
+
+def _reward_ends(step_ends, solution_token_texts, answer_step, unwritten=0):
+    """Where each process reward lands: at the end of its step; the answer step's and every unwritten step's on
+    the solution's last token (none of them without a step)."""
+    if not step_ends:
+        return step_ends
+    return step_ends + [len(solution_token_texts) - 1] * (int(answer_step) + unwritten)
 
 
 def judge(solution_token_texts, verifier_text, probs=None, fmt="verdicts", answer_step=False, unwritten_wrong=False):
@@ -534,8 +563,7 @@ def judge(solution_token_texts, verifier_text, probs=None, fmt="verdicts", answe
     verification = read_verification(fmt, "".join(solution_token_texts), verifier_text)
     step_ends = step_end_tokens(solution_token_texts)
     num_steps = len(step_ends)
-    unwritten = unwritten_steps(num_steps, verification.needed_steps, verification.overall is not False) \
-        if unwritten_wrong and num_steps else 0
+    unwritten = unwritten_steps(num_steps, verification.needed_steps, verification.overall is not False) if unwritten_wrong else 0
     step_rewards = process_step_rewards(verification, num_steps, answer_step, unwritten)
     step_probs = overall_prob = None
     if probs is not None:
@@ -547,10 +575,8 @@ def judge(solution_token_texts, verifier_text, probs=None, fmt="verdicts", answe
             judged = step_probs + [overall_prob] if step_probs and answer_step else step_probs
             judged = judged + [0.0] * unwritten if judged else judged
             step_rewards = None if not judged or None in judged else [(2 * p - 1) / len(judged) for p in judged]
-    ends = _with_answer_step(step_ends, solution_token_texts, answer_step)
-    if step_rewards is not None:
-        ends = ends + [len(solution_token_texts) - 1] * unwritten
-    return Judgement(verification, num_steps, ends, step_rewards, step_probs, overall_prob)
+    return Judgement(verification, num_steps, _reward_ends(step_ends, solution_token_texts, answer_step, unwritten), step_rewards,
+                     step_probs, overall_prob)
 
 
 # Verdict words, located in the lines parse_verification reads (no nested quantifiers: linear time)
@@ -642,15 +668,12 @@ def oracle_judge(solution_token_texts, step_labels, overall_correct=None, answer
     its last token."""
     verdicts = [bool(label) for label in step_labels]
     overall = bool(overall_correct) if overall_correct is not None else (all(verdicts) if verdicts else None)
-    verification = Verification(step_verdicts=verdicts, overall=overall,
-                                format_ok=bool(verdicts), step_numbers=list(range(1, len(verdicts) + 1)))
+    verification = Verification(step_verdicts=verdicts, overall=overall, format_ok=bool(verdicts),
+                                step_numbers=list(range(1, len(verdicts) + 1)), needed_steps=reference_steps)
     step_ends = step_end_tokens(solution_token_texts)
-    unwritten = unwritten_steps(len(step_ends), reference_steps, overall) if step_ends else 0
-    rewards = process_step_rewards(verification, len(step_ends), answer_step, unwritten)
-    ends = _with_answer_step(step_ends, solution_token_texts, answer_step)
-    if rewards is not None:
-        ends = ends + [len(solution_token_texts) - 1] * unwritten
-    return Judgement(verification, len(step_ends), ends, rewards)
+    unwritten = unwritten_steps(len(step_ends), reference_steps, overall)
+    return Judgement(verification, len(step_ends), _reward_ends(step_ends, solution_token_texts, answer_step, unwritten),
+                     process_step_rewards(verification, len(step_ends), answer_step, unwritten))
 
 
 # -----------------------------------------------------------------------------

@@ -365,6 +365,12 @@ def test_oracle_verifier_feeds_gold_step_labels_through_the_process_path(sft_bas
                                          "--unwritten_wrong", "--difficulty", "2"])
     record = cotrain.generator_step(unwritten, roles, build_rl_task("arithmetic", "train", difficulty=2), 1, 0, 1)
     assert record["gen/steps_exact"] == 1.0 and 0.0 <= record["gen/process_reward"] <= 1.0
+    progress = cotrain.get_args(TINY + ["--num_gen_steps", "2", "--alpha", "0.5", "--oracle_verifier", "--mix", "progress",
+                                        "--unwritten_wrong", "--difficulty", "2"])
+    record = cotrain.generator_step(progress, roles, build_rl_task("arithmetic", "train", difficulty=2), 1, 0, 1)
+    assert record["gen/steps_exact"] == 1.0 and 0.0 <= record["gen/process_reward"] <= 1.0
+    with pytest.raises(SystemExit):
+        cotrain.get_args(["--oracle_verifier", "--mix", "progress"])  # the share needs the steps a problem needs
     with pytest.raises(SystemExit):
         cotrain.get_args(["--oracle_verifier", "--shared_model"])
     with pytest.raises(SystemExit):

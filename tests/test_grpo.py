@@ -449,6 +449,27 @@ def test_unwritten_steps_make_an_early_stop_score_the_same_as_a_wrong_attempt():
     assert first[3][0] == pytest.approx(first[3][1])
 
 
+def test_progress_mix_scores_an_early_stop_like_a_wrong_attempt_and_below_a_right_step():
+    """--mix progress, hand-computed: one group baseline over r_out + alpha * progress, a scalar per sample. A
+    problem that needs three steps: a stop after one right step and an attempt whose second step is wrong both
+    have progress 1/3; two right steps then a stop, 2/3; a right answer, 1."""
+    from tasks.verify import oracle_judge
+    one = ["a 1+1=", "<<1+1=2>>2.", "\n#### ", "2"]
+    two = ["a 1+1=", "<<1+1=2>>2.", "\n", "b 2*3=", "<<2*3=6>>6.", "\n#### ", "6"]
+    samples = [(one, [1], 0.0), (two, [1, 0], 0.0), (two, [1, 1], 0.0), (two, [1, 1], 1.0)]
+    rollouts = [Rollout(0, [1], list(range(len(t))), [1] * len(t), reward=r) for t, _, r in samples]
+    judgements = [oracle_judge(t, labels, bool(r), reference_steps=3) for t, labels, r in samples]
+    assert [j.progress for j in judgements] == pytest.approx([1 / 3, 1 / 3, 2 / 3, 1.0])
+    adv = token_advantages(rollouts, 4, alpha=0.5, judgements=judgements, mix="progress")
+    totals = [0 + 0.5 / 3, 0 + 0.5 / 3, 0 + 1 / 3, 1 + 0.5]
+    assert adv == pytest.approx([t - sum(totals) / 4 for t in totals])
+    assert adv[0] == adv[1] < adv[2] < adv[3]
+    # an all-wrong group still gets a signal; alpha 0 is plain GRPO
+    flat = token_advantages(rollouts[:3], 3, alpha=0.5, judgements=judgements[:3], mix="progress")
+    assert flat[2] > 0 > flat[0]
+    assert token_advantages(rollouts, 4, alpha=0.0, judgements=judgements, mix="progress") == pytest.approx([-0.25] * 3 + [0.75])
+
+
 def test_token_centring_removes_the_net_push_down_of_the_return_to_go():
     """Regression: centring step rewards leaves the return-to-go net negative over tokens (a late wrong step
     reaches every token before it). Hand-computed: samples with steps [+1, -1] ending at tokens 1, 3 and [+1]

@@ -248,6 +248,31 @@ def test_unwritten_steps_charge_a_wrong_solution_for_the_steps_it_left_out():
     assert verify.oracle_judge(["#### ", "5"], [], False, True, reference_steps=3).step_rewards is None
 
 
+def test_progress_is_the_right_prefix_share_of_the_problems_chain():
+    """--mix progress: steps judged right before the first wrong one, over the steps the problem needs."""
+    two = ["a 1+1=", "<<1+1=2>>2.", "\n", "b 2*3=", "<<2*3=6>>6.", "\n#### ", "6"]
+    assert verify.oracle_judge(two, [1, 1], False, reference_steps=3).progress == 2 / 3   # stopped one step early
+    assert verify.oracle_judge(two, [1, 0], False, reference_steps=3).progress == 1 / 3   # tried it, got it wrong
+    assert verify.oracle_judge(two, [0, 1], False, reference_steps=3).progress == 0.0    # only the prefix counts
+    assert verify.oracle_judge(two, [1, 1], True, reference_steps=3).progress == 1.0     # right, in fewer lines
+    assert verify.oracle_judge(two, [1, 0], True, reference_steps=3).progress == 1 / 3   # right answer, wrong step
+    # every needed step written and right, answer wrong: the last step carries the error (process_verdicts)
+    assert verify.oracle_judge(two, [1, 1], False, reference_steps=2).progress == 1 / 2
+    assert verify.oracle_judge(two, [1, 1], False).progress == 1 / 2                     # needed unknown: the steps written
+    three = ["a", "\n", "b", "\n", "c", "\n#### 1"]
+    assert verify.oracle_judge(three, [1, 1, 0], False, reference_steps=2).progress == 2 / 3  # more steps than needed
+    # a stop after one right step scores what trying the next and getting it wrong scores
+    one = ["a 1+1=", "<<1+1=2>>2.", "\n#### ", "2"]
+    assert verify.oracle_judge(one, [1], False, reference_steps=3).progress == \
+        verify.oracle_judge(two, [1, 0], False, reference_steps=3).progress
+    # a learned verifier: its own verdicts and needed steps; misaligned -> no signal
+    tokens = ["Tom has 3", "*4=12.", "\n", "Then 12", "+5=17.", "\n#### 17"]
+    assert verify.judge(tokens, "Step 1: x → Correct\nStep 2: y → Incorrect\nOverall: Incorrect").progress == 1 / 2
+    assert verify.judge(tokens, "Step 1: x → Correct\nStep 2: y → Correct\nOverall: Correct").progress == 1.0
+    assert verify.judge(tokens, "Step 1: x → Correct\nOverall: Correct").progress == 0.0
+    assert verify.oracle_judge([], [], False, reference_steps=3).progress == 0.0
+
+
 def test_a_learned_expectations_verifier_charges_unwritten_steps_from_the_calculations_it_expects():
     tokens = ["He has 3*4=", "<<3*4=12>>12.", "\n#### ", "12"]
     said = "Step 1: 3*4=<<3*4=12>>12\nOverall: 12+5=<<12+5=17>>17, 17*2=<<17*2=34>>34, answer 34"
