@@ -14,7 +14,8 @@ skipped with a warning (a mean over zero tokens would be NaN).
 
 --tasks: task names joined with '|' (arc-easy, arc-challenge, mmlu, gsm8k, smoltalk, spellingbee,
 simplespelling, identity, aqua, arithmetic), each optionally ':N' (first N examples) or '*K' (K times),
-and '?' after a name makes a task optional (left out if its data is missing); or a preset: offline (the
+'?' after a name makes a task optional (left out if its data is missing), and 'arithmetic@D' picks the
+arithmetic task's difficulty preset D (e.g. 'arithmetic@3' for an RL start at preset 3); or a preset: offline (the
 default: arithmetic and spelling, generated locally) or sft-full (nanochat's SFT mixture plus AQuA-RAT:
 ARC-Easy/Challenge, GSM8K, SmolTalk, identity if the file exists, spelling, AQuA). Validation uses the same tasks' validation or
 test splits. Checkpoints go to chatsft_checkpoints/<tag> (weights, optimizer shards, data position);

@@ -892,14 +892,14 @@ def example_prompts(meta, count=NUM_EXAMPLES):
         return None
     try:
         from tasks.by_name import TASKS, parse_task_spec, make_task
-        names = [name for name, *_ in parse_task_spec(spec)]
+        names = [(name, difficulty) for name, _, _, _, difficulty in parse_task_spec(spec)]
     except (ImportError, ValueError) as e:
         logger.warning(f"no example prompts: cannot read the checkpoint's task list {spec!r} ({e})")
         return None
-    for name in names:
+    for name, difficulty in names:
         for split in ("test", "val"):
             try:
-                task = make_task(name, split, size=50)
+                task = make_task(name, split, size=50, difficulty=difficulty)
             except Exception as e:  # missing data sets and the like: try the next task
                 logger.info(f"no example prompts from {name} ({split}): {str(e).splitlines()[0][:200]}")
                 break

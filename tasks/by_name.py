@@ -110,11 +110,12 @@ def make_task(name, split, data_dir=None, identity_file=None, size=None, difficu
 
 
 def parse_task_spec(spec):
-    """'smoltalk:10000|gsm8k|identity?*2' -> [("smoltalk", 10000, 1, False), ("gsm8k", None, 1, False),
-    ("identity", None, 2, True)]: (name, size, repeat, optional). ':N' keeps the first N examples, '*K'
-    lists the task K times (K epochs of it per epoch of the mixture), a '?' after the name makes it
-    optional (left out with a warning when its data is missing). A preset name (TASK_PRESETS) stands
-    for its list."""
+    """'smoltalk:10000|gsm8k|identity?*2|arithmetic@3' -> [("smoltalk", 10000, 1, False, None), ("gsm8k", None,
+    1, False, None), ("identity", None, 2, True, None), ("arithmetic", None, 1, False, 3)]: (name, size,
+    repeat, optional, difficulty). ':N' keeps the first N examples, '*K' lists the task K times (K epochs of it
+    per epoch of the mixture), a '?' after the name makes it optional (left out with a warning when its data
+    is missing), '@D' after the name picks the arithmetic task's difficulty preset D (e.g. an SFT start for
+    RL at a harder preset). A preset name (TASK_PRESETS) stands for its list."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError("empty task list")
     spec = TASK_PRESETS.get(spec.strip(), spec)
@@ -132,8 +133,16 @@ def parse_task_spec(spec):
             if not num.isdigit() or int(num) < 1:
                 raise ValueError(f"bad size in task spec {spec!r}: ':{num}' (expected a positive integer)")
             size = int(num)
+        difficulty = None
+        if "@" in item:
+            item, _, level = item.partition("@")
+            if level.endswith("?"):  # 'arithmetic@3?' and 'arithmetic?@3' both mean optional
+                item, level = item + "?", level[:-1]
+            if not level.isdigit():
+                raise ValueError(f"bad difficulty in task spec {spec!r}: '@{level}' (expected a preset number)")
+            difficulty = int(level)
         optional = item.endswith("?")
-        out.append((canonical_task_name(item.rstrip("?")), size, repeat, optional))
+        out.append((canonical_task_name(item.rstrip("?")), size, repeat, optional, difficulty))
     return out
 
 
@@ -142,11 +151,11 @@ def make_mixture(spec, split, data_dir=None, identity_file=None, val_size=None):
     Tasks without the split are left out; for split != "train", repeats are ignored and `val_size`
     caps each task's examples. Returns (mixture or None if nothing is left, [names])."""
     tasks, names = [], []
-    for name, size, repeat, optional in parse_task_spec(spec):
+    for name, size, repeat, optional, difficulty in parse_task_spec(spec):
         if split != "train":
             size, repeat = (val_size if size is None else min(size, val_size or size)), 1
         try:
-            task = make_task(name, split, data_dir=data_dir, identity_file=identity_file, size=size)
+            task = make_task(name, split, data_dir=data_dir, identity_file=identity_file, size=size, difficulty=difficulty)
         except (DataNotFoundError, FileNotFoundError) as e:
             if not optional:
                 raise

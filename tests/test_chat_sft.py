@@ -16,12 +16,23 @@ IDENTITY = os.path.join(FIXTURE_DIR, "identity.jsonl")
 
 
 def test_task_specs_and_mixtures():
-    assert parse_task_spec("smoltalk:100|GSM8K|identity?*2") == [("smoltalk", 100, 1, False), ("gsm8k", None, 1, False),
-                                                                ("identity", None, 2, True)]
-    assert [n for n, _, _, _ in parse_task_spec("offline")] == ["arithmetic", "simplespelling", "spellingbee"]
-    for bad in ("", "gsm8k|", "nope", "gsm8k:0", "gsm8k*x"):
+    assert parse_task_spec("smoltalk:100|GSM8K|identity?*2") == [("smoltalk", 100, 1, False, None), ("gsm8k", None, 1, False, None),
+                                                                ("identity", None, 2, True, None)]
+    assert [n for n, *_ in parse_task_spec("offline")] == ["arithmetic", "simplespelling", "spellingbee"]
+    assert parse_task_spec("arithmetic@3:50*2|arithmetic?@2") == [("arithmetic", 50, 2, False, 3), ("arithmetic", None, 1, True, 2)]
+    for bad in ("", "gsm8k|", "nope", "gsm8k:0", "gsm8k*x", "arithmetic@", "arithmetic@x"):
         with pytest.raises(ValueError):
             parse_task_spec(bad)
+    # '@D': the arithmetic task at difficulty preset D (3: 3-4 steps), in training and validation splits alike
+    from tasks.arithmetic import DIFFICULTY_PRESETS
+    for split in ("train", "val"):
+        task, names = make_mixture("arithmetic@3:20", split, val_size=20)
+        assert names == ["arithmetic"] and len(task) == 20
+        steps = {len(task.tasks[0].reference_chain(i)) for i in range(20)}
+        assert steps <= set(range(DIFFICULTY_PRESETS[3]["min_steps"], DIFFICULTY_PRESETS[3]["max_steps"] + 1)), steps
+    for bad in ("arithmetic@9", "gsm8k@2"):  # no such preset; a preset for a task without any
+        with pytest.raises(ValueError):
+            make_mixture(bad, "train")
     with pytest.raises(FileNotFoundError, match="gen_synthetic_data"):
         make_mixture("identity|arithmetic:5", "train", identity_file="/nonexistent/identity.jsonl")
     # an optional task with missing data is left out; a mixture with nothing left is None

@@ -519,6 +519,9 @@ def test_example_prompts_follow_the_recorded_task():
     spelling = chat_web.example_prompts({"user_config": {"tasks": "simplespelling:300|arithmetic"}})
     assert spelling["task"] == "SimpleSpelling"
     assert spelling["prompts"] == [SimpleSpelling(split="test", size=50)[i]["messages"][0]["content"] for i in range(3)]
+    # an SFT start at a harder preset ('arithmetic@3') shows problems of that preset
+    hard = [ArithmeticTask(split="test", size=50, difficulty=3)[i]["messages"][0]["content"] for i in range(3)]
+    assert hard != arithmetic and chat_web.example_prompts({"user_config": {"tasks": "arithmetic@3"}})["prompts"] == hard
     # a task with nothing to show (identity has only a train split) is skipped for the next; nothing usable gives None
     assert chat_web.example_prompts({"user_config": {"tasks": "identity?|arithmetic"}}, count=1) == \
         {"task": "Arithmetic", "prompts": arithmetic[:1]}
