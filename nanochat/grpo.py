@@ -177,6 +177,13 @@ def gated_advantages(outcome_adv, process_adv, rewards, alpha):
     return outcome_adv.unsqueeze(-1).expand_as(process_adv).clone()
 
 
+def reward_level_score(judgement, mix):
+    """The one number per solution that a reward-level mix adds to the outcome (times alpha): the Judgement's
+    progress for mix="progress", its share of steps judged correct otherwise (mix="reward", and what the
+    advantage mixes log as their process reward)."""
+    return judgement.progress if mix == "progress" else judgement.process_fraction
+
+
 def token_advantages(rollouts, num_samples, alpha=0.0, judgements=None, mix="advantage", normalize_std=False, credit="return",
                      centre="tokens"):
     """The advantage of every rollout (prompt-major groups of `num_samples`), ready for grpo_update: a scalar
@@ -198,7 +205,7 @@ def token_advantages(rollouts, num_samples, alpha=0.0, judgements=None, mix="adv
     if judgements is None or alpha <= 0:
         return group_advantages(rewards, normalize_std=normalize_std).view(-1).tolist()
     if mix in ("reward", "progress"):
-        scores = torch.tensor([j.process_fraction if mix == "reward" else j.progress for j in judgements]).view(-1, num_samples)
+        scores = torch.tensor([reward_level_score(j, mix) for j in judgements]).view(-1, num_samples)
         return group_advantages(rewards + alpha * scores, normalize_std=normalize_std).view(-1).tolist()
     if mix not in ("advantage", "gated"):
         raise ValueError(f"mix must be 'advantage', 'gated', 'reward' or 'progress', got {mix!r}")

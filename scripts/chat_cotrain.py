@@ -50,8 +50,8 @@ from nanochat.common import (all_gather_list, all_reduce_dict, autocast_context,
 from nanochat.engine import Engine
 from nanochat.grpo import (HELDOUT_SEED_OFFSET, ClassBalancer, add_grpo_flags, alpha_schedule, balanced_choice, batch_metrics,
                            check_grpo_flags, checked_reward, generate_rollouts, grpo_update, load_reward_fn, majority_correct,
-                           majority_vote, pass_at_k, rank_indices, rl_lr_multiplier, rollout_flops, sample_and_score,
-                           sample_batch, token_advantages, token_pieces, update_passes)
+                           majority_vote, pass_at_k, rank_indices, reward_level_score, rl_lr_multiplier, rollout_flops,
+                           sample_and_score, sample_batch, token_advantages, token_pieces, update_passes)
 from nanochat.memory import cuda_memory_report, print_role_estimates
 from nanochat.report import get_report
 from nanochat.roles import Roles
@@ -334,7 +334,7 @@ def generator_step(args, roles, task, step, rank, world_size):
             counts["extra"] += said.num_steps > j.num_steps
             counts["judged_correct"] += sum(said.step_verdicts)
             counts["judged_steps"] += said.num_steps
-            counts["process"] += j.progress if args.mix == "progress" else j.process_fraction  # the term alpha weighs
+            counts["process"] += reward_level_score(j, args.mix)
             # where gold step labels are computable, how often the verifier's step verdicts agree with them
             if gold and said.num_steps == len(gold):
                 counts["gold_agree"] += sum(int(v) == label for v, label in zip(said.step_verdicts, gold))

@@ -892,11 +892,11 @@ def example_prompts(meta, count=NUM_EXAMPLES):
         return None
     try:
         from tasks.by_name import TASKS, parse_task_spec, make_task
-        names = [(name, difficulty) for name, _, _, _, difficulty in parse_task_spec(spec)]
+        listed = [(name, difficulty) for name, _, _, _, difficulty in parse_task_spec(spec)]
     except (ImportError, ValueError) as e:
         logger.warning(f"no example prompts: cannot read the checkpoint's task list {spec!r} ({e})")
         return None
-    for name, difficulty in names:
+    for name, difficulty in listed:
         for split in ("test", "val"):
             try:
                 task = make_task(name, split, size=50, difficulty=difficulty)

@@ -534,13 +534,12 @@ class Judgement:
         said = self.verification
         if not self.aligned or self.num_steps == 0:
             return 0.0
-        right = next((k for k, ok in enumerate(said.step_verdicts) if not ok), self.num_steps)
+        if said.overall is True and all(said.step_verdicts):
+            return 1.0
         needed = max(self.num_steps, said.needed_steps or 0)
-        if right == self.num_steps:
-            if said.overall is True:
-                return 1.0
-            if said.overall is False and self.num_steps == needed:
-                right -= 1
+        # a wrong solution that stopped short carries its error on the steps it left out, not on a written one
+        verdicts = process_verdicts(said) if self.num_steps == needed else said.step_verdicts
+        right = next((k for k, ok in enumerate(verdicts) if not ok), len(verdicts))
         return right / needed
 
 
