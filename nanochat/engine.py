@@ -358,7 +358,7 @@ class Engine:
     # Prefill logits are (rows, T, vocab) float32; chunk the prompt so they stay under this many elements.
     PREFILL_LOGITS_BUDGET = 1 << 25
 
-    DECODE_MODES = ("auto", "dynamic", "static", "compile", "graph")
+    DECODE_MODES = ("auto", "dynamic", "static", "compile", "graph", "compiled_graph")
     CAPACITY_QUANTUM = 64  # static caches are a multiple of this long: few shapes, few recompiles
 
     def __init__(self, model, tokenizer, decode="auto", max_rows=None):
@@ -372,6 +372,7 @@ class Engine:
         static   the fixed-shape step (StaticKVCache, batch buckets, sampling on the device), eager
         compile  the fixed-shape step under torch.compile (one graph per batch bucket and cache length)
         graph    the fixed-shape step captured as a CUDA graph and replayed (CUDA only)
+        compiled_graph  the step under torch.compile, then captured as a CUDA graph: fused kernels, one launch
         auto     graph on CUDA, static on CPU (measured: dev/bench_rollout.md)"""
         if decode not in self.DECODE_MODES:
             raise ValueError(f"decode must be one of {self.DECODE_MODES}, got {decode!r}")
@@ -487,8 +488,8 @@ class Engine:
     def _decode_mode(self, device):
         if self.decode == "auto":
             return "graph" if device.type == "cuda" else "static"
-        if self.decode == "graph" and device.type != "cuda":
-            raise ValueError("decode='graph' needs a CUDA device")
+        if self.decode in ("graph", "compiled_graph") and device.type != "cuda":
+            raise ValueError(f"decode={self.decode!r} needs a CUDA device")
         return self.decode
 
     def _step_rows(self, states, rows, sampled):
@@ -608,7 +609,7 @@ class Engine:
                 return
             active = self._keep_sampling(active, states)
             live = [row for row in slot_of if not states[row].done]
-            if mode != "graph" and bucket_size(len(live)) < cache.batch_size:
+            if mode not in ("graph", "compiled_graph") and bucket_size(len(live)) < cache.batch_size:
                 smaller, step = self._static_cache(mode, bucket_size(len(live)), capacity, width, temperature, top_k, dtype)
                 smaller.load(cache.k, cache.v, cache.pad, pos - 1, [slot_of[row] for row in live], range(len(live)))
                 cache, slot_of = smaller, {row: j for j, row in enumerate(live)}
@@ -638,13 +639,15 @@ class Engine:
     def _static_cache(self, mode, batch, capacity, width, temperature, top_k, dtype):
         """(StaticKVCache, step function (cache, tokens, noise) -> next tokens) for one decode shape."""
         model = self.model
-        if mode == "graph":
+        if mode in ("graph", "compiled_graph"):
             key = (batch, capacity, width, temperature, top_k, dtype)
             if key not in self._graphs:
                 self._graphs.clear()  # one captured shape at a time: each holds a whole cache in device memory
                 cache = StaticKVCache.for_model(model, batch, capacity, dtype=dtype)
+                fn = self._compiled() if mode == "compiled_graph" else decode_step
                 try:
-                    self._graphs[key] = GraphedStep(decode_step, model, cache, width, temperature, top_k)
+                    # the capture's warm-up runs compile the step first (compiled_graph)
+                    self._graphs[key] = GraphedStep(fn, model, cache, width, temperature, top_k)
                 except Exception as e:  # not verified on every GPU/driver: a failed capture must not end a run
                     if self.decode != "auto":
                         raise
@@ -654,16 +657,16 @@ class Engine:
             graphed = self._graphs[key]
             return graphed.cache, graphed
         cache = StaticKVCache.for_model(model, batch, capacity, dtype=dtype)
-        if mode == "compile":
-            if self._compiled_step is None:
-                self._compiled_step = torch.compile(decode_step, dynamic=False, fullgraph=True)
-            fn = self._compiled_step
-        else:
-            fn = decode_step
+        fn = self._compiled() if mode == "compile" else decode_step
         if width == 0:
             dummy = torch.ones(batch, 1, device=cache.pos.device)
             return cache, lambda c, tokens, noise: fn(model, c, tokens, dummy, temperature, top_k)
         return cache, lambda c, tokens, noise: fn(model, c, tokens, noise, temperature, top_k)
+
+    def _compiled(self):
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(decode_step, dynamic=False, fullgraph=True)
+        return self._compiled_step
 
     # ---- public API
 

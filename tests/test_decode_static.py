@@ -146,6 +146,8 @@ def test_graph_mode_is_refused_without_cuda():
         pytest.skip("CUDA is here: the graph mode runs for real in the CUDA test")
     with pytest.raises(ValueError, match="CUDA"):
         Engine(tiny_model(), StandInTokenizer(), decode="graph").generate_batch([1, 2], max_tokens=2)
+    with pytest.raises(ValueError, match="CUDA"):
+        Engine(tiny_model(), StandInTokenizer(), decode="compiled_graph").generate_batch([1, 2], max_tokens=2)
     with pytest.raises(ValueError, match="decode"):
         Engine(tiny_model(), StandInTokenizer(), decode="fast")
 
@@ -199,18 +201,18 @@ def test_graphed_step_plumbing_on_cpu(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_and_compiled_steps_match_the_eager_step():
+@pytest.mark.parametrize("mode", ["graph", "compile", "compiled_graph"])
+def test_fixed_shape_step_on_cuda_matches_the_eager_step(mode):
     model = tiny_model().to("cuda")
     prompts = mixed_prompts(11, (3, 9, 1))
     ref = Engine(model, StandInTokenizer(), decode="static")
-    for mode in ("graph", "compile"):
-        engine = Engine(model, StandInTokenizer(), decode=mode)
-        for kwargs in (dict(temperature=0.0), dict(temperature=0.8, top_k=20, seed=3)):
-            a = engine.generate_prompts(prompts, num_samples=3, max_tokens=12, **kwargs)
-            assert a == engine.generate_prompts(prompts, num_samples=3, max_tokens=12, **kwargs)  # replays reproduce
-            b = ref.generate_prompts(prompts, num_samples=3, max_tokens=12, **kwargs)
-            # bf16 autocast: compiled kernels round differently, so compare the first tokens only
-            assert [c[:1] for c, _ in a] == [c[:1] for c, _ in b]
+    engine = Engine(model, StandInTokenizer(), decode=mode)
+    for kwargs in (dict(temperature=0.0), dict(temperature=0.8, top_k=20, seed=3)):
+        a = engine.generate_prompts(prompts, num_samples=3, max_tokens=12, **kwargs)
+        assert a == engine.generate_prompts(prompts, num_samples=3, max_tokens=12, **kwargs)  # replays reproduce
+        b = ref.generate_prompts(prompts, num_samples=3, max_tokens=12, **kwargs)
+        # bf16 autocast: compiled kernels round differently, so compare the first tokens only
+        assert [c[:1] for c, _ in a] == [c[:1] for c, _ in b]
 
 
 # -----------------------------------------------------------------------------
