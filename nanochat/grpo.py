@@ -693,6 +693,68 @@ def sample_and_score(engine, tokenizer, task, indices, num_samples, max_new_toke
     return rollouts
 
 
+def right_prefix(judgement):
+    """Steps judged right before the first one judged wrong (0 without one verdict per step)."""
+    if judgement is None or not judgement.aligned:
+        return 0
+    verdicts = judgement.verification.step_verdicts
+    return next((k for k, v in enumerate(verdicts) if not v), len(verdicts))
+
+
+def branch_points(rollouts, judgements, num_samples, max_new_tokens):
+    """`--branch`: where to restart the groups whose samples are all wrong. For each such group, the sample
+    with the longest prefix of steps judged right (the first such sample on a tie), cut after that prefix.
+    Returns [(first rollout of the group, that sample, cut in completion tokens)]; a group where no sample
+    has a right step, or whose best prefix leaves no budget, is not branched.
+
+    Why: in an all-wrong group every sample's outcome advantage is zero, so GRPO learns nothing from it.
+    Sampling again from the right prefix gives the later steps a second chance from a state the policy
+    already reached, and groups with mixed outcomes to learn from (the verifier's judgments steer which
+    states the generator explores, rather than adding to its reward)."""
+    points = []
+    for start in range(0, len(rollouts), num_samples):
+        group = range(start, start + num_samples)
+        if any(rollouts[i].info["correct"] for i in group):
+            continue
+        best = max(group, key=lambda i: (right_prefix(judgements[i]), -i))
+        steps = right_prefix(judgements[best])
+        if steps == 0:
+            continue
+        cut = judgements[best].step_ends[steps - 1] + 1
+        if cut < min(len(rollouts[best].body_ids), max_new_tokens):
+            points.append((start, rollouts[best], cut))
+    return points
+
+
+def continue_rollouts(engine, tokenizer, task, points, num_samples, max_new_tokens, temperature, top_k, seed):
+    """Sample num_samples continuations of each branch point (source rollout, cut). A continuation's prompt is
+    the source's prompt plus its first `cut` completion tokens (context, never trained on), its completion
+    what was sampled after them, within what is left of the budget; its text and reward are those of the
+    whole solution, prefix included. Returns the rollouts, point-major."""
+    prompts = [r.prompt_ids + r.completion_ids[:cut] for _, r, cut in points]
+    longest = max_new_tokens - min(cut for _, _, cut in points)
+    outputs = engine.generate_prompts(prompts, num_samples=num_samples, max_tokens=longest, temperature=temperature,
+                                      top_k=top_k, seed=seed)
+    assistant_end = tokenizer.encode_special("<|assistant_end|>")
+    continued = []
+    for i, (tokens, mask) in enumerate(outputs):
+        _, source, cut = points[i // num_samples]
+        budget = max_new_tokens - cut
+        tokens, mask = list(tokens)[:budget], list(mask)[:budget]
+        finished = len(tokens) < budget  # as generate_rollouts decides it, for a call with this budget
+        text = tokenizer.decode(source.completion_ids[:cut] + tokens)
+        if finished:
+            tokens.append(assistant_end)
+            mask.append(1)
+        r = Rollout(source.example_index, prompts[i // num_samples], tokens, mask, text=text, finished=finished)
+        r.info["conversation"] = source.info["conversation"]
+        r.reward = float(task.reward(r.info["conversation"], text))
+        r.info["correct"] = int(task.evaluate(r.info["conversation"], text))
+        r.info["task_reward"], r.info["overlong_penalty"], r.info["branch_cut"] = r.reward, 0.0, cut
+        continued.append(r)
+    return continued
+
+
 def rank_indices(step, per_step, rank, world_size, num_examples, from_end=False):
     """This rank's example indices for one step: the step's block of `per_step` examples (all ranks), strided
     over ranks, wrapping around the task. from_end counts from the other end of the split (co-training's

@@ -49,7 +49,8 @@ from nanochat.common import (all_gather_list, all_reduce_dict, autocast_context,
                              run_stage)
 from nanochat.engine import Engine
 from nanochat.grpo import (HELDOUT_SEED_OFFSET, ClassBalancer, add_grpo_flags, alpha_schedule, balanced_choice, batch_metrics,
-                           check_grpo_flags, checked_reward, generate_rollouts, grpo_update, load_reward_fn, majority_correct,
+                           branch_points, check_grpo_flags, checked_reward, continue_rollouts, generate_rollouts, grpo_update,
+                           load_reward_fn, majority_correct,
                            majority_vote, pass_at_k, rank_indices, reward_level_score, rl_lr_multiplier, rollout_flops,
                            sample_and_score, sample_batch, token_advantages, token_pieces, update_passes)
 from nanochat.memory import cuda_memory_report, print_role_estimates
@@ -122,6 +123,11 @@ def get_args(argv=None):
                         "step it left out, so stopping early never scores above trying the next step (see "
                         "tasks.verify.unwritten_steps); the oracle counts the steps of the reference chain, a learned "
                         "verifier in the expectations format the calculations it expects in all")
+    p.add_argument("--branch", action="store_true",
+                   help="the verifier steers exploration instead of shaping the reward: in every group whose samples are all "
+                        "wrong, the sample with the longest prefix of steps judged right is cut after that prefix and the "
+                        "group is replaced by --num_samples fresh continuations of it (the prefix is context, not trained "
+                        "on); the outcome alone rewards them. Needs --alpha 0 and a verifier (or --oracle_verifier)")
     p.add_argument("--alpha", type=float, default=0.1, help="initial weight of the process signal (0: outcome only)")
     p.add_argument("--alpha_end", type=float, default=0.001, help="alpha decays exponentially to this")
     p.add_argument("--normalize_std", action="store_true", help="divide outcome advantages by the group std")
@@ -195,6 +201,8 @@ def get_args(argv=None):
                 "say how many steps a problem needs)")
     if args.unwritten_wrong and args.process_credit != "return":
         p.error("--unwritten_wrong charges the missing steps on the last token, which only --process_credit return reaches")
+    if args.branch and (args.alpha != 0 or args.no_verifier):
+        p.error("--branch needs --alpha 0 (its continuations are judged by their outcome only) and a verifier or --oracle_verifier")
     if args.mix == "progress" and not args.unwritten_wrong:
         p.error("--mix progress needs --unwritten_wrong: the progress share counts the steps a problem needs")
     if args.no_verifier and args.shared_model:
@@ -341,6 +349,21 @@ def generator_step(args, roles, task, step, rank, world_size):
                 counts["gold_compared"] += len(gold)
     timer["verify"] = time.time() - t1
 
+    replaced = []
+    if args.branch:
+        t3 = time.time()
+        points = branch_points(rollouts, judgements, group, args.max_new_tokens)
+        counts["branched_groups"], counts["branch_correct"] = len(points), 0
+        if points:
+            roles.sampling(roles.generator)
+            continued = continue_rollouts(roles.gen_engine, roles.tokenizer, task, points, group, args.max_new_tokens,
+                                          args.temperature, args.top_k, seed=args.seed + 3_000_017 * step + rank)
+            counts["branch_correct"] = sum(r.info["correct"] for r in continued)
+            for n, (start, _, _) in enumerate(points):
+                replaced += rollouts[start:start + group]
+                rollouts[start:start + group] = continued[n * group:(n + 1) * group]
+        timer["branch"] = time.time() - t3
+
     t2 = time.time()
     advantages = token_advantages(rollouts, group, alpha, judgements, args.mix, args.normalize_std, args.process_credit,
                                   args.process_centre)
@@ -354,6 +377,8 @@ def generator_step(args, roles, task, step, rank, world_size):
     # FLOPs, for the compute-matched view: the verifier's reading of every sample is part of a generator step
     counts["flops_generator"] = rollout_flops(roles.generator, rollouts, group, train_passes=update_passes(args.ppo_epochs, args.kl_coef))
     counts["flops_verifier"] = rollout_flops(roles.verifier, readings) if readings else 0.0
+    if replaced:  # sampled, judged, then replaced by their continuations: sampling cost only
+        counts["flops_generator"] += rollout_flops(roles.generator, replaced, group)
 
     s = all_reduce_dict({**counts, "n": len(rollouts)}, roles.device)
     n = max(s["n"], 1)
@@ -363,11 +388,15 @@ def generator_step(args, roles, task, step, rank, world_size):
               "gen/steps_exact": s["exact"] / n, "gen/steps_missing": s["missing"] / n, "gen/steps_extra": s["extra"] / n,
               "gen/share_steps_judged_correct": s["judged_correct"] / max(s["judged_steps"], 1),
               "gen/verifier_step_agreement": s["gold_agree"] / max(s["gold_compared"], 1),
+              **({"gen/branched_groups": s["branched_groups"] * group / n,
+                  "gen/branch_accuracy": s["branch_correct"] / max(s["branched_groups"] * group, 1)} if args.branch else {}),
               "gen/lr_multiplier": lrm, "gen/flops_generator": s["flops_generator"], "gen/flops_verifier": s["flops_verifier"],
               **{f"gen/time_{k}": v for k, v in timer.items()}}
     print0(f"G {step:4d} | reward {record['gen/outcome_reward']:.3f} | acc {record['gen/accuracy']:.3f} | "
            f"alpha {alpha:.4f} | proc {record['gen/process_reward']:.3f} | steps-aligned {record['gen/steps_exact']:.2f} | "
-           f"zero-var {record['gen/zero_variance_groups']:.2f} | gen {timer['generate']:.1f}s ver {timer['verify']:.1f}s train {timer['train']:.1f}s")
+           f"zero-var {record['gen/zero_variance_groups']:.2f} | gen {timer['generate']:.1f}s ver {timer['verify']:.1f}s train {timer['train']:.1f}s"
+           + (f" | branched {record['gen/branched_groups']:.2f} of groups, {record['gen/branch_accuracy']:.3f} right "
+              f"({timer['branch']:.1f}s)" if args.branch else ""))
     return record
 
 
