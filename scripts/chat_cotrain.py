@@ -24,6 +24,8 @@ calculator) and its answer, with the verdicts decided by a rule that compares th
 (tasks/verify.py). `--forced_headers` makes the engine open every line with "Step k:", so every solution
 gets exactly K verdicts. `--oracle_verifier` replaces the verifier by exact gold step labels: the ceiling.
 `--unwritten_wrong` charges a wrong solution for the steps it never wrote, so that stopping early does not pay.
+`--branch` (with `--alpha 0`) uses the verdicts to steer exploration instead of shaping the reward: a group whose
+samples are all wrong is replaced by fresh continuations of its longest prefix of steps judged right.
 
 Verifier step: the frozen generator samples solutions; the verifier samples `--ver_samples` verifications
 of each; reward = [Overall matches the gold label] + format_weight x format score; per-sample loss weights

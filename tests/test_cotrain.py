@@ -382,6 +382,47 @@ def test_oracle_verifier_feeds_gold_step_labels_through_the_process_path(sft_bas
             cotrain.get_args(bad)
 
 
+def test_branch_replaces_all_wrong_groups_by_continuations_of_a_right_prefix(sft_base, varied_rewards, monkeypatch):
+    import nanochat.grpo as grpo
+    import scripts.chat_cotrain as cotrain
+    args = cotrain.get_args(TINY + ["--num_gen_steps", "2", "--alpha", "0", "--oracle_verifier", "--branch", "--num_samples", "3"])
+    roles = cotrain.load_roles(args, torch.device("cpu"))
+    task = build_rl_task("arithmetic", "train")
+    # a random tiny model writes no steps, so no group has a right prefix: the real rule branches nothing
+    record = cotrain.generator_step(args, roles, task, 0, 0, 1)
+    assert record["gen/branched_groups"] == 0.0
+    # forced: the first group is branched after its first sample's first two tokens
+    seen = {}
+    monkeypatch.setattr(cotrain, "branch_points", lambda rollouts, judgements, group, budget: [(0, rollouts[0], 2)])
+    real_update = cotrain.grpo_update
+
+    def update(model, optimizer, rollouts, advantages, *a, **k):
+        seen["rollouts"], seen["advantages"] = list(rollouts), advantages
+        return real_update(model, optimizer, rollouts, advantages, *a, **k)
+    monkeypatch.setattr(cotrain, "grpo_update", update)
+    sampled = {}
+    real_continue = cotrain.continue_rollouts
+
+    def continue_(engine, tokenizer, task, points, *a, **k):
+        sampled["source"] = points[0][1]
+        return real_continue(engine, tokenizer, task, points, *a, **k)
+    monkeypatch.setattr(cotrain, "continue_rollouts", continue_)
+    record = cotrain.generator_step(args, roles, task, 1, 0, 1)
+    assert record["gen/branched_groups"] == 0.5  # one group of two
+    source, trained = sampled["source"], seen["rollouts"]
+    assert len(trained) == 6
+    for r in trained[:3]:  # the branched group: the source's prompt and first two tokens are the new prompt
+        assert r.prompt_ids == source.prompt_ids + source.completion_ids[:2] and r.info["branch_cut"] == 2
+        assert len(r.completion_ids) <= args.max_new_tokens - 2
+        assert r.reward == task.reward(None, r.text)  # the whole solution is rewarded (stand-in reward: by text)
+    assert all("branch_cut" not in r.info for r in trained[3:])
+    assert seen["advantages"] == grpo.group_advantages(torch.tensor([r.reward for r in trained]).view(2, 3)).view(-1).tolist()
+    for bad in (["--oracle_verifier", "--branch"],  # alpha defaults to 0.1: branching uses the outcome alone
+                ["--no_verifier", "--alpha", "0", "--branch"]):
+        with pytest.raises(SystemExit):
+            cotrain.get_args(bad)
+
+
 def test_unwritten_wrong_reads_the_number_of_steps_from_the_reference_chain():
     import scripts.chat_cotrain as cotrain
     task = build_rl_task("arithmetic", "train", difficulty=2)

@@ -543,3 +543,92 @@ def test_gated_mix_uses_the_step_signal_only_in_flat_groups():
                           0.3 * proc[1])
     with pytest.raises(ValueError):
         token_advantages(rollouts, 2, alpha=0.3, judgements=judgements, mix="bogus")
+
+
+# -----------------------------------------------------------------------------
+# --branch: restarting all-wrong groups from their longest judged-right prefix
+
+def judged(verdicts, ends, aligned=True):
+    from tasks.verify import Judgement, Verification
+    verification = Verification(step_verdicts=list(verdicts), overall=all(verdicts), format_ok=True,
+                                step_numbers=list(range(1, len(verdicts) + 1)))
+    return Judgement(verification, len(verdicts) if aligned else len(verdicts) + 1, list(ends), None)
+
+
+def test_right_prefix_counts_leading_right_steps_of_aligned_judgements():
+    from nanochat.grpo import right_prefix
+    assert right_prefix(judged([True, True, False, True], [1, 3, 5, 7])) == 2
+    assert right_prefix(judged([True, True], [1, 3])) == 2
+    assert right_prefix(judged([False, True], [1, 3])) == 0
+    assert right_prefix(judged([True, True], [1, 3], aligned=False)) == 0  # verdicts that cannot be placed
+    assert right_prefix(None) == 0
+
+
+def test_branch_points_pick_the_longest_right_prefix_of_all_wrong_groups_only():
+    from nanochat.grpo import branch_points
+
+    def rollout(correct, length=10):
+        r = Rollout(0, [1, 2], list(range(100, 100 + length)) + [7], [1] * (length + 1), finished=True)
+        r.info["correct"] = correct
+        return r
+    rollouts = [rollout(1), rollout(0),                 # group 0: has a right sample: left alone
+                rollout(0), rollout(0),                 # group 1: the second sample has the longer right prefix
+                rollout(0), rollout(0),                 # group 2: no sample has a right first step
+                rollout(0, length=4), rollout(0)]       # group 3: tie at one right step: the first sample wins
+    judgements = [judged([True], [3]), judged([True, True], [2, 5]),
+                  judged([True, False], [2, 6]), judged([True, True, False], [1, 4, 8]),
+                  judged([False], [3]), judged([False, True], [2, 6]),
+                  judged([True, False], [1, 3]), judged([True], [2])]
+    def where(points):
+        return [(start, next(i for i, r in enumerate(rollouts) if r is source), cut) for start, source, cut in points]
+    assert where(branch_points(rollouts, judgements, 2, max_new_tokens=96)) == [(2, 3, 5), (6, 6, 2)]
+    # a prefix that leaves no budget (or is the whole solution) is not a branch point
+    assert where(branch_points(rollouts, judgements, 2, max_new_tokens=5)) == [(6, 6, 2)]
+    assert branch_points(rollouts[6:], [judged([True, True], [1, 3]), judged([True], [2])], 2, 96) == []
+
+
+class CharTokenizer:
+    """ids are characters' code points; two specials for the end of a reply."""
+    def encode_special(self, name):
+        return {"<|assistant_end|>": 1, "<|bos|>": 0}[name]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+class ScriptedEngine:
+    """Returns fixed continuations and records what it was asked."""
+    def __init__(self, continuations):
+        self.continuations, self.calls = continuations, []
+
+    def generate_prompts(self, prompts, num_samples, max_tokens, temperature, top_k, seed):
+        self.calls.append((prompts, num_samples, max_tokens))
+        return [(list(c), [1] * len(c)) for c in self.continuations]
+
+
+def test_continue_rollouts_keep_the_prefix_as_context_and_reward_the_whole_solution():
+    from nanochat.grpo import continue_rollouts
+
+    class Task:
+        def reward(self, conversation, text):
+            return float(text.endswith("=12"))
+
+        def evaluate(self, conversation, text):
+            return int(self.reward(conversation, text))
+    prefix = [ord(c) for c in "3*4"]
+    source = Rollout(5, [0, 9], prefix + [ord("?"), ord("!"), 1], [1] * 6, text="3*4?!", finished=True)
+    source.info["conversation"] = {"q": 1}
+    engine = ScriptedEngine([[ord("="), ord("1"), ord("2")], [ord("="), ord("1"), ord("3")],   # point 1
+                             [ord("x")] * 9, [ord("="), ord("1")]])                              # point 2
+    points = [(0, source, 3), (2, source, 1)]
+    out = continue_rollouts(engine, CharTokenizer(), Task(), points, 2, max_new_tokens=8, temperature=1.0, top_k=None, seed=3)
+    prompts, num_samples, max_tokens = engine.calls[0]
+    assert prompts == [[0, 9] + prefix, [0, 9] + prefix[:1]] and num_samples == 2 and max_tokens == 8 - 1
+    assert [r.text for r in out] == ["3*4=12", "3*4=13", "3" + "x" * 7, "3=1"]
+    assert [r.reward for r in out] == [1.0, 0.0, 0.0, 0.0] and [r.info["correct"] for r in out] == [1, 0, 0, 0]
+    assert out[0].prompt_ids == [0, 9] + prefix and out[0].completion_ids == [ord("="), ord("1"), ord("2"), 1]
+    # point 2 has 8 - 1 = 7 tokens left: a 9-token continuation is cut there and is unfinished (no end token)
+    assert out[2].completion_ids == [ord("x")] * 7 and not out[2].finished and out[2].completion_mask == [1] * 7
+    assert out[3].finished and out[3].completion_ids[-1] == 1
+    assert all(r.example_index == 5 and r.info["conversation"] == {"q": 1} for r in out)
+    assert [r.info["branch_cut"] for r in out] == [3, 3, 1, 1]
