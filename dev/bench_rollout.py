@@ -1,11 +1,12 @@
 """
 Rollout throughput of the Engine's decoding loops, side by side in one process: the growing-batch loop
 ("dynamic", what the Engine did before the fixed-shape step), the fixed-shape step run eagerly ("static"),
-under torch.compile ("compile") and, on CUDA, replayed as a CUDA graph ("graph").
+under torch.compile ("compile") and, on CUDA, replayed as a CUDA graph ("graph"), compiled and then replayed as a
+CUDA graph ("compiled_graph").
 
     python -m dev.bench_rollout                                   # CPU sweep, d4 (the tables in dev/bench_rollout.md)
     python -m dev.bench_rollout --batch_sizes 64 --prompt_lens 32 --new_tokens 128 --repeats 3
-    python -m dev.bench_rollout --device cuda --depth 20 --modes dynamic,graph --batch_sizes 1,32,256
+    python -m dev.bench_rollout --device cuda --depth 20 --modes dynamic,graph,compiled_graph --batch_sizes 1,256
 
 For each (batch, prompt length, new tokens) the modes run interleaved (mode A, mode B, ..., then again),
 so a machine shared with other work disturbs them alike; read the ratios. Every timed call is
@@ -96,7 +97,7 @@ def main():
     parser.add_argument("--vocab_size", type=int, default=32768)
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--modes", default=None, help="comma list of Engine decode modes (default: dynamic,static,compile "
-                                                      "and graph on CUDA)")
+                                                      "and on CUDA graph,compiled_graph)")
     parser.add_argument("--batch_sizes", default="1,8,64")
     parser.add_argument("--prompt_lens", default="32", help="longest prompt of a batch; lengths are mixed down to half")
     parser.add_argument("--new_tokens", default="128")
@@ -111,7 +112,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    modes = (args.modes or ("dynamic,static,compile,graph" if device.type == "cuda" else "dynamic,static,compile")).split(",")
+    modes = (args.modes or ("dynamic,static,compile,graph,compiled_graph" if device.type == "cuda" else "dynamic,static,compile")).split(",")
     batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
     prompt_lens = [int(x) for x in args.prompt_lens.split(",")]
     new_token_counts = [int(x) for x in args.new_tokens.split(",")]

@@ -3,8 +3,9 @@
 #   bash dev/gpu_checks.sh 1   # the CUDA tests, training throughput/MFU at d12/d20, Engine decode at d20
 #   bash dev/gpu_checks.sh 2   # co-training step cost at d20 + d12 with memory, a short real base_train at d20
 #   bash dev/gpu_checks.sh 3   # the fixed-shape decode step (issue 17): its CUDA tests, the rollout benchmark
-#                              # (growing-batch loop vs eager fixed-shape step vs CUDA graph) at d20, and the
-#                              # co-training step at d20 + d12 now that the Engine replays graphs (tokenizer in .gpu/)
+#                              # (growing-batch loop vs eager fixed-shape step vs CUDA graph vs compiled graph) at d20,
+#                              # and the co-training step at d20 + d12 (tokenizer in .gpu/tokenizer; ~11 minutes:
+#                              # on a 10-minute slot, run its stages in two calls)
 # Logs go to $OUT (or ./gpu_logs). Part 2 needs a tokenizer (and shards for base_train) under
 # $NANOCHAT_BASE_DIR, e.g. made here with dev/make_corpus + scripts.tok_train, because a GPU box's Python
 # may have no build of our Rust trainer. Figures are recorded in dev/gpu_results.md.
@@ -30,12 +31,13 @@ if [ "${1:-1}" = 1 ]; then
 elif [ "$1" = 3 ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-    stage graph_tests 80 $PY -m pytest -q -p no:cacheprovider -k "(on_cuda and graph) or cuda_generation" tests/test_decode_static.py tests/test_engine.py
-    stage bench_rollout 170 $PY -m dev.bench_rollout --device cuda --depth 20 --modes dynamic,static,graph --batch_sizes 1,256 \
-        --prompt_lens 64 --new_tokens 256 --repeats 2
+    stage graph_tests 150 $PY -m pytest -q -p no:cacheprovider -k "on_cuda or cuda_generation" tests/test_decode_static.py tests/test_engine.py
+    stage bench_rollout 250 $PY -m dev.bench_rollout --device cuda --depth 20 --modes dynamic,static,graph,compiled_graph \
+        --batch_sizes 1,256 --prompt_lens 64 --new_tokens 256 --repeats 2
+    stage bench_rollout_bf16 60 $PY -m dev.bench_rollout --device cuda --depth 20 --modes dynamic,graph --batch_sizes 1,256 \
+        --prompt_lens 64 --new_tokens 256 --repeats 2 --bf16_weights
     stage bench_cotrain 190 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 --samples 16 \
         --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer
-    stage compile_test 60 $PY -m pytest -q -p no:cacheprovider -k "on_cuda and compile" tests/test_decode_static.py
 else
     : "${NANOCHAT_BASE_DIR:?set NANOCHAT_BASE_DIR to a directory with tokenizer/ (and base_data/ for base_train)}"
     stage cuda_tests_gpt 60 $PY -m pytest -q -p no:cacheprovider -k cuda tests/test_gpt.py
