@@ -91,6 +91,21 @@ def step_costs(model, prompts, new_tokens):
     return weight_bytes + kv_bytes, flops
 
 
+def profile_step(engine, prompts, args, steps=16):
+    """Which ops a decode step's time goes to (prefill included, a small share over 16 steps); the call before
+    the profiled one compiles or captures. Printed to stdout before the summary line."""
+    from torch.profiler import ProfilerActivity, profile
+    kwargs = dict(num_samples=1, max_tokens=steps, temperature=args.temperature, top_k=args.top_k, seed=0)
+    engine.generate_prompts(prompts, **kwargs)
+    cuda = next(engine.model.parameters()).is_cuda
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        engine.generate_prompts(prompts, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+    print(f"\n### Profile: mode {engine.decode}, batch {len(prompts)}, {steps} new tokens\n")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=15))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=4)
@@ -106,6 +121,8 @@ def main():
     parser.add_argument("--top_k", type=int, default=50)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--bf16_weights", action="store_true", help="cast the weights to bf16 (inference only)")
+    parser.add_argument("--profile", default=None, help="after the timings, profile 16 decode steps of this mode at each batch "
+                                                        "size: the ops that take the device's (CPU: the host's) time")
     parser.add_argument("--peak_bandwidth", type=float, default=None, help="bytes/s (default: by device name; CPU 20e9)")
     parser.add_argument("--peak_flops", type=float, default=None, help="FLOP/s (default: nanochat.common.get_peak_flops)")
     args = parser.parse_args()
@@ -168,6 +185,9 @@ def main():
                           f"{r['step_ms']:.2f} | {r['latency_s']:.2f} | {r['tok_per_s']:.0f} | {r['vs_first_mode']:.2f}x | "
                           f"{100 * r['bw_util']:.1f} | {100 * r['mfu']:.2f} |")
                     results.append(r)
+    if args.profile:
+        for batch in batch_sizes:
+            profile_step(engines[args.profile], make_prompts(batch, max(prompt_lens), args.vocab_size), args)
     load_after = os.getloadavg()
     print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f}; {os.cpu_count()} CPUs; "
           f"wall {time.perf_counter() - t_start:.0f} s; torch {torch.__version__}; 'vs dynamic' = tok/s over the first mode's")
