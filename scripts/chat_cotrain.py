@@ -205,6 +205,9 @@ def get_args(argv=None):
         p.error("--unwritten_wrong charges the missing steps on the last token, which only --process_credit return reaches")
     if args.branch and (args.alpha != 0 or args.no_verifier):
         p.error("--branch needs --alpha 0 (its continuations are judged by their outcome only) and a verifier or --oracle_verifier")
+    if args.branch and (args.reward != "exact" or args.reward_fn or args.overlong != "none"):
+        p.error("--branch rewards its continuations with the task's exact checker over the whole solution: it does not combine "
+                "with --reward majority, --reward_fn or --overlong")
     if args.mix == "progress" and not args.unwritten_wrong:
         p.error("--mix progress needs --unwritten_wrong: the progress share counts the steps a problem needs")
     if args.no_verifier and args.shared_model:

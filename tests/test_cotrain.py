@@ -418,7 +418,9 @@ def test_branch_replaces_all_wrong_groups_by_continuations_of_a_right_prefix(sft
     assert all("branch_cut" not in r.info for r in trained[3:])
     assert seen["advantages"] == grpo.group_advantages(torch.tensor([r.reward for r in trained]).view(2, 3)).view(-1).tolist()
     for bad in (["--oracle_verifier", "--branch"],  # alpha defaults to 0.1: branching uses the outcome alone
-                ["--no_verifier", "--alpha", "0", "--branch"]):
+                ["--no_verifier", "--alpha", "0", "--branch"],
+                ["--oracle_verifier", "--alpha", "0", "--branch", "--reward", "majority"],
+                ["--oracle_verifier", "--alpha", "0", "--branch", "--overlong", "mask"]):
         with pytest.raises(SystemExit):
             cotrain.get_args(bad)
 
