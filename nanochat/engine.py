@@ -359,6 +359,7 @@ class Engine:
     PREFILL_LOGITS_BUDGET = 1 << 25
 
     DECODE_MODES = ("auto", "dynamic", "static", "compile", "graph", "compiled_graph")
+    GRAPH_MODES = ("graph", "compiled_graph")  # CUDA only; one captured shape: the batch bucket never shrinks
     CAPACITY_QUANTUM = 64  # static caches are a multiple of this long: few shapes, few recompiles
 
     def __init__(self, model, tokenizer, decode="auto", max_rows=None):
@@ -488,7 +489,7 @@ class Engine:
     def _decode_mode(self, device):
         if self.decode == "auto":
             return "graph" if device.type == "cuda" else "static"
-        if self.decode in ("graph", "compiled_graph") and device.type != "cuda":
+        if self.decode in self.GRAPH_MODES and device.type != "cuda":
             raise ValueError(f"decode={self.decode!r} needs a CUDA device")
         return self.decode
 
@@ -609,7 +610,7 @@ class Engine:
                 return
             active = self._keep_sampling(active, states)
             live = [row for row in slot_of if not states[row].done]
-            if mode not in ("graph", "compiled_graph") and bucket_size(len(live)) < cache.batch_size:
+            if mode not in self.GRAPH_MODES and bucket_size(len(live)) < cache.batch_size:
                 smaller, step = self._static_cache(mode, bucket_size(len(live)), capacity, width, temperature, top_k, dtype)
                 smaller.load(cache.k, cache.v, cache.pad, pos - 1, [slot_of[row] for row in live], range(len(live)))
                 cache, slot_of = smaller, {row: j for j, row in enumerate(live)}
@@ -639,7 +640,7 @@ class Engine:
     def _static_cache(self, mode, batch, capacity, width, temperature, top_k, dtype):
         """(StaticKVCache, step function (cache, tokens, noise) -> next tokens) for one decode shape."""
         model = self.model
-        if mode in ("graph", "compiled_graph"):
+        if mode in self.GRAPH_MODES:
             key = (batch, capacity, width, temperature, top_k, dtype)
             if key not in self._graphs:
                 self._graphs.clear()  # one captured shape at a time: each holds a whole cache in device memory

@@ -54,21 +54,33 @@ def generate_rollouts(engine, tokenizer, prompts, example_indices, num_samples, 
                       line_headers=None):
     """Sample `num_samples` completions of every prompt in one batched pass (prompt-major order). The one
     place that turns Engine outputs into rollouts, and so the one place that handles <|assistant_end|>:
-    the engine drops the terminal token, and a completion shorter than the budget ended with it."""
-    outputs = engine.generate_prompts(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
-                                      temperature=temperature, top_k=top_k, seed=seed, line_headers=line_headers)
+    the engine drops the terminal token, and a completion shorter than the budget ended with it.
+    max_new_tokens: one budget, or one per prompt (the pass runs to the largest and each completion is cut
+    to its prompt's, which is what a pass with that budget would have given that row)."""
+    per_prompt = isinstance(max_new_tokens, (list, tuple))
+    budgets = max_new_tokens if per_prompt else [max_new_tokens] * len(prompts)
+    longest = max(budgets, default=0) if per_prompt else max_new_tokens
+    outputs = engine.generate_prompts(prompts, num_samples=num_samples, max_tokens=longest, temperature=temperature,
+                                      top_k=top_k, seed=seed, line_headers=line_headers)
     assistant_end = tokenizer.encode_special("<|assistant_end|>")
     rollouts = []
     for i, (tokens, mask) in enumerate(outputs):
         p = i // num_samples
-        tokens, mask = list(tokens), list(mask)
+        tokens, mask = list(tokens)[:budgets[p]], list(mask)[:budgets[p]]
         text = tokenizer.decode(tokens)
-        finished = len(tokens) < max_new_tokens
+        finished = len(tokens) < budgets[p]
         if finished:
             tokens.append(assistant_end)
             mask.append(1)
         rollouts.append(Rollout(example_indices[p], list(prompts[p]), tokens, mask, text=text, finished=finished))
     return rollouts
+
+
+def score_rollout(task, rollout, conversation):
+    """Reward a rollout by the task's exact checker: its reward, and whether it is correct."""
+    rollout.info["conversation"] = conversation
+    rollout.reward = float(task.reward(conversation, rollout.text))
+    rollout.info["correct"] = int(task.evaluate(conversation, rollout.text))
 
 
 def group_advantages(rewards, normalize_std=False, eps=1e-6):
@@ -687,9 +699,7 @@ def sample_and_score(engine, tokenizer, task, indices, num_samples, max_new_toke
     prompts = [tokenizer.render_for_completion(c) for c in conversations]
     rollouts = generate_rollouts(engine, tokenizer, prompts, indices, num_samples, max_new_tokens, temperature, top_k, seed)
     for j, r in enumerate(rollouts):
-        r.info["conversation"] = conversations[j // num_samples]
-        r.reward = float(task.reward(r.info["conversation"], r.text))
-        r.info["correct"] = int(task.evaluate(r.info["conversation"], r.text))
+        score_rollout(task, r, conversations[j // num_samples])
     return rollouts
 
 
@@ -732,26 +742,13 @@ def continue_rollouts(engine, tokenizer, task, points, num_samples, max_new_toke
     what was sampled after them, within what is left of the budget; its text and reward are those of the
     whole solution, prefix included. Returns the rollouts, point-major."""
     prompts = [r.prompt_ids + r.completion_ids[:cut] for _, r, cut in points]
-    longest = max_new_tokens - min(cut for _, _, cut in points)
-    outputs = engine.generate_prompts(prompts, num_samples=num_samples, max_tokens=longest, temperature=temperature,
-                                      top_k=top_k, seed=seed)
-    assistant_end = tokenizer.encode_special("<|assistant_end|>")
-    continued = []
-    for i, (tokens, mask) in enumerate(outputs):
+    continued = generate_rollouts(engine, tokenizer, prompts, [r.example_index for _, r, _ in points], num_samples,
+                                  [max_new_tokens - cut for _, _, cut in points], temperature, top_k, seed)
+    for i, r in enumerate(continued):
         _, source, cut = points[i // num_samples]
-        budget = max_new_tokens - cut
-        tokens, mask = list(tokens)[:budget], list(mask)[:budget]
-        finished = len(tokens) < budget  # as generate_rollouts decides it, for a call with this budget
-        text = tokenizer.decode(source.completion_ids[:cut] + tokens)
-        if finished:
-            tokens.append(assistant_end)
-            mask.append(1)
-        r = Rollout(source.example_index, prompts[i // num_samples], tokens, mask, text=text, finished=finished)
-        r.info["conversation"] = source.info["conversation"]
-        r.reward = float(task.reward(r.info["conversation"], text))
-        r.info["correct"] = int(task.evaluate(r.info["conversation"], text))
+        r.text = tokenizer.decode(source.completion_ids[:cut] + r.body_ids)  # in one piece: a character may span the cut
+        score_rollout(task, r, source.info["conversation"])
         r.info["task_reward"], r.info["overlong_penalty"], r.info["branch_cut"] = r.reward, 0.0, cut
-        continued.append(r)
     return continued
 
 

@@ -601,7 +601,7 @@ class ScriptedEngine:
     def __init__(self, continuations):
         self.continuations, self.calls = continuations, []
 
-    def generate_prompts(self, prompts, num_samples, max_tokens, temperature, top_k, seed):
+    def generate_prompts(self, prompts, num_samples, max_tokens, temperature, top_k, seed, line_headers=None):
         self.calls.append((prompts, num_samples, max_tokens))
         return [(list(c), [1] * len(c)) for c in self.continuations]
 
