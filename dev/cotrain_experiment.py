@@ -37,6 +37,14 @@ ARMS = {  # name: (label, flags)
 LEARNED = ("cotrain", "shared")
 
 
+def seconds_per_update(gen):
+    """Mean seconds of a generator update by part, from its log rows; --branch's continuations (logged as
+    gen/time_branch) count as generation."""
+    mean = lambda key: statistics.fmean(r.get(key, 0.0) for r in gen) if gen else float("nan")
+    return {"generate": mean("gen/time_generate") + mean("gen/time_branch"), "verify": mean("gen/time_verify"),
+            "train": mean("gen/time_train")}
+
+
 def worker(argv, out_path):
     from scripts.chat_cotrain import main
     t0 = time.time()
@@ -45,7 +53,7 @@ def worker(argv, out_path):
     mean = lambda key, rows: statistics.fmean(r[key] for r in rows) if rows else float("nan")
     summary = {"final": history["eval"][-1], "start": history["eval"][0], "seconds": time.time() - t0,
                "reward_curve": [r["gen/outcome_reward"] for r in gen],
-               "seconds_per_update": {part: mean(f"gen/time_{part}", gen) for part in ("generate", "verify", "train")},
+               "seconds_per_update": seconds_per_update(gen),
                "verifier_seconds_per_step": sum(mean(f"ver/time_{part}", ver) for part in ("generate", "verify", "train")) if ver else 0.0,
                "verifier_steps": len(ver),
                "zero_variance_groups": mean("gen/zero_variance_groups", gen),

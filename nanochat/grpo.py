@@ -384,7 +384,8 @@ def dynamic_sampling(sample_round, group_size, wanted_groups, max_extra_rounds, 
     drawing rounds of fresh questions (sample_round(r) -> this rank's rollouts, prompt-major groups) until
     this rank holds `wanted_groups` groups with mixed rewards on every rank, or `max_extra_rounds` extra
     rounds are spent. A rank short of mixed groups fills up with constant ones (they train nothing, but
-    keep the batch shape). Returns (rollouts, extra rounds drawn, True if it stopped at the cap short)."""
+    keep the batch shape). Returns (rollouts, extra rounds drawn, True if it stopped at the cap short, the
+    rollouts drawn and left out: they cost sampling, so the compute-matched view counts them)."""
     mixed, constant, rounds = [], [], 0
     while True:
         rollouts = sample_round(rounds)
@@ -395,8 +396,9 @@ def dynamic_sampling(sample_round, group_size, wanted_groups, max_extra_rounds, 
         if short == 0 or rounds >= max_extra_rounds:
             break
         rounds += 1
-    groups = (mixed + constant)[:wanted_groups]
-    return [r for group in groups for r in group], rounds, short > 0
+    groups = mixed + constant
+    kept, left_out = groups[:wanted_groups], groups[wanted_groups:]
+    return [r for group in kept for r in group], rounds, short > 0, [r for group in left_out for r in group]
 
 
 @functools.lru_cache(maxsize=None)
@@ -765,7 +767,7 @@ def sample_batch(engine, tokenizer, task, step, num_steps, args, rank, world_siz
     `step`, `args.num_samples` samples each, rewarded by the task (or `reward_fn`), the overlong penalty or
     mask applied, and with args.dynamic_sampling > 0 extra rounds of questions for groups without variance.
     args needs examples_per_step, num_samples, the sampling flags (max_new_tokens, temperature, top_k, seed)
-    and add_grpo_flags' flags. Returns (rollouts, extra rounds drawn)."""
+    and add_grpo_flags' flags. Returns (rollouts, extra rounds drawn, rollouts dynamic sampling drew and left out)."""
     buffer = args.overlong_buffer or max(1, args.max_new_tokens // 4)
 
     def sample_round(extra_round):
@@ -782,9 +784,9 @@ def sample_batch(engine, tokenizer, task, step, num_steps, args, rank, world_siz
             r.info["overlong_penalty"] = penalty
         return rollouts
 
-    extra_rounds = 0
+    extra_rounds, left_out = 0, []
     if args.dynamic_sampling > 0:
-        rollouts, extra_rounds, short = dynamic_sampling(sample_round, args.num_samples, args.examples_per_step // world_size,
+        rollouts, extra_rounds, short, left_out = dynamic_sampling(sample_round, args.num_samples, args.examples_per_step // world_size,
                                                          args.dynamic_sampling, device)
         if short and rank == 0:
             print(f"warning: dynamic sampling stopped at its cap ({args.dynamic_sampling} extra rounds) without enough groups "
@@ -793,7 +795,7 @@ def sample_batch(engine, tokenizer, task, step, num_steps, args, rank, world_siz
         rollouts = sample_round(0)
     if args.overlong == "mask":
         apply_overlong(rollouts, "mask", args.max_new_tokens, buffer)
-    return rollouts, extra_rounds
+    return rollouts, extra_rounds, left_out
 
 
 def update_passes(ppo_epochs=1, kl_coef=0.0):
@@ -808,7 +810,8 @@ def rollout_flops(model, rollouts, num_samples=1, train_passes=0):
     them (a forward pass over each group's prompt once, then over every completion token) plus, with
     train_passes, training on them (forward and backward over prompt and completion, once per pass).
     Per token, GPT.estimate_flops (6 per matmul weight plus attention) for training, a third of it for a
-    forward pass. Rollouts that dynamic sampling drew and discarded are not counted."""
+    forward pass. Rollouts sampled and then not trained on (left out by dynamic sampling, replaced by
+    --branch's continuations) are counted by a second call without train_passes."""
     per_token = model.estimate_flops()
     prompts = sum(len(r.prompt_ids) for r in rollouts[::num_samples])
     completions = sum(len(r.completion_ids) for r in rollouts)

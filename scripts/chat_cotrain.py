@@ -320,7 +320,7 @@ def generator_step(args, roles, task, step, rank, world_size):
     t0 = time.time()
     roles.sampling(roles.generator)
     group = args.num_samples
-    rollouts, extra_rounds = sample_batch(roles.gen_engine, roles.tokenizer, task, step, args.num_gen_steps, args, rank, world_size,
+    rollouts, extra_rounds, left_out = sample_batch(roles.gen_engine, roles.tokenizer, task, step, args.num_gen_steps, args, rank, world_size,
                                           roles.device, load_reward_fn(args.reward_fn) if args.reward_fn else None)
     if args.reward == "majority":  # self-play: the group's majority answer stands in for the gold answer
         for p in range(0, len(rollouts), group):
@@ -354,7 +354,7 @@ def generator_step(args, roles, task, step, rank, world_size):
                 counts["gold_compared"] += len(gold)
     timer["verify"] = time.time() - t1
 
-    replaced = []
+    not_trained = list(left_out)  # sampled, never trained on: they cost sampling all the same
     if args.branch:
         t3 = time.time()
         points = branch_points(rollouts, judgements, group, args.max_new_tokens)
@@ -365,7 +365,7 @@ def generator_step(args, roles, task, step, rank, world_size):
                                           args.temperature, args.top_k, seed=args.seed + 3_000_017 * step + rank)
             counts["branch_correct"] = sum(r.info["correct"] for r in continued)
             for n, (start, _, _) in enumerate(points):
-                replaced += rollouts[start:start + group]
+                not_trained += rollouts[start:start + group]
                 rollouts[start:start + group] = continued[n * group:(n + 1) * group]
         timer["branch"] = time.time() - t3
 
@@ -382,8 +382,8 @@ def generator_step(args, roles, task, step, rank, world_size):
     # FLOPs, for the compute-matched view: the verifier's reading of every sample is part of a generator step
     counts["flops_generator"] = rollout_flops(roles.generator, rollouts, group, train_passes=update_passes(args.ppo_epochs, args.kl_coef))
     counts["flops_verifier"] = rollout_flops(roles.verifier, readings) if readings else 0.0
-    if replaced:  # sampled, judged, then replaced by their continuations: sampling cost only
-        counts["flops_generator"] += rollout_flops(roles.generator, replaced, group)
+    if not_trained:  # left out by dynamic sampling, or judged and then replaced by continuations: sampling cost only
+        counts["flops_generator"] += rollout_flops(roles.generator, not_trained, group)
 
     s = all_reduce_dict({**counts, "n": len(rollouts)}, roles.device)
     n = max(s["n"], 1)

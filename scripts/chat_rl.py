@@ -130,7 +130,7 @@ def main(argv=None):
             evaluate(step)
         t0 = time.time()
         model.eval()
-        rollouts, extra_rounds = sample_batch(engine, tokenizer, train_task, step, num_steps, args, rank, world_size, device, reward_fn)
+        rollouts, extra_rounds, _ = sample_batch(engine, tokenizer, train_task, step, num_steps, args, rank, world_size, device, reward_fn)
         t_gen = time.time() - t0
         rewards = torch.tensor([r.reward for r in rollouts]).view(-1, args.num_samples)
         advantages = group_advantages(rewards, normalize_std=args.normalize_std).view(-1)

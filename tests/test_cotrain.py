@@ -56,8 +56,8 @@ def test_max_batch_rows_bounds_both_roles_sampling(sft_base):
     roles = cotrain.load_roles(cotrain.get_args(TINY + ["--max_batch_rows", "6"]), torch.device("cpu"))
     assert roles.gen_engine.max_rows == 6 and roles.ver_engine.max_rows == 6
     args = cotrain.get_args(TINY + ["--num_samples", "4", "--max_batch_rows", "6"])
-    rollouts, _ = sample_batch(roles.gen_engine, roles.tokenizer, build_rl_task("arithmetic", "train"), 0, 1, args, 0, 1,
-                               torch.device("cpu"))
+    rollouts, _, _ = sample_batch(roles.gen_engine, roles.tokenizer, build_rl_task("arithmetic", "train"), 0, 1, args, 0, 1,
+                                  torch.device("cpu"))
     assert len(rollouts) == args.examples_per_step * 4  # whole groups of 4, one per pass
 
 
@@ -336,6 +336,35 @@ def test_experiment_script_compares_the_arms(sft_base, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "dev.cotrain_experiment", *flags, "--reuse", "--matched_baseline",
                               str(tmp_path / "nowhere"), *shared], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "no " in missing.stderr and "baseline_s1.json" in missing.stderr
+
+
+def test_flops_count_the_rollouts_dynamic_sampling_left_out(sft_base, monkeypatch):
+    import scripts.chat_cotrain as cotrain
+    from tasks.arithmetic import ArithmeticTask
+    monkeypatch.setattr(ArithmeticTask, "reward", lambda self, conversation, text: 0.0)  # every group flat: nothing kept
+    calls, real = [], cotrain.rollout_flops
+
+    def recording(model, rollouts, num_samples=1, train_passes=0):
+        calls.append((len(rollouts), train_passes, real(model, rollouts, num_samples, train_passes)))
+        return calls[-1][2]
+
+    monkeypatch.setattr(cotrain, "rollout_flops", recording)
+    args = cotrain.get_args(TINY + ["--num_gen_steps", "2", "--alpha", "0.5", "--oracle_verifier", "--dynamic_sampling", "1"])
+    roles = cotrain.load_roles(args, torch.device("cpu"))
+    record = cotrain.generator_step(args, roles, build_rl_task("arithmetic", "train"), 0, 0, 1)
+    batch = args.examples_per_step * args.num_samples
+    assert record["gen/dynamic_sampling_rounds"] == 1
+    assert [(n, passes > 0) for n, passes, _ in calls] == [(batch, True), (batch, False)]  # trained on one round, sampled two
+    assert record["gen/flops_generator"] == pytest.approx(calls[0][2] + calls[1][2])
+
+
+def test_experiment_cost_counts_branch_continuations_as_generation():
+    from dev.cotrain_experiment import seconds_per_update
+    plain = [{"gen/time_generate": 2.0, "gen/time_verify": 1.0, "gen/time_train": 3.0}] * 2
+    branched = [{"gen/time_generate": 2.0, "gen/time_verify": 1.0, "gen/time_train": 3.0, "gen/time_branch": 1.5},
+                {"gen/time_generate": 4.0, "gen/time_verify": 1.0, "gen/time_train": 3.0, "gen/time_branch": 0.5}]
+    assert seconds_per_update(plain) == {"generate": 2.0, "verify": 1.0, "train": 3.0}
+    assert seconds_per_update(branched) == {"generate": 4.0, "verify": 1.0, "train": 3.0}
 
 
 def test_experiment_report_names_the_split_it_scored():

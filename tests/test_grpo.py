@@ -318,15 +318,17 @@ def test_dynamic_sampling_stops_at_the_cap_and_early_when_it_can():
         rounds.append(r)
         return [Rollout(r, [1], [2], [1], reward=0.0) for _ in range(4)]  # two groups of two, no variance
 
-    rollouts, extra, short = dynamic_sampling(always_zero, group_size=2, wanted_groups=2, max_extra_rounds=3, device="cpu")
+    rollouts, extra, short, left_out = dynamic_sampling(always_zero, group_size=2, wanted_groups=2, max_extra_rounds=3, device="cpu")
     assert rounds == [0, 1, 2, 3] and extra == 3 and short and len(rollouts) == 4  # bounded, batch shape kept
+    assert [r.example_index for r in rollouts] == [0] * 4 and [r.example_index for r in left_out] == [1] * 4 + [2] * 4 + [3] * 4
 
     def mixed_from_round_one(r):
         rewards = [0.0, 0.0, 1.0, 0.0] if r else [0.0] * 4
         return [Rollout(r, [1], [2], [1], reward=x) for x in rewards]
 
-    rollouts, extra, short = dynamic_sampling(mixed_from_round_one, group_size=2, wanted_groups=1, max_extra_rounds=5, device="cpu")
+    rollouts, extra, short, left_out = dynamic_sampling(mixed_from_round_one, group_size=2, wanted_groups=1, max_extra_rounds=5, device="cpu")
     assert extra == 1 and not short and [r.reward for r in rollouts] == [1.0, 0.0]
+    assert len(left_out) == 6 and not {id(r) for r in left_out} & {id(r) for r in rollouts}  # each drawn rollout in one list
 
 
 def test_reward_fn_loads_from_a_file_and_bad_specs_fail_clearly(tmp_path):
