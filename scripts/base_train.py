@@ -35,7 +35,7 @@ SMOOTHING_BETA = 0.9               # EMA of the printed training loss
 # flags that change what a resumed run computes (the others only change logging, evals and saving)
 TRAJECTORY_FLAGS = ("data_dir", "depth", "aspect_ratio", "head_dim", "max_seq_len", "total_batch_size", "embedding_lr",
                     "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip", "warmup_ratio", "warmdown_ratio",
-                    "final_lr_frac")
+                    "final_lr_frac", "fp8")
 
 
 class NonFiniteLossError(UserInputError):
@@ -58,6 +58,10 @@ def get_args(argv=None):
     parser.add_argument("--aspect_ratio", type=int, default=64, help="width = depth * aspect_ratio (rounded up to whole heads)")
     parser.add_argument("--head_dim", type=int, default=128, help="attention head dimension")
     parser.add_argument("--max_seq_len", type=int, default=2048, help="context length in tokens")
+    parser.add_argument("--fp8", action="store_true",
+                        help="tensorwise FP8 matmuls (nanochat/fp8.py) for the transformer blocks' linears in training "
+                             "(the lm_head and the embedding stay as they are); meant for H100-class GPUs, works but is "
+                             "slow on CPU; evaluation and sampling stay in the normal precision")
     # horizon (the first one that is set wins)
     parser.add_argument("--num_iterations", type=int, default=-1, help="optimizer steps (-1 = derive from the next two)")
     parser.add_argument("--target_flops", type=float, default=-1.0, help="training FLOPs budget (-1 = unused)")
@@ -160,6 +164,8 @@ def main(argv=None):
     master = rank == 0
     device_type = device.type
     user_config = dict(vars(args))
+    if not args.fp8:  # recorded only when on, so the run config (and --resume of older checkpoints) is unchanged
+        user_config.pop("fp8")
     wandb_run = init_wandb("nanochat", args.run, user_config, master_process=master)
     report = get_report()  # curves for the report card's plots (a no-op stand-in on ranks > 0)
 
@@ -180,6 +186,10 @@ def main(argv=None):
     num_params = orig_model.num_params()
     flops_per_token = orig_model.estimate_flops()
     num_iterations, horizon_source = resolve_num_iterations(args, num_params, flops_per_token)
+    if args.fp8:  # before torch.compile; the same Parameters stay, so the optimizer and checkpoints are unchanged
+        from nanochat.fp8 import check_fp8_device, convert_to_fp8
+        check_fp8_device(device)
+        print0(f"fp8: {convert_to_fp8(orig_model)} linears converted to FP8 training matmuls (lm_head and embedding excluded)")
     use_compile = args.compile == "on" or (args.compile == "auto" and (device_type == "cuda" or num_iterations >= 100))
     model = torch.compile(orig_model, dynamic=False) if use_compile else orig_model
     print0(f"model: {dataclasses.asdict(config)}")
@@ -223,8 +233,8 @@ def main(argv=None):
         if meta.get("world_size", 1) != world_size:
             raise ValueError(f"checkpoint was written by {meta.get('world_size')} ranks, this run has {world_size}: "
                              f"optimizer shards and data positions are per rank, so resume with the same world size")
-        changed = {k: (meta["user_config"].get(k), user_config[k]) for k in TRAJECTORY_FLAGS
-                   if meta["user_config"].get(k) != user_config[k]}
+        changed = {k: (meta["user_config"].get(k), user_config.get(k)) for k in TRAJECTORY_FLAGS
+                   if meta["user_config"].get(k) != user_config.get(k)}
         if changed or meta.get("num_iterations") != num_iterations:
             print0(f"warning: the checkpoint was trained with other settings (old, new): {changed}, num_iterations "
                    f"{meta.get('num_iterations')} -> {num_iterations}; the run will not match an uninterrupted one")
