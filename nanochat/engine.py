@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from nanochat.common import COMPUTE_DTYPE, autocast_context
+from nanochat.common import COMPUTE_DTYPE, UserInputError, autocast_context
 from nanochat.calculator import use_calculator
 
 
@@ -779,3 +779,20 @@ class TextStream:
         text = self.tokenizer.decode(self.pending) if self.pending else ""
         self.pending = []
         return text
+
+
+def add_decode_flag(parser):
+    """--decode, for the scripts that sample (chat_rl, chat_cotrain, chat_eval, chat_web): which decoding loop
+    their Engines use (Engine.__init__ describes each)."""
+    parser.add_argument("--decode", default="auto", choices=Engine.DECODE_MODES,
+                        help="decoding loop: auto (the CUDA graph on CUDA, the fixed-shape step on CPU), dynamic (the "
+                             "growing-batch loop), static, compile, graph, compiled_graph (CUDA only: the fastest step, "
+                             "after ~30 s of compilation per batch bucket and cache length; dev/gpu_results.md); all "
+                             "sample the same tokens")
+
+
+def check_decode(decode, device_type):
+    """A clear error, before any model is loaded, for a --decode that cannot run on this device."""
+    if decode in Engine.GRAPH_MODES and device_type != "cuda":
+        raise UserInputError(f"--decode {decode} captures CUDA graphs and needs a CUDA device; this run is on "
+                             f"{device_type}: use auto, static, compile or dynamic")

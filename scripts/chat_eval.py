@@ -43,6 +43,8 @@ def get_args(argv=None):
     parser.add_argument("--data_dir", default=None, help="local task data (else $NANOCHAT_TASK_DATA, else the HF hub)")
     parser.add_argument("--device_type", default="", help="cuda|cpu|mps (default: autodetect)")
     parser.add_argument("--seed", type=int, default=42)
+    from nanochat.engine import add_decode_flag
+    add_decode_flag(parser)
     args = parser.parse_args(argv)
     for name in ("batch_size", "num_samples", "max_new_tokens"):
         if getattr(args, name) < 1:
@@ -65,16 +67,17 @@ def format_table(results, elapsed):
 def main(argv=None):
     args = get_args(argv)
     from nanochat.checkpoint_manager import load_model
-    from nanochat.engine import Engine
+    from nanochat.engine import Engine, check_decode
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
+    check_decode(args.decode, device.type)
     # load the data first: a missing data set should fail before minutes of model loading
     tasks = [load_eval_task(name, data_dir=args.data_dir) for name in args.tasks]
     # co-training checkpoints hold {"generator", "verifier"}: the chat model is the generator
     model_key = args.model_key or ("generator" if args.source == "cotrain" else None)
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag,
                                         step=args.step, model_key=model_key)
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, decode=args.decode)
     results, elapsed = {}, {}
     for display, task in tasks:
         t0 = time.time()

@@ -53,7 +53,7 @@ from urllib.parse import urlsplit
 
 from nanochat.common import UserInputError, get_logger, run_stage
 from tasks import verify
-from nanochat.engine import TextStream
+from nanochat.engine import TextStream, add_decode_flag
 
 logger = get_logger("chat_web")
 
@@ -1196,9 +1196,10 @@ def load_workers(args):
     Returns (workers, tokenizer, model_name, meta of the served checkpoint)."""
     from nanochat.checkpoint_manager import load_model
     from nanochat.common import compute_init, autodetect_device_type
-    from nanochat.engine import Engine
+    from nanochat.engine import Engine, check_decode
     compute_init(args.device_type)
     device_type = args.device_type or autodetect_device_type()
+    check_decode(args.decode, device_type)
     workers, tokenizer, meta = [], None, {}
     for i, device in enumerate(worker_devices(device_type, args.num_gpus)):
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
@@ -1208,9 +1209,9 @@ def load_workers(args):
             verifier, _, verifier_meta = load_model(args.verifier_source, device, phase="eval", model_tag=args.verifier,
                                                     step=args.verifier_step,
                                                     model_key="verifier" if args.verifier_source == "cotrain" else None)
-            verifier_engine = Engine(verifier, tokenizer)
+            verifier_engine = Engine(verifier, tokenizer, decode=args.decode)
             verifier_format = (verifier_meta.get("user_config") or {}).get("verifier_format", "verdicts")
-        workers.append(Worker(i, Engine(model, tokenizer), device, verifier_engine, verifier_format if args.verifier else "verdicts"))
+        workers.append(Worker(i, Engine(model, tokenizer, decode=args.decode), device, verifier_engine, verifier_format if args.verifier else "verdicts"))
         logger.info(f"worker {i} ready on {device}")
     model_name = f"nanochat-{args.source}" + (f"-{args.model_tag}" if args.model_tag else "") + f"-step{meta.get('step', '?')}"
     return workers, tokenizer, model_name, meta
@@ -1242,6 +1243,7 @@ def parse_args(argv=None):
                              "Default: only the chat UI this server serves")
     parser.add_argument("--api_key", default=os.environ.get("NANOCHAT_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $NANOCHAT_API_KEY; unset: no auth)")
+    add_decode_flag(parser)
     args = parser.parse_args(argv)
     if args.num_gpus < 1:
         parser.error("--num_gpus must be at least 1")

@@ -51,10 +51,11 @@ def test_bad_flags_fail_clearly(capsys):
     assert "--max_batch_rows must be >= 1" in capsys.readouterr().err
 
 
-def test_max_batch_rows_bounds_both_roles_sampling(sft_base):
+def test_max_batch_rows_and_decode_reach_both_roles(sft_base):
     import scripts.chat_cotrain as cotrain
-    roles = cotrain.load_roles(cotrain.get_args(TINY + ["--max_batch_rows", "6"]), torch.device("cpu"))
+    roles = cotrain.load_roles(cotrain.get_args(TINY + ["--max_batch_rows", "6", "--decode", "dynamic"]), torch.device("cpu"))
     assert roles.gen_engine.max_rows == 6 and roles.ver_engine.max_rows == 6
+    assert roles.gen_engine.decode == roles.ver_engine.decode == "dynamic"  # --decode reaches both roles
     args = cotrain.get_args(TINY + ["--num_samples", "4", "--max_batch_rows", "6"])
     rollouts, _, _ = sample_batch(roles.gen_engine, roles.tokenizer, build_rl_task("arithmetic", "train"), 0, 1, args, 0, 1,
                                   torch.device("cpu"))

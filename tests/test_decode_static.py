@@ -152,6 +152,24 @@ def test_graph_mode_is_refused_without_cuda():
         Engine(tiny_model(), StandInTokenizer(), decode="fast")
 
 
+
+@pytest.mark.parametrize("script", ["chat_rl", "chat_cotrain", "chat_eval", "chat_web"])
+def test_every_sampling_script_takes_decode_and_refuses_graph_modes_off_cuda(script, tmp_path, monkeypatch, capsys):
+    import importlib
+    from nanochat.common import UserInputError
+    module = importlib.import_module(f"scripts.{script}")
+    parse = module.parse_args if script == "chat_web" else module.get_args
+    assert parse([]).decode == "auto" and parse(["--decode", "dynamic"]).decode == "dynamic"
+    with pytest.raises(SystemExit):
+        parse(["--decode", "fast"])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+    # refused before any checkpoint is looked for: the base dir is empty, yet the error is about --decode
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    run = (lambda argv: module.load_workers(parse(argv))) if script == "chat_web" else module.main
+    with pytest.raises(UserInputError, match="--decode graph .* needs a CUDA device"):
+        run(["--decode", "graph", "--device_type", "cpu"])
+
+
 # -----------------------------------------------------------------------------
 # torch.compile on CPU, and the CUDA graph runner
 
