@@ -35,20 +35,18 @@ AMAX_FLOOR = 1e-12  # an all-zero tensor gets a finite scale (and quantizes to z
 ROW_MULTIPLE = 16   # _scaled_mm wants the token count (the inner dim of the weight-gradient GEMM) a multiple of 16
 
 
-def fp8_available():
-    """(True, '') when this torch can run the FP8 path, else (False, the reason)."""
+def require_fp8():
+    """Raise UserInputError when this torch cannot run the FP8 path (no float8 dtypes or no _scaled_mm)."""
     if E4M3 is None or E5M2 is None:
-        return False, f"torch {torch.__version__} has no float8 dtypes (float8_e4m3fn / float8_e5m2)"
+        raise UserInputError(f"FP8 training is not available: torch {torch.__version__} has no float8 dtypes "
+                             "(float8_e4m3fn / float8_e5m2)")
     if not hasattr(torch, "_scaled_mm"):
-        return False, f"torch {torch.__version__} has no torch._scaled_mm"
-    return True, ""
+        raise UserInputError(f"FP8 training is not available: torch {torch.__version__} has no torch._scaled_mm")
 
 
 def check_fp8_device(device):
     """Raise UserInputError when FP8 matmuls cannot run on `device` (a torch.device or a type string)."""
-    ok, why = fp8_available()
-    if not ok:
-        raise UserInputError(f"FP8 training is not available: {why}")
+    require_fp8()
     device_type = torch.device(device).type
     if device_type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
@@ -170,9 +168,7 @@ def convert_to_fp8(model, min_dim=128):
     """Swap, in place, every bias-free nn.Linear of `model` whose in/out features are multiples of 16 and
     whose smaller dimension is >= min_dim for an FP8Linear on the same weight Parameter; the model's
     lm_head stays as it is. Call it before torch.compile. Returns how many linears were converted."""
-    ok, why = fp8_available()
-    if not ok:
-        raise UserInputError(f"FP8 training is not available: {why}")
+    require_fp8()
     keep = getattr(model, "lm_head", None)
     swaps = []
     for parent in model.modules():
