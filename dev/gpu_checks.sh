@@ -6,11 +6,14 @@
 #                              # (growing-batch loop vs eager fixed-shape step vs CUDA graph vs compiled graph) at d20,
 #                              # and the co-training step at d20 + d12 (tokenizer in .gpu/tokenizer; ~11 minutes:
 #                              # on a 10-minute slot, run its stages in two calls)
-#   bash dev/gpu_checks.sh 4   # FP8 training matmuls (issue 17, nanochat/fp8.py): the fp8 tests with CUDA, bench_train at
-#                              # d20 with --fp8 both (plain and FP8 steps alternating on shared weights; prints the
-#                              # tokens/s ratio), and a short real base_train at d20 without and with --fp8 (30 steps
-#                              # each, same seed and data; prints both final train losses). Needs NANOCHAT_BASE_DIR
-#                              # like part 2; stage limits add up to 9 minutes on one H100
+#   bash dev/gpu_checks.sh 4   # FP8 training matmuls (issue 17, nanochat/fp8.py): the fp8 tests with CUDA, then a short
+#                              # real base_train at d20 with and without --fp8 (20 steps of 262,144 tokens each, same
+#                              # seed and data; prints both final losses and MFUs). Needs NANOCHAT_BASE_DIR like part 2,
+#                              # whose val split holds one batch of 16 x 2049 tokens (runcpu's shards do not: make them
+#                              # with dev/make_corpus --max_mb 8 --val_frac 0.15). ~6 minutes on an H200 (FP8's first
+#                              # step compiles for ~125 s cold)
+#   bash dev/gpu_checks.sh 5   # bench_train at d20 with --fp8 both (plain and FP8 steps alternating on shared weights;
+#                              # prints the tokens/s ratio); compiles both models, over 170 s cold
 # Logs go to $OUT (or ./gpu_logs). Parts 2 and 4 need a tokenizer (and shards for base_train) under
 # $NANOCHAT_BASE_DIR, e.g. made here with dev/make_corpus + scripts.tok_train, because a GPU box's Python
 # may have no build of our Rust trainer. Figures are recorded in dev/gpu_results.md.
@@ -48,18 +51,22 @@ elif [ "$1" = 4 ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
     # the whole file but the tiny CPU base_train comparison (it trains a tokenizer with our Rust build)
-    stage fp8_tests 90 $PY -m pytest -q -p no:cacheprovider -k "not base_train" tests/test_fp8.py
-    stage bench_train_fp8 180 $PY -m dev.bench_train --configs d20 --fp8 both --batch 16 --steps 6 --warmup 2
-    for mode in plain fp8; do
+    stage fp8_tests 80 $PY -m pytest -q -p no:cacheprovider -k "not base_train" tests/test_fp8.py
+    # the real script first (the goal is its MFU), FP8 before plain so a short slot still measures the new path;
+    # the shape of part 2's run (8 micro-steps of 16 x 2048 per optimizer step), same seed and data both ways
+    for mode in fp8 plain; do
         flag=""; [ "$mode" = fp8 ] && flag="--fp8"
-        stage "base_train_$mode" 135 $PY -m scripts.base_train --depth 20 --num_iterations 30 --device_batch_size 16 \
-            --max_seq_len 2048 --total_batch_size 131072 --eval_every -1 --eval_tokens 65536 --core_metric_every -1 \
+        stage "base_train_$mode" 200 $PY -m scripts.base_train --depth 20 --num_iterations 20 --device_batch_size 16 \
+            --max_seq_len 2048 --total_batch_size 262144 --eval_every -1 --eval_tokens 65536 --core_metric_every -1 \
             --sample_every -1 --save_every -1 --model_tag "gpu_check_$mode" $flag
     done
-    for mode in plain fp8; do  # the smoothed train loss and MFU of the last step, and the final val bpb
-        echo "base_train $mode: $(grep -E '^step 00030/00030' "$LOGS/base_train_$mode.log" | grep -oE 'loss [0-9.]+|mfu [0-9.]+%' | tr '\n' ' ')" \
+    for mode in fp8 plain; do  # the smoothed train loss and MFU of the last step, and the final val bpb
+        echo "base_train $mode: $(grep -E '^step 00020/00020' "$LOGS/base_train_$mode.log" | grep -oE 'loss [0-9.]+|mfu [0-9.]+%' | tr '\n' ' ')" \
              "$(grep -oE 'min val bpb [0-9.]+' "$LOGS/base_train_$mode.log" | tail -1)"
     done
+elif [ "$1" = 5 ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    stage bench_train_fp8 400 $PY -m dev.bench_train --configs d20 --fp8 both --batch 16 --steps 6 --warmup 2
 else
     : "${NANOCHAT_BASE_DIR:?set NANOCHAT_BASE_DIR to a directory with tokenizer/ (and base_data/ for base_train)}"
     stage cuda_tests_gpt 60 $PY -m pytest -q -p no:cacheprovider -k cuda tests/test_gpt.py

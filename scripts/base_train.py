@@ -256,6 +256,11 @@ def main(argv=None):
     eval_steps = args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size)
     if eval_steps < 1:
         raise UserInputError(f"--eval_tokens={args.eval_tokens} is less than one batch of {world_tokens_per_fwdbwd} tokens")
+    try:  # the last step always evaluates: a val split under one batch must fail now, not after the training
+        next(tokenizing_distributed_data_loader(tokenizer, args.device_batch_size, args.max_seq_len, "val", "cpu",
+                                                data_dir=args.data_dir))
+    except ValueError as error:
+        raise UserInputError(f"{error} (checked before training)") from None
     if args.core_metric_every > 0:
         from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
         bundle_dir = get_eval_bundle_dir(args.bundle_dir)  # fetch it now: fail before training, not hours in

@@ -186,6 +186,16 @@ def test_bad_flags_and_missing_checkpoint(base_dir):
         run("--device_batch_size=2", "--total_batch_size=64", "--num_iterations=1", "--resume", "--model_tag=none")
 
 
+def test_val_split_under_one_batch_fails_before_training(base_dir, capsys):
+    # the last step always evaluates; on a GPU this once trained 20 d20 steps and then lost them to this error
+    from nanochat.common import UserInputError
+    with pytest.raises(UserInputError, match="val split holds less than one batch.*before training"):
+        run("--device_batch_size=64", "--total_batch_size=2048", "--eval_tokens=2048", "--num_iterations=1",
+            "--model_tag=tiny_val")
+    assert "step 00001" not in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(base_dir, "base_checkpoints", "tiny_val"))
+
+
 def test_two_rank_torchrun_on_cpu(base_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", NANOCHAT_BASE_DIR=str(base_dir), WANDB_MODE="disabled")
     proc = run_torchrun(["-m", "scripts.base_train", "--", *TINY_MODEL, "--device_batch_size=2", "--total_batch_size=256",
