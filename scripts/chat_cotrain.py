@@ -531,7 +531,8 @@ def verifier_sft(args, roles, task, rank, world_size):
 def evaluate(args, roles, task, rank, world_size):
     """Held-out pass@1 / pass@k / majority@k of the generator; with a verifier also its best-of-k and its
     ProcessBench-style metrics (greedy) on held-out solutions of the generator itself (`verifier_*`, the
-    ones that matter) and on the task's synthetic labelled solutions (`verifier_synthetic_*`)."""
+    ones that matter; gold = the answer check, and `verifier_exact_*` with gold = right answer and every step
+    clean) and on the task's synthetic labelled solutions (`verifier_synthetic_*`)."""
     roles.sampling(roles.generator)
     indices = list(range(rank, min(args.eval_examples, len(task)), world_size))
     k = args.eval_samples
@@ -562,8 +563,14 @@ def evaluate(args, roles, task, rank, world_size):
             metrics.update({f"{prefix}{key}": v for key, v in verify.verdict_metrics(c).items()})
             metrics.update({f"{prefix}first_error_accuracy": c["first_error"] / max(c["first_error_n"], 1),
                             f"{prefix}gold_share_correct": c["gold"] / m, f"{prefix}steps_aligned": c["aligned"] / m})
-            area = verify.auc([p for p, _ in pairs[source]], [gold for _, gold in pairs[source]])
+            area = verify.auc([p[0] for p in pairs[source]], [p[1] for p in pairs[source]])
             metrics[f"{prefix}auc"] = -1.0 if area is None else area  # -1: one class only
+        exact = {key[len("own_exact_"):]: v for key, v in s.items() if key.startswith("own_exact_")}
+        verdicts = verify.verdict_metrics(exact)
+        area = verify.auc([p[0] for p in pairs["own"]], [p[2] for p in pairs["own"]])
+        metrics.update({"verifier_exact_balanced_accuracy": verdicts["balanced_accuracy"],
+                        "verifier_exact_auc": -1.0 if area is None else area,
+                        "verifier_exact_gold_share_correct": exact["gold"] / max(s["own_n"], 1)})
     return metrics
 
 
@@ -598,8 +605,14 @@ def own_solution_counts(args, roles, task, rollouts, readings, judgements):
     golds = [exact_labels(task, r) for r in rollouts]
     verifications = [j.verification for j in judgements]
     counts = verdict_counts(verifications, golds)
+    # The answer check calls a right answer reached through a wrong step (e.g. "40*2=80 -> 57 stickers ... #### 80")
+    # correct; a verifier that judges steps must not, so the exact label (right answer, every step clean) is
+    # counted beside it: against answer-check labels even a perfect step judge loses those lucky solutions.
+    exact = [g[2] and g[1] is not None for g in golds]
+    counts.update({f"exact_{key}": v for key, v in verify.count_verdicts([v.overall for v in verifications], exact).items()})
+    counts["exact_gold"] = sum(exact)
     scores = auc_scores(args, roles, task, rollouts, readings, verifications, seed=args.seed + 7)
-    return counts, all_gather_list([(p, g[2]) for p, g in zip(scores, golds) if p is not None])
+    return counts, all_gather_list([(p, g[2], e) for p, g, e in zip(scores, golds, exact) if p is not None])
 
 
 def labelled_verifier_counts(args, roles, task, rank, world_size):
@@ -662,6 +675,10 @@ def main(argv=None):
     train_task, val_task = (build_rl_task(args.task, split, args.data_dir, args.difficulty) for split in ("train", args.eval_split))
     if args.reward_fn:
         checked_reward(load_reward_fn(args.reward_fn), train_task[0], "")  # fails here, not mid-run
+    evaluated = min(args.eval_examples, len(val_task))
+    if evaluated < args.eval_examples or evaluated < args.ver_eval_examples:
+        print0(f"note: the {args.eval_split} split holds {len(val_task)} problems, so evaluation uses {evaluated} (pass@k) and "
+               f"{min(evaluated, args.ver_eval_examples)} of the generator's own solutions (verifier metrics, one per problem)")
     has_own_verifier = roles.verifier is not None and not args.shared_model
     output_tag = args.output_tag or f"g{roles.generator.config.n_layer}" + (f"_v{roles.verifier.config.n_layer}" if has_own_verifier else "")
     out_dir = os.path.join(get_base_dir(), CHECKPOINT_DIRS["cotrain"], output_tag)
@@ -730,7 +747,8 @@ def main(argv=None):
     history["eval"].append(log_eval("final"))
     final = history["eval"][-1]
     summary = {name: final[key] for name, key in (("Verifier balanced accuracy", "verifier_balanced_accuracy"),
-               ("Verifier AUC", "verifier_auc"), ("Verifier share Correct", "verifier_share_said_correct"),
+               ("Verifier AUC", "verifier_auc"), ("Verifier balanced accuracy, exact labels", "verifier_exact_balanced_accuracy"),
+               ("Verifier AUC, exact labels", "verifier_exact_auc"), ("Verifier share Correct", "verifier_share_said_correct"),
                ("Verifier gold share Correct", "verifier_gold_share_correct"), ("Verifier steps aligned", "verifier_steps_aligned"))
                if key in final}
     report.log(section="Chat cotrain", data=[vars(args), {f"final {k}": v for k, v in final.items() if k != "gen_step"}, summary])

@@ -571,8 +571,10 @@ def test_expectations_format_end_to_end(sft_base):
                                    "--ver_eval_votes", "2", "--output_tag", "expectations"])
     final = history["eval"][-1]
     for key in ("verifier_balanced_accuracy", "verifier_auc", "verifier_first_error_accuracy", "verifier_steps_aligned",
-                "verifier_synthetic_balanced_accuracy", "verifier_share_said_correct", "verifier_gold_share_correct"):
+                "verifier_synthetic_balanced_accuracy", "verifier_share_said_correct", "verifier_gold_share_correct",
+                "verifier_exact_balanced_accuracy", "verifier_exact_auc", "verifier_exact_gold_share_correct"):
         assert key in final, key
+    assert final["verifier_exact_gold_share_correct"] <= final["verifier_gold_share_correct"]
     assert 0 <= final["verifier_share_said_correct"] <= 1 and history["ver"][0]["ver/format_rate"] >= 0
     # the verifier's reading of the generator's samples and its own training are counted as FLOPs
     assert history["gen"][0]["gen/flops_verifier"] > 0 and history["ver"][0]["ver/flops_verifier"] > 0
@@ -608,3 +610,31 @@ def test_expectations_judge_reads_rule_verdicts(sft_base, monkeypatch):
     k = len(reference)
     assert [j.verification.step_verdicts for j in judgements] == [[True] * k, [True] * k]
     assert all(j.verification.overall is True and j.step_rewards == [1 / k] * k for j in judgements)
+
+
+def test_own_solution_metrics_count_lucky_right_answers_under_exact_labels(monkeypatch):
+    """A right answer reached through a wrong step is correct by the answer check and incorrect by the exact
+    label (every step clean): a verifier that flags it loses under the first and not under the second."""
+    import scripts.chat_cotrain as cotrain
+    task = build_rl_task("arithmetic", "train")
+    reference = task.reference_calculations(0)
+    answer = reference[-1][1]
+    steps = [f"x {e}=<<{e}={v}>>{v}" for e, v in reference]
+    lucky = [f"x {reference[0][0]}=<<{reference[0][0]}={reference[0][1]}>>{int(reference[0][1]) + 7}"] + steps[1:]
+    texts = {"clean": "\n".join(steps) + f"\n#### {answer}", "lucky": "\n".join(lucky) + f"\n#### {answer}",
+             "wrong": "\n".join(steps) + "\n#### 99999"}
+    rollouts, judgements = [], []
+    for name, said in (("clean", True), ("lucky", False), ("wrong", False)):
+        rollout = SimpleNamespace(text=texts[name], example_index=0, info={"conversation": task[0]})
+        rollout.info["correct"] = int(task.evaluate(task[0], texts[name]))
+        rollouts.append(rollout)
+        judgements.append(SimpleNamespace(verification=verify.Verification(step_verdicts=[said] * len(steps), overall=said)))
+    assert [r.info["correct"] for r in rollouts] == [1, 1, 0]
+    assert verify.gold_step_labels(texts["lucky"], task.reference_chain(0))[1] == 0  # its first step is the error
+    monkeypatch.setattr(cotrain, "auc_scores", lambda *a, **k: [0.9, 0.2, 0.1])
+    counts, pairs = cotrain.own_solution_counts(SimpleNamespace(seed=0), None, task, rollouts, [None] * 3, judgements)
+    assert (counts["tn"], counts["fp"], counts["tp"], counts["gold"]) == (1, 1, 1, 2)  # answer check: lucky = correct
+    assert (counts["exact_tn"], counts["exact_fp"], counts["exact_tp"], counts["exact_gold"]) == (1, 0, 2, 1)
+    assert verify.verdict_metrics(counts)["balanced_accuracy"] == 0.75
+    assert verify.verdict_metrics({k[6:]: v for k, v in counts.items() if k.startswith("exact_")})["balanced_accuracy"] == 1.0
+    assert pairs == [(0.9, True, True), (0.2, True, False), (0.1, False, False)]
