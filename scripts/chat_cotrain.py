@@ -153,6 +153,10 @@ def get_args(argv=None):
     p.add_argument("--process_score", default="text", choices=["text", "prob"],
                    help="step verdicts as the words the verifier wrote (+-1/K) or as its p(Correct) ((2p-1)/K)")
     p.add_argument("--format_weight", type=float, default=0.5, help="weight of the verifier's format score")
+    p.add_argument("--ver_gold", default="answer", choices=["answer", "exact"],
+                   help="what verifier RL (its reward, class balance and collapse guard) counts as a correct solution: "
+                        "the answer check, or exact: right answer and every step clean (gold_step_labels against the "
+                        "task's reference chain), so a right answer reached through a wrong step is incorrect")
     p.add_argument("--class_balance", default="sqrt", choices=["sqrt", "inverse", "none"],
                    help="verifier loss weights 1/sqrt(class count) (Tango), 1/count (balanced classes) or none")
     p.add_argument("--collapse_patience", type=int, default=3,
@@ -306,6 +310,14 @@ def exact_labels(task, rollout):
     return labels, first_error, correct
 
 
+def verifier_gold(args, task, rollouts):
+    """Per rollout, whether verifier RL counts it as a correct solution (--ver_gold): by the answer check, or
+    exactly (right answer and every step clean; see exact_labels)."""
+    if args.ver_gold == "answer":
+        return [int(r.info["correct"]) for r in rollouts]
+    return [int(bool(r.info["correct"]) and exact_labels(task, r)[1] is not None) for r in rollouts]
+
+
 def reference_steps(task, index):
     """How many steps task[index]'s reference solution takes (--unwritten_wrong); a clear error for a task
     that does not know."""
@@ -423,22 +435,22 @@ def verifier_step(args, roles, task, step, rank, world_size, balancer):
     per_question = args.ver_solutions * balancer.pool
     pool = sample_and_score(roles.gen_engine, roles.tokenizer, task, indices, per_question,
                             args.max_new_tokens, args.temperature, args.top_k, seed=args.seed + 3_000_017 * step + rank)
-    solutions = pool
+    pool_gold = verifier_gold(args, task, pool)
+    solutions, solution_gold = pool, pool_gold
     if balancer.pool > 1:
-        chosen = balanced_choice([r.info["correct"] for r in pool], len(indices) * args.ver_solutions,
-                                 random.Random(args.seed + 6_000_011 * step + rank))
-        solutions = [pool[i] for i in chosen]
+        chosen = balanced_choice(pool_gold, len(indices) * args.ver_solutions, random.Random(args.seed + 6_000_011 * step + rank))
+        solutions, solution_gold = [pool[i] for i in chosen], [pool_gold[i] for i in chosen]
     timer["generate"] = time.time() - t0
     t1 = time.time()
     V = args.ver_samples
     readings, judgements = judge(args, roles, task, solutions, V, args.ver_temperature, seed=args.seed + 4_000_037 * step + rank)
-    gold = [solutions[i // V].info["correct"] for i in range(len(readings))]
+    gold = [solution_gold[i // V] for i in range(len(readings))]
     for r, j, label in zip(readings, judgements, gold):
         r.reward = verify.verifier_reward(j.verification, label, j.num_steps, args.format_weight)
     timer["verify"] = time.time() - t1
 
     t2 = time.time()
-    balancer.update([s.info["correct"] for s in solutions])
+    balancer.update(solution_gold)
     weights = None if args.class_balance == "none" else balancer.weights(gold)
     roles.training("V")
     stats = grpo_update(roles.verifier, roles.ver_optimizer, readings, token_advantages(readings, V),

@@ -568,7 +568,7 @@ def test_expectations_format_end_to_end(sft_base):
     history = cotrain.main(TINY + ["--num_gen_steps", "1", "--gen_steps", "1", "--ver_steps", "1", "--verifier_warmup_steps", "1",
                                    "--verifier_format", "expectations", "--forced_headers", "--verifier_sft_steps", "2",
                                    "--ver_sft_own_frac", "0.5", "--ver_sft_own_pool", "2", "--ver_max_tokens", "40",
-                                   "--ver_eval_votes", "2", "--output_tag", "expectations"])
+                                   "--ver_eval_votes", "2", "--ver_gold", "exact", "--output_tag", "expectations"])
     final = history["eval"][-1]
     for key in ("verifier_balanced_accuracy", "verifier_auc", "verifier_first_error_accuracy", "verifier_steps_aligned",
                 "verifier_synthetic_balanced_accuracy", "verifier_share_said_correct", "verifier_gold_share_correct",
@@ -614,7 +614,8 @@ def test_expectations_judge_reads_rule_verdicts(sft_base, monkeypatch):
 
 def test_own_solution_metrics_count_lucky_right_answers_under_exact_labels(monkeypatch):
     """A right answer reached through a wrong step is correct by the answer check and incorrect by the exact
-    label (every step clean): a verifier that flags it loses under the first and not under the second."""
+    label (every step clean): a verifier that flags it loses under the first and not under the second; verifier RL
+    uses the label --ver_gold names."""
     import scripts.chat_cotrain as cotrain
     task = build_rl_task("arithmetic", "train")
     reference = task.reference_calculations(0)
@@ -638,3 +639,8 @@ def test_own_solution_metrics_count_lucky_right_answers_under_exact_labels(monke
     assert verify.verdict_metrics(counts)["balanced_accuracy"] == 0.75
     assert verify.verdict_metrics({k[6:]: v for k, v in counts.items() if k.startswith("exact_")})["balanced_accuracy"] == 1.0
     assert pairs == [(0.9, True, True), (0.2, True, False), (0.1, False, False)]
+    # verifier RL's labels: the answer check by default, the exact label with --ver_gold exact
+    assert cotrain.verifier_gold(cotrain.get_args(["--ver_gold", "answer"]), task, rollouts) == [1, 1, 0]
+    assert cotrain.verifier_gold(cotrain.get_args(["--ver_gold", "exact"]), task, rollouts) == [1, 0, 0]
+    with pytest.raises(SystemExit):
+        cotrain.get_args(["--ver_gold", "steps"])
