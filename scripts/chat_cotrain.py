@@ -310,12 +310,18 @@ def exact_labels(task, rollout):
     return labels, first_error, correct
 
 
+def exactly_correct(gold):
+    """A solution's exact label from its exact_labels triple: right answer and every step clean (a right answer
+    through a wrong step has no clean first error, so None)."""
+    return bool(gold[2]) and gold[1] is not None
+
+
 def verifier_gold(args, task, rollouts):
     """Per rollout, whether verifier RL counts it as a correct solution (--ver_gold): by the answer check, or
-    exactly (right answer and every step clean; see exact_labels)."""
+    exactly (exactly_correct)."""
     if args.ver_gold == "answer":
         return [int(r.info["correct"]) for r in rollouts]
-    return [int(bool(r.info["correct"]) and exact_labels(task, r)[1] is not None) for r in rollouts]
+    return [int(exactly_correct(exact_labels(task, r))) for r in rollouts]
 
 
 def reference_steps(task, index):
@@ -620,7 +626,7 @@ def own_solution_counts(args, roles, task, rollouts, readings, judgements):
     # The answer check calls a right answer reached through a wrong step (e.g. "40*2=80 -> 57 stickers ... #### 80")
     # correct; a verifier that judges steps must not, so the exact label (right answer, every step clean) is
     # counted beside it: against answer-check labels even a perfect step judge loses those lucky solutions.
-    exact = [g[2] and g[1] is not None for g in golds]
+    exact = [exactly_correct(g) for g in golds]
     counts.update({f"exact_{key}": v for key, v in verify.count_verdicts([v.overall for v in verifications], exact).items()})
     counts["exact_gold"] = sum(exact)
     scores = auc_scores(args, roles, task, rollouts, readings, verifications, seed=args.seed + 7)
