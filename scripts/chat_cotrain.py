@@ -563,8 +563,9 @@ def evaluate(args, roles, task, rank, world_size):
         readings, judgements = judge(args, roles, task, rollouts, 1, 0.0, seed=args.seed)
         counts["reranked"] = sum(group[verify.best_of_n([j.verification for j in judgements[p * k:(p + 1) * k]])].info["correct"]
                                  for p, group in enumerate(groups))
-        # one sample per problem, up to --ver_eval_examples of them: the generator's own held-out solutions
-        own = list(range(0, len(rollouts), k))[:max(args.ver_eval_examples // world_size, 1)]
+        # the generator's own held-out solutions, up to --ver_eval_examples of them: the first sample of every
+        # problem, then (where that is more than the problems) the second of every problem, and so on
+        own = [p * k + j for j in range(k) for p in range(len(groups))][:max(args.ver_eval_examples // world_size, 1)]
         own_counts, pairs["own"] = own_solution_counts(args, roles, task, [rollouts[i] for i in own],
                                                        [readings[i] for i in own], [judgements[i] for i in own])
         synthetic_counts, pairs["synthetic"] = labelled_verifier_counts(args, roles, task, rank, world_size)
@@ -694,9 +695,10 @@ def main(argv=None):
     if args.reward_fn:
         checked_reward(load_reward_fn(args.reward_fn), train_task[0], "")  # fails here, not mid-run
     evaluated = min(args.eval_examples, len(val_task))
-    if evaluated < args.eval_examples or evaluated < args.ver_eval_examples:
+    if evaluated < args.eval_examples or evaluated * args.eval_samples < args.ver_eval_examples:
         print0(f"note: the {args.eval_split} split holds {len(val_task)} problems, so evaluation uses {evaluated} (pass@k) and "
-               f"{min(evaluated, args.ver_eval_examples)} of the generator's own solutions (verifier metrics, one per problem)")
+               f"{min(evaluated * args.eval_samples, args.ver_eval_examples)} of the generator's own solutions (verifier "
+               f"metrics, one per problem before a second)")
     has_own_verifier = roles.verifier is not None and not args.shared_model
     output_tag = args.output_tag or f"g{roles.generator.config.n_layer}" + (f"_v{roles.verifier.config.n_layer}" if has_own_verifier else "")
     out_dir = os.path.join(get_base_dir(), CHECKPOINT_DIRS["cotrain"], output_tag)

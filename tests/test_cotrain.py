@@ -644,3 +644,28 @@ def test_own_solution_metrics_count_lucky_right_answers_under_exact_labels(monke
     assert cotrain.verifier_gold(cotrain.get_args(["--ver_gold", "exact"]), task, rollouts) == [1, 0, 0]
     with pytest.raises(SystemExit):
         cotrain.get_args(["--ver_gold", "steps"])
+
+
+def test_verifier_metrics_take_more_samples_per_problem_when_asked(sft_base, monkeypatch, capsys):
+    """--ver_eval_examples above the problems evaluated: the first sample of every problem, then the second ones;
+    at or below it, one sample per problem as before."""
+    import scripts.chat_cotrain as cotrain
+    seen = []
+    real = cotrain.own_solution_counts
+
+    def recording(args, roles, task, rollouts, readings, judgements):
+        seen.append([(r.example_index, r.text) for r in rollouts])
+        return real(args, roles, task, rollouts, readings, judgements)
+
+    monkeypatch.setattr(cotrain, "own_solution_counts", recording)
+    base = TINY + ["--num_gen_steps", "1", "--gen_steps", "1", "--ver_steps", "0", "--verifier_warmup_steps", "0"]
+    cotrain.main(base + ["--ver_eval_examples", "3", "--output_tag", "three"])
+    assert [len(s) for s in seen] == [3, 3] and [i for i, _ in seen[0]] == [0, 1, 0]
+    assert "of the generator's own solutions" not in capsys.readouterr().out
+    seen.clear()
+    cotrain.main(base + ["--ver_eval_examples", "2", "--output_tag", "two"])
+    assert [[i for i, _ in s] for s in seen] == [[0, 1], [0, 1]]
+    cotrain.main(base + ["--ver_eval_examples", "9", "--output_tag", "nine"])
+    assert [len(s) for s in seen[2:]] == [4, 4]  # 2 problems x 2 samples at most
+    assert "uses 2 (pass@k) and 4 of the generator's own solutions" in capsys.readouterr().out
+
