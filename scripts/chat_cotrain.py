@@ -184,7 +184,8 @@ def get_args(argv=None):
     p.add_argument("--eval_examples", type=int, default=200)
     p.add_argument("--eval_samples", type=int, default=4, help="k of pass@k and N of best-of-N")
     p.add_argument("--ver_eval_examples", type=int, default=100,
-                   help="held-out solutions (the generator's own, and the task's synthetic ones) for verifier metrics")
+                   help="held-out solutions (the generator's own, and the task's synthetic ones) for verifier metrics; "
+                        "own ones take the first sample of every evaluated problem, then the second, ... (--eval_samples)")
     p.add_argument("--ver_eval_votes", type=int, default=4,
                    help="expectations format: sampled verifications per solution behind the AUC score")
     add_decode_flag(p)  # both roles' Engines
