@@ -80,6 +80,19 @@ def tiny_base_dir(tiny_tokenizer, tmp_path_factory):
     return base_dir
 
 
+def clean_lucky_wrong(task, index=0):
+    """Three solutions of task[index] from its reference calculations: every step right and the right answer
+    ("clean"), the right answer through a wrong first step (its restated value is off: "lucky"), and every step
+    right but a wrong answer ("wrong")."""
+    reference = task.reference_calculations(index)
+    answer = reference[-1][1]
+    steps = [f"x {e}=<<{e}={v}>>{v}" for e, v in reference]
+    first_expr, first_value = reference[0]
+    lucky = [f"x {first_expr}=<<{first_expr}={first_value}>>{int(first_value) + 7}"] + steps[1:]
+    return {"clean": "\n".join(steps) + f"\n#### {answer}", "lucky": "\n".join(lucky) + f"\n#### {answer}",
+            "wrong": "\n".join(steps) + "\n#### 99999"}
+
+
 def make_tiny_checkpoint(base_dir, source_dir, tag, n_layer, vocab_size, seed):
     """A random GPT of width 32 saved as step 0 under <base_dir>/<source_dir>/<tag>. Its output layers get
     noise: init_weights zeros them, and a model whose logits are all equal samples no useful variety."""

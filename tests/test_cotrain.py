@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import clean_lucky_wrong
 from nanochat.checkpoint_manager import find_last_step, load_checkpoint
 from nanochat.grpo import sample_and_score, sample_batch
 from tasks import verify
@@ -618,12 +619,8 @@ def test_own_solution_metrics_count_lucky_right_answers_under_exact_labels(monke
     uses the label --ver_gold names."""
     import scripts.chat_cotrain as cotrain
     task = build_rl_task("arithmetic", "train")
-    reference = task.reference_calculations(0)
-    answer = reference[-1][1]
-    steps = [f"x {e}=<<{e}={v}>>{v}" for e, v in reference]
-    lucky = [f"x {reference[0][0]}=<<{reference[0][0]}={reference[0][1]}>>{int(reference[0][1]) + 7}"] + steps[1:]
-    texts = {"clean": "\n".join(steps) + f"\n#### {answer}", "lucky": "\n".join(lucky) + f"\n#### {answer}",
-             "wrong": "\n".join(steps) + "\n#### 99999"}
+    texts = clean_lucky_wrong(task)
+    steps = task.reference_calculations(0)
     rollouts, judgements = [], []
     for name, said in (("clean", True), ("lucky", False), ("wrong", False)):
         rollout = SimpleNamespace(text=texts[name], example_index=0, info={"conversation": task[0]})

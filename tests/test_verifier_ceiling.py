@@ -5,23 +5,14 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import clean_lucky_wrong
 from tasks.by_name import build_rl_task
-
-
-def solutions(task, index=0):
-    reference = task.reference_calculations(index)
-    answer = reference[-1][1]
-    steps = [f"x {e}=<<{e}={v}>>{v}" for e, v in reference]
-    first_expr, first_value = reference[0]
-    lucky = [f"x {first_expr}=<<{first_expr}={first_value}>>{int(first_value) + 7}"] + steps[1:]
-    return {"clean": "\n".join(steps) + f"\n#### {answer}", "lucky": "\n".join(lucky) + f"\n#### {answer}",
-            "wrong": "\n".join(steps) + "\n#### 99999"}
 
 
 def test_classify_and_the_two_labels():
     import dev.verifier_ceiling as ceiling
     task = build_rl_task("arithmetic", "train")
-    texts = solutions(task)
+    texts = clean_lucky_wrong(task)
     rollouts = [SimpleNamespace(text=t, example_index=0, info={"correct": int(task.evaluate(task[0], t))}) for t in texts.values()]
     rows = ceiling.classify(task, rollouts)
     assert rows == [(True, True, True), (True, False, False), (False, True, False)]
