@@ -26,6 +26,7 @@ class Roles:
     device: torch.device
     offload_frozen: bool = False
     reference: object = None  # a frozen copy of the starting generator, for the KL penalty (--kl_coef)
+    ver_reference: object = None  # the same for the verifier (--ver_kl_coef)
 
     def sampling(self, model):
         """Put `model` on the device in eval mode, to sample from it."""

@@ -157,6 +157,9 @@ def get_args(argv=None):
                    help="what verifier RL (its reward, class balance and collapse guard) counts as a correct solution: "
                         "the answer check, or exact: right answer and every step clean (gold_step_labels against the "
                         "task's reference chain), so a right answer reached through a wrong step is incorrect")
+    p.add_argument("--ver_kl_coef", type=float, default=0.0,
+                   help="k3 KL penalty of the verifier to its starting checkpoint (its warm start), so verifier RL adapts it "
+                        "to the generator's changing solutions without drifting far from a judge that already works")
     p.add_argument("--class_balance", default="sqrt", choices=["sqrt", "inverse", "none"],
                    help="verifier loss weights 1/sqrt(class count) (Tango), 1/count (balanced classes) or none")
     p.add_argument("--collapse_patience", type=int, default=3,
@@ -218,6 +221,14 @@ def get_args(argv=None):
         p.error("--mix progress needs --unwritten_wrong: the progress share counts the steps a problem needs")
     if args.no_verifier and args.shared_model:
         p.error("--shared_model needs a verifier role")
+    if args.ver_kl_coef < 0:
+        p.error("--ver_kl_coef must be >= 0")
+    if args.ver_kl_coef > 0 and (args.no_verifier or args.oracle_verifier or args.shared_model):
+        p.error("--ver_kl_coef anchors a verifier model of its own: it excludes --no_verifier, --oracle_verifier and "
+                "--shared_model (where --kl_coef anchors the one model)")
+    if args.ver_kl_coef > 0 and args.verifier_sft_steps > 0:
+        p.error("--ver_kl_coef anchors the verifier as loaded, which must be its warm start: run the verifier SFT first "
+                "(its own run) and load its checkpoint (--ver_source cotrain --ver_tag ...) with --verifier_sft_steps 0")
     if not 0.0 <= args.alpha <= 1.0:
         p.error("--alpha must be in [0, 1]")
     if args.reward == "majority" and (args.reward_fn or args.dynamic_sampling):
@@ -270,9 +281,11 @@ def load_roles(args, device):
         ver_optimizer = gen_optimizer if args.shared_model else make_optimizer(args, verifier, args.ver_init_lr_frac)
         ver_engine = Engine(verifier, tokenizer, decode=args.decode, max_rows=args.max_batch_rows)
     reference = copy.deepcopy(generator).eval() if args.kl_coef > 0 else None
+    # copied as loaded, before a resume loads later weights: the anchor is the warm start (no SFT here, get_args)
+    ver_reference = copy.deepcopy(verifier).eval() if verifier is not None and args.ver_kl_coef > 0 else None
     gen_engine = Engine(generator, tokenizer, decode=args.decode, max_rows=args.max_batch_rows)
     return Roles(generator, verifier, tokenizer, gen_engine, ver_engine, gen_optimizer, ver_optimizer, device,
-                 args.offload_frozen, reference)
+                 args.offload_frozen, reference, ver_reference)
 
 
 def judge(args, roles, task, solutions, num_verifications, temperature, seed):
@@ -462,21 +475,30 @@ def verifier_step(args, roles, task, step, rank, world_size, balancer):
     roles.training("V")
     stats = grpo_update(roles.verifier, roles.ver_optimizer, readings, token_advantages(readings, V),
                         roles.tokenizer.get_bos_token_id(), roles.device, args.device_batch_size, sample_weights=weights,
-                        grad_clip=args.grad_clip)
+                        ref_model=roles.ver_reference, kl_coef=args.ver_kl_coef, grad_clip=args.grad_clip)
     timer["train"] = time.time() - t2
 
-    counts = verify.count_verdicts([j.verification.overall for j in judgements], gold)
+    said = [j.verification.overall for j in judgements]
+    counts = verify.count_verdicts(said, gold)
+    # the exact label (right answer, every step clean) along the run, whatever --ver_gold rewards: the bars are read
+    # under it, and a verifier's quality moves during co-training (dev/cotrain_experiment.md, section 6)
+    exact = solution_gold if args.ver_gold == "exact" else [int(exactly_correct(exact_labels(task, s))) for s in solutions]
+    counts.update({f"exact_{k}": v for k, v in verify.count_verdicts(said, [exact[i // V] for i in range(len(readings))]).items()})
     counts.update(format=sum(j.verification.format_ok for j in judgements), aligned=sum(j.aligned for j in judgements),
                   reward=sum(r.reward for r in readings), n=len(readings), gold_correct=sum(gold),
                   flops_generator=rollout_flops(roles.generator, pool, per_question),
-                  flops_verifier=rollout_flops(roles.verifier, readings, V, train_passes=update_passes()))
+                  flops_verifier=rollout_flops(roles.verifier, readings, V, train_passes=update_passes(kl_coef=args.ver_kl_coef)))
     s = all_reduce_dict(counts, roles.device)
     n = max(s["n"], 1)
     if balancer.check_collapse(s["said_correct"] / n, s["gold_correct"] / n):
         print0(f"warning: the verifier's share of 'Correct' verdicts has strayed from the gold share for {args.collapse_patience} "
                f"verifier steps (collapse to one class): switching to 1/count class weights and class-balanced batches "
                f"from {balancer.pool}x the solutions")
+    exact_counts = {k[len("exact_"):]: v for k, v in s.items() if k.startswith("exact_")}
     record = {"ver_step": step, "ver/reward": s["reward"] / n, **{f"ver/{k}": v for k, v in verify.verdict_metrics(s).items()},
+              "ver/exact_balanced_accuracy": verify.verdict_metrics(exact_counts)["balanced_accuracy"],
+              "ver/exact_gold_correct_rate": (exact_counts["tn"] + exact_counts["fp"]) / n,
+              **{f"ver/exact_{k}": exact_counts[k] for k in ("tp", "fp", "tn", "fn")}, "ver/kl": stats["kl"],
               "ver/format_rate": s["format"] / n, "ver/steps_aligned": s["aligned"] / n, "ver/gold_correct_rate": s["gold_correct"] / n,
               "ver/entropy_proxy": stats["entropy_proxy"], "ver/class_count_correct": balancer.counts[1],
               "ver/class_count_incorrect": balancer.counts[0],
@@ -486,7 +508,8 @@ def verifier_step(args, roles, task, step, rank, world_size, balancer):
               **{f"ver/time_{k}": t for k, t in timer.items()}}
     print0(f"V {step:4d} | reward {record['ver/reward']:.3f} | acc {record['ver/accuracy']:.3f} | bal-acc "
            f"{record['ver/balanced_accuracy']:.3f} | said-correct {record['ver/share_said_correct']:.2f} | "
-           f"gold-correct {record['ver/gold_correct_rate']:.2f} | format {record['ver/format_rate']:.2f}")
+           f"gold-correct {record['ver/gold_correct_rate']:.2f} | exact gold {record['ver/exact_gold_correct_rate']:.2f} | "
+           f"format {record['ver/format_rate']:.2f}" + (f" | kl {stats['kl']:.4f}" if args.ver_kl_coef > 0 else ""))
     return record
 
 

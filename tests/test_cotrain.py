@@ -98,6 +98,45 @@ def test_each_step_trains_only_its_own_model(sft_base, varied_rewards):
         assert key in record
 
 
+def test_ver_kl_coef_anchors_the_verifier_to_its_warm_start(sft_base, varied_rewards, capsys):
+    """--ver_kl_coef: a frozen copy of the verifier as loaded; no KL before its first update, some after, the
+    anchor never trains, the penalty changes the update, and a resumed run anchors to the same warm start."""
+    import scripts.chat_cotrain as cotrain
+    task = build_rl_task("arithmetic", "train")
+    runs = {}
+    for coef in ("0", "0.5"):
+        args = cotrain.get_args(TINY + ["--num_samples", "4", "--ver_kl_coef", coef])
+        roles = cotrain.load_roles(args, torch.device("cpu"))
+        start, balancer = checksum(roles.verifier), cotrain.make_balancer(args)
+        records = [cotrain.verifier_step(args, roles, task, step, 0, 1, balancer) for step in range(2)]
+        runs[coef] = checksum(roles.verifier)
+        if coef == "0":
+            assert roles.ver_reference is None and records[1]["ver/kl"] == 0.0
+            continue
+        assert roles.ver_reference is not roles.verifier and checksum(roles.ver_reference) == start
+        assert abs(records[0]["ver/kl"]) < 1e-6 and records[1]["ver/kl"] > 0
+        assert {"ver/exact_balanced_accuracy", "ver/exact_gold_correct_rate", "ver/exact_tn", "ver/exact_fp"} <= set(records[0])
+        assert records[0]["ver/exact_tn"] + records[0]["ver/exact_fp"] <= records[0]["ver/gold_correct_rate"] * 4 + 1e-9  # lucky ones drop out
+    assert runs["0"] != runs["0.5"], "the KL penalty did not change the verifier's update"
+
+    flags = TINY + ["--num_gen_steps", "2", "--gen_steps", "1", "--ver_steps", "1", "--verifier_warmup_steps", "1",
+                    "--ver_kl_coef", "0.5"]
+    cotrain.main(flags + ["--output_tag", "kl_straight"])
+    cotrain.main(flags + ["--output_tag", "kl_resumed", "--stop_after", "2"])
+    cotrain.main(flags + ["--output_tag", "kl_resumed", "--resume"])
+    assert "| kl " in capsys.readouterr().out
+    base = os.environ["NANOCHAT_BASE_DIR"]
+    a, _, _ = load_checkpoint(os.path.join(base, "cotrain_checkpoints", "kl_straight"), 4, "cpu")
+    b, _, _ = load_checkpoint(os.path.join(base, "cotrain_checkpoints", "kl_resumed"), 4, "cpu")
+    for k in a["verifier"]:  # an anchor taken from the resumed weights would give no KL at step 2 and other weights
+        assert torch.equal(a["verifier"][k], b["verifier"][k]), k
+    for bad in (["--ver_kl_coef", "-1"], ["--ver_kl_coef", "0.1", "--verifier_sft_steps", "5"],
+                ["--ver_kl_coef", "0.1", "--shared_model"]):
+        with pytest.raises(SystemExit):
+            cotrain.get_args(bad)
+    assert "--ver_kl_coef anchors" in capsys.readouterr().err
+
+
 def test_run_completes_with_schedule_and_checkpoint(sft_base):
     import scripts.chat_cotrain as cotrain
     history = cotrain.main(TINY + ["--num_gen_steps", "2", "--gen_steps", "1", "--ver_steps", "1",
