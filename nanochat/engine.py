@@ -421,6 +421,10 @@ class Engine:
         elif state.python_tokens is not None:
             state.python_tokens.append(token)
 
+    def _newline_ids(self):
+        """"\n" as token ids (one token in our tokenizers)."""
+        return self.tokenizer.encode("\n")
+
     def _newline_tokens(self):
         """Ids of the tokens whose text ends with a newline (a line header is forced after them)."""
         if self._newlines is None:  # decoded once per engine, only by callers that force line headers
@@ -504,6 +508,11 @@ class Engine:
                 continue
             if state.forced:
                 token = state.forced.popleft()
+            elif token in self.stop_tokens and state.line_headers:
+                # a verifier may not stop before its last forced header: the stop becomes an (unsampled) newline,
+                # which forces the next header (alignment traced in dev/logs/verifier/remeasure/alignment_trace.log)
+                token, *rest = self._newline_ids()
+                state.forced.extend(rest)
             else:
                 mask[row] = 1
             column[row] = token
@@ -716,8 +725,9 @@ class Engine:
         token.
 
         line_headers[i] (optional): token lists forced, in order, at the start of the completion and after
-        each newline the model writes, for prompt i's samples; they have mask 0. A verifier given
-        ["Step 1:", ..., "Step K:", "Overall:"] writes exactly one line per step and then its verdict."""
+        each newline the model writes, for prompt i's samples; they have mask 0. While headers remain, a sampled
+        stop token is replaced by a newline (mask 0), so a verifier given ["Step 1:", ..., "Step K:",
+        "Overall:"] writes exactly one line per step and then its verdict (unless it runs out of tokens)."""
         prompts = [list(p) for p in prompts]
         if not prompts:
             return []

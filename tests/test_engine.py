@@ -459,3 +459,22 @@ def test_line_headers_are_forced_at_the_start_and_after_each_newline(tiny_tokeni
     assert tok.decode(tokens) == "Step 1:x\nStep 2:y\nOverall:z"
     with pytest.raises(ValueError, match="one list per prompt"):
         engine.generate_prompts([prompt, prompt], line_headers=[headers])
+
+
+@pytest.mark.parametrize("decode", DECODE_MODES)
+def test_a_stop_before_the_last_header_becomes_a_newline(tiny_tokenizer, decode):
+    """A verifier that ends after its first line still gets every header: its stop is replaced by an unsampled
+    newline while headers remain, and is kept once they are all written."""
+    tok = tiny_tokenizer
+    headers = [tok.encode("Step 1:"), tok.encode("Step 2:"), tok.encode("Overall:")]
+    newline, x, filler = tok.encode("\n")[0], tok.encode("x")[0], tok.encode("q")[0]
+    end = tok.encode_special("<|assistant_end|>")
+    script = [filler] * len(headers[0]) + [x, end] + [filler] * len(headers[1]) + [end] + [filler] * len(headers[2]) + [x, end]
+    engine, _ = scripted_engine(tok, script, decode)
+    prompt = tok.encode("verify this", prepend="<|bos|>")
+    [(tokens, mask)] = engine.generate_prompts([prompt], num_samples=1, max_tokens=40, temperature=1.0, line_headers=[headers])
+    assert tok.decode(tokens) == "Step 1:x\nStep 2:\nOverall:x"
+    assert mask == [0] * len(headers[0]) + [1, 0] + [0] * len(headers[1]) + [0] + [0] * len(headers[2]) + [1]
+    plain_engine, _ = scripted_engine(tok, [x, end, x, end], decode)
+    [(plain, _)] = plain_engine.generate_prompts([prompt], num_samples=1, max_tokens=40, temperature=1.0)
+    assert plain == [x]  # without headers a stop is a stop
