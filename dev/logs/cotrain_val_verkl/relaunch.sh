@@ -1,5 +1,5 @@
 #!/bin/bash
-# 13:30 UTC: kl seed 2 and lr seeds 2, 3 were killed by the kernel's OOM killer during their start evaluation
+# 13:28 UTC: kl seed 2 and lr seeds 2, 3 were killed by the kernel's OOM killer during their start evaluation
 # (six runs' evaluations at once, ~6 GB each). Rerun as they stand, one driver per seed, started 5 minutes apart
 # so that their start evaluations do not overlap. Same flags; same log_dir (the logs of the killed runs are overwritten).
 cd /work/exp15
