@@ -45,6 +45,10 @@ def seconds_per_update(gen):
             "train": mean("gen/time_train")}
 
 
+VERIFIER_CURVE = ("ver/exact_tp", "ver/exact_fp", "ver/exact_tn", "ver/exact_fn", "ver/share_said_correct",
+                  "ver/gold_correct_rate", "ver/exact_gold_correct_rate", "ver/format_rate", "ver/kl")
+
+
 def worker(argv, out_path):
     from scripts.chat_cotrain import main
     t0 = time.time()
@@ -61,6 +65,9 @@ def worker(argv, out_path):
                "verifier_step_agreement_mean": mean("gen/verifier_step_agreement", gen),
                "verifier_share_said_correct_mean": mean("ver/share_said_correct", ver),
                "verifier_gold_correct_rate_mean": mean("ver/gold_correct_rate", ver),
+               # per verifier step: its batch's exact-label confusion counts (pool windows of steps to read them),
+               # shares and KL, so a verifier's quality can be followed through a run
+               "verifier_curve": [{key[len("ver/"):]: r[key] for key in VERIFIER_CURVE if key in r} for r in ver],
                # training FLOPs of the whole run by model (evaluation excluded): the compute-matched view
                "flops": {model: sum(r.get(f"gen/flops_{model}", 0.0) for r in gen) + sum(r.get(f"ver/flops_{model}", 0.0) for r in ver)
                          for model in ("generator", "verifier")}}

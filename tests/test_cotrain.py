@@ -1,6 +1,7 @@
 """Co-training at toy size: the schedule, each step function training only its own model, the alpha-0 baseline
 equalling chat_rl, exact resume, every RL task, one shared model, and a 2-rank torchrun run."""
 
+import json
 import os
 import subprocess
 import sys
@@ -362,6 +363,10 @@ def test_experiment_script_compares_the_arms(sft_base, tmp_path):
     cost = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "PFLOPs" not in line}
     assert cost["GRPO baseline"][-1] == "1.00 |" and cost["oracle verifier"][-2].endswith("+ 0.000)")
     assert float(cost["co-trained (two models)"][-1].rstrip(" |")) > 1  # the verifier's reading and training cost FLOPs
+    with open(tmp_path / "logs" / "cotrain_s1.json") as f:
+        curve = json.load(f)["verifier_curve"]
+    assert len(curve) == 1 and {"exact_tp", "exact_fp", "exact_tn", "exact_fn", "kl", "share_said_correct"} <= set(curve[0])
+    assert sum(curve[0][k] for k in ("exact_tp", "exact_fp", "exact_tn", "exact_fn")) == 2 * 2  # 2 solutions x 2 readings
     again = subprocess.run([sys.executable, "-m", "dev.cotrain_experiment", *flags, "--reuse", *shared], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout.count("reused: ") == 4, again.stdout[-2000:] + again.stderr[-2000:]
