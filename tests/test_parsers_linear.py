@@ -173,6 +173,8 @@ REVIEWED = {
     r"```(?:json)?\s*(.*?)```": "dev/gen_synthetic_data: a teacher API's output, offline tool, not the training loop",
     r"^V +\d+ .*said-correct ([\d.]+) \| gold-correct ([\d.]+)": "dev/replay_collapse_guard: the 'V' lines chat_cotrain "
                                                                   "prints (numbers only), offline tool",
+    r"^eval \[([^\]]+)\] (.*)$": "dev/verifier_bars: the 'eval' lines chat_cotrain prints (labels and numbers only), "
+                                   "offline tool",
 }
 
 PER_MATCH_S = 1e-5  # a match object costs ~1 µs; a quadratic pattern costs O(n) = ~10^5 µs per match
