@@ -77,7 +77,9 @@ def main(argv=None):
         for label, metrics in evals:
             if "verifier_exact_balanced_accuracy" not in metrics:
                 continue
-            rows.append({"log": os.path.basename(path), "draw": label, "metrics": metrics, "bars": check(metrics)})
+            # the folder too: the same run is often measured twice (e.g. remeasure/ and remeasure_fix/)
+            name = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
+            rows.append({"log": name, "draw": label, "metrics": metrics, "bars": check(metrics)})
     columns = [c for c, *_ in BARS] + [c for c, _ in SHOWN]
     print("| log | draw | " + " | ".join(columns) + " | all bars |")
     print("|---" * (len(columns) + 3) + "|")
