@@ -85,7 +85,8 @@ def main(argv=None):
     print("|---" * (len(columns) + 3) + "|")
     for row in rows:
         m, bars = row["metrics"], row["bars"]
-        cells = [f"{m[key]:.3f}{'' if bars[column] else ' (miss)'}" if key in m else "-" for column, key, *_ in BARS]
+        flag = {True: "", False: " (miss)", None: " (n/a)"}  # n/a: a metric the bar needs is not on the line
+        cells = [f"{m[key]:.3f}{flag[bars[column]]}" if key in m else "-" for column, key, *_ in BARS]
         cells += [f"{m[key]:.3f}" if key in m else "-" for _, key in SHOWN]
         row["meets_all"] = all(bars.values())
         print(f"| {row['log']} | {row['draw']} | " + " | ".join(cells) + f" | {'yes' if row['meets_all'] else 'no'} |")

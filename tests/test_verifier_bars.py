@@ -30,6 +30,11 @@ def test_each_bar_can_fail_and_the_summary_says_so(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "0.500 (miss)" in out and json.loads(out.strip().splitlines()[-1])["all_meet"] is False
     assert [r["draw"] for r in verifier_bars.main([str(log), "--draws", "start"])] == ["start"]
+    capsys.readouterr()
+    no_gold = {k: v for k, v in GOOD.items() if k != "verifier_exact_gold_share_correct"}
+    log.write_text(line("start", no_gold) + "\n")
+    assert [r["meets_all"] for r in verifier_bars.main([str(log)])] == [False]  # unknown is not met
+    assert "0.150 (n/a)" in capsys.readouterr().out
 
 
 def test_parse_skips_fields_that_are_not_numbers():
