@@ -330,12 +330,17 @@ def exactly_correct(gold):
     return bool(gold[2]) and gold[1] is not None
 
 
+def exact_gold(task, rollouts):
+    """Per rollout, 1 if it is exactly correct (exactly_correct of its exact_labels), else 0."""
+    return [int(exactly_correct(exact_labels(task, r))) for r in rollouts]
+
+
 def verifier_gold(args, task, rollouts):
     """Per rollout, whether verifier RL counts it as a correct solution (--ver_gold): by the answer check, or
-    exactly (exactly_correct)."""
+    exactly (exact_gold)."""
     if args.ver_gold == "answer":
         return [int(r.info["correct"]) for r in rollouts]
-    return [int(exactly_correct(exact_labels(task, r))) for r in rollouts]
+    return exact_gold(task, rollouts)
 
 
 def reference_steps(task, index):
@@ -482,7 +487,7 @@ def verifier_step(args, roles, task, step, rank, world_size, balancer):
     counts = verify.count_verdicts(said, gold)
     # the exact label (right answer, every step clean) along the run, whatever --ver_gold rewards: the bars are read
     # under it, and a verifier's quality moves during co-training (dev/cotrain_experiment.md, section 6)
-    exact = solution_gold if args.ver_gold == "exact" else [int(exactly_correct(exact_labels(task, s))) for s in solutions]
+    exact = solution_gold if args.ver_gold == "exact" else exact_gold(task, solutions)
     counts.update({f"exact_{k}": v for k, v in verify.count_verdicts(said, [exact[i // V] for i in range(len(readings))]).items()})
     counts.update(format=sum(j.verification.format_ok for j in judgements), aligned=sum(j.aligned for j in judgements),
                   reward=sum(r.reward for r in readings), n=len(readings), gold_correct=sum(gold),
