@@ -7,6 +7,12 @@ CUDA graph ("compiled_graph").
     python -m dev.bench_rollout                                   # CPU sweep, d4 (the tables in dev/bench_rollout.md)
     python -m dev.bench_rollout --batch_sizes 64 --prompt_lens 32 --new_tokens 128 --repeats 3
     python -m dev.bench_rollout --device cuda --depth 20 --modes dynamic,graph,compiled_graph --batch_sizes 1,256
+    python -m dev.bench_rollout --device cuda --depth 20 --modes dynamic-old,graph-old,graph --batch_sizes 256
+
+A mode ending in "-old" runs as the Engine did when issue 17 was filed: no sampling copy with the linear
+weights cast to bf16 once (Engine(cast_weights=False): autocast casts them at every step) and the prompt
+prefilled in chunks sized by the full logits (rows x columns x vocab under 2^25 elements), which cut a
+256-row batch into 4-column chunks. So "dynamic-old" is today's anchor for the issue's goals.
 
 For each (batch, prompt length, new tokens) the modes run interleaved (mode A, mode B, ..., then again),
 so a machine shared with other work disturbs them alike; read the ratios. Every timed call is
@@ -74,6 +80,20 @@ def time_rollout(engine, prompts, new_tokens, temperature, top_k):
     return first, time.perf_counter() - t0, columns
 
 
+def make_engine(model, tokenizer, mode):
+    """An Engine for a mode name: "graph", or "graph-old" for the same loop as it ran before (module docstring)."""
+    decode, old = (mode[:-len("-old")], True) if mode.endswith("-old") else (mode, False)
+    return Engine(model, tokenizer, decode=decode, cast_weights=False if old else "auto"), old
+
+
+def old_prefill_budget(model, prompts):
+    """The element budget that makes the Engine's prefill chunks as wide as the old rule made them."""
+    c = model.config
+    rows, length = len(prompts), max(len(p) for p in prompts)
+    old_chunk = max(1, (1 << 25) // (rows * c.vocab_size))
+    return old_chunk * rows * (4 * c.n_embd + c.n_head * length)
+
+
 def step_costs(model, prompts, new_tokens):
     """(bytes, FLOPs) one average decode step must read / compute for these rows: every weight but the
     embedding (a lookup of B rows) once, plus the keys and values of the filled columns of every row."""
@@ -111,8 +131,8 @@ def main():
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--vocab_size", type=int, default=32768)
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
-    parser.add_argument("--modes", default=None, help="comma list of Engine decode modes (default: dynamic,static,compile "
-                                                      "and on CUDA graph,compiled_graph)")
+    parser.add_argument("--modes", default=None, help="comma list of Engine decode modes, each optionally ending in -old "
+                                                      "(default: dynamic,static,compile and on CUDA graph,compiled_graph)")
     parser.add_argument("--batch_sizes", default="1,8,64")
     parser.add_argument("--prompt_lens", default="32", help="longest prompt of a batch; lengths are mixed down to half")
     parser.add_argument("--new_tokens", default="128")
@@ -142,7 +162,11 @@ def main():
     # sequence_len sizes the rotary table (10x): it must cover the longest prompt plus its new tokens
     model = build_model(args.depth, args.vocab_size, sequence_len=max(256, longest_needed), device=device,
                         bf16_weights=args.bf16_weights)
-    engines = {mode: Engine(model, NoStopTokenizer(args.vocab_size), decode=mode) for mode in modes}
+    engines, old_modes = {}, set()
+    for mode in modes:
+        engines[mode], old = make_engine(model, NoStopTokenizer(args.vocab_size), mode)
+        if old:
+            old_modes.add(mode)
     c = model.config
     print(f"depth {c.n_layer}, n_embd {c.n_embd}, {c.n_head} heads ({c.n_kv_head} kv), vocab {c.vocab_size}, "
           f"{model.num_params() / 1e6:.1f}M params, {next(model.parameters()).dtype} weights, {args.device}, "
@@ -156,6 +180,8 @@ def main():
             for new_tokens in new_token_counts:
                 prompts = make_prompts(batch, prompt_len, args.vocab_size)
                 step_bytes, step_flops = step_costs(model, prompts, new_tokens)
+                for mode in old_modes:
+                    engines[mode].PREFILL_ELEMENT_BUDGET = old_prefill_budget(model, prompts)
                 warmup = {}
                 for mode in modes:  # first call of this shape: compilation / capture / allocator warm-up
                     t0 = time.perf_counter()

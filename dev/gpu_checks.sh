@@ -14,6 +14,10 @@
 #                              # step compiles for ~125 s cold)
 #   bash dev/gpu_checks.sh 5   # bench_train at d20 with --fp8 both (plain and FP8 steps alternating on shared weights;
 #                              # prints the tokens/s ratio); compiles both models, over 170 s cold
+#   bash dev/gpu_checks.sh 6   # sampling from bf16 linears and activation-sized prefill chunks (issue 17): their CUDA
+#                              # tests, the rollout benchmark at d20 against the Engine as it was ("dynamic-old", today's
+#                              # anchor; "graph-old"), the compiled graph at batch 256, and the co-training step at d20 + d12
+#                              # (tokenizer in .gpu/tokenizer); ~6 minutes
 # Logs go to $OUT (or ./gpu_logs). Parts 2 and 4 need a tokenizer (and shards for base_train) under
 # $NANOCHAT_BASE_DIR, e.g. made here with dev/make_corpus + scripts.tok_train, because a GPU box's Python
 # may have no build of our Rust trainer. Figures are recorded in dev/gpu_results.md.
@@ -67,6 +71,17 @@ elif [ "$1" = 4 ]; then
 elif [ "$1" = 5 ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     stage bench_train_fp8 400 $PY -m dev.bench_train --configs d20 --fp8 both --batch 16 --steps 6 --warmup 2
+elif [ "$1" = 6 ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+    stage cast_tests 90 $PY -m pytest -q -p no:cacheprovider -k "cast_weights_on_cuda or cuda_generation or (on_cuda and graph and not compile)" \
+        tests/test_decode_static.py tests/test_engine.py
+    stage bench_rollout 130 $PY -m dev.bench_rollout --device cuda --depth 20 --modes dynamic-old,graph-old,graph \
+        --batch_sizes 1,256 --prompt_lens 64 --new_tokens 256 --repeats 2
+    stage bench_cotrain 150 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 --samples 16 \
+        --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer
+    stage bench_rollout_cg 110 $PY -m dev.bench_rollout --device cuda --depth 20 --modes dynamic-old,graph,compiled_graph \
+        --batch_sizes 256 --prompt_lens 64 --new_tokens 256 --repeats 2
 else
     : "${NANOCHAT_BASE_DIR:?set NANOCHAT_BASE_DIR to a directory with tokenizer/ (and base_data/ for base_train)}"
     stage cuda_tests_gpt 60 $PY -m pytest -q -p no:cacheprovider -k cuda tests/test_gpt.py

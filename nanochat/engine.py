@@ -4,6 +4,7 @@ tool use. RL, co-training, evaluation and the web server all generate through th
 """
 
 import contextlib
+import copy
 import numbers
 from collections import deque
 
@@ -332,6 +333,45 @@ def inference_context(device_type):
     return stack
 
 
+class CastLinears:
+    """A copy of a model for sampling whose linear layers hold their weights in the compute dtype; the
+    embedding, the buffers and every other tensor are the model's own (shared, not copied).
+
+    Why: under autocast a linear casts its fp32 weight to bf16 on every call. At depth 20 that cast was 21 %
+    of a batch-256 decode step's device time and 33 % at batch 1 (profile in dev/gpu_results.md), and a
+    CUDA graph replays it every step (autocast's cast cache must be off during capture). The cast here is the
+    same rounding autocast does, made once per generation, so the copy's logits are bit-identical under
+    autocast. refresh() copies the model's current weights in place (RL updates them between rollouts), so a
+    compiled step keeps seeing the same tensors."""
+
+    def __init__(self, model, dtype):
+        self.dtype = dtype
+        self.device = model.get_device()
+        with torch.inference_mode(False):  # ordinary tensors, so refresh() may write them in or out of inference mode
+            self.pairs = [(weight, weight.detach().to(dtype)) for weight in self.linear_weights(model)]
+            # deepcopy with the memo pre-filled: each cast weight replaces its original, and every other parameter
+            # and buffer maps to itself, so only the module objects are new (their classes and flags kept)
+            memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+            memo.update({id(weight): torch.nn.Parameter(cast, requires_grad=False) for weight, cast in self.pairs})
+            self.model = copy.deepcopy(model, memo)
+
+    def linear_weights(self, model):
+        return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype != self.dtype]
+
+    def fits(self, model):
+        """Still a copy of this model: the same weight tensors, on the device the copy was made on (offloading
+        moves a model's weights; loading with assign=True replaces them)."""
+        weights = self.linear_weights(model)
+        return (model.get_device() == self.device and len(weights) == len(self.pairs)
+                and all(w is old for w, (old, _) in zip(weights, self.pairs)))
+
+    @torch.no_grad()
+    def refresh(self, model):
+        for weight, cast in self.pairs:
+            cast.copy_(weight)
+        self.model.train(model.training)
+
+
 # -----------------------------------------------------------------------------
 # The Engine
 
@@ -355,14 +395,17 @@ class Engine:
 
     Masks are 1 where the model sampled the token and 0 where the harness forced it (tool output)."""
 
-    # Prefill logits are (rows, T, vocab) float32; chunk the prompt so they stay under this many elements.
-    PREFILL_LOGITS_BUDGET = 1 << 25
+    # The prefill runs the prompt in column chunks whose largest activations (the MLP's hidden layer, rows x
+    # chunk x 4 n_embd, and the attention scores, rows x heads x chunk x prompt length) stay under this many
+    # elements. Only the last column's logits are made, so the vocabulary does not enter. (Sized by the logits
+    # before, which cut a 256-row verifier prompt into 4-column chunks: ~90 forward passes for 350 tokens.)
+    PREFILL_ELEMENT_BUDGET = 1 << 27
 
     DECODE_MODES = ("auto", "dynamic", "static", "compile", "graph", "compiled_graph")
     GRAPH_MODES = ("graph", "compiled_graph")  # CUDA only; one captured shape: the batch bucket never shrinks
     CAPACITY_QUANTUM = 64  # static caches are a multiple of this long: few shapes, few recompiles
 
-    def __init__(self, model, tokenizer, decode="auto", max_rows=None):
+    def __init__(self, model, tokenizer, decode="auto", max_rows=None, cast_weights="auto"):
         """max_rows (None: no limit): the most rows generate_prompts samples in one batched pass. The KV cache
         and the logits grow with the rows (256 problems x 4 samples at d4 on CPU: ~2.8 GB), so larger requests
         are cut into chunks of whole prompts, chunk c sampled with seed + c: the same results as one pass
@@ -374,9 +417,19 @@ class Engine:
         compile  the fixed-shape step under torch.compile (one graph per batch bucket and cache length)
         graph    the fixed-shape step captured as a CUDA graph and replayed (CUDA only)
         compiled_graph  the step under torch.compile, then captured as a CUDA graph: fused kernels, one launch
-        auto     graph on CUDA, static on CPU (measured: dev/bench_rollout.md)"""
+        auto     graph on CUDA, static on CPU (measured: dev/bench_rollout.md)
+
+        cast_weights: sample from a copy of the model whose linear weights are in the compute dtype (CastLinears:
+        the same tokens, no per-step weight cast). "auto": on CUDA when the forward runs under bf16/fp16
+        autocast; a dtype: always cast to it (the forward must run under autocast to that dtype; tests use it
+        on CPU); False: never. The copy holds the linears in that dtype (0.95 GB at depth 20) for as long as
+        the Engine lives, and is refreshed from the model's weights at the start of every generation."""
         if decode not in self.DECODE_MODES:
             raise ValueError(f"decode must be one of {self.DECODE_MODES}, got {decode!r}")
+        if not (cast_weights in ("auto", False) or isinstance(cast_weights, torch.dtype)):
+            raise ValueError(f"cast_weights must be 'auto', False or a torch.dtype, got {cast_weights!r}")
+        self.cast_weights = cast_weights
+        self._cast = None  # CastLinears, made on the first generation that uses it
         if max_rows is not None and (not isinstance(max_rows, numbers.Integral) or max_rows < 1):
             raise ValueError(f"max_rows must be a positive integer or None, got {max_rows!r}")
         self.max_rows = max_rows
@@ -440,12 +493,14 @@ class Engine:
             return COMPUTE_DTYPE
         return None
 
-    def _prefill(self, ids, cache):
+    def _prefill(self, model, ids, cache):
         """Run the (left-padded) prompts through the model into the cache; logits of the last column."""
         rows, length = ids.shape
-        chunk = max(1, self.PREFILL_LOGITS_BUDGET // (rows * self.model.config.vocab_size))
+        c = model.config
+        per_column = rows * (4 * c.n_embd + c.n_head * length)
+        chunk = max(1, self.PREFILL_ELEMENT_BUDGET // per_column)
         for start in range(0, length, chunk):
-            logits = self.model(ids[:, start:start + chunk], kv_cache=cache, last_only=True)
+            logits = model(ids[:, start:start + chunk], kv_cache=cache, last_only=True)
         return logits[:, -1, :]
 
     @torch.inference_mode()
@@ -484,11 +539,33 @@ class Engine:
                 state.line_headers = deque(list(h) for h in line_headers[row // num_samples])
                 if state.line_headers:  # the first header opens the completion
                     state.forced.extend(state.line_headers.popleft())
+        sampler = self._sampling_model(model)
         if mode == "dynamic":
-            yield from self._decode_dynamic(ids, pads, num_samples, states, capacity, new_tokens, temperature, top_k, rng, top_p)
+            yield from self._decode_dynamic(sampler, ids, pads, num_samples, states, capacity, new_tokens, temperature,
+                                            top_k, rng, top_p)
         else:
-            yield from self._decode_static(mode, ids, pads, num_samples, states, capacity, new_tokens, temperature,
+            yield from self._decode_static(sampler, mode, ids, pads, num_samples, states, capacity, new_tokens, temperature,
                                            top_k, rng)
+
+    def _sampling_model(self, model):
+        """The model to sample from: a CastLinears copy, refreshed to the model's current weights, where
+        cast_weights asks for one; else the model itself."""
+        device = model.get_device()
+        dtype = self.cast_weights
+        if dtype == "auto":
+            dtype = COMPUTE_DTYPE if device.type == "cuda" and COMPUTE_DTYPE != torch.float32 else None
+        if not dtype or not any(m.weight.dtype != dtype for m in model.modules() if isinstance(m, torch.nn.Linear)):
+            return model  # nothing to cast (e.g. weights already in bf16)
+        if self._cast is None or self._cast.dtype != dtype or not self._cast.fits(model):
+            self._cast = None  # free the old copy before making the new one
+            self._cast = CastLinears(model, dtype)
+        else:
+            self._cast.refresh(model)
+        return self._cast.model
+
+    def free_sampling_copy(self):
+        """Drop the CastLinears copy (its memory); the next generation makes a new one."""
+        self._cast = None
 
     def _decode_mode(self, device):
         if self.decode == "auto":
@@ -527,10 +604,10 @@ class Engine:
         alive = [row for row in active if not states[row].done]
         return alive if len(active) - len(alive) >= max(1, len(active) // 8) else active
 
-    def _decode_dynamic(self, ids, pads, num_samples, states, capacity, new_tokens, temperature, top_k, rng, top_p=None):
+    def _decode_dynamic(self, model, ids, pads, num_samples, states, capacity, new_tokens, temperature, top_k, rng,
+                        top_p=None):
         """The growing-batch loop: the cache holds only the rows still sampling, and each step attends to
         the filled columns only (shapes change every step, so it runs eagerly)."""
-        model = self.model
         device = ids.device
         num_prompts, longest = ids.shape
         num_rows = num_prompts * num_samples
@@ -538,11 +615,11 @@ class Engine:
         with inference_context(device.type):
             if num_samples == 1:
                 cache = KVCache.for_model(model, num_rows, capacity, dtype=dtype, pad_lengths=pads)
-                logits = self._prefill(ids, cache)
+                logits = self._prefill(model, ids, cache)
             else:
                 # each prompt is processed once, then its keys/values are copied to its num_samples rows
                 prompt_cache = KVCache.for_model(model, num_prompts, longest, dtype=dtype, pad_lengths=pads)
-                logits = self._prefill(ids, prompt_cache)
+                logits = self._prefill(model, ids, prompt_cache)
                 cache = KVCache.for_model(model, num_rows, capacity, dtype=dtype)
                 if num_prompts == 1:
                     cache.prefill(prompt_cache)
@@ -571,14 +648,13 @@ class Engine:
             with inference_context(device.type):
                 logits = model(feed, kv_cache=cache)[:, -1, :]
 
-    def _decode_static(self, mode, ids, pads, num_samples, states, limit, new_tokens, temperature, top_k, rng):
+    def _decode_static(self, model, mode, ids, pads, num_samples, states, limit, new_tokens, temperature, top_k, rng):
         """The fixed-shape loop: rows sit in slots of a StaticKVCache whose batch is a bucket (a power of
         two) and whose length is a multiple of CAPACITY_QUANTUM; each step is decode_step on every slot
         (eager, compiled or a CUDA graph replay). Finished rows stay in their slots until the live rows fit
         half the bucket, then the cache moves to the smaller bucket (not under a CUDA graph, whose cost per
         step hardly depends on the batch). The random numbers are drawn on the host side of the step from
         the same generator, for the same rows, as the dynamic loop draws them."""
-        model = self.model
         device = ids.device
         num_prompts, longest = ids.shape
         num_rows = num_prompts * num_samples
@@ -589,21 +665,21 @@ class Engine:
         with inference_context(device.type):
             # each prompt is processed once (growing cache, as in the dynamic loop), then fanned out to its rows
             prompt_cache = KVCache.for_model(model, num_prompts, longest, dtype=dtype, pad_lengths=pads)
-            logits = self._prefill(ids, prompt_cache)
+            logits = self._prefill(model, ids, prompt_cache)
             source_rows = torch.arange(num_prompts, device=device).repeat_interleave(num_samples)
             logits = logits.index_select(0, source_rows)
-            cache, step = self._static_cache(mode, bucket_size(num_rows), capacity, width, temperature, top_k, dtype)
+            cache, step = self._static_cache(model, mode, bucket_size(num_rows), capacity, width, temperature, top_k, dtype)
             cache.load(prompt_cache.k, prompt_cache.v, prompt_cache.pad_lengths, longest, source_rows, range(num_rows))
             del prompt_cache
         try:
-            yield from self._static_loop(mode, cache, step, logits, states, num_rows, longest, limit, new_tokens,
+            yield from self._static_loop(model, mode, cache, step, logits, states, num_rows, longest, limit, new_tokens,
                                          width, capacity, temperature, top_k, rng, dtype)
         finally:
             # a captured graph pins its cache (at depth 20 and 256 rows, gigabytes) and its memory pool; RL
             # trains between rollouts, so give them back. Capturing again costs about three eager steps.
             self._graphs.clear()
 
-    def _static_loop(self, mode, cache, step, logits, states, num_rows, longest, limit, new_tokens, width, capacity,
+    def _static_loop(self, model, mode, cache, step, logits, states, num_rows, longest, limit, new_tokens, width, capacity,
                      temperature, top_k, rng, dtype):
         device = cache.pos.device
         sampled = sample_next_token(logits, rng, temperature, top_k).tolist()
@@ -620,7 +696,7 @@ class Engine:
             active = self._keep_sampling(active, states)
             live = [row for row in slot_of if not states[row].done]
             if mode not in self.GRAPH_MODES and bucket_size(len(live)) < cache.batch_size:
-                smaller, step = self._static_cache(mode, bucket_size(len(live)), capacity, width, temperature, top_k, dtype)
+                smaller, step = self._static_cache(model, mode, bucket_size(len(live)), capacity, width, temperature, top_k, dtype)
                 smaller.load(cache.k, cache.v, cache.pad, pos - 1, [slot_of[row] for row in live], range(len(live)))
                 cache, slot_of = smaller, {row: j for j, row in enumerate(live)}
             feed = [0] * cache.batch_size
@@ -646,9 +722,8 @@ class Engine:
                 out = step(cache, feed, noise).tolist()
             sampled = [out[slot_of[row]] if row in slot_of else 0 for row in active]
 
-    def _static_cache(self, mode, batch, capacity, width, temperature, top_k, dtype):
+    def _static_cache(self, model, mode, batch, capacity, width, temperature, top_k, dtype):
         """(StaticKVCache, step function (cache, tokens, noise) -> next tokens) for one decode shape."""
-        model = self.model
         if mode in self.GRAPH_MODES:
             key = (batch, capacity, width, temperature, top_k, dtype)
             if key not in self._graphs:
@@ -663,7 +738,7 @@ class Engine:
                         raise
                     print(f"Engine: CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly from now on")
                     self.decode = "static"
-                    return self._static_cache("static", batch, capacity, width, temperature, top_k, dtype)
+                    return self._static_cache(model, "static", batch, capacity, width, temperature, top_k, dtype)
             graphed = self._graphs[key]
             return graphed.cache, graphed
         cache = StaticKVCache.for_model(model, batch, capacity, dtype=dtype)

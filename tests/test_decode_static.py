@@ -233,18 +233,52 @@ def test_fixed_shape_step_on_cuda_matches_the_eager_step(mode):
         assert [c[:1] for c, _ in a] == [c[:1] for c, _ in b]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["dynamic", "graph"])
+def test_cast_weights_on_cuda_give_the_same_tokens(mode):
+    """On CUDA the Engine samples from a copy with bf16 linears by default (CastLinears): the same tokens as
+    autocast casting the fp32 weights at every step, greedy and seeded, also after the weights change."""
+    model = tiny_model().to("cuda")
+    prompts = mixed_prompts(13, (3, 9, 1))
+    auto = Engine(model, StandInTokenizer(), decode=mode)
+    plain = Engine(model, StandInTokenizer(), decode=mode, cast_weights=False)
+    for _ in range(2):
+        for kwargs in (dict(temperature=0.0), dict(temperature=0.8, top_k=20, seed=3)):
+            assert (auto.generate_prompts(prompts, num_samples=3, max_tokens=12, **kwargs)
+                    == plain.generate_prompts(prompts, num_samples=3, max_tokens=12, **kwargs))
+        assert auto._cast is not None and auto._cast.model.lm_head.weight.dtype == torch.bfloat16
+        with torch.no_grad():
+            model.lm_head.weight.mul_(-1)  # a large update: the second round must follow it
+
+
 # -----------------------------------------------------------------------------
 # The benchmark runs
 
 def test_bench_rollout_smoke():
     cmd = [sys.executable, "-m", "dev.bench_rollout", "--depth", "1", "--vocab_size", "300", "--batch_sizes", "3",
-           "--prompt_lens", "6", "--new_tokens", "5", "--repeats", "1", "--modes", "dynamic,static", "--threads", "1"]
+           "--prompt_lens", "6", "--new_tokens", "5", "--repeats", "1", "--modes", "dynamic-old,static", "--threads", "1"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
     summary = json.loads(out.strip().splitlines()[-1])
-    assert [r["mode"] for r in summary["results"]] == ["dynamic", "static"]
+    assert [r["mode"] for r in summary["results"]] == ["dynamic-old", "static"]
     for r in summary["results"]:
         assert r["batch"] == 3 and r["new_tokens"] == 5 and r["tok_per_s"] > 0 and 0 < r["bw_util"] < 1
     assert summary["results"][0]["vs_first_mode"] == 1.0
+
+
+def test_bench_rollout_old_modes_run_as_the_engine_did_before():
+    """"-old" modes: no sampling copy, and prefill chunks as wide as the logits rule made them (4 columns for
+    256 rows at a 32K vocabulary), through the Engine's own chunk formula."""
+    from dev.bench_rollout import make_engine, old_prefill_budget
+    model = tiny_model(vocab_size=32768, sequence_len=128)
+    old, is_old = make_engine(model, StandInTokenizer(), "graph-old")
+    new, new_is_old = make_engine(model, StandInTokenizer(), "graph")
+    assert (old.decode, old.cast_weights, is_old) == ("graph", False, True)
+    assert (new.decode, new.cast_weights, new_is_old) == ("graph", "auto", False)
+    prompts = mixed_prompts(1, (64,) * 256)
+    c = model.config
+    per_column = 256 * (4 * c.n_embd + c.n_head * 64)  # what Engine._prefill divides the budget by
+    assert old_prefill_budget(model, prompts) // per_column == 4
+    assert Engine.PREFILL_ELEMENT_BUDGET // per_column >= 64  # the new rule: the whole prompt in one pass
 
 
 def test_sampling_survives_a_finished_row_after_the_cached_ones():

@@ -2,6 +2,7 @@
 prompts, per-row stopping, the calculator tool, and the statistics of temperature / top-k sampling."""
 
 import collections
+import contextlib
 import os
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import nanochat.engine as engine_module
-from nanochat.engine import Engine, KVCache, sample_next_token
+from nanochat.engine import CastLinears, Engine, KVCache, sample_next_token
 from nanochat.calculator import use_calculator
 from nanochat.gpt import GPT, GPTConfig
 
@@ -137,6 +138,37 @@ class BatchRecordingGPT(GPT):
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
         self.batch_sizes.append(idx.size(0))
+        return super().forward(idx, targets=targets, kv_cache=kv_cache, loss_reduction=loss_reduction, last_only=last_only)
+
+
+@pytest.mark.parametrize("decode", DECODE_MODES)
+def test_prefill_chunks_are_sized_by_activations_not_the_vocabulary(decode):
+    """The prompt goes through in column chunks sized by the activations (only the last column's logits are
+    made): a budget that fits the whole prompt takes one pass, whatever the vocabulary; a small budget cuts it
+    into equal chunks and the tokens stay those of the naive sampler."""
+    model = ShapeRecordingGPT(GPTConfig(sequence_len=64, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
+    model.load_state_dict(tiny_model().state_dict())
+    model.eval()
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (4, 1, 13, 7, 9)]
+    expected = [naive(model, p, 6) for p in prompts]
+    engine = Engine(model, StandInTokenizer(), decode=decode)
+    model.prefill_shapes = []
+    assert [c for c, _ in engine.generate_prompts(prompts, max_tokens=6, temperature=0.0)] == expected
+    assert model.prefill_shapes == [(5, 13)]
+    # 5 rows x (4 x 32 hidden + 4 heads x 13 columns) = 900 elements per column: a budget of 2,700 gives 3 columns
+    engine.PREFILL_ELEMENT_BUDGET = 2700
+    model.prefill_shapes = []
+    assert [c for c, _ in engine.generate_prompts(prompts, max_tokens=6, temperature=0.0)] == expected
+    assert model.prefill_shapes == [(5, 3)] * 4 + [(5, 1)]
+
+
+class ShapeRecordingGPT(GPT):
+    """Records the (batch, columns) of every prefill call (the ones that ask for the last column only)."""
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
+        if last_only:
+            self.prefill_shapes.append(tuple(idx.shape))
         return super().forward(idx, targets=targets, kv_cache=kv_cache, loss_reduction=loss_reduction, last_only=last_only)
 
 
@@ -478,3 +510,70 @@ def test_a_stop_before_the_last_header_becomes_a_newline(tiny_tokenizer, decode)
     plain_engine, _ = scripted_engine(tok, [x, end, x, end], decode)
     [(plain, _)] = plain_engine.generate_prompts([prompt], num_samples=1, max_tokens=40, temperature=1.0)
     assert plain == [x]  # without headers a stop is a stop
+
+
+# -----------------------------------------------------------------------------
+# Sampling from a copy whose linear weights are already in the compute dtype
+
+def cpu_autocast(device_type):
+    """inference_context with bf16 autocast on the CPU: what the Engine runs under on CUDA, testable here."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+    return stack
+
+
+def test_cast_linears_logits_are_bit_identical_under_autocast_and_follow_refresh():
+    model = tiny_model()
+    cast = CastLinears(model, torch.bfloat16)
+    copy = cast.model
+    assert copy.transformer.wte.weight is model.transformer.wte.weight and copy.cos is model.cos  # shared, not copied
+    assert copy.lm_head.weight.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.float32
+    assert len(cast.pairs) == 2 * 6 + 1  # q, k, v, proj, fc, mlp proj per layer, and the lm_head
+    ids = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(0))
+    def logits(m):  # a fresh autocast region each time: autocast caches its weight casts within one
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return m(ids)
+    assert torch.equal(logits(copy), logits(model))
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.add_(0.5)  # an optimizer step on the model
+    updated = logits(model)
+    assert not torch.equal(logits(copy), updated)  # the copy is stale until refreshed
+    cast.refresh(model)
+    assert torch.equal(logits(copy), updated)
+    assert cast.fits(model)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # replaced, not updated in place
+    assert not cast.fits(model)
+
+
+@pytest.mark.parametrize("decode", DECODE_MODES)
+def test_engine_with_cast_weights_samples_the_same_tokens_and_follows_updates(decode, monkeypatch):
+    monkeypatch.setattr(engine_module, "inference_context", cpu_autocast)
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (4, 1, 13, 7)]
+    plain = Engine(model, StandInTokenizer(), decode=decode, cast_weights=False)
+    cast = Engine(model, StandInTokenizer(), decode=decode, cast_weights=torch.bfloat16)
+    for kwargs in (dict(num_samples=1, temperature=0.0), dict(num_samples=3, temperature=1.0, top_k=20, seed=5)):
+        expected = plain.generate_prompts(prompts, max_tokens=12, **kwargs)
+        assert cast.generate_prompts(prompts, max_tokens=12, **kwargs) == expected
+    assert plain._cast is None and cast._cast is not None
+    first_copy = cast._cast.model
+    greedy = dict(num_samples=1, temperature=0.0, max_tokens=12)
+    before = plain.generate_prompts(prompts, **greedy)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    after = plain.generate_prompts(prompts, **greedy)
+    assert after != before  # the update changes the samples, so the next check can fail
+    assert cast.generate_prompts(prompts, **greedy) == after
+    assert cast._cast.model is first_copy  # refreshed in place, not rebuilt
+
+
+def test_cast_weights_auto_is_off_on_cpu_and_bad_values_raise():
+    model = tiny_model()
+    engine = Engine(model, StandInTokenizer())
+    engine.generate_prompts([[1, 2, 3]], max_tokens=4, temperature=0.0)
+    assert engine._cast is None
+    for bad in (True, "bf16", 1):
+        with pytest.raises(ValueError, match="cast_weights"):
+            Engine(model, StandInTokenizer(), cast_weights=bad)
