@@ -83,15 +83,15 @@ def time_rollout(engine, prompts, new_tokens, temperature, top_k):
 def make_engine(model, tokenizer, mode):
     """An Engine for a mode name: "graph", or "graph-old" for the same loop as it ran before (module docstring)."""
     decode, old = (mode[:-len("-old")], True) if mode.endswith("-old") else (mode, False)
-    return Engine(model, tokenizer, decode=decode, cast_weights=False if old else "auto"), old
+    engine = Engine(model, tokenizer, decode=decode, cast_weights=False if old else "auto")
+    if old:
+        engine._prefill_chunk = old_prefill_chunk
+    return engine, old
 
 
-def old_prefill_budget(model, prompts):
-    """The element budget that makes the Engine's prefill chunks as wide as the old rule made them."""
-    c = model.config
-    rows, length = len(prompts), max(len(p) for p in prompts)
-    old_chunk = max(1, (1 << 25) // (rows * c.vocab_size))
-    return old_chunk * rows * (4 * c.n_embd + c.n_head * length)
+def old_prefill_chunk(model, rows, length, device):
+    """Engine._prefill_chunk as it was: full logits (rows x columns x vocab) under 2^25 elements."""
+    return max(1, (1 << 25) // (rows * model.config.vocab_size))
 
 
 def step_costs(model, prompts, new_tokens):
@@ -162,11 +162,7 @@ def main():
     # sequence_len sizes the rotary table (10x): it must cover the longest prompt plus its new tokens
     model = build_model(args.depth, args.vocab_size, sequence_len=max(256, longest_needed), device=device,
                         bf16_weights=args.bf16_weights)
-    engines, old_modes = {}, set()
-    for mode in modes:
-        engines[mode], old = make_engine(model, NoStopTokenizer(args.vocab_size), mode)
-        if old:
-            old_modes.add(mode)
+    engines = {mode: make_engine(model, NoStopTokenizer(args.vocab_size), mode)[0] for mode in modes}
     c = model.config
     print(f"depth {c.n_layer}, n_embd {c.n_embd}, {c.n_head} heads ({c.n_kv_head} kv), vocab {c.vocab_size}, "
           f"{model.num_params() / 1e6:.1f}M params, {next(model.parameters()).dtype} weights, {args.device}, "
@@ -180,8 +176,6 @@ def main():
             for new_tokens in new_token_counts:
                 prompts = make_prompts(batch, prompt_len, args.vocab_size)
                 step_bytes, step_flops = step_costs(model, prompts, new_tokens)
-                for mode in old_modes:
-                    engines[mode].PREFILL_ELEMENT_BUDGET = old_prefill_budget(model, prompts)
                 warmup = {}
                 for mode in modes:  # first call of this shape: compilation / capture / allocator warm-up
                     t0 = time.perf_counter()

@@ -17,7 +17,7 @@
 #   bash dev/gpu_checks.sh 6   # sampling from bf16 linears and activation-sized prefill chunks (issue 17): their CUDA
 #                              # tests, the rollout benchmark at d20 against the Engine as it was ("dynamic-old", today's
 #                              # anchor; "graph-old"), the compiled graph at batch 256, and the co-training step at d20 + d12
-#                              # (tokenizer in .gpu/tokenizer); ~6 minutes
+#                              # (tokenizer in .gpu/tokenizer), the verifier's rollout shape at d12; ~7 minutes
 # Logs go to $OUT (or ./gpu_logs). Parts 2 and 4 need a tokenizer (and shards for base_train) under
 # $NANOCHAT_BASE_DIR, e.g. made here with dev/make_corpus + scripts.tok_train, because a GPU box's Python
 # may have no build of our Rust trainer. Figures are recorded in dev/gpu_results.md.
@@ -80,6 +80,9 @@ elif [ "$1" = 6 ]; then
         --batch_sizes 1,256 --prompt_lens 64 --new_tokens 256 --repeats 2
     stage bench_cotrain 150 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 --samples 16 \
         --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer
+    # the verifier's shape in that step: 256 prompts of up to 384 tokens, 128 new tokens, at d12 (the prefill change)
+    stage bench_rollout_d12 70 $PY -m dev.bench_rollout --device cuda --depth 12 --modes dynamic-old,graph-old,graph \
+        --batch_sizes 256 --prompt_lens 384 --new_tokens 128 --repeats 2
     stage bench_rollout_cg 110 $PY -m dev.bench_rollout --device cuda --depth 20 --modes dynamic-old,graph,compiled_graph \
         --batch_sizes 256 --prompt_lens 64 --new_tokens 256 --repeats 2
 else

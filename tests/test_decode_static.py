@@ -268,17 +268,15 @@ def test_bench_rollout_smoke():
 def test_bench_rollout_old_modes_run_as_the_engine_did_before():
     """"-old" modes: no sampling copy, and prefill chunks as wide as the logits rule made them (4 columns for
     256 rows at a 32K vocabulary), through the Engine's own chunk formula."""
-    from dev.bench_rollout import make_engine, old_prefill_budget
+    from dev.bench_rollout import make_engine
     model = tiny_model(vocab_size=32768, sequence_len=128)
     old, is_old = make_engine(model, StandInTokenizer(), "graph-old")
     new, new_is_old = make_engine(model, StandInTokenizer(), "graph")
     assert (old.decode, old.cast_weights, is_old) == ("graph", False, True)
     assert (new.decode, new.cast_weights, new_is_old) == ("graph", "auto", False)
-    prompts = mixed_prompts(1, (64,) * 256)
-    c = model.config
-    per_column = 256 * (4 * c.n_embd + c.n_head * 64)  # what Engine._prefill divides the budget by
-    assert old_prefill_budget(model, prompts) // per_column == 4
-    assert Engine.PREFILL_ELEMENT_BUDGET // per_column >= 64  # the new rule: the whole prompt in one pass
+    cuda = torch.device("cuda")  # the chunk rule only reads the device's type: nothing runs there
+    assert old._prefill_chunk(model, 256, 384, cuda) == 4 and old._prefill_chunk(model, 16, 64, cuda) == 64
+    assert new._prefill_chunk(model, 256, 384, cuda) == 128 and new._prefill_chunk(model, 16, 64, cuda) == 2048
 
 
 def test_sampling_survives_a_finished_row_after_the_cached_ones():

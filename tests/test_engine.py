@@ -143,9 +143,9 @@ class BatchRecordingGPT(GPT):
 
 @pytest.mark.parametrize("decode", DECODE_MODES)
 def test_prefill_chunks_are_sized_by_activations_not_the_vocabulary(decode):
-    """The prompt goes through in column chunks sized by the activations (only the last column's logits are
-    made): a budget that fits the whole prompt takes one pass, whatever the vocabulary; a small budget cuts it
-    into equal chunks and the tokens stay those of the naive sampler."""
+    """The prompt goes through in column chunks sized by the activations and the tokens per pass (only the last
+    column's logits are made): a short prompt takes one pass, whatever the vocabulary; a small budget of either
+    kind cuts it into equal chunks, and the tokens stay those of the naive sampler."""
     model = ShapeRecordingGPT(GPTConfig(sequence_len=64, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
     model.load_state_dict(tiny_model().state_dict())
     model.eval()
@@ -161,6 +161,11 @@ def test_prefill_chunks_are_sized_by_activations_not_the_vocabulary(decode):
     model.prefill_shapes = []
     assert [c for c, _ in engine.generate_prompts(prompts, max_tokens=6, temperature=0.0)] == expected
     assert model.prefill_shapes == [(5, 3)] * 4 + [(5, 1)]
+    # and at most about PREFILL_TOKENS rows x columns per pass: 10 tokens over 5 rows is 2 columns
+    engine.PREFILL_ELEMENT_BUDGET, engine.PREFILL_TOKENS = 1 << 27, {"cpu": 10, "cuda": 10}
+    model.prefill_shapes = []
+    assert [c for c, _ in engine.generate_prompts(prompts, max_tokens=6, temperature=0.0)] == expected
+    assert model.prefill_shapes == [(5, 2)] * 6 + [(5, 1)]
 
 
 class ShapeRecordingGPT(GPT):
