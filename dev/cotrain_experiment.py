@@ -13,7 +13,8 @@ ceiling and the control), cotrain (a learned verifier, two models), shared (one 
 Flags after `--` go to every arm; `--process_args` to every arm with a process signal; `--verifier_args`
 to the arms with a learned verifier. Each run is its own process (`--parallel 2`: two at a time, one
 thread each) with its log and result in --log_dir; `--reuse` takes finished results from there, so arms
-run at different times can be reported together.
+run at different times can be reported together, and continues a run an earlier invocation left part-way from its
+last checkpoint (`--save_every`), whose history keeps its earlier steps.
 """
 
 import argparse
@@ -56,6 +57,7 @@ def worker(argv, out_path):
     gen, ver = history["gen"], history["ver"]
     mean = lambda key, rows: statistics.fmean(r[key] for r in rows) if rows else float("nan")
     summary = {"final": history["eval"][-1], "start": history["eval"][0], "seconds": time.time() - t0,
+               "resumed": "--resume" in argv,
                "reward_curve": [r["gen/outcome_reward"] for r in gen],
                "seconds_per_update": seconds_per_update(gen),
                "verifier_seconds_per_step": sum(mean(f"ver/time_{part}", ver) for part in ("generate", "verify", "train")) if ver else 0.0,
@@ -75,7 +77,8 @@ def worker(argv, out_path):
         json.dump(summary, f)
 
 
-def run(arm, seed, args):
+def run_argv(arm, seed, args):
+    """The chat_cotrain flags of one run."""
     argv = ["--task", args.task, "--seed", str(seed), "--device_type", "cpu", "--gen_source", "sft", "--gen_tag", args.gen_tag,
             "--ver_source", args.ver_source, "--ver_tag", args.ver_tag, "--num_gen_steps", str(args.num_gen_steps),
             "--output_tag", f"{args.tag_prefix}_{arm}_s{seed}"] + args.shared + ARMS[arm][1]
@@ -83,6 +86,19 @@ def run(arm, seed, args):
         argv += shlex.split(args.process_args)
     if arm in LEARNED:
         argv += shlex.split(args.verifier_args)
+    return argv
+
+
+def has_checkpoint(arm, seed, args):
+    """Whether an earlier invocation left a co-training checkpoint of this run (it stopped part-way)."""
+    from nanochat.checkpoint_manager import CHECKPOINT_DIRS, list_steps
+    from nanochat.common import get_base_dir
+    directory = os.path.join(get_base_dir(), CHECKPOINT_DIRS["cotrain"], f"{args.tag_prefix}_{arm}_s{seed}")
+    return os.path.isdir(directory) and bool(list_steps(directory))
+
+
+def run(arm, seed, args):
+    argv = run_argv(arm, seed, args)
     out_path = os.path.join(args.log_dir, f"{arm}_s{seed}.json")
     log_path = os.path.join(args.log_dir, f"{arm}_s{seed}.log")
     if args.reuse and os.path.exists(out_path):  # a finished run of an earlier invocation (same flags: the log says)
@@ -90,9 +106,15 @@ def run(arm, seed, args):
             result = json.load(f)
         print(f"reused: {arm} seed {seed}: pass@1 {result['final']['pass@1']:.4f} ({out_path})", flush=True)
         return result
+    # a run an earlier invocation left part-way (killed, out of memory) continues from its last checkpoint, whose
+    # history holds its earlier steps; chat_cotrain refuses one written with other flags. Its log is appended to.
+    resuming = args.reuse and has_checkpoint(arm, seed, args)
+    if resuming:
+        argv.append("--resume")
+        print(f"resuming: {arm} seed {seed} from its last checkpoint", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS") or str(max(1, 2 // args.parallel)))
     cmd = [sys.executable, "-m", "dev.cotrain_experiment", "--worker_out", out_path, "--", *argv]
-    with open(log_path, "w") as log:
+    with open(log_path, "a" if resuming else "w") as log:
         log.write("command: " + shlex.join(cmd) + "\n")
         log.flush()
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
@@ -100,7 +122,8 @@ def run(arm, seed, args):
         raise RuntimeError(f"{arm} seed {seed} failed (exit {code}); see {log_path}")
     with open(out_path) as f:
         result = json.load(f)
-    print(f"done: {arm} seed {seed} in {result['seconds'] / 60:.1f} min: pass@1 {result['final']['pass@1']:.4f}", flush=True)
+    note = " (resumed: the minutes count this invocation only)" if result.get("resumed") else ""
+    print(f"done: {arm} seed {seed} in {result['seconds'] / 60:.1f} min{note}: pass@1 {result['final']['pass@1']:.4f}", flush=True)
     return result
 
 
@@ -185,6 +208,10 @@ def report(results, args, command, minutes, matched=None):
         lines.append(f"| {label} | {sum(parts.values()):.1f} ({parts['generate']:.1f} / {parts['verify']:.1f} / {parts['train']:.1f}) | "
                      f"{rs[0]['verifier_steps']} | {statistics.fmean(r['verifier_seconds_per_step'] for r in rs):.1f} | "
                      f"{statistics.fmean(r['seconds'] for r in rs) / 60:.1f} | {flops_cell} | {ratio_cell} |")
+    resumed = [f"{arm} seed {s}" for arm in arms for s in seeds if results[(arm, s)].get("resumed")]
+    if resumed:
+        lines += ["", "Resumed from a checkpoint after an interruption (their minutes count the last invocation only): "
+                  + ", ".join(resumed) + "."]
     if matched:
         rs = [matched[s] for s in seeds]
         flops = statistics.fmean(sum(r["flops"].values()) for r in rs)
@@ -234,7 +261,8 @@ def main(argv=None):
                    help="a --log_dir holding baseline_s<seed>.json of a GRPO baseline given more updates (the learned arm's "
                         "FLOPs): the report adds each arm's gain over it and its cost")
     p.add_argument("--reuse", action="store_true",
-                   help="take the result of a run already finished in --log_dir (<arm>_s<seed>.json) instead of running it")
+                   help="take the result of a run already finished in --log_dir (<arm>_s<seed>.json) instead of running it, "
+                        "and continue a run left part-way from its last checkpoint")
     args = p.parse_args(argv)
     if args.worker_out:
         return worker(shared, args.worker_out)

@@ -687,22 +687,26 @@ def labelled_verifier_counts(args, roles, task, rank, world_size):
 # -----------------------------------------------------------------------------
 # Checkpoints
 
-def save(args, roles, out_dir, state, balancer, rank):
+def save(args, roles, out_dir, state, balancer, rank, history):
     model_data, optim_data, configs = roles.checkpoint_data()
+    # the history (every step's metrics and the evaluations so far) rides along, so a resumed run returns the whole run's
     meta = {"model_config": configs["generator"], "model_configs": configs, "user_config": vars(args), "task": args.task,
-            "loop_state": dict(state), "class_balancer": balancer.state_dict(), "shared_model": args.shared_model}
+            "loop_state": dict(state), "class_balancer": balancer.state_dict(), "shared_model": args.shared_model,
+            "history": history}
     save_checkpoint(out_dir, state["global_step"], model_data, optim_data, meta, rank, check_finite=True)
 
 
 def resume(args, roles, out_dir, balancer, rank):
-    """Load the last co-training checkpoint into both roles; returns the loop state to continue from."""
+    """Load the last co-training checkpoint into both roles; returns the loop state to continue from and the
+    history so far (empty for a checkpoint written before histories were kept)."""
     step = find_resume_step(out_dir, vars(args))  # refuses a checkpoint that another run config wrote
     model_data, optim_data, meta = load_checkpoint(out_dir, step, roles.device, load_optimizer=True, rank=rank)
     roles.load_checkpoint_data(model_data, optim_data)
     balancer.load_state_dict(meta["class_balancer"])
     state = meta["loop_state"]
+    history = meta.get("history") or {"gen": [], "ver": [], "eval": []}
     print0(f"resumed co-training at global step {state['global_step']} (gen {state['gen_step']}, ver {state['ver_step']})")
-    return state
+    return state, history
 
 
 # -----------------------------------------------------------------------------
@@ -738,8 +742,9 @@ def main(argv=None):
         print_role_estimates({"generator": (roles.generator, samples), "verifier": (roles.verifier, args.ver_samples * samples)},
                              args.device_batch_size, args.max_new_tokens + 256, world_size, args.grad_checkpointing)
     state = {"global_step": 0, "gen_step": 0, "ver_step": 0, "ver_sft_done": False}
+    history = {"gen": [], "ver": [], "eval": []}
     if args.resume:
-        state = resume(args, roles, out_dir, balancer, rank)
+        state, history = resume(args, roles, out_dir, balancer, rank)
 
     def log_eval(label):
         metrics = evaluate(args, roles, val_task, rank, world_size)
@@ -755,7 +760,6 @@ def main(argv=None):
         state["ver_sft_done"] = True
     rounds = f" ({args.verifier_warmup_steps} warm-up, then {args.gen_steps}:{args.ver_steps})" if "V" in phases else ""
     print0(f"schedule: {phases.count('V')} verifier steps and {phases.count('G')} generator steps{rounds}")
-    history = {"gen": [], "ver": [], "eval": []}
     if state["global_step"] == 0:
         history["eval"].append(log_eval("start"))
     while state["global_step"] < len(phases):
@@ -789,7 +793,7 @@ def main(argv=None):
             history["eval"].append(log_eval(f"gen step {state['gen_step']}"))
         stopping = state["global_step"] == args.stop_after
         if (args.save_every > 0 and state["global_step"] % args.save_every == 0) or done or stopping:
-            save(args, roles, out_dir, state, balancer, rank)
+            save(args, roles, out_dir, state, balancer, rank, history)
         if stopping:
             print0(f"stopping after global step {state['global_step']} as asked (--stop_after); continue with --resume")
             return history

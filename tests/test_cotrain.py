@@ -204,9 +204,15 @@ def test_alpha_zero_without_verifier_reproduces_chat_rl(sft_base, monkeypatch):
 def test_resume_is_exact(sft_base, varied_rewards):
     import scripts.chat_cotrain as cotrain
     flags = TINY + ["--num_gen_steps", "3", "--gen_steps", "1", "--ver_steps", "1", "--verifier_warmup_steps", "1"]
-    cotrain.main(flags + ["--output_tag", "straight"])
-    cotrain.main(flags + ["--output_tag", "resumed", "--stop_after", "3"])
-    cotrain.main(flags + ["--output_tag", "resumed", "--resume"])
+    straight = cotrain.main(flags + ["--output_tag", "straight"])
+    first = cotrain.main(flags + ["--output_tag", "resumed", "--stop_after", "3"])
+    resumed = cotrain.main(flags + ["--output_tag", "resumed", "--resume"])
+    # the checkpoint carries the history: the resumed run returns the whole run's, as the straight run does
+    # (timings aside); compared as JSON, where NaN equals NaN
+    untimed = lambda h: json.dumps({part: [{k: v for k, v in r.items() if "time" not in k} for r in rows]
+                                    for part, rows in h.items()}, sort_keys=True)
+    assert len(first["gen"]) + len(first["ver"]) == 3 and len(resumed["gen"]) + len(resumed["ver"]) == 6
+    assert untimed(resumed) == untimed(straight)
     base = os.environ["NANOCHAT_BASE_DIR"]
     a, _, meta_a = load_checkpoint(os.path.join(base, "cotrain_checkpoints", "straight"), 6, "cpu")
     b, _, meta_b = load_checkpoint(os.path.join(base, "cotrain_checkpoints", "resumed"), 6, "cpu")
@@ -384,6 +390,34 @@ def test_experiment_script_compares_the_arms(sft_base, tmp_path):
     assert missing.returncode != 0 and "no " in missing.stderr and "baseline_s1.json" in missing.stderr
 
 
+def test_experiment_driver_resumes_a_run_left_part_way(sft_base, tmp_path):
+    """With --reuse the driver continues a run that an earlier invocation left part-way, from its last checkpoint:
+    its log is appended to, its result holds every update (the earlier ones from the checkpoint's history), and the
+    report says it was resumed."""
+    import scripts.chat_cotrain as cotrain
+    from dev.cotrain_experiment import run_argv
+    logs = tmp_path / "logs"
+    shared = ["--examples_per_step", "2", "--num_samples", "2", "--device_batch_size", "4", "--eval_examples", "2",
+              "--eval_samples", "2", "--gen_max_tokens", "12", "--eval_every", "0", "--save_every", "1"]
+    args = SimpleNamespace(task="arithmetic", gen_tag="d2", ver_tag="d1", ver_source="sft", num_gen_steps=3,
+                           tag_prefix="part", shared=shared, process_args="", verifier_args="")
+    cotrain.main(run_argv("baseline", 1, args) + ["--stop_after", "2"])  # the earlier invocation, stopped after 2 updates
+    logs.mkdir()
+    (logs / "baseline_s1.log").write_text("the earlier invocation's log\n")
+    flags = ["--gen_tag", "d2", "--ver_tag", "d1", "--seeds", "1", "--num_gen_steps", "3", "--arms", "baseline",
+             "--out", str(tmp_path / "table.md"), "--log_dir", str(logs), "--tag_prefix", "part", "--reuse"]
+    result = subprocess.run([sys.executable, "-m", "dev.cotrain_experiment", *flags, "--", *shared], cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resuming: baseline seed 1" in result.stdout and "(resumed: the minutes count" in result.stdout
+    log = (logs / "baseline_s1.log").read_text()
+    assert log.startswith("the earlier invocation's log") and "resumed co-training at global step 2" in log
+    with open(logs / "baseline_s1.json") as f:
+        data = json.load(f)
+    assert data["resumed"] and len(data["reward_curve"]) == 3
+    assert "Resumed from a checkpoint after an interruption" in (tmp_path / "table.md").read_text()
+
+
 def test_flops_count_the_rollouts_dynamic_sampling_left_out(sft_base, monkeypatch):
     import scripts.chat_cotrain as cotrain
     from tasks.arithmetic import ArithmeticTask
@@ -548,7 +582,7 @@ def test_absurd_learning_rate_stops_before_saving_and_resume_checks_the_config(s
     history = cotrain.main(flags + ["--output_tag", "sane", "--resume"])
     data, _, _ = load_checkpoint(os.path.join(base, "cotrain_checkpoints", "sane"), find_last_step(os.path.join(base, "cotrain_checkpoints", "sane")), "cpu")
     assert all(torch.isfinite(t).all() for role in data.values() for t in role.values())
-    assert len(history["gen"]) + len(history["ver"]) == 2  # the two global steps after the resume point
+    assert len(history["gen"]) + len(history["ver"]) == 4  # two global steps restored from the checkpoint, two after it
 
 
 def test_forced_headers_give_one_verification_line_per_step(sft_base):
