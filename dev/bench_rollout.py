@@ -112,17 +112,24 @@ def step_costs(model, prompts, new_tokens):
 
 
 def profile_step(engine, prompts, args, steps=16):
-    """Which ops a decode step's time goes to (prefill included, a small share over 16 steps); the call before
-    the profiled one compiles or captures. Printed to stdout before the summary line."""
+    """Which ops the decode steps' time goes to: `steps` steps after the first column, so the prefill (whose
+    elementwise work scales with the prompt tokens) and the graph capture stay outside the window; the call
+    before the profiled one compiles or captures. Printed to stdout before the summary line."""
     from torch.profiler import ProfilerActivity, profile
-    kwargs = dict(num_samples=1, max_tokens=steps, temperature=args.temperature, top_k=args.top_k, seed=0)
-    engine.generate_prompts(prompts, **kwargs)
+    engine.generate_prompts(prompts, num_samples=1, max_tokens=steps + 1, temperature=args.temperature, top_k=args.top_k, seed=0)
     cuda = next(engine.model.parameters()).is_cuda
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        engine.generate_prompts(prompts, **kwargs)
-        if cuda:
-            torch.cuda.synchronize()
-    print(f"\n### Profile: mode {engine.decode}, batch {len(prompts)}, {steps} new tokens\n")
+    stream = engine._stream(prompts, 1, steps + 1, args.temperature, args.top_k, 0)
+    next(stream)  # the prefill and the first sampled column
+    if cuda:
+        torch.cuda.synchronize()
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+    prof.start()
+    for _ in stream:
+        pass
+    if cuda:
+        torch.cuda.synchronize()
+    prof.stop()
+    print(f"\n### Profile: mode {engine.decode}, batch {len(prompts)}, {steps} decode steps (prefill outside the window)\n")
     print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=15))
 
 

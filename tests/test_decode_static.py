@@ -256,8 +256,12 @@ def test_cast_weights_on_cuda_give_the_same_tokens(mode):
 
 def test_bench_rollout_smoke():
     cmd = [sys.executable, "-m", "dev.bench_rollout", "--depth", "1", "--vocab_size", "300", "--batch_sizes", "3",
-           "--prompt_lens", "6", "--new_tokens", "5", "--repeats", "1", "--modes", "dynamic-old,static", "--threads", "1"]
+           "--prompt_lens", "6", "--new_tokens", "5", "--repeats", "1", "--modes", "dynamic-old,static", "--threads", "1",
+           "--profile", "static"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+    # the profile covers the decode steps only: 16 of them, one top-k each, the prefill outside the window
+    assert "### Profile: mode static, batch 3, 16 decode steps" in out
+    assert next(line for line in out.splitlines() if line.strip().startswith("aten::topk")).split()[-1] == "16"
     summary = json.loads(out.strip().splitlines()[-1])
     assert [r["mode"] for r in summary["results"]] == ["dynamic-old", "static"]
     for r in summary["results"]:
