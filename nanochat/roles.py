@@ -7,6 +7,7 @@ verifier share one 80 GB GPU (dev/gpu_results.md). With one shared GPT (--shared
 the same objects, and nothing is ever frozen or moved.
 """
 
+import copy
 from dataclasses import asdict, dataclass
 
 import torch
@@ -50,9 +51,17 @@ class Roles:
         self.sampling(active)
         active.train()
 
+    def anchor_verifier(self):
+        """Freeze a copy of the verifier as it is now as its KL anchor (--ver_kl_coef after in-process SFT)."""
+        self.ver_reference = copy.deepcopy(self.verifier).eval()
+        for p in self.ver_reference.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+
     def checkpoint_data(self):
         """(model state, optimizer state, model configs), keyed by role, for a co-training checkpoint. One
-        shared model is stored under both names (its one optimizer under the generator's)."""
+        shared model is stored under both names (its one optimizer under the generator's); the verifier's KL
+        anchor, when there is one, as "ver_reference" (a resume cannot rebuild an anchor taken after SFT)."""
         models = {"generator": self.generator.state_dict()}
         optimizers = {"generator": self.gen_optimizer.state_dict()}
         configs = {"generator": asdict(self.generator.config)}
@@ -62,6 +71,8 @@ class Roles:
             configs["verifier"] = asdict(self.verifier.config)
             if not shared:
                 optimizers["verifier"] = self.ver_optimizer.state_dict()
+        if self.ver_reference is not None:
+            models["ver_reference"] = self.ver_reference.state_dict()
         return models, optimizers, configs
 
     def load_checkpoint_data(self, models, optimizers):
@@ -71,3 +82,7 @@ class Roles:
         if self.verifier is not None and self.verifier is not self.generator:
             self.verifier.load_state_dict(models["verifier"])
             self.ver_optimizer.load_state_dict(optimizers["verifier"])
+        if "ver_reference" in models:  # checkpoints written before anchors were saved keep the one taken at load
+            if self.ver_reference is None:
+                self.anchor_verifier()
+            self.ver_reference.load_state_dict(models["ver_reference"])

@@ -158,8 +158,9 @@ def get_args(argv=None):
                         "the answer check, or exact: right answer and every step clean (gold_step_labels against the "
                         "task's reference chain), so a right answer reached through a wrong step is incorrect")
     p.add_argument("--ver_kl_coef", type=float, default=0.0,
-                   help="k3 KL penalty of the verifier to its starting checkpoint (its warm start), so verifier RL adapts it "
-                        "to the generator's changing solutions without drifting far from a judge that already works")
+                   help="k3 KL penalty of the verifier to its warm start (the checkpoint as loaded, or the verifier right after "
+                        "--verifier_sft_steps), so verifier RL adapts it to the generator's changing solutions without "
+                        "drifting far from a judge that already works")
     p.add_argument("--class_balance", default="sqrt", choices=["sqrt", "inverse", "none"],
                    help="verifier loss weights 1/sqrt(class count) (Tango), 1/count (balanced classes) or none")
     p.add_argument("--collapse_patience", type=int, default=3,
@@ -226,9 +227,6 @@ def get_args(argv=None):
     if args.ver_kl_coef > 0 and (args.no_verifier or args.oracle_verifier or args.shared_model):
         p.error("--ver_kl_coef anchors a verifier model of its own: it excludes --no_verifier, --oracle_verifier and "
                 "--shared_model (where --kl_coef anchors the one model)")
-    if args.ver_kl_coef > 0 and args.verifier_sft_steps > 0:
-        p.error("--ver_kl_coef anchors the verifier as loaded, which must be its warm start: run the verifier SFT first "
-                "(its own run) and load its checkpoint (--ver_source cotrain --ver_tag ...) with --verifier_sft_steps 0")
     if not 0.0 <= args.alpha <= 1.0:
         p.error("--alpha must be in [0, 1]")
     if args.reward == "majority" and (args.reward_fn or args.dynamic_sampling):
@@ -281,8 +279,10 @@ def load_roles(args, device):
         ver_optimizer = gen_optimizer if args.shared_model else make_optimizer(args, verifier, args.ver_init_lr_frac)
         ver_engine = Engine(verifier, tokenizer, decode=args.decode, max_rows=args.max_batch_rows)
     reference = copy.deepcopy(generator).eval() if args.kl_coef > 0 else None
-    # copied as loaded, before a resume loads later weights: the anchor is the warm start (no SFT here, get_args)
-    ver_reference = copy.deepcopy(verifier).eval() if verifier is not None and args.ver_kl_coef > 0 else None
+    # copied as loaded, before a resume loads later weights: the anchor is the warm start. With in-process verifier
+    # SFT the warm start is the verifier after it: main() takes the anchor then, and checkpoints carry it.
+    anchored = verifier is not None and args.ver_kl_coef > 0 and args.verifier_sft_steps == 0
+    ver_reference = copy.deepcopy(verifier).eval() if anchored else None
     gen_engine = Engine(generator, tokenizer, decode=args.decode, max_rows=args.max_batch_rows)
     return Roles(generator, verifier, tokenizer, gen_engine, ver_engine, gen_optimizer, ver_optimizer, device,
                  args.offload_frozen, reference, ver_reference)
@@ -758,6 +758,8 @@ def main(argv=None):
             wandb_run.log({"ver_sft/loss": loss, "ver_sft/step": step})
         stop_if_nonfinite({"verifier": roles.verifier}, "verifier SFT", out_dir, device)
         state["ver_sft_done"] = True
+        if args.ver_kl_coef > 0:
+            roles.anchor_verifier()
     rounds = f" ({args.verifier_warmup_steps} warm-up, then {args.gen_steps}:{args.ver_steps})" if "V" in phases else ""
     print0(f"schedule: {phases.count('V')} verifier steps and {phases.count('G')} generator steps{rounds}")
     if state["global_step"] == 0:

@@ -131,8 +131,7 @@ def test_ver_kl_coef_anchors_the_verifier_to_its_warm_start(sft_base, varied_rew
     b, _, _ = load_checkpoint(os.path.join(base, "cotrain_checkpoints", "kl_resumed"), 4, "cpu")
     for k in a["verifier"]:  # an anchor taken from the resumed weights would give no KL at step 2 and other weights
         assert torch.equal(a["verifier"][k], b["verifier"][k]), k
-    for bad in (["--ver_kl_coef", "-1"], ["--ver_kl_coef", "0.1", "--verifier_sft_steps", "5"],
-                ["--ver_kl_coef", "0.1", "--shared_model"]):
+    for bad in (["--ver_kl_coef", "-1"], ["--ver_kl_coef", "0.1", "--shared_model"]):
         with pytest.raises(SystemExit):
             cotrain.get_args(bad)
     assert "--ver_kl_coef anchors" in capsys.readouterr().err
@@ -199,6 +198,29 @@ def test_alpha_zero_without_verifier_reproduces_chat_rl(sft_base, monkeypatch):
     assert any(not torch.equal(start[k], rl[k]) for k in rl), "the baseline did not train"
     for k in rl:
         assert torch.equal(rl[k], co[k]), k
+
+
+def test_ver_kl_coef_after_in_process_sft_anchors_the_sft_verifier_and_resumes_to_it(sft_base, varied_rewards):
+    """With --verifier_sft_steps the warm start is the verifier after its SFT: the anchor is taken then (so the first
+    verifier step, before any RL update, sees no KL although SFT moved the weights), checkpoints carry it, and a run
+    resumed after the SFT anchors to the same weights (the same end weights as a straight run)."""
+    import scripts.chat_cotrain as cotrain
+    flags = TINY + ["--num_gen_steps", "2", "--gen_steps", "1", "--ver_steps", "1", "--verifier_warmup_steps", "1",
+                    "--verifier_sft_steps", "2", "--verifier_sft_batch", "2", "--ver_kl_coef", "0.5"]
+    straight = cotrain.main(flags + ["--output_tag", "sft_kl_straight"])
+    assert abs(straight["ver"][0]["ver/kl"]) < 1e-6 and straight["ver"][1]["ver/kl"] > 0
+    cotrain.main(flags + ["--output_tag", "sft_kl_resumed", "--stop_after", "2"])
+    cotrain.main(flags + ["--output_tag", "sft_kl_resumed", "--resume"])
+    base = os.environ["NANOCHAT_BASE_DIR"]
+    loaded, _, _ = load_checkpoint(os.path.join(base, "chatsft_checkpoints", "d1"), 0, "cpu")
+    a, _, _ = load_checkpoint(os.path.join(base, "cotrain_checkpoints", "sft_kl_straight"), 4, "cpu")
+    b, _, _ = load_checkpoint(os.path.join(base, "cotrain_checkpoints", "sft_kl_resumed"), 4, "cpu")
+    middle, _, _ = load_checkpoint(os.path.join(base, "cotrain_checkpoints", "sft_kl_resumed"), 2, "cpu")
+    for k in a["ver_reference"]:
+        assert torch.equal(a["ver_reference"][k], middle["ver_reference"][k]), k  # the anchor never trains
+    assert any(not torch.equal(a["ver_reference"][k], loaded[k]) for k in loaded), "the anchor is the loaded verifier, not the SFT one"
+    for k in a["verifier"]:  # an anchor rebuilt from the loaded weights at the resume would give other weights
+        assert torch.equal(a["verifier"][k], b["verifier"][k]), k
 
 
 def test_resume_is_exact(sft_base, varied_rewards):
