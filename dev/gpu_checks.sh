@@ -18,6 +18,9 @@
 #                              # tests, the rollout benchmark at d20 against the Engine as it was ("dynamic-old", today's
 #                              # anchor; "graph-old"), the compiled graph at batch 256, and the co-training step at d20 + d12
 #                              # (tokenizer in .gpu/tokenizer), the verifier's rollout shape at d12; ~7 minutes
+#   bash dev/gpu_checks.sh 7   # where a decode step's device time goes now (decode-only profiles of the fixed-shape step
+#                              # at d20 and d12, batch 256), then the co-training step three times (its ratio to the
+#                              # GRPO step moved 1.25-1.32x between two runs of one command); ~6 minutes
 # Logs go to $OUT (or ./gpu_logs). Parts 2 and 4 need a tokenizer (and shards for base_train) under
 # $NANOCHAT_BASE_DIR, e.g. made here with dev/make_corpus + scripts.tok_train, because a GPU box's Python
 # may have no build of our Rust trainer. Figures are recorded in dev/gpu_results.md.
@@ -85,6 +88,17 @@ elif [ "$1" = 6 ]; then
         --batch_sizes 256 --prompt_lens 384 --new_tokens 128 --repeats 2
     stage bench_rollout_cg 110 $PY -m dev.bench_rollout --device cuda --depth 20 --modes dynamic-old,graph,compiled_graph \
         --batch_sizes 256 --prompt_lens 64 --new_tokens 256 --repeats 2
+elif [ "$1" = 7 ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    stage profile_d20 90 $PY -m dev.bench_rollout --device cuda --depth 20 --modes static --batch_sizes 256 --prompt_lens 64 \
+        --new_tokens 64 --repeats 1 --profile static
+    stage profile_d12 60 $PY -m dev.bench_rollout --device cuda --depth 12 --modes static --batch_sizes 256 --prompt_lens 384 \
+        --new_tokens 32 --repeats 1 --profile static
+    for run in 1 2 3; do
+        stage "bench_cotrain_$run" 100 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 \
+            --samples 16 --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer
+    done
+    grep -h "co-training generator step  " "$LOGS"/bench_cotrain_*.log
 else
     : "${NANOCHAT_BASE_DIR:?set NANOCHAT_BASE_DIR to a directory with tokenizer/ (and base_data/ for base_train)}"
     stage cuda_tests_gpt 60 $PY -m pytest -q -p no:cacheprovider -k cuda tests/test_gpt.py
