@@ -347,13 +347,15 @@ class CastLinears:
     def __init__(self, model, dtype):
         self.dtype = dtype
         self.device = model.get_device()
+        self.released = False
         with torch.inference_mode(False):  # ordinary tensors, so refresh() may write them in or out of inference mode
-            self.pairs = [(weight, weight.detach().to(dtype)) for weight in self.linear_weights(model)]
+            casts = {id(w): torch.nn.Parameter(w.detach().to(dtype), requires_grad=False) for w in self.linear_weights(model)}
             # deepcopy with the memo pre-filled: each cast weight replaces its original, and every other parameter
             # and buffer maps to itself, so only the module objects are new (their classes and flags kept)
             memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-            memo.update({id(weight): torch.nn.Parameter(cast, requires_grad=False) for weight, cast in self.pairs})
+            memo.update(casts)
             self.model = copy.deepcopy(model, memo)
+        self.pairs = [(w, casts[id(w)]) for w in self.linear_weights(model)]  # (the model's weight, its cast)
 
     def linear_weights(self, model):
         return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype != self.dtype]
@@ -367,9 +369,21 @@ class CastLinears:
 
     @torch.no_grad()
     def refresh(self, model):
-        for weight, cast in self.pairs:
-            cast.copy_(weight)
+        with torch.inference_mode(False):
+            for weight, cast in self.pairs:
+                if self.released:
+                    cast.data = weight.detach().to(self.dtype)
+                else:
+                    cast.copy_(weight)
+        self.released = False
         self.model.train(model.training)
+
+    def release(self):
+        """Give the cast weights' memory back, keeping the module objects (a compiled step guards on them, so a
+        new copy would recompile); the next refresh() makes them again."""
+        for _, cast in self.pairs:
+            cast.data = torch.empty(0, dtype=self.dtype, device=cast.device)
+        self.released = True
 
 
 # -----------------------------------------------------------------------------
@@ -574,8 +588,9 @@ class Engine:
         return self._cast.model
 
     def free_sampling_copy(self):
-        """Drop the CastLinears copy (its memory); the next generation makes a new one."""
-        self._cast = None
+        """Give back the memory of the CastLinears copy's weights; the next generation casts them again."""
+        if self._cast is not None:
+            self._cast.release()
 
     def _decode_mode(self, device):
         if self.decode == "auto":

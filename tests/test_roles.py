@@ -23,14 +23,19 @@ def test_training_freezes_the_other_role_and_offloading_frees_the_sampling_copie
     for engine in (roles.gen_engine, roles.ver_engine):
         engine.generate_prompts([[1, 2, 3]], max_tokens=3, temperature=0.0)
         assert engine._cast is not None
+    copies = [engine._cast.model for engine in (roles.gen_engine, roles.ver_engine)]
     roles.training("G")
     assert roles.generator.training and not roles.verifier.training
-    kept = [engine._cast is not None for engine in (roles.gen_engine, roles.ver_engine)]
-    assert kept == [not offload_frozen] * 2
+    held = [engine._cast.model.lm_head.weight.numel() > 0 for engine in (roles.gen_engine, roles.ver_engine)]
+    assert held == [not offload_frozen] * 2  # offloading gives the cast weights' memory back
     roles.training("V")
     assert roles.verifier.training and not roles.generator.training
-    # the next generation makes the copy again and samples what the model itself gives
+    with torch.no_grad():
+        roles.generator.lm_head.weight.mul_(-1)  # an update while the copy was released
+    # the next generation casts the weights again into the same modules (a compiled step keeps its graph) and
+    # samples what the model itself gives
     got = roles.gen_engine.generate_prompts([[4, 5]], max_tokens=5, temperature=0.0)
     want = Engine(roles.generator, StandInTokenizer(), cast_weights=False).generate_prompts([[4, 5]], max_tokens=5,
                                                                                             temperature=0.0)
-    assert got == want and roles.gen_engine._cast is not None
+    assert got == want and roles.gen_engine._cast.model is copies[0]
+    assert roles.gen_engine._cast.model.lm_head.weight.numel() == roles.generator.lm_head.weight.numel()
