@@ -413,10 +413,11 @@ class Engine:
     # the largest activations (the MLP's hidden layer, rows x chunk x 4 n_embd, and the attention scores, rows x
     # heads x chunk x prompt length) under PREFILL_ELEMENT_BUDGET elements. Only the last column's logits are
     # made, so the vocabulary does not enter. (The chunks were sized by full logits before, which cut a 256-row
-    # verifier batch into 4-column chunks: ~90 forward passes for a 350-token prompt.) Measured on this CPU at d4
-    # (2 threads; 64 rows x 253 columns / 256 x 128 / 16 x 375), passes of 4,096 tokens are within 10 % of the
-    # best chunk width and one pass is up to 27 % slower: 946 / 2,034 / 297 ms against 956 / 3,939 / 299 ms
-    # under the old rule. A GPU pass costs ~1,000 kernel launches, so CUDA takes larger passes.
+    # verifier batch into 4-column chunks: ~90 forward passes for a 350-token prompt.) `python -m dev.bench_prefill`
+    # (dev/bench_prefill.md; CPU, d4, 2 threads; 64 rows x 253 columns / 256 x 128 / 16 x 375): passes of 4,096
+    # tokens take 1.25x / 1.94x / 0.96x the old rule's speed, within 6 % of the fastest width timed, where a
+    # single pass is up to 1.3x slower than the fastest. A GPU pass costs ~1,000 kernel launches, so CUDA takes
+    # larger passes (d12, 256 x 384 on an H200: 1.39 s -> 0.29 s, dev/gpu_results.md).
     PREFILL_TOKENS = {"cpu": 4096, "cuda": 32768}
     PREFILL_ELEMENT_BUDGET = 1 << 27
 

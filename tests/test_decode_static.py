@@ -269,6 +269,16 @@ def test_bench_rollout_smoke():
     assert summary["results"][0]["vs_first_mode"] == 1.0
 
 
+def test_bench_prefill_smoke():
+    cmd = [sys.executable, "-m", "dev.bench_prefill", "--depth", "1", "--vocab_size", "300", "--shapes", "3x6",
+           "--widths", "2,4", "--repeats", "1", "--threads", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+    summary = json.loads(out.strip().splitlines()[-1])
+    rows = {r["width_name"]: r for r in summary["results"]}
+    assert set(rows) == {"old rule", "Engine's rule", "2", "4"} and rows["2"]["width"] == 2
+    assert rows["old rule"]["speedup_vs_old"] == 1.0 and all(r["ms"] > 0 for r in rows.values())
+
+
 def test_bench_rollout_old_modes_run_as_the_engine_did_before():
     """"-old" modes: no sampling copy, and prefill chunks as wide as the logits rule made them (4 columns for
     256 rows at a 32K vocabulary), through the Engine's own chunk formula."""

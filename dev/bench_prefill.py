@@ -1,0 +1,81 @@
+"""
+How wide the Engine's prefill passes should be: time the prefill of a batch of left-padded prompts at several
+chunk widths (columns per forward pass), next to the Engine's own rule and the old one (full logits under 2^25
+elements, which cut 256 rows at a 32K vocabulary into 4-column passes), in one run.
+
+    python -m dev.bench_prefill                                   # CPU, d4: the shapes behind Engine.PREFILL_TOKENS
+    python -m dev.bench_prefill --device cuda --depth 12 --shapes 256x384
+
+Random weights and prompts (lengths mixed down to half the longest); each width is timed --repeats times into a
+fresh cache and the fastest is printed. The last line is a JSON summary.
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+from dev.bench_engine import NoStopTokenizer, build_model
+from dev.bench_rollout import make_prompts, old_prefill_chunk, synchronize
+from nanochat.engine import Engine, KVCache
+
+
+def time_prefill(engine, model, ids, pads, chunk, repeats):
+    """Fastest of `repeats` prefills of ids in passes of `chunk` columns, in ms."""
+    engine._prefill_chunk = lambda *_: chunk
+    best = float("inf")
+    for _ in range(repeats):
+        cache = KVCache.for_model(model, ids.size(0), ids.size(1) + 1, dtype=engine._cache_dtype(ids.device),
+                                  pad_lengths=pads)
+        synchronize(ids.device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            engine._prefill(model, ids, cache)
+        synchronize(ids.device)
+        best = min(best, time.perf_counter() - t0)
+    return 1000 * best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--vocab_size", type=int, default=32768)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shapes", default="64x256,256x128,16x384", help="rows x longest prompt, comma-separated")
+    parser.add_argument("--widths", default="4,8,16,32,64,128,256,512", help="chunk widths to time (capped at the prompt)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    model = build_model(args.depth, args.vocab_size, sequence_len=max(256, max(p for _, p in shapes)), device=device)
+    engine = Engine(model, NoStopTokenizer(args.vocab_size))
+    rule = Engine._prefill_chunk.__get__(engine)  # the Engine's own rule, kept before the timings replace it
+    c = model.config
+    print(f"depth {c.n_layer}, n_embd {c.n_embd}, vocab {c.vocab_size}, {args.device}, {torch.get_num_threads()} threads\n")
+    print("| rows | prompt | width | ms | vs the old rule |")
+    print("|---:|---:|---|---:|---:|")
+    results = []
+    for rows, prompt_len in shapes:
+        prompts = make_prompts(rows, prompt_len, args.vocab_size)
+        longest = max(len(p) for p in prompts)
+        pads = [longest - len(p) for p in prompts]
+        ids = torch.tensor([[0] * pad + p for p, pad in zip(prompts, pads)], device=device)
+        widths = {"old rule": old_prefill_chunk(model, rows, longest, device),
+                  "Engine's rule": rule(model, rows, longest, device)}
+        widths.update({str(w): w for w in (int(x) for x in args.widths.split(",")) if w <= 2 * longest})
+        timed = {name: (w, time_prefill(engine, model, ids, pads, w, args.repeats)) for name, w in widths.items()}
+        anchor = timed["old rule"][1]
+        for name, (w, ms) in timed.items():
+            label = f"{name} ({w})" if not name.isdigit() else name
+            print(f"| {rows} | {longest} | {label} | {ms:.0f} | {anchor / ms:.2f}x |")
+            results.append(dict(rows=rows, prompt=longest, width_name=name, width=w, ms=ms, speedup_vs_old=anchor / ms))
+    print(json.dumps(dict(device=args.device, depth=args.depth, vocab_size=args.vocab_size, threads=torch.get_num_threads(),
+                          results=results)))
+
+
+if __name__ == "__main__":
+    main()
