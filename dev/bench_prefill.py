@@ -50,7 +50,13 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    try:
+        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+        widths = [int(x) for x in args.widths.split(",")]
+    except ValueError:
+        parser.error(f"--shapes takes ROWSxPROMPT,... and --widths W,... (got {args.shapes!r}, {args.widths!r})")
+    if any(len(shape) != 2 or min(shape) < 1 for shape in shapes) or min(widths) < 1:
+        parser.error(f"--shapes takes positive ROWSxPROMPT pairs and --widths positive ints (got {args.shapes!r}, {args.widths!r})")
     model = build_model(args.depth, args.vocab_size, sequence_len=max(256, max(p for _, p in shapes)), device=device)
     engine = Engine(model, NoStopTokenizer(args.vocab_size))
     rule = Engine._prefill_chunk.__get__(engine)  # the Engine's own rule, kept before the timings replace it
@@ -64,10 +70,10 @@ def main():
         longest = max(len(p) for p in prompts)
         pads = [longest - len(p) for p in prompts]
         ids = torch.tensor([[0] * pad + p for p, pad in zip(prompts, pads)], device=device)
-        widths = {"old rule": old_prefill_chunk(model, rows, longest, device),
-                  "Engine's rule": rule(model, rows, longest, device)}
-        widths.update({str(w): w for w in (int(x) for x in args.widths.split(",")) if w <= 2 * longest})
-        timed = {name: (w, time_prefill(engine, model, ids, pads, w, args.repeats)) for name, w in widths.items()}
+        named = {"old rule": old_prefill_chunk(model, rows, longest, device),
+                 "Engine's rule": rule(model, rows, longest, device)}
+        named.update({str(w): w for w in widths if w <= 2 * longest})
+        timed = {name: (w, time_prefill(engine, model, ids, pads, w, args.repeats)) for name, w in named.items()}
         anchor = timed["old rule"][1]
         for name, (w, ms) in timed.items():
             label = f"{name} ({w})" if not name.isdigit() else name
