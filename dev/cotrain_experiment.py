@@ -77,11 +77,16 @@ def worker(argv, out_path):
         json.dump(summary, f)
 
 
+def run_tag(arm, seed, args):
+    """The checkpoint tag of one run."""
+    return f"{args.tag_prefix}_{arm}_s{seed}"
+
+
 def run_argv(arm, seed, args):
     """The chat_cotrain flags of one run."""
     argv = ["--task", args.task, "--seed", str(seed), "--device_type", "cpu", "--gen_source", "sft", "--gen_tag", args.gen_tag,
             "--ver_source", args.ver_source, "--ver_tag", args.ver_tag, "--num_gen_steps", str(args.num_gen_steps),
-            "--output_tag", f"{args.tag_prefix}_{arm}_s{seed}"] + args.shared + ARMS[arm][1]
+            "--output_tag", run_tag(arm, seed, args)] + args.shared + ARMS[arm][1]
     if arm != "baseline":
         argv += shlex.split(args.process_args)
     if arm in LEARNED:
@@ -93,7 +98,7 @@ def has_checkpoint(arm, seed, args):
     """Whether an earlier invocation left a co-training checkpoint of this run (it stopped part-way)."""
     from nanochat.checkpoint_manager import CHECKPOINT_DIRS, list_steps
     from nanochat.common import get_base_dir
-    directory = os.path.join(get_base_dir(), CHECKPOINT_DIRS["cotrain"], f"{args.tag_prefix}_{arm}_s{seed}")
+    directory = os.path.join(get_base_dir(), CHECKPOINT_DIRS["cotrain"], run_tag(arm, seed, args))
     return os.path.isdir(directory) and bool(list_steps(directory))
 
 

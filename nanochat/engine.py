@@ -349,21 +349,24 @@ class CastLinears:
         self.device = model.get_device()
         self.released = False
         with torch.inference_mode(False):  # ordinary tensors, so refresh() may write them in or out of inference mode
-            casts = {id(w): torch.nn.Parameter(w.detach().to(dtype), requires_grad=False) for w in self.linear_weights(model)}
+            casts = {id(w): torch.nn.Parameter(w.detach().to(dtype), requires_grad=False)
+                     for w in self.linear_weights(model, dtype)}
             # deepcopy with the memo pre-filled: each cast weight replaces its original, and every other parameter
             # and buffer maps to itself, so only the module objects are new (their classes and flags kept)
             memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
             memo.update(casts)
             self.model = copy.deepcopy(model, memo)
-        self.pairs = [(w, casts[id(w)]) for w in self.linear_weights(model)]  # (the model's weight, its cast)
+        self.pairs = [(w, casts[id(w)]) for w in self.linear_weights(model, dtype)]  # (the model's weight, its cast)
 
-    def linear_weights(self, model):
-        return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype != self.dtype]
+    @staticmethod
+    def linear_weights(model, dtype):
+        """The weights of model's linear layers that are not in dtype yet (the ones a copy casts)."""
+        return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype != dtype]
 
     def fits(self, model):
         """Still a copy of this model: the same weight tensors, on the device the copy was made on (offloading
         moves a model's weights; loading with assign=True replaces them)."""
-        weights = self.linear_weights(model)
+        weights = self.linear_weights(model, self.dtype)
         return (model.get_device() == self.device and len(weights) == len(self.pairs)
                 and all(w is old for w, (old, _) in zip(weights, self.pairs)))
 
@@ -579,7 +582,7 @@ class Engine:
         dtype = self.cast_weights
         if dtype == "auto":
             dtype = COMPUTE_DTYPE if device.type == "cuda" and COMPUTE_DTYPE != torch.float32 else None
-        if not dtype or not any(m.weight.dtype != dtype for m in model.modules() if isinstance(m, torch.nn.Linear)):
+        if not dtype or not CastLinears.linear_weights(model, dtype):
             return model  # nothing to cast (e.g. weights already in bf16)
         if self._cast is None or self._cast.dtype != dtype or not self._cast.fits(model):
             self._cast = None  # free the old copy before making the new one

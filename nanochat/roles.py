@@ -52,7 +52,7 @@ class Roles:
         active.train()
 
     def anchor_verifier(self):
-        """Freeze a copy of the verifier as it is now as its KL anchor (--ver_kl_coef after in-process SFT)."""
+        """Freeze a copy of the verifier as it is now as its KL anchor (--ver_kl_coef): at load, or after in-process SFT."""
         self.ver_reference = copy.deepcopy(self.verifier).eval()
         for p in self.ver_reference.parameters():
             p.requires_grad_(False)

@@ -279,13 +279,14 @@ def load_roles(args, device):
         ver_optimizer = gen_optimizer if args.shared_model else make_optimizer(args, verifier, args.ver_init_lr_frac)
         ver_engine = Engine(verifier, tokenizer, decode=args.decode, max_rows=args.max_batch_rows)
     reference = copy.deepcopy(generator).eval() if args.kl_coef > 0 else None
+    gen_engine = Engine(generator, tokenizer, decode=args.decode, max_rows=args.max_batch_rows)
+    roles = Roles(generator, verifier, tokenizer, gen_engine, ver_engine, gen_optimizer, ver_optimizer, device,
+                  args.offload_frozen, reference)
     # copied as loaded, before a resume loads later weights: the anchor is the warm start. With in-process verifier
     # SFT the warm start is the verifier after it: main() takes the anchor then, and checkpoints carry it.
-    anchored = verifier is not None and args.ver_kl_coef > 0 and args.verifier_sft_steps == 0
-    ver_reference = copy.deepcopy(verifier).eval() if anchored else None
-    gen_engine = Engine(generator, tokenizer, decode=args.decode, max_rows=args.max_batch_rows)
-    return Roles(generator, verifier, tokenizer, gen_engine, ver_engine, gen_optimizer, ver_optimizer, device,
-                 args.offload_frozen, reference, ver_reference)
+    if verifier is not None and args.ver_kl_coef > 0 and args.verifier_sft_steps == 0:
+        roles.anchor_verifier()
+    return roles
 
 
 def judge(args, roles, task, solutions, num_verifications, temperature, seed):
@@ -698,13 +699,13 @@ def save(args, roles, out_dir, state, balancer, rank, history):
 
 def resume(args, roles, out_dir, balancer, rank):
     """Load the last co-training checkpoint into both roles; returns the loop state to continue from and the
-    history so far (empty for a checkpoint written before histories were kept)."""
+    history so far (None for a checkpoint written before histories were kept)."""
     step = find_resume_step(out_dir, vars(args))  # refuses a checkpoint that another run config wrote
     model_data, optim_data, meta = load_checkpoint(out_dir, step, roles.device, load_optimizer=True, rank=rank)
     roles.load_checkpoint_data(model_data, optim_data)
     balancer.load_state_dict(meta["class_balancer"])
     state = meta["loop_state"]
-    history = meta.get("history") or {"gen": [], "ver": [], "eval": []}
+    history = meta.get("history")
     print0(f"resumed co-training at global step {state['global_step']} (gen {state['gen_step']}, ver {state['ver_step']})")
     return state, history
 
@@ -744,7 +745,8 @@ def main(argv=None):
     state = {"global_step": 0, "gen_step": 0, "ver_step": 0, "ver_sft_done": False}
     history = {"gen": [], "ver": [], "eval": []}
     if args.resume:
-        state, history = resume(args, roles, out_dir, balancer, rank)
+        state, saved = resume(args, roles, out_dir, balancer, rank)
+        history = saved or history
 
     def log_eval(label):
         metrics = evaluate(args, roles, val_task, rank, world_size)
