@@ -12,7 +12,9 @@ CUDA graph ("compiled_graph").
 A mode ending in "-old" runs as the Engine did when issue 17 was filed: no sampling copy with the linear
 weights cast to bf16 once (Engine(cast_weights=False): autocast casts them at every step) and the prompt
 prefilled in chunks sized by the full logits (rows x columns x vocab under 2^25 elements), which cut a
-256-row batch into 4-column chunks. So "dynamic-old" is today's anchor for the issue's goals.
+256-row batch into 4-column chunks, and captured graphs attended without cuDNN's kernel. So "dynamic-old" is
+today's anchor for the issue's goals. A mode ending in "-nocudnn" ("graph-nocudnn") is today's Engine but for
+that last point: it isolates the attention kernel.
 
 For each (batch, prompt length, new tokens) the modes run interleaved (mode A, mode B, ..., then again),
 so a machine shared with other work disturbs them alike; read the ratios. Every timed call is
@@ -29,12 +31,14 @@ a warm-up and its time (compilation, graph capture) is printed separately. The l
 """
 
 import argparse
+import itertools
 import json
 import os
 import statistics
 import time
 
 import torch
+from torch.nn.attention import SDPBackend
 
 from dev.bench_engine import NoStopTokenizer, build_model
 from nanochat.common import get_peak_flops
@@ -83,9 +87,12 @@ def time_rollout(engine, prompts, new_tokens, temperature, top_k):
 def make_engine(model, tokenizer, mode):
     """An Engine for a mode name: "graph", or "graph-old" for the same loop as it ran before (module docstring)."""
     decode, old = (mode[:-len("-old")], True) if mode.endswith("-old") else (mode, False)
+    decode, no_cudnn = (decode[:-len("-nocudnn")], True) if decode.endswith("-nocudnn") else (decode, False)
     engine = Engine(model, tokenizer, decode=decode, cast_weights=False if old else "auto")
     if old:
         engine._prefill_chunk = old_prefill_chunk
+    if old or no_cudnn:  # captured graphs attend with the kernels every other path uses (no cuDNN)
+        engine.GRAPH_SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
     return engine, old
 
 
@@ -133,6 +140,43 @@ def profile_step(engine, prompts, args, steps=16):
     print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=15))
 
 
+@torch.inference_mode()  # the cache's tensors are inference tensors: only written to inside this mode
+def graph_breakdown(engine, prompts, new_tokens, args, steps=64):
+    """Where a graph step's wall time goes: the step as the Engine's loop runs it (host bookkeeping, copies,
+    replay, reading the tokens back) against the same captured graph replayed back to back with no host
+    work between replays (the device's time per step, gaps between its kernels included). The difference
+    is the host's share, which the device waits for. The stream asks for new_tokens tokens, so the cache
+    has the timed table's length, and `steps` of its steps are timed."""
+    device = engine.model.get_device()
+    steps = max(1, min(steps, new_tokens - 1))
+    stream = engine._stream(prompts, 1, new_tokens, args.temperature, args.top_k, 0)
+    next(stream)  # the prefill, the capture and the first column
+    graphed = next(iter(engine._graphs.values()))
+    start = graphed.cache.pos.clone()
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in itertools.islice(stream, steps):
+        pass
+    synchronize(device)
+    loop = (time.perf_counter() - t0) / steps
+    stream.close()  # drops the Engine's graphs; this one still holds its cache and memory pool
+    for _ in range(3):
+        graphed.cache.pos.copy_(start)
+        graphed.replay()
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        graphed.cache.pos.copy_(start)  # keep the writes inside the cache
+        graphed.replay()
+    synchronize(device)
+    replay = (time.perf_counter() - t0) / steps
+    print(f"\n### Breakdown: mode {engine.decode}, batch {len(prompts)}, {graphed.cache.capacity}-column cache: step in "
+          f"the loop {1000 * loop:.2f} ms, graph replayed back to back {1000 * replay:.2f} ms, host's share "
+          f"{1000 * (loop - replay):.2f} ms ({100 * (loop - replay) / loop:.0f} %)")
+    return dict(mode=engine.decode, batch=len(prompts), capacity=graphed.cache.capacity, loop_ms=1000 * loop,
+                replay_ms=1000 * replay)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=4)
@@ -150,6 +194,8 @@ def main():
     parser.add_argument("--bf16_weights", action="store_true", help="cast the weights to bf16 (inference only)")
     parser.add_argument("--profile", default=None, help="after the timings, profile 16 decode steps of this mode at each batch "
                                                         "size: the ops that take the device's (CPU: the host's) time")
+    parser.add_argument("--breakdown", action="store_true", help="after the timings, for each graph mode and batch size: "
+                        "the step in the loop against its graph replayed back to back (CUDA)")
     parser.add_argument("--peak_bandwidth", type=float, default=None, help="bytes/s (default: by device name; CPU 20e9)")
     parser.add_argument("--peak_flops", type=float, default=None, help="FLOP/s (default: nanochat.common.get_peak_flops)")
     args = parser.parse_args()
@@ -215,12 +261,19 @@ def main():
     if args.profile:
         for batch in batch_sizes:
             profile_step(engines[args.profile], make_prompts(batch, max(prompt_lens), args.vocab_size), args)
+    breakdowns = []
+    if args.breakdown:
+        for batch in batch_sizes:
+            for mode in modes:
+                if engines[mode].decode in Engine.GRAPH_MODES:
+                    breakdowns.append(graph_breakdown(engines[mode], make_prompts(batch, max(prompt_lens), args.vocab_size),
+                                                      max(new_token_counts), args))
     load_after = os.getloadavg()
     print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f}; {os.cpu_count()} CPUs; "
           f"wall {time.perf_counter() - t_start:.0f} s; torch {torch.__version__}; 'vs dynamic' = tok/s over the first mode's")
     summary = dict(device=args.device, depth=args.depth, vocab_size=args.vocab_size, threads=torch.get_num_threads(),
                    peak_bandwidth=peak_bw, peak_flops=peak_flops, modes=modes, load_before=load_before[0],
-                   load_after=load_after[0], results=results)
+                   load_after=load_after[0], results=results, breakdowns=breakdowns)
     print(json.dumps(summary))
 
 

@@ -19,8 +19,12 @@
 #                              # anchor; "graph-old"), the compiled graph at batch 256, and the co-training step at d20 + d12
 #                              # (tokenizer in .gpu/tokenizer), the verifier's rollout shape at d12; ~7 minutes
 #   bash dev/gpu_checks.sh 7   # where a decode step's device time goes now (decode-only profiles of the fixed-shape step
-#                              # at d20 and d12, batch 256), then the co-training step three times (its ratio to the
-#                              # GRPO step moved 1.25-1.32x between two runs of one command); ~6 minutes
+#                              # at d20 and d12, batch 256) and which attention kernel reads a batch-256 cache fastest
+#                              # (dev/bench_decode_attention); ~4 minutes
+#   bash dev/gpu_checks.sh 8   # cuDNN attention in captured graphs: the kernels, the graph tests, the rollout against
+#                              # today's anchor and the graph without cuDNN, the co-training step three times; ~6 minutes
+#   bash dev/gpu_checks.sh 9   # what part 8 left: cuDNN in the graph at batch 1 and at the verifier's shape, cuDNN in
+#                              # the verifier's prefill (first call and repeats), the d20 breakdown; ~5 minutes
 # Logs go to $OUT (or ./gpu_logs). Parts 2 and 4 need a tokenizer (and shards for base_train) under
 # $NANOCHAT_BASE_DIR, e.g. made here with dev/make_corpus + scripts.tok_train, because a GPU box's Python
 # may have no build of our Rust trainer. Figures are recorded in dev/gpu_results.md.
@@ -94,11 +98,34 @@ elif [ "$1" = 7 ]; then
         --new_tokens 64 --repeats 1 --profile static
     stage profile_d12 60 $PY -m dev.bench_rollout --device cuda --depth 12 --modes static --batch_sizes 256 --prompt_lens 384 \
         --new_tokens 32 --repeats 1 --profile static
+    stage decode_attention 150 $PY -m dev.bench_decode_attention --device cuda
+elif [ "$1" = 8 ]; then
+    # cuDNN's attention kernel inside captured graphs (issue 17): the kernels at the decode shapes, the graph tests,
+    # the rollout against today's anchor and against the same graph without cuDNN, then the co-training step three
+    # times (tokenizer in .gpu/tokenizer); ~6 minutes
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    stage decode_attention 30 $PY -m dev.bench_decode_attention --device cuda --variants sdpa_mask,efficient,cudnn_mask,cudnn
+    stage graph_tests 60 $PY -m pytest -q -p no:cacheprovider -k "(on_cuda and graph and not compile) or cuda_generation" \
+        tests/test_decode_static.py tests/test_engine.py
+    stage bench_rollout 60 $PY -m dev.bench_rollout --device cuda --depth 20 --modes dynamic-old,graph-nocudnn,graph \
+        --batch_sizes 256 --prompt_lens 64 --new_tokens 256 --repeats 1
     for run in 1 2 3; do
-        stage "bench_cotrain_$run" 100 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 \
+        stage "bench_cotrain_$run" 65 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 \
             --samples 16 --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer
     done
     grep -h "co-training generator step  " "$LOGS"/bench_cotrain_*.log
+elif [ "$1" = 9 ]; then
+    # what part 8 left unmeasured: cuDNN in the graph at batch 1, at the verifier's shape, and in the prefill (which
+    # the Engine still runs without cuDNN: a plan per shape); the d20 breakdown on the table's cache; ~5 minutes
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    stage bench_rollout_b1 70 $PY -m dev.bench_rollout --device cuda --depth 20 --modes dynamic-old,graph-nocudnn,graph \
+        --batch_sizes 1 --prompt_lens 64 --new_tokens 256 --repeats 2
+    stage bench_rollout_d12 60 $PY -m dev.bench_rollout --device cuda --depth 12 --modes dynamic-old,graph-nocudnn,graph \
+        --batch_sizes 256 --prompt_lens 384 --new_tokens 128 --repeats 1
+    stage bench_prefill 60 $PY -m dev.bench_prefill --device cuda --depth 12 --shapes 256x384,256x200 --widths 128 \
+        --attention engine,cudnn --repeats 3
+    stage breakdown_d20 60 $PY -m dev.bench_rollout --device cuda --depth 20 --modes graph --batch_sizes 256 --prompt_lens 64 \
+        --new_tokens 256 --repeats 1 --breakdown
 else
     : "${NANOCHAT_BASE_DIR:?set NANOCHAT_BASE_DIR to a directory with tokenizer/ (and base_data/ for base_train)}"
     stage cuda_tests_gpt 60 $PY -m pytest -q -p no:cacheprovider -k cuda tests/test_gpt.py

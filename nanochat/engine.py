@@ -324,8 +324,9 @@ class GraphedStep:
 
 def inference_context(device_type):
     """Autocast, and on CUDA every SDPA kernel but cuDNN's. cuDNN attention builds a plan for each new
-    key length, i.e. on every decode step: measured on an H100 at depth 20, a batch-1 step took 56.7 ms
-    with it and 12.6 ms without (dev/gpu_results.md)."""
+    key length, i.e. on every step of a growing cache: measured on an H100 at depth 20, a batch-1 step took
+    56.7 ms with it and 12.6 ms without (dev/gpu_results.md). A captured graph has one key length and takes
+    cuDNN's kernel first (Engine.GRAPH_SDPA_BACKENDS)."""
     stack = contextlib.ExitStack()
     stack.enter_context(autocast_context(device_type))
     if device_type == "cuda":
@@ -427,6 +428,12 @@ class Engine:
     DECODE_MODES = ("auto", "dynamic", "static", "compile", "graph", "compiled_graph")
     GRAPH_MODES = ("graph", "compiled_graph")  # CUDA only; one captured shape: the batch bucket never shrinks
     CAPACITY_QUANTUM = 64  # static caches are a multiple of this long: few shapes, few recompiles
+    # Attention kernels a captured step may use, first choice first. cuDNN's is left out of every other path
+    # (inference_context: it builds a plan per key length), but a graph has one key length, so it plans once;
+    # at a batch-256 decode shape it reads the cache ~2x faster than the memory-efficient kernel SDPA picks
+    # otherwise (dev/bench_decode_attention, dev/gpu_results.md). SDPA falls back down the list where it cannot.
+    GRAPH_SDPA_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                           SDPBackend.MATH)
 
     def __init__(self, model, tokenizer, decode="auto", max_rows=None, cast_weights="auto"):
         """max_rows (None: no limit): the most rows generate_prompts samples in one batched pass. The KV cache
@@ -760,8 +767,13 @@ class Engine:
                 cache = StaticKVCache.for_model(model, batch, capacity, dtype=dtype)
                 fn = self._compiled() if mode == "compiled_graph" else decode_step
                 try:
-                    # the capture's warm-up runs compile the step first (compiled_graph)
-                    self._graphs[key] = GraphedStep(fn, model, cache, width, temperature, top_k)
+                    # the capture's warm-up runs compile the step first (compiled_graph); the kernels chosen
+                    # then are the ones every replay runs, so the attention backends are picked here. The compiled
+                    # graph keeps the other paths' kernels until its capture with cuDNN has run on a GPU.
+                    backends = (sdpa_kernel(list(self.GRAPH_SDPA_BACKENDS), set_priority=True) if mode == "graph"
+                                else contextlib.nullcontext())
+                    with backends:
+                        self._graphs[key] = GraphedStep(fn, model, cache, width, temperature, top_k)
                 except Exception as e:  # not verified on every GPU/driver: a failed capture must not end a run
                     if self.decode != "auto":
                         raise

@@ -218,6 +218,65 @@ def test_graphed_step_plumbing_on_cpu(monkeypatch):
     assert engine._graphs == {}  # the captured step and its cache are given back after each generation
 
 
+def test_graph_capture_puts_cudnn_attention_first(monkeypatch):
+    """A captured step may attend with cuDNN's kernel, first choice (a graph has one key length, so cuDNN plans
+    once), while the other paths leave it out (inference_context); the benchmark's "-old" and "-nocudnn"
+    engines capture without it. On CPU the kernel choice is only recorded: SDPA ignores it there."""
+    from torch.nn.attention import SDPBackend
+
+    from dev.bench_rollout import make_engine
+    seen = []
+
+    def capture(run):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order()[0]))
+        return FakeGraph.capture(run)
+    monkeypatch.setattr(GraphedStep, "capture", staticmethod(capture))
+    model = tiny_model(seed=8)
+    prompts = mixed_prompts(3, (6, 2, 9))
+    want = Engine(model, StandInTokenizer(), decode="static").generate_prompts(prompts, max_tokens=6, temperature=0.0)
+    before = (torch.backends.cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order())
+    for mode, cudnn in (("graph", True), ("graph-nocudnn", False), ("graph-old", False)):
+        engine = make_engine(model, StandInTokenizer(), mode)[0]
+        engine._decode_mode = lambda device: "graph"
+        assert engine.generate_prompts(prompts, max_tokens=6, temperature=0.0) == want
+        assert seen.pop()[0] is cudnn
+    engine = make_engine(model, StandInTokenizer(), "graph")[0]
+    engine._decode_mode = lambda device: "graph"
+    engine.generate_prompts(prompts, max_tokens=6, temperature=0.0)
+    assert seen == [(True, SDPBackend.CUDNN_ATTENTION.value)]
+    assert (torch.backends.cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order()) == before  # restored
+
+
+def test_bench_rollout_breakdown_on_a_stand_in_graph(monkeypatch, capsys):
+    """--breakdown times the step in the Engine's loop and the captured graph replayed alone, on a cache of the
+    timed table's length (CPU: the capture stands in, the replay runs the step eagerly)."""
+    import dev.bench_rollout as bench_rollout
+    monkeypatch.setattr(GraphedStep, "capture", staticmethod(FakeGraph.capture))
+    monkeypatch.setattr(Engine, "_decode_mode", lambda self, device: self.decode)
+    monkeypatch.setattr(sys, "argv", ["bench_rollout", "--depth", "1", "--vocab_size", "300", "--batch_sizes", "3",
+                                      "--prompt_lens", "6", "--new_tokens", "70", "--repeats", "1", "--modes", "graph",
+                                      "--threads", "1", "--breakdown"])
+    bench_rollout.main()
+    out = capsys.readouterr().out
+    assert "### Breakdown: mode graph, batch 3, 128-column cache: step in the loop" in out  # 6 + 70 -> 128
+    (row,) = json.loads(out.strip().splitlines()[-1])["breakdowns"]
+    assert row["capacity"] == 128 and row["loop_ms"] > 0 and row["replay_ms"] > 0
+
+
+def test_bench_decode_attention_smoke():
+    cmd = [sys.executable, "-m", "dev.bench_decode_attention", "--shapes", "3x2x8x16x10x2", "--iters", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = {r["variant"]: r for r in json.loads(out.strip().splitlines()[-1])["results"]}
+    assert set(rows) == {"sdpa_mask", "sdpa_window", "sdpa_bias", "matmul"}
+    assert rows["sdpa_mask"]["speedup"] == 1.0 and all(r["ms"] > 0 for r in rows.values())
+    assert all(r["max_diff"] < 1e-5 for r in rows.values())  # fp32 on CPU: the variants agree
+    for bad, message in ((["--shapes", "3x2x8x16x20x2"], "0 < filled <= capacity"), (["--shapes", "3x2"], "bad shape"),
+                         (["--variants", "cudnn"], "unknown variants")):
+        run = subprocess.run([sys.executable, "-m", "dev.bench_decode_attention", *bad], capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 2 and message in run.stderr
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["graph", "compile", "compiled_graph"])
 def test_fixed_shape_step_on_cuda_matches_the_eager_step(mode):
@@ -271,12 +330,13 @@ def test_bench_rollout_smoke():
 
 def test_bench_prefill_smoke():
     cmd = [sys.executable, "-m", "dev.bench_prefill", "--depth", "1", "--vocab_size", "300", "--shapes", "3x6",
-           "--widths", "2,4", "--repeats", "1", "--threads", "1"]
+           "--widths", "2,4", "--repeats", "2", "--threads", "1", "--attention", "engine,cudnn"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
     summary = json.loads(out.strip().splitlines()[-1])
-    rows = {r["width_name"]: r for r in summary["results"]}
-    assert set(rows) == {"old rule", "Engine's rule", "2", "4"} and rows["2"]["width"] == 2
-    assert rows["old rule"]["speedup_vs_old"] == 1.0 and all(r["ms"] > 0 for r in rows.values())
+    rows = {(r["width_name"], r["attention"]): r for r in summary["results"]}
+    assert set(rows) == {(name, attention) for name in ("old rule", "Engine's rule", "2", "4") for attention in ("engine", "cudnn")}
+    assert rows[("2", "cudnn")]["width"] == 2 and rows[("old rule", "engine")]["speedup_vs_old"] == 1.0
+    assert all(r["first_ms"] > 0 and r["ms"] > 0 for r in rows.values())
 
 
 def test_bench_rollout_old_modes_run_as_the_engine_did_before():
