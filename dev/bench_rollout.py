@@ -14,7 +14,8 @@ weights cast to bf16 once (Engine(cast_weights=False): autocast casts them at ev
 prefilled in chunks sized by the full logits (rows x columns x vocab under 2^25 elements), which cut a
 256-row batch into 4-column chunks, and captured graphs attended without cuDNN's kernel. So "dynamic-old" is
 today's anchor for the issue's goals. A mode ending in "-nocudnn" ("graph-nocudnn") is today's Engine but for
-that last point: it isolates the attention kernel.
+that last point: it isolates the attention kernel; "-cudnn" ("compiled_graph-cudnn") gives cuDNN's kernel to a graph
+mode that does not take it yet (Engine.CUDNN_GRAPH_MODES).
 
 For each (batch, prompt length, new tokens) the modes run interleaved (mode A, mode B, ..., then again),
 so a machine shared with other work disturbs them alike; read the ratios. Every timed call is
@@ -38,7 +39,6 @@ import statistics
 import time
 
 import torch
-from torch.nn.attention import SDPBackend
 
 from dev.bench_engine import NoStopTokenizer, build_model
 from nanochat.common import get_peak_flops
@@ -87,12 +87,14 @@ def time_rollout(engine, prompts, new_tokens, temperature, top_k):
 def make_engine(model, tokenizer, mode):
     """An Engine for a mode name: "graph", or "graph-old" for the same loop as it ran before (module docstring)."""
     decode, old = (mode[:-len("-old")], True) if mode.endswith("-old") else (mode, False)
-    decode, no_cudnn = (decode[:-len("-nocudnn")], True) if decode.endswith("-nocudnn") else (decode, False)
+    decode, cudnn = decode.rsplit("-", 1) if decode.endswith(("-cudnn", "-nocudnn")) else (decode, None)
     engine = Engine(model, tokenizer, decode=decode, cast_weights=False if old else "auto")
     if old:
         engine._prefill_chunk = old_prefill_chunk
-    if old or no_cudnn:  # captured graphs attend with the kernels every other path uses (no cuDNN)
-        engine.GRAPH_SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+    if old or cudnn == "nocudnn":  # captured graphs attend with the kernels every other path uses
+        engine.CUDNN_GRAPH_MODES = ()
+    elif cudnn == "cudnn":  # every graph mode takes cuDNN's kernel first
+        engine.CUDNN_GRAPH_MODES = Engine.GRAPH_MODES
     return engine, old
 
 

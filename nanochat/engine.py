@@ -434,6 +434,7 @@ class Engine:
     # otherwise (dev/bench_decode_attention, dev/gpu_results.md). SDPA falls back down the list where it cannot.
     GRAPH_SDPA_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                            SDPBackend.MATH)
+    CUDNN_GRAPH_MODES = ("graph",)  # compiled_graph keeps the other paths' kernels until its capture with cuDNN runs on a GPU
 
     def __init__(self, model, tokenizer, decode="auto", max_rows=None, cast_weights="auto"):
         """max_rows (None: no limit): the most rows generate_prompts samples in one batched pass. The KV cache
@@ -768,10 +769,9 @@ class Engine:
                 fn = self._compiled() if mode == "compiled_graph" else decode_step
                 try:
                     # the capture's warm-up runs compile the step first (compiled_graph); the kernels chosen
-                    # then are the ones every replay runs, so the attention backends are picked here. The compiled
-                    # graph keeps the other paths' kernels until its capture with cuDNN has run on a GPU.
-                    backends = (sdpa_kernel(list(self.GRAPH_SDPA_BACKENDS), set_priority=True) if mode == "graph"
-                                else contextlib.nullcontext())
+                    # then are the ones every replay runs, so the attention backends are picked here
+                    backends = (sdpa_kernel(list(self.GRAPH_SDPA_BACKENDS), set_priority=True)
+                                if mode in self.CUDNN_GRAPH_MODES else contextlib.nullcontext())
                     with backends:
                         self._graphs[key] = GraphedStep(fn, model, cache, width, temperature, top_k)
                 except Exception as e:  # not verified on every GPU/driver: a failed capture must not end a run

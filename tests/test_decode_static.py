@@ -220,26 +220,30 @@ def test_graphed_step_plumbing_on_cpu(monkeypatch):
 
 def test_graph_capture_puts_cudnn_attention_first(monkeypatch):
     """A captured step may attend with cuDNN's kernel, first choice (a graph has one key length, so cuDNN plans
-    once), while the other paths leave it out (inference_context); the benchmark's "-old" and "-nocudnn"
-    engines capture without it. On CPU the kernel choice is only recorded: SDPA ignores it there."""
+    once), while the other paths leave it out (inference_context); the compiled graph does not yet, and the
+    benchmark's "-old" / "-nocudnn" / "-cudnn" engines say otherwise. On CPU the kernel choice is only recorded:
+    SDPA ignores it there."""
     from torch.nn.attention import SDPBackend
 
     from dev.bench_rollout import make_engine
     seen = []
 
     def capture(run):
-        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order()[0]))
+        first = torch._C._get_sdp_priority_order()[0] == SDPBackend.CUDNN_ATTENTION.value
+        seen.append((first and torch.backends.cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order()[0]))
         return FakeGraph.capture(run)
     monkeypatch.setattr(GraphedStep, "capture", staticmethod(capture))
     model = tiny_model(seed=8)
     prompts = mixed_prompts(3, (6, 2, 9))
     want = Engine(model, StandInTokenizer(), decode="static").generate_prompts(prompts, max_tokens=6, temperature=0.0)
     before = (torch.backends.cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order())
-    for mode, cudnn in (("graph", True), ("graph-nocudnn", False), ("graph-old", False)):
+    for mode, cudnn in (("graph", True), ("graph-nocudnn", False), ("graph-old", False), ("compiled_graph", False),
+                        ("compiled_graph-cudnn", True)):
         engine = make_engine(model, StandInTokenizer(), mode)[0]
-        engine._decode_mode = lambda device: "graph"
+        engine._compiled = lambda: engine_module.decode_step  # the capture's choice of kernels is what is checked
+        engine._decode_mode = lambda device, decode=engine.decode: decode
         assert engine.generate_prompts(prompts, max_tokens=6, temperature=0.0) == want
-        assert seen.pop()[0] is cudnn
+        assert seen.pop()[0] is cudnn, mode
     engine = make_engine(model, StandInTokenizer(), "graph")[0]
     engine._decode_mode = lambda device: "graph"
     engine.generate_prompts(prompts, max_tokens=6, temperature=0.0)
@@ -278,12 +282,15 @@ def test_bench_decode_attention_smoke():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("mode", ["graph", "compile", "compiled_graph"])
+@pytest.mark.parametrize("mode", ["graph", "compile", "compiled_graph", "compiled_graph-cudnn"])
 def test_fixed_shape_step_on_cuda_matches_the_eager_step(mode):
     model = tiny_model().to("cuda")
     prompts = mixed_prompts(11, (3, 9, 1))
     ref = Engine(model, StandInTokenizer(), decode="static")
-    engine = Engine(model, StandInTokenizer(), decode=mode)
+    decode, _, cudnn = mode.partition("-")
+    engine = Engine(model, StandInTokenizer(), decode=decode)
+    if cudnn:  # the compiled graph captured with cuDNN's attention first, as the plain graph is by default
+        engine.CUDNN_GRAPH_MODES = Engine.GRAPH_MODES
     for kwargs in (dict(temperature=0.0), dict(temperature=0.8, top_k=20, seed=3)):
         a = engine.generate_prompts(prompts, num_samples=3, max_tokens=12, **kwargs)
         assert a == engine.generate_prompts(prompts, num_samples=3, max_tokens=12, **kwargs)  # replays reproduce
