@@ -9,19 +9,22 @@ CUDA graph ("compiled_graph").
     python -m dev.bench_rollout --device cuda --depth 20 --modes dynamic,graph,compiled_graph --batch_sizes 1,256
     python -m dev.bench_rollout --device cuda --depth 20 --modes dynamic-old,graph-old,graph --batch_sizes 256
 
-A mode ending in "-old" runs as the Engine did when issue 17 was filed: no sampling copy with the linear
-weights cast to bf16 once (Engine(cast_weights=False): autocast casts them at every step) and the prompt
-prefilled in chunks sized by the full logits (rows x columns x vocab under 2^25 elements), which cut a
-256-row batch into 4-column chunks, and captured graphs attended without cuDNN's kernel. So "dynamic-old" is
-today's anchor for the issue's goals. A mode ending in "-nocudnn" ("graph-nocudnn") is today's Engine but for
-that last point: it isolates the attention kernel; "-cudnn" ("compiled_graph-cudnn") gives cuDNN's kernel to a graph
-mode that does not take it yet (Engine.CUDNN_GRAPH_MODES).
+A mode is an Engine decode mode, then options, each after a "-". "-old" runs as the Engine did when issue 17
+was filed: no sampling copy with the linear weights cast to bf16 once (Engine(cast_weights=False): autocast casts
+them at every step), the prompt prefilled in chunks sized by the full logits (rows x columns x vocab under 2^25
+elements, which cut a 256-row batch into 4-column chunks), and captured graphs attending without cuDNN's kernel.
+So "dynamic-old" is today's anchor for the issue's goals. "-nocudnn" ("graph-nocudnn") is today's Engine but for
+that last point: it isolates the attention kernel; "-cudnn" ("compiled_graph-cudnn") gives cuDNN's kernel to a
+graph mode that does not take it yet (Engine.CUDNN_GRAPH_MODES). "-shrinkN" lets the loop move its live rows to a
+smaller batch bucket when at least N steps may remain, "-noshrink" never (Engine.SHRINK_MIN_STEPS; by default the
+eager and compiled steps shrink, graphs do not). Shrinking matters only with --lengths mixed, where rows end at
+mixed lengths as a real batch's answers do (tokens/s then counts the rows' real tokens).
 
 For each (batch, prompt length, new tokens) the modes run interleaved (mode A, mode B, ..., then again),
 so a machine shared with other work disturbs them alike; read the ratios. Every timed call is
 generate_prompts-shaped: `batch` different prompts of mixed lengths (uniform in [prompt_len / 2, prompt_len]),
 one sample each, random weights, temperature and top-k sampling. The stand-in tokenizer's stop and tool
-tokens lie outside the vocabulary, so every row decodes exactly --new_tokens tokens.
+tokens lie outside the vocabulary, so every row decodes exactly --new_tokens tokens (with --lengths fixed).
 
 Printed per row: prefill ms (to the first sampled column), decode ms per step, total latency, tokens/s,
 memory-bandwidth utilisation = (weight bytes + KV bytes a step must read) / step time / peak bandwidth,
@@ -84,18 +87,58 @@ def time_rollout(engine, prompts, new_tokens, temperature, top_k):
     return first, time.perf_counter() - t0, columns
 
 
+MODE_OPTIONS = "old, cudnn, nocudnn, shrinkN, noshrink"
+
+
 def make_engine(model, tokenizer, mode):
-    """An Engine for a mode name: "graph", or "graph-old" for the same loop as it ran before (module docstring)."""
-    decode, old = (mode[:-len("-old")], True) if mode.endswith("-old") else (mode, False)
-    decode, cudnn = decode.rsplit("-", 1) if decode.endswith(("-cudnn", "-nocudnn")) else (decode, None)
+    """(Engine, whether it runs as when the issue was filed) for a mode name: an Engine decode mode, then options,
+    each after a "-" (module docstring): "graph", "dynamic-old", "compiled_graph-cudnn", "graph-shrink32"."""
+    decode, *options = mode.split("-")
+    if decode not in Engine.DECODE_MODES or not all(o in ("old", "cudnn", "nocudnn", "noshrink") or
+                                                    (o.startswith("shrink") and o[6:].isdigit()) for o in options):
+        raise ValueError(f"bad mode {mode!r}: an Engine decode mode {Engine.DECODE_MODES}, then -options ({MODE_OPTIONS})")
+    old = "old" in options
     engine = Engine(model, tokenizer, decode=decode, cast_weights=False if old else "auto")
     if old:
         engine._prefill_chunk = old_prefill_chunk
-    if old or cudnn == "nocudnn":  # captured graphs attend with the kernels every other path uses
+    if old or "nocudnn" in options:  # captured graphs attend with the kernels every other path uses
         engine.CUDNN_GRAPH_MODES = ()
-    elif cudnn == "cudnn":  # every graph mode takes cuDNN's kernel first
+    elif "cudnn" in options:  # every graph mode takes cuDNN's kernel first
         engine.CUDNN_GRAPH_MODES = Engine.GRAPH_MODES
+    for o in options:  # when the loop may move rows to a smaller batch bucket (Engine.SHRINK_MIN_STEPS)
+        if o.startswith("shrink") or o == "noshrink":
+            engine.SHRINK_MIN_STEPS = {**Engine.SHRINK_MIN_STEPS, decode: None if o == "noshrink" else int(o[6:])}
     return engine, old
+
+
+def finish_rows_at_set_lengths(engine):
+    """Make row r of every generation end after engine.row_lengths[r] tokens, as if it sampled its stop token
+    there: a real batch's answers end at mixed lengths, which the stand-in tokenizer (no stop token the random
+    model writes) cannot give. Rows are numbered in the order the loop first appends to them (row order)."""
+    observe, stream = engine._observe, engine._stream
+    waiting = []
+
+    def observe_until_length(state, token):
+        observe(state, token)
+        if not hasattr(state, "tokens_left"):
+            state.tokens_left = waiting.pop(0)
+        state.tokens_left -= 1
+        if state.tokens_left <= 0:
+            state.done = True
+
+    def stream_with_lengths(*args, **kwargs):
+        waiting[:] = engine.row_lengths
+        yield from stream(*args, **kwargs)
+
+    engine._observe, engine._stream = observe_until_length, stream_with_lengths
+
+
+def row_lengths(batch, new_tokens, seed=2):
+    """Mixed answer lengths: uniform in [new_tokens / 8, new_tokens], the longest exactly new_tokens."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(max(1, new_tokens // 8), new_tokens + 1, (batch,), generator=g).tolist()
+    lengths[int(torch.randint(batch, (1,), generator=g))] = new_tokens
+    return lengths
 
 
 def old_prefill_chunk(model, rows, length, device):
@@ -184,12 +227,15 @@ def main():
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--vocab_size", type=int, default=32768)
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
-    parser.add_argument("--modes", default=None, help="comma list of Engine decode modes, each optionally ending in -old "
+    parser.add_argument("--modes", default=None, help=f"comma list of Engine decode modes, each optionally with -options ({MODE_OPTIONS}) "
                                                       "(default: dynamic,static,compile and on CUDA graph,compiled_graph)")
     parser.add_argument("--batch_sizes", default="1,8,64")
     parser.add_argument("--prompt_lens", default="32", help="longest prompt of a batch; lengths are mixed down to half")
     parser.add_argument("--new_tokens", default="128")
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per mode and shape (median reported)")
+    parser.add_argument("--lengths", default="fixed", choices=["fixed", "mixed"],
+                        help="fixed: every row writes --new_tokens; mixed: row lengths uniform in [new/8, new] (the "
+                             "longest = new), as if rows sampled their stop token there: finished rows can stop costing")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=50)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -217,7 +263,13 @@ def main():
     # sequence_len sizes the rotary table (10x): it must cover the longest prompt plus its new tokens
     model = build_model(args.depth, args.vocab_size, sequence_len=max(256, longest_needed), device=device,
                         bf16_weights=args.bf16_weights)
-    engines = {mode: make_engine(model, NoStopTokenizer(args.vocab_size), mode)[0] for mode in modes}
+    try:
+        engines = {mode: make_engine(model, NoStopTokenizer(args.vocab_size), mode)[0] for mode in modes}
+    except ValueError as e:
+        parser.error(str(e))
+    if args.lengths == "mixed":
+        for engine in engines.values():
+            finish_rows_at_set_lengths(engine)
     c = model.config
     print(f"depth {c.n_layer}, n_embd {c.n_embd}, {c.n_head} heads ({c.n_kv_head} kv), vocab {c.vocab_size}, "
           f"{model.num_params() / 1e6:.1f}M params, {next(model.parameters()).dtype} weights, {args.device}, "
@@ -231,6 +283,9 @@ def main():
             for new_tokens in new_token_counts:
                 prompts = make_prompts(batch, prompt_len, args.vocab_size)
                 step_bytes, step_flops = step_costs(model, prompts, new_tokens)
+                lengths = row_lengths(batch, new_tokens) if args.lengths == "mixed" else [new_tokens] * batch
+                for engine in engines.values():
+                    engine.row_lengths = lengths
                 warmup = {}
                 for mode in modes:  # first call of this shape: compilation / capture / allocator warm-up
                     t0 = time.perf_counter()
@@ -249,7 +304,7 @@ def main():
                     step = (total - first) / max(1, new_tokens - 1)
                     rows[mode] = dict(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, mode=mode,
                                       warmup_s=warmup[mode], prefill_ms=1000 * first, step_ms=1000 * step, latency_s=total,
-                                      tok_per_s=batch * new_tokens / total,
+                                      tok_per_s=sum(lengths) / total,
                                       bw_util=step_bytes / step / peak_bw if step > 0 else float("nan"),
                                       mfu=step_flops / step / peak_flops if step > 0 else float("nan"))
                 base = rows[modes[0]]["tok_per_s"]
@@ -260,12 +315,18 @@ def main():
                           f"{r['step_ms']:.2f} | {r['latency_s']:.2f} | {r['tok_per_s']:.0f} | {r['vs_first_mode']:.2f}x | "
                           f"{100 * r['bw_util']:.1f} | {100 * r['mfu']:.2f} |")
                     results.append(r)
+    def set_lengths(batch):  # the profile and the breakdown take the table's rule for row lengths
+        for engine in engines.values():
+            engine.row_lengths = row_lengths(batch, max(new_token_counts)) if args.lengths == "mixed" else [max(new_token_counts)] * batch
+
     if args.profile:
         for batch in batch_sizes:
+            set_lengths(batch)
             profile_step(engines[args.profile], make_prompts(batch, max(prompt_lens), args.vocab_size), args)
     breakdowns = []
     if args.breakdown:
         for batch in batch_sizes:
+            set_lengths(batch)
             for mode in modes:
                 if engines[mode].decode in Engine.GRAPH_MODES:
                     breakdowns.append(graph_breakdown(engines[mode], make_prompts(batch, max(prompt_lens), args.vocab_size),

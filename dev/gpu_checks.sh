@@ -23,9 +23,9 @@
 #                              # (dev/bench_decode_attention); ~4 minutes
 #   bash dev/gpu_checks.sh 8   # cuDNN attention in captured graphs: the kernels, the graph tests, the rollout against
 #                              # today's anchor and the graph without cuDNN, the co-training step three times; ~6 minutes
-#   bash dev/gpu_checks.sh 9   # what part 8 left: the compiled graph with cuDNN (tests, batch 256), cuDNN in the graph
-#                              # at batch 1 and at the verifier's shape, in the verifier's prefill (first call and
-#                              # repeats), the d20 breakdown; ~8 minutes
+#   bash dev/gpu_checks.sh 9   # the compiled graph captured with cuDNN's attention: its CUDA tests, then at batch 256; ~5 min
+#   bash dev/gpu_checks.sh 10  # cuDNN in the graph at batch 1 and at the verifier's shape, in the verifier's prefill,
+#                              # graphs moving to smaller buckets as rows of mixed lengths finish, the d20 breakdown; ~5 min
 # Logs go to $OUT (or ./gpu_logs). Parts 2 and 4 need a tokenizer (and shards for base_train) under
 # $NANOCHAT_BASE_DIR, e.g. made here with dev/make_corpus + scripts.tok_train, because a GPU box's Python
 # may have no build of our Rust trainer. Figures are recorded in dev/gpu_results.md.
@@ -116,20 +116,26 @@ elif [ "$1" = 8 ]; then
     done
     grep -h "co-training generator step  " "$LOGS"/bench_cotrain_*.log
 elif [ "$1" = 9 ]; then
-    # what part 8 left unmeasured: the compiled graph with cuDNN (its CUDA tests, then at batch 256), cuDNN in the
-    # graph at batch 1, at the verifier's shape, and in the prefill (which the Engine still runs without cuDNN: a
-    # plan per shape); the d20 breakdown on the table's cache; ~8 minutes
+    # the compiled graph captured with cuDNN's attention first (part 8 gave it to the plain graph only): its CUDA
+    # tests, then at batch 256 against the anchor, the plain graph and itself without cuDNN; ~5 minutes (compiles)
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     stage cudnn_compiled_test 120 $PY -m pytest -q -p no:cacheprovider -k "on_cuda and compiled_graph" tests/test_decode_static.py
-    stage bench_rollout_cg 150 $PY -m dev.bench_rollout --device cuda --depth 20 \
+    stage bench_rollout_cg 170 $PY -m dev.bench_rollout --device cuda --depth 20 \
         --modes dynamic-old,graph,compiled_graph,compiled_graph-cudnn --batch_sizes 256 --prompt_lens 64 --new_tokens 256 --repeats 1
+elif [ "$1" = 10 ]; then
+    # what else part 8 left: cuDNN in the graph at batch 1 and at the verifier's shape, in the prefill (which the
+    # Engine runs without cuDNN: a plan per shape), graphs moving to smaller buckets as rows finish (mixed answer
+    # lengths), and the d20 breakdown on the table's cache; ~5 minutes
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     stage bench_rollout_b1 70 $PY -m dev.bench_rollout --device cuda --depth 20 --modes dynamic-old,graph-nocudnn,graph \
         --batch_sizes 1 --prompt_lens 64 --new_tokens 256 --repeats 2
     stage bench_rollout_d12 60 $PY -m dev.bench_rollout --device cuda --depth 12 --modes dynamic-old,graph-nocudnn,graph \
         --batch_sizes 256 --prompt_lens 384 --new_tokens 128 --repeats 1
     stage bench_prefill 60 $PY -m dev.bench_prefill --device cuda --depth 12 --shapes 256x384,256x200 --widths 128 \
         --attention engine,cudnn --repeats 3
-    stage breakdown_d20 60 $PY -m dev.bench_rollout --device cuda --depth 20 --modes graph --batch_sizes 256 --prompt_lens 64 \
+    stage bench_rollout_shrink 60 $PY -m dev.bench_rollout --device cuda --depth 20 --modes graph,graph-shrink32,graph-shrink8 \
+        --batch_sizes 256 --prompt_lens 64 --new_tokens 256 --lengths mixed --repeats 2
+    stage breakdown_d20 50 $PY -m dev.bench_rollout --device cuda --depth 20 --modes graph --batch_sizes 256 --prompt_lens 64 \
         --new_tokens 256 --repeats 1 --breakdown
 else
     : "${NANOCHAT_BASE_DIR:?set NANOCHAT_BASE_DIR to a directory with tokenizer/ (and base_data/ for base_train)}"

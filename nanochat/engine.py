@@ -426,7 +426,7 @@ class Engine:
     PREFILL_ELEMENT_BUDGET = 1 << 27
 
     DECODE_MODES = ("auto", "dynamic", "static", "compile", "graph", "compiled_graph")
-    GRAPH_MODES = ("graph", "compiled_graph")  # CUDA only; one captured shape: the batch bucket never shrinks
+    GRAPH_MODES = ("graph", "compiled_graph")  # CUDA only; one captured shape at a time (SHRINK_MIN_STEPS)
     CAPACITY_QUANTUM = 64  # static caches are a multiple of this long: few shapes, few recompiles
     # Attention kernels a captured step may use, first choice first. cuDNN's is left out of every other path
     # (inference_context: it builds a plan per key length), but a graph has one key length, so it plans once;
@@ -435,6 +435,12 @@ class Engine:
     GRAPH_SDPA_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                            SDPBackend.MATH)
     CUDNN_GRAPH_MODES = ("graph",)  # compiled_graph keeps the other paths' kernels until its capture with cuDNN runs on a GPU
+    # A fixed-shape loop moves its live rows to the next smaller batch bucket once they fit it, if at least this many
+    # steps may remain (None: never), so finished rows stop costing compute: on CPU (d4, batch 64, answer lengths
+    # mixed in [16, 128]) 1.21x the tokens/s of never moving (dev/logs/bench_rollout_mixed_cpu.log). Eagerly a new
+    # shape is free (a compile per bucket under torch.compile); a CUDA graph pays a capture per bucket (~3 eager
+    # steps and a cuDNN plan), so graphs keep their bucket until a GPU measures it (dev/gpu_checks.sh 10).
+    SHRINK_MIN_STEPS = {"static": 0, "compile": 0, "graph": None, "compiled_graph": None}
 
     def __init__(self, model, tokenizer, decode="auto", max_rows=None, cast_weights="auto"):
         """max_rows (None: no limit): the most rows generate_prompts samples in one batched pass. The KV cache
@@ -689,8 +695,8 @@ class Engine:
         """The fixed-shape loop: rows sit in slots of a StaticKVCache whose batch is a bucket (a power of
         two) and whose length is a multiple of CAPACITY_QUANTUM; each step is decode_step on every slot
         (eager, compiled or a CUDA graph replay). Finished rows stay in their slots until the live rows fit
-        half the bucket, then the cache moves to the smaller bucket (not under a CUDA graph, whose cost per
-        step hardly depends on the batch). The random numbers are drawn on the host side of the step from
+        half the bucket, then the cache moves to the smaller bucket (SHRINK_MIN_STEPS says when it may: by
+        default not under a CUDA graph). The random numbers are drawn on the host side of the step from
         the same generator, for the same rows, as the dynamic loop draws them."""
         device = ids.device
         num_prompts, longest = ids.shape
@@ -732,7 +738,9 @@ class Engine:
                 return
             active = self._keep_sampling(active, states)
             live = [row for row in slot_of if not states[row].done]
-            if mode not in self.GRAPH_MODES and bucket_size(len(live)) < cache.batch_size:
+            min_steps = self.SHRINK_MIN_STEPS.get(mode)
+            if (min_steps is not None and bucket_size(len(live)) < cache.batch_size
+                    and min(new_tokens - generated, limit - pos + 1) >= min_steps):
                 smaller, step = self._static_cache(model, mode, bucket_size(len(live)), capacity, width, temperature, top_k, dtype)
                 smaller.load(cache.k, cache.v, cache.pad, pos - 1, [slot_of[row] for row in live], range(len(live)))
                 cache, slot_of = smaller, {row: j for j, row in enumerate(live)}

@@ -3,6 +3,7 @@ decode_step, GraphedStep): it gives the same tokens as the growing-batch loop an
 the same seeded samples, compiles to one graph on CPU, and its CUDA-graph runner's plumbing works."""
 
 import collections
+import itertools
 import json
 import subprocess
 import sys
@@ -131,6 +132,45 @@ def test_static_loop_moves_to_smaller_buckets_and_stops_computing_finished_rows(
         engine_module.decode_step = real_step
     assert [c for c, _ in out] == expected
     assert seen[0] == 16 and seen == sorted(seen, reverse=True) and seen[-1] < 16
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.0, None), (1.0, 5)])
+def test_graph_loop_shrinks_when_enough_steps_remain(monkeypatch, temperature, top_k):
+    """Engine.SHRINK_MIN_STEPS: a graph mode given a threshold captures a smaller bucket once the live rows fit
+    it, only while at least that many steps may remain, and samples what the dynamic loop samples (greedy and
+    seeded, rows finishing at different steps); by default graphs keep their bucket."""
+    model = tiny_model(seed=4)
+    prompts = mixed_prompts(5, (3, 8, 5, 11, 2, 6, 1, 4, 9))
+    stop = stop_token_for(model, prompts)
+    tokenizer = StandInTokenizer(assistant_end=stop)
+    want = Engine(model, tokenizer, decode="dynamic").generate_prompts(prompts, max_tokens=24, temperature=temperature,
+                                                                       top_k=top_k, seed=7)
+    captured = []
+    monkeypatch.setattr(GraphedStep, "capture", staticmethod(lambda run: captured.append(run) or FakeGraph.capture(run)))
+    buckets = {}
+    for min_steps in (None, 0, 12, 100):
+        engine = Engine(model, tokenizer, decode="static")
+        engine._decode_mode = lambda device: "graph"
+        engine.SHRINK_MIN_STEPS = {**Engine.SHRINK_MIN_STEPS, "graph": min_steps}
+        seen = []
+        real_step = engine_module.decode_step
+        monkeypatch.setattr(engine_module, "decode_step", lambda model, cache, *a: seen.append(cache.batch_size) or real_step(model, cache, *a))
+        captured.clear()
+        assert engine.generate_prompts(prompts, max_tokens=24, temperature=temperature, top_k=top_k, seed=7) == want
+        monkeypatch.setattr(engine_module, "decode_step", real_step)
+        buckets[min_steps] = (seen, len(captured))
+    assert set(buckets[None][0]) == {16} and buckets[None][1] == 1  # the default: one capture, one bucket
+    assert set(buckets[100][0]) == {16} and buckets[100][1] == 1    # never 100 steps left of 24
+    shrunk, captures = buckets[0]
+    assert shrunk == sorted(shrunk, reverse=True) and shrunk[-1] < 16 and captures == len(set(shrunk)) > 1
+    late, late_captures = buckets[12]
+    assert late_captures < captures and late[-1] >= shrunk[-1]
+
+    def replays_before_last_move(sizes):  # each bucket: one step run by the (stand-in) capture, then its replays
+        groups = [len(list(g)) for _, g in itertools.groupby(sizes)]
+        return sum(n - 1 for n in groups[:-1])
+    # the decode steps before the last move: it came while >= 12 of the 24 steps could remain, not later as unthrottled
+    assert replays_before_last_move(late) <= 12 < replays_before_last_move(shrunk)
 
 
 def test_stops_at_the_rotary_table_like_the_dynamic_loop():
@@ -358,6 +398,30 @@ def test_bench_rollout_old_modes_run_as_the_engine_did_before():
     cuda = torch.device("cuda")  # the chunk rule only reads the device's type: nothing runs there
     assert old._prefill_chunk(model, 256, 384, cuda) == 4 and old._prefill_chunk(model, 16, 64, cuda) == 64
     assert new._prefill_chunk(model, 256, 384, cuda) == 128 and new._prefill_chunk(model, 16, 64, cuda) == 2048
+
+
+def test_bench_rollout_mode_options_and_mixed_lengths():
+    from dev.bench_rollout import make_engine, row_lengths
+    model = tiny_model(vocab_size=300, sequence_len=128)
+    engine, old = make_engine(model, StandInTokenizer(), "compiled_graph-cudnn-shrink32")
+    assert (engine.decode, old, engine.CUDNN_GRAPH_MODES) == ("compiled_graph", False, Engine.GRAPH_MODES)
+    assert engine.SHRINK_MIN_STEPS["compiled_graph"] == 32 and Engine.SHRINK_MIN_STEPS["compiled_graph"] is None
+    engine = make_engine(model, StandInTokenizer(), "static-noshrink")[0]
+    assert engine.SHRINK_MIN_STEPS["static"] is None and Engine.SHRINK_MIN_STEPS["static"] == 0
+    for bad in ("graph-fast", "turbo", "graph-shrinkx"):
+        with pytest.raises(ValueError, match="bad mode"):
+            make_engine(model, StandInTokenizer(), bad)
+    lengths = row_lengths(5, 16)
+    assert max(lengths) == 16 and min(lengths) >= 2 and len(set(lengths)) > 1
+    cmd = [sys.executable, "-m", "dev.bench_rollout", "--depth", "1", "--vocab_size", "300", "--batch_sizes", "5",
+           "--prompt_lens", "6", "--new_tokens", "16", "--repeats", "1", "--modes", "static,static-noshrink,dynamic",
+           "--threads", "1", "--lengths", "mixed"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+    for r in json.loads(out.strip().splitlines()[-1])["results"]:
+        assert r["tok_per_s"] * r["latency_s"] == pytest.approx(sum(lengths))  # the rows' real tokens, not 5 x 16
+    bad = subprocess.run([sys.executable, "-m", "dev.bench_rollout", "--modes", "graph-fast"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "bad mode 'graph-fast'" in bad.stderr
 
 
 def test_sampling_survives_a_finished_row_after_the_cached_ones():
