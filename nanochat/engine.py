@@ -605,7 +605,7 @@ class Engine:
             self._cast.refresh(model)
         return self._cast.model
 
-    def free_sampling_copy(self):
+    def release_sampling_weights(self):
         """Give back the memory of the CastLinears copy's weights; the next generation casts them again."""
         if self._cast is not None:
             self._cast.release()

@@ -47,7 +47,7 @@ class Roles:
             # at the next generation; memory is what offloading is for
             for engine in (self.gen_engine, self.ver_engine):
                 if engine is not None:
-                    engine.free_sampling_copy()
+                    engine.release_sampling_weights()
         self.sampling(active)
         active.train()
 
