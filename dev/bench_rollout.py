@@ -111,26 +111,30 @@ def make_engine(model, tokenizer, mode):
     return engine, old
 
 
-def finish_rows_at_set_lengths(engine):
-    """Make row r of every generation end after engine.row_lengths[r] tokens, as if it sampled its stop token
+def finish_rows_at(engine, length_of):
+    """Make every row of a prompt end after length_of[tuple(prompt)] tokens, as if it sampled its stop token
     there: a real batch's answers end at mixed lengths, which the stand-in tokenizer (no stop token the random
-    model writes) cannot give. Rows are numbered in the order the loop first appends to them (row order)."""
-    observe, stream = engine._observe, engine._stream
-    waiting = []
+    model writes) cannot give. Keyed by the prompt, so it holds however the Engine batches the prompts."""
+    checked, row_states, observe = engine._checked_prompts, engine._row_states, engine._observe
+    seen = []
+
+    def remember_prompts(prompts):
+        seen[:] = checked(prompts)
+        return seen[:]
+
+    def states_with_lengths(num_rows, num_samples, line_headers):
+        states = row_states(num_rows, num_samples, line_headers)
+        for row, state in enumerate(states):
+            state.tokens_left = length_of[tuple(seen[row // num_samples])]
+        return states
 
     def observe_until_length(state, token):
         observe(state, token)
-        if not hasattr(state, "tokens_left"):
-            state.tokens_left = waiting.pop(0)
         state.tokens_left -= 1
         if state.tokens_left <= 0:
             state.done = True
 
-    def stream_with_lengths(*args, **kwargs):
-        waiting[:] = engine.row_lengths
-        yield from stream(*args, **kwargs)
-
-    engine._observe, engine._stream = observe_until_length, stream_with_lengths
+    engine._checked_prompts, engine._row_states, engine._observe = remember_prompts, states_with_lengths, observe_until_length
 
 
 def row_lengths(batch, new_tokens, seed=2):
@@ -267,9 +271,10 @@ def main():
         engines = {mode: make_engine(model, NoStopTokenizer(args.vocab_size), mode)[0] for mode in modes}
     except ValueError as e:
         parser.error(str(e))
+    length_of = {}  # prompt -> its rows' length, with --lengths mixed
     if args.lengths == "mixed":
         for engine in engines.values():
-            finish_rows_at_set_lengths(engine)
+            finish_rows_at(engine, length_of)
     c = model.config
     print(f"depth {c.n_layer}, n_embd {c.n_embd}, {c.n_head} heads ({c.n_kv_head} kv), vocab {c.vocab_size}, "
           f"{model.num_params() / 1e6:.1f}M params, {next(model.parameters()).dtype} weights, {args.device}, "
@@ -284,8 +289,7 @@ def main():
                 prompts = make_prompts(batch, prompt_len, args.vocab_size)
                 step_bytes, step_flops = step_costs(model, prompts, new_tokens)
                 lengths = row_lengths(batch, new_tokens) if args.lengths == "mixed" else [new_tokens] * batch
-                for engine in engines.values():
-                    engine.row_lengths = lengths
+                length_of.update(zip(map(tuple, prompts), lengths))
                 warmup = {}
                 for mode in modes:  # first call of this shape: compilation / capture / allocator warm-up
                     t0 = time.perf_counter()
@@ -316,8 +320,8 @@ def main():
                           f"{100 * r['bw_util']:.1f} | {100 * r['mfu']:.2f} |")
                     results.append(r)
     def set_lengths(batch):  # the profile and the breakdown take the table's rule for row lengths
-        for engine in engines.values():
-            engine.row_lengths = row_lengths(batch, max(new_token_counts)) if args.lengths == "mixed" else [max(new_token_counts)] * batch
+        prompts = make_prompts(batch, max(prompt_lens), args.vocab_size)
+        length_of.update(zip(map(tuple, prompts), row_lengths(batch, max(new_token_counts))))
 
     if args.profile:
         for batch in batch_sizes:

@@ -25,7 +25,8 @@
 #                              # today's anchor and the graph without cuDNN, the co-training step three times; ~6 minutes
 #   bash dev/gpu_checks.sh 9   # the compiled graph captured with cuDNN's attention: its CUDA tests, then at batch 256; ~5 min
 #   bash dev/gpu_checks.sh 10  # cuDNN in the graph at batch 1 and at the verifier's shape, in the verifier's prefill,
-#                              # graphs moving to smaller buckets as rows of mixed lengths finish, the d20 breakdown; ~5 min
+#                              # graphs moving to smaller buckets as rows of mixed lengths finish, the d20 breakdown,
+#                              # an evaluation's shape through Engine.generate_queue against passes; ~7 min
 # Logs go to $OUT (or ./gpu_logs). Parts 2 and 4 need a tokenizer (and shards for base_train) under
 # $NANOCHAT_BASE_DIR, e.g. made here with dev/make_corpus + scripts.tok_train, because a GPU box's Python
 # may have no build of our Rust trainer. Figures are recorded in dev/gpu_results.md.
@@ -137,6 +138,10 @@ elif [ "$1" = 10 ]; then
         --batch_sizes 256 --prompt_lens 64 --new_tokens 256 --lengths mixed --repeats 2
     stage breakdown_d20 50 $PY -m dev.bench_rollout --device cuda --depth 20 --modes graph --batch_sizes 256 --prompt_lens 64 \
         --new_tokens 256 --repeats 1 --breakdown
+    # an evaluation's shape: many problems through a few rows, passes (each captures its graph and waits for its
+    # longest answer) against the queue (one capture; a problem starts as a row frees)
+    stage bench_queue 90 $PY -m dev.bench_queue --device cuda --depth 20 --prompts 256 --rows 32 --prompt_len 128 \
+        --new_tokens 256 --repeats 1
 else
     : "${NANOCHAT_BASE_DIR:?set NANOCHAT_BASE_DIR to a directory with tokenizer/ (and base_data/ for base_train)}"
     stage cuda_tests_gpt 60 $PY -m pytest -q -p no:cacheprovider -k cuda tests/test_gpt.py

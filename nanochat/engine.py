@@ -5,6 +5,7 @@ tool use. RL, co-training, evaluation and the web server all generate through th
 
 import contextlib
 import copy
+import itertools
 import numbers
 from collections import deque
 
@@ -176,6 +177,28 @@ class StaticKVCache:
         if pad is not None:
             self.pad[slots] = pad.index_select(0, rows)
         self.pos.fill_(length)
+
+    def place(self, k, v, pad, length, rows, slots, end):
+        """Copy columns [0, length) of rows `rows` of (k, v) into columns [end - length, end) of slots `slots`,
+        with their padding shifted to match: prompts joining a cache whose write column is `end` (Engine.
+        generate_queue). Leaves the other slots and the write column alone. In place."""
+        assert length <= end <= self.capacity, f"{length} columns ending at {end} do not fit a cache of {self.capacity}"
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.pos.device)
+        slots = torch.as_tensor(slots, dtype=torch.long, device=self.pos.device)
+        for layer in range(len(self.k)):
+            self.k[layer][slots, :, end - length:end] = k[layer][:, :, :length].index_select(0, rows)
+            self.v[layer][slots, :, end - length:end] = v[layer][:, :, :length].index_select(0, rows)
+        start = torch.full((len(slots),), end - length, dtype=torch.long, device=self.pos.device)
+        self.pad[slots] = start if pad is None else start + pad.index_select(0, rows)
+
+    def shift_left(self, shift, end):
+        """Move the filled columns [shift, end) of every slot to [0, end - shift), and the padding and the write
+        column with them: room at the right for rows that join later, as long as no live row starts before
+        column `shift`. In place, so a CUDA graph captured on this cache stays valid."""
+        for cache in self.k + self.v:
+            cache[:, :, :end - shift] = cache[:, :, shift:end].clone()
+        self.pad.sub_(shift).clamp_(min=0)
+        self.pos.sub_(shift)
 
     def positions_and_mask(self, T):
         """Rotary positions (B, 1) and the attention mask (B, 1, 1, seq_len) of the token at column pos."""
@@ -428,6 +451,7 @@ class Engine:
     DECODE_MODES = ("auto", "dynamic", "static", "compile", "graph", "compiled_graph")
     GRAPH_MODES = ("graph", "compiled_graph")  # CUDA only; one captured shape at a time (SHRINK_MIN_STEPS)
     CAPACITY_QUANTUM = 64  # static caches are a multiple of this long: few shapes, few recompiles
+    QUEUE_MIN_SHIFT = 0.25  # generate_queue moves its cache's columns left only to free this share of a row's budget
     # Attention kernels a captured step may use, first choice first. cuDNN's is left out of every other path
     # (inference_context: it builds a plan per key length), but a graph has one key length, so it plans once;
     # at a batch-256 decode shape it reads the cache ~2x faster than the memory-efficient kernel SDPA picks
@@ -551,16 +575,10 @@ class Engine:
         Rows that have finished repeat their stop token with mask 0 until every row is done."""
         check_sampling_args(max_tokens, temperature, top_k, num_samples)
         model = self.model
-        vocab_size = model.config.vocab_size
-        for i, prompt in enumerate(prompts):
-            if not prompt or not all(isinstance(t, numbers.Integral) and 0 <= t < vocab_size for t in prompt):
-                raise ValueError(f"prompt {i} must be a non-empty list of token ids in [0, {vocab_size})")
-        prompts = [[int(t) for t in prompt] for prompt in prompts]
+        prompts = self._checked_prompts(prompts)
         device = model.get_device()
         longest = max(len(p) for p in prompts)
         context_limit = model.cos.size(0)  # the rotary table: positions past it do not exist
-        if longest >= context_limit:
-            raise ValueError(f"prompt of {longest} tokens does not fit the model's {context_limit}-position rotary table")
         new_tokens = model.config.sequence_len if max_tokens is None else max_tokens
         if new_tokens == 0:
             return
@@ -575,12 +593,7 @@ class Engine:
         mode = self._decode_mode(device)
         if top_p is not None and top_p < 1 and temperature > 0:
             mode = "dynamic"  # nucleus sampling lives in sample_next_token; the fixed-shape step samples top-k only
-        states = [RowState() for _ in range(num_rows)]
-        if line_headers is not None:
-            for row, state in enumerate(states):
-                state.line_headers = deque(list(h) for h in line_headers[row // num_samples])
-                if state.line_headers:  # the first header opens the completion
-                    state.forced.extend(state.line_headers.popleft())
+        states = self._row_states(num_rows, num_samples, line_headers)
         sampler = self._sampling_model(model)
         if mode == "dynamic":
             yield from self._decode_dynamic(sampler, ids, pads, num_samples, states, capacity, new_tokens, temperature,
@@ -588,6 +601,30 @@ class Engine:
         else:
             yield from self._decode_static(sampler, mode, ids, pads, num_samples, states, capacity, new_tokens, temperature,
                                            top_k, rng)
+
+    def _checked_prompts(self, prompts):
+        """The prompts as lists of ints, after a clear error for an empty one, a bad id, or one too long."""
+        vocab_size = self.model.config.vocab_size
+        for i, prompt in enumerate(prompts):
+            if not prompt or not all(isinstance(t, numbers.Integral) and 0 <= t < vocab_size for t in prompt):
+                raise ValueError(f"prompt {i} must be a non-empty list of token ids in [0, {vocab_size})")
+        prompts = [[int(t) for t in prompt] for prompt in prompts]
+        longest = max(len(p) for p in prompts)
+        context_limit = self.model.cos.size(0)  # the rotary table: positions past it do not exist
+        if longest >= context_limit:
+            raise ValueError(f"prompt of {longest} tokens does not fit the model's {context_limit}-position rotary table")
+        return prompts
+
+    @staticmethod
+    def _row_states(num_rows, num_samples, line_headers):
+        """A RowState per row (prompt-major), with its prompt's line headers queued (the first one forced)."""
+        states = [RowState() for _ in range(num_rows)]
+        if line_headers is not None:
+            for row, state in enumerate(states):
+                state.line_headers = deque(list(h) for h in line_headers[row // num_samples])
+                if state.line_headers:  # the first header opens the completion
+                    state.forced.extend(state.line_headers.popleft())
+        return states
 
     def _sampling_model(self, model):
         """The model to sample from: a CastLinears copy, refreshed to the model's current weights, where
@@ -858,6 +895,9 @@ class Engine:
         if line_headers is not None and len(line_headers) != len(prompts):
             raise ValueError(f"line_headers needs one list per prompt ({len(prompts)}), got {len(line_headers)}")
         per_pass = len(prompts) if self.max_rows is None else max(1, self.max_rows // max(num_samples, 1))
+        return self._generate_in_passes(prompts, per_pass, num_samples, max_tokens, temperature, top_k, seed, line_headers)
+
+    def _generate_in_passes(self, prompts, per_pass, num_samples, max_tokens, temperature, top_k, seed, line_headers):
         results = []
         for c, start in enumerate(range(0, len(prompts), per_pass)):
             chunk = prompts[start:start + per_pass]
@@ -866,6 +906,153 @@ class Engine:
             completions, masks = self._collect(stream, len(chunk) * num_samples)
             results.extend(zip(completions, masks))
         return results
+
+    @torch.inference_mode()
+    def generate_queue(self, prompts, rows, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42,
+                       line_headers=None):
+        """generate_prompts for more prompts than one batch holds: `rows` rows decode together and a waiting
+        prompt starts as soon as num_samples of them are free, where passes of whole prompts would each wait
+        for their longest row (continuous batching). Returns what generate_prompts returns. Greedy completions
+        are generate_prompts' (except near the rotary table's end, where each row here has its own budget, not
+        its pass's); sampled ones are as random but not the same draws. Fixed-shape loops only: with
+        decode="dynamic" it is generate_prompts in passes of `rows` rows.
+
+        All rows write the same cache column each step, so a joining prompt is prefilled on its own and placed
+        to end at that column (StaticKVCache.place); when too few columns remain for a new row's budget, the
+        cache's columns move left past the oldest live row's first one (StaticKVCache.shift_left)."""
+        check_sampling_args(max_tokens, temperature, top_k, num_samples)
+        if not isinstance(rows, numbers.Integral) or isinstance(rows, bool) or rows < 1:
+            raise ValueError(f"rows must be a positive integer, got {rows!r}")
+        prompts = [list(p) for p in prompts]
+        if not prompts:
+            return []
+        if line_headers is not None and len(line_headers) != len(prompts):
+            raise ValueError(f"line_headers needs one list per prompt ({len(prompts)}), got {len(line_headers)}")
+        prompts = self._checked_prompts(prompts)
+        model = self.model
+        device = model.get_device()
+        mode = self._decode_mode(device)
+        if mode == "dynamic":
+            return self._generate_in_passes(prompts, max(1, rows // num_samples), num_samples, max_tokens, temperature,
+                                            top_k, seed, line_headers)
+        num_rows = len(prompts) * num_samples
+        new_tokens = model.config.sequence_len if max_tokens is None else max_tokens
+        if new_tokens == 0:
+            return [([], []) for _ in range(num_rows)]
+        # a row's budget of columns: new_tokens, fewer where its positions would run off the rotary table
+        budget = [min(new_tokens, model.cos.size(0) - len(prompts[row // num_samples]) + 1) for row in range(num_rows)]
+        most = max(budget)
+        batch = bucket_size(max(rows, num_samples))  # a prompt's samples join together
+        # the longest prompt and two budgets: once the write column nears the end, the oldest live row started at
+        # least a budget ago, so moving the columns left past it frees a whole budget for the rows that join
+        capacity = -(-(max(len(p) for p in prompts) + 2 * most) // self.CAPACITY_QUANTUM) * self.CAPACITY_QUANTUM
+        min_shift = max(1, int(self.QUEUE_MIN_SHIFT * most))
+        sampler = self._sampling_model(model)
+        dtype = self._cache_dtype(device)
+        width = noise_width(model.config.vocab_size, temperature, top_k)
+        rng = torch.Generator(device=device)
+        rng.manual_seed(seed)
+        states = self._row_states(num_rows, num_samples, line_headers)
+        completions, masks = [[] for _ in range(num_rows)], [[] for _ in range(num_rows)]
+        taken = [0] * num_rows         # columns each row has taken, its stop token included
+        slot_row = [None] * batch      # the row each slot computes; None: free
+        waiting = deque(range(len(prompts)))
+        write = None                   # the column the next step writes; None while no row is live
+        with inference_context(device.type):
+            cache, step = self._static_cache(sampler, mode, batch, capacity, width, temperature, top_k, dtype)
+
+        def take(pairs):
+            """Rows take their next tokens ((slot, sampled token) pairs); finished rows free their slots."""
+            if not pairs:
+                return
+            row_ids = [slot_row[slot] for slot, _ in pairs]
+            column, mask = self._step_rows([states[r] for r in row_ids], range(len(pairs)), [t for _, t in pairs])
+            freed = []
+            for i, ((slot, _), r) in enumerate(zip(pairs, row_ids)):
+                taken[r] += 1
+                if column[i] not in self.stop_tokens:
+                    completions[r].append(column[i])
+                    masks[r].append(mask[i])
+                if states[r].done or taken[r] >= budget[r]:
+                    states[r].done = True
+                    slot_row[slot] = None
+                    freed.append(slot)
+            if freed and write is not None:  # a free slot keeps computing: keep its rotary positions small
+                cache.pad[torch.tensor(freed, device=device)] = write
+
+        def compact(live):
+            """Move the columns left past the oldest live row's first one, if that frees at least min_shift
+            columns (shifting a few every step would copy the whole cache every step)."""
+            nonlocal write
+            shift = int(cache.pad[torch.tensor(live, device=device)].min())
+            if shift >= min_shift:
+                cache.shift_left(shift, write)
+                write -= shift
+
+        def join():
+            """Start waiting prompts in free slots; the (slot, first token) pairs of their rows."""
+            nonlocal write
+            free = [slot for slot in range(batch) if slot_row[slot] is None]
+            if not waiting or len(free) < num_samples:
+                return []
+            live = [slot for slot in range(batch) if slot_row[slot] is not None]
+            if not live:
+                write = None
+            elif write + most > capacity:
+                compact(live)
+                if write + most > capacity:
+                    return []  # no room for a whole budget yet: wait for the oldest rows to finish
+            group = []
+            while waiting and len(free) >= (len(group) + 1) * num_samples:
+                if write is not None and len(prompts[waiting[0]]) > write:
+                    break  # it would start left of column 0: wait for the write column to move on
+                group.append(waiting.popleft())
+            if not group:
+                return []
+            longest = max(len(prompts[p]) for p in group)
+            pads = [longest - len(prompts[p]) for p in group]
+            ids = torch.tensor([[0] * pad + prompts[p] for p, pad in zip(group, pads)], dtype=torch.long, device=device)
+            source = [i for i in range(len(group)) for _ in range(num_samples)]
+            slots = free[:len(source)]
+            with inference_context(device.type):
+                prompt_cache = KVCache.for_model(sampler, len(group), longest, dtype=dtype, pad_lengths=pads)
+                logits = self._prefill(sampler, ids, prompt_cache)
+                if write is None:
+                    write = longest
+                    cache.pos.fill_(longest)
+                cache.place(prompt_cache.k, prompt_cache.v, prompt_cache.pad_lengths, longest, source, slots, write)
+            first = sample_next_token(logits.index_select(0, torch.tensor(source, device=device)), rng, temperature,
+                                      top_k).tolist()
+            for slot, i, j in zip(slots, source, itertools.cycle(range(num_samples))):
+                slot_row[slot] = group[i] * num_samples + j
+            return list(zip(slots, first))
+
+        try:
+            pending, next_compaction = [], 0
+            while True:
+                take(pending)
+                joined = join()
+                while joined:
+                    take(joined)
+                    joined = join()
+                live = [slot for slot in range(batch) if slot_row[slot] is not None]
+                if not live:
+                    break  # nothing waits either: join() places a prompt whenever no row is live
+                if write >= next_compaction:  # the eager step attends to columns 0..write: keep them few
+                    compact(live)
+                    next_compaction = write + min_shift
+                feed = torch.tensor([states[slot_row[slot]].last_token if slot_row[slot] is not None else 0
+                                     for slot in range(batch)], dtype=torch.long, device=device)
+                noise = torch.empty(batch, width, device=device).exponential_(1, generator=rng) if width else None
+                if mode == "static":
+                    cache.window = write + 1
+                with inference_context(device.type):
+                    out = step(cache, feed, noise).tolist()
+                write += 1
+                pending = [(slot, out[slot]) for slot in live]
+        finally:
+            self._graphs.clear()  # as in _decode_static: a captured graph pins its cache and memory pool
+        return list(zip(completions, masks))
 
 
 # -----------------------------------------------------------------------------

@@ -107,21 +107,23 @@ def categorical_counts(task, tokenizer, model, indices, batch_size=8):
 
 def generative_counts(task, tokenizer, engine, indices, num_samples=1, max_new_tokens=512, temperature=0.0,
                       top_k=50, batch_size=8, seed=42):
-    """(passed, total): pass@num_samples over task[i] for i in indices, batch_size problems per Engine call."""
+    """(passed, total): pass@num_samples over task[i] for i in indices, batch_size problems (x num_samples rows)
+    decoding at a time, a waiting problem starting as soon as a problem's rows free (Engine.generate_queue:
+    no batch waits for its longest answer). One seed for the whole set: a rerun with the same problems and
+    batch_size repeats itself (greedy results do not depend on the batching at all)."""
+    if not indices:
+        return 0, 0
+    conversations = [task[i] for i in indices]
+    prompts = [tokenizer.render_for_completion(c) for c in conversations]
+    results = engine.generate_queue(prompts, batch_size * num_samples, num_samples=num_samples, max_tokens=max_new_tokens,
+                                    temperature=temperature, top_k=top_k, seed=seed)
+    if len(results) != len(prompts) * num_samples:
+        raise RuntimeError(f"engine returned {len(results)} completions for {len(prompts)} prompts x {num_samples} samples")
     passed = 0
-    for start in range(0, len(indices), batch_size):
-        batch = indices[start:start + batch_size]
-        conversations = [task[i] for i in batch]
-        prompts = [tokenizer.render_for_completion(c) for c in conversations]
-        # one sampler per batch: seeded by its first problem, so a rerun with the same layout repeats itself
-        results = engine.generate_prompts(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
-                                          temperature=temperature, top_k=top_k, seed=seed + batch[0])
-        if len(results) != len(prompts) * num_samples:
-            raise RuntimeError(f"engine returned {len(results)} completions for {len(prompts)} prompts x {num_samples} samples")
-        for p, conversation in enumerate(conversations):
-            samples = results[p * num_samples:(p + 1) * num_samples]
-            texts = [tokenizer.decode(tokens) for tokens, _ in samples]
-            passed += int(any(task.evaluate(conversation, text) for text in texts))
+    for p, conversation in enumerate(conversations):
+        samples = results[p * num_samples:(p + 1) * num_samples]
+        texts = [tokenizer.decode(tokens) for tokens, _ in samples]
+        passed += int(any(task.evaluate(conversation, text) for text in texts))
     return passed, len(indices)
 
 

@@ -50,15 +50,15 @@ class ScriptedLetterModel(torch.nn.Module):
 
 
 class ScriptedEngine:
-    """generate_prompts that answers each prompt with scripted texts, one per sample."""
+    """generate_queue that answers each prompt with scripted texts, one per sample."""
 
     def __init__(self, tokenizer, scripted):
         self.tokenizer = tokenizer
         self.scripted = {tuple(prompt): texts for prompt, texts in scripted}
         self.calls = []
 
-    def generate_prompts(self, prompts, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
-        self.calls.append((len(prompts), num_samples, max_tokens, temperature, top_k, seed))
+    def generate_queue(self, prompts, rows, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+        self.calls.append((len(prompts), rows, num_samples, max_tokens, temperature, top_k, seed))
         out = []
         for prompt in prompts:
             texts = self.scripted[tuple(prompt)]
@@ -126,13 +126,14 @@ def test_generative_exact_accuracy(tiny_tokenizer):
     scripted = [(tiny_tokenizer.render_for_completion(task[i]), texts[i]) for i in range(4)]
     engine = ScriptedEngine(tiny_tokenizer, scripted)
     assert generative_counts(task, tiny_tokenizer, engine, [0, 1, 2, 3], num_samples=1, batch_size=3) == (1, 4)
-    assert engine.calls[0][:2] == (3, 1) and engine.calls[1][:2] == (1, 1)
+    assert engine.calls[0][:3] == (4, 3, 1)  # every problem in one queue, batch_size rows decoding at a time
     assert generative_counts(task, tiny_tokenizer, engine, [0, 1, 2, 3], num_samples=2, batch_size=4) == (2, 4)
-    # sampling flags reach the engine; seeds depend on the problems, not the batching
+    # sampling flags reach the engine; rows are problems x samples
     engine.calls.clear()
     generative_counts(task, tiny_tokenizer, engine, [1, 3], num_samples=2, max_new_tokens=17, temperature=0.5,
                       top_k=7, batch_size=1, seed=100)
-    assert engine.calls == [(1, 2, 17, 0.5, 7, 101), (1, 2, 17, 0.5, 7, 103)]
+    assert engine.calls == [(2, 2, 2, 17, 0.5, 7, 100)]
+    assert generative_counts(task, tiny_tokenizer, engine, [], num_samples=2) == (0, 0)
     acc = run_task_eval(task, tiny_tokenizer, model=_DeviceOnly(), engine=engine, num_samples=2)
     assert acc == 0.5
 

@@ -444,3 +444,127 @@ def test_sampling_survives_a_finished_row_after_the_cached_ones():
         prompts, max_tokens=12, temperature=1.0, top_k=1, seed=0) for mode in ("dynamic", "static")}
     assert outs["static"] == outs["dynamic"]
     assert len(outs["static"][-1][0]) < 12 and all(len(c) == 12 for c, _ in outs["static"][:-1])
+
+
+# -----------------------------------------------------------------------------
+# generate_queue: rows join as others finish (continuous batching)
+
+def test_static_cache_place_and_shift_left_keep_every_row_at_its_positions():
+    source = KVCache(2, 1, 5, 2, 2, pad_lengths=[0, 2])
+    source.k.normal_()
+    source.v.normal_()
+    source.pos = 5
+    cache = StaticKVCache(3, 1, 12, 2, 2)
+    cache.pos.fill_(7)
+    cache.place(source.k, source.v, source.pad_lengths, 5, [1, 0], [2, 0], end=7)  # prompts end at column 6
+    assert cache.pad.tolist() == [2, 0, 4]  # row 0 of the source (no padding) starts at 2, row 1 (2 pads) at 4
+    assert torch.equal(cache.k[1][2, :, 2:7], source.k[1][1, :, :5]) and torch.equal(cache.v[0][0, :, 2:7], source.v[0][0])
+    before_positions, before_mask = cache.positions_and_mask(1)
+    kept = cache.k[0][:, :, 2:7].clone()
+    cache.shift_left(2, end=7)
+    positions, mask = cache.positions_and_mask(1)
+    assert cache.pos.item() == 5 and cache.pad.tolist() == [0, 0, 2]
+    assert torch.equal(cache.k[0][:, :, 0:5], kept)
+    assert positions[[0, 2]].tolist() == before_positions[[0, 2]].tolist()  # rotary positions do not move
+    assert torch.equal(mask[:, :, :, :10], before_mask[:, :, :, 2:])        # the mask moves with the columns
+
+
+@pytest.mark.parametrize("decode", ["static", "dynamic"])
+@pytest.mark.parametrize("num_samples", [1, 2])
+def test_generate_queue_equals_naive_while_rows_join_and_columns_move(decode, num_samples):
+    """Greedy completions are each prompt's own, whether it ran first, joined a half-finished batch, waited for
+    room, or had the cache's columns moved under it; the same as generate_prompts."""
+    model = tiny_model(seed=4)
+    prompts = mixed_prompts(5, (3, 8, 5, 11, 2, 6, 1, 4, 9, 7, 3, 12, 5)) * 2
+    stop = stop_token_for(model, prompts)
+    expected = [cut_at(naive(model, p, 24), {stop}) for p in prompts for _ in range(num_samples)]
+    assert len({len(e) for e in expected}) > 4, "test needs rows that finish at different steps"
+    engine = Engine(model, StandInTokenizer(assistant_end=stop), decode=decode)
+    shifts = []
+    shift_left = StaticKVCache.shift_left
+    StaticKVCache.shift_left = lambda self, shift, end: shifts.append(shift) or shift_left(self, shift, end)
+    try:
+        for rows in (num_samples, 3 * num_samples, 64):
+            out = engine.generate_queue(prompts, rows, num_samples=num_samples, max_tokens=24, temperature=0.0)
+            assert [c for c, _ in out] == expected, f"rows {rows}"
+            assert all(m == [1] * len(c) for c, m in out)
+    finally:
+        StaticKVCache.shift_left = shift_left
+    assert (len(shifts) > 0) == (decode == "static")  # the fixed-shape loop moved its columns; dynamic runs passes
+    assert engine.generate_queue(prompts, 5, num_samples=num_samples, max_tokens=24, temperature=0.0) == \
+        engine.generate_prompts(prompts, num_samples=num_samples, max_tokens=24, temperature=0.0)
+
+
+def test_generate_queue_long_prompt_waits_for_room_and_sampling_is_seeded():
+    model = tiny_model(seed=2)
+    prompts = [[7], [9], list(range(20, 40)), [11], [3, 4]]  # the 20-token prompt cannot start left of column 0
+    stop = stop_token_for(model, prompts)
+    engine = Engine(model, StandInTokenizer(assistant_end=stop), decode="static")
+    greedy = engine.generate_queue(prompts, 2, max_tokens=30, temperature=0.0)
+    assert [c for c, _ in greedy] == [cut_at(naive(model, p, 30), {stop}) for p in prompts]
+    kwargs = dict(num_samples=3, max_tokens=30, temperature=1.0, top_k=8)
+    a = engine.generate_queue(prompts, 4, seed=5, **kwargs)
+    assert a == engine.generate_queue(prompts, 4, seed=5, **kwargs)  # a seed reproduces
+    assert a != engine.generate_queue(prompts, 4, seed=6, **kwargs)
+    assert len({tuple(c) for c, _ in a[:3]}) > 1  # a prompt's samples are drawn independently
+    assert all(len(c) <= 30 for c, _ in a)
+
+
+def test_generate_queue_forces_tool_output_and_line_headers_like_generate_prompts(tiny_tokenizer):
+    from tests.test_engine import scripted_engine
+    tok = tiny_tokenizer
+    s = tok.encode_special
+    prompt = tok.encode("what is 2+3?", prepend="<|bos|>")
+    tool_script = [s("<|python_start|>")] + tok.encode("2+3") + [s("<|python_end|>")] + [tok.encode("x")[0]] * 4 \
+        + [s("<|assistant_end|>")]
+    headers = [tok.encode("Step 1:"), tok.encode("Overall:")]
+    newline, x, filler = tok.encode("\n")[0], tok.encode("x")[0], tok.encode("q")[0]
+    header_script = [filler] * len(headers[0]) + [x, s("<|assistant_end|>")] + [filler] * len(headers[1]) + [x, s("<|assistant_end|>")]
+    for script, line_headers in ((tool_script, None), (header_script, [headers])):
+        want = scripted_engine(tok, script, "static")[0].generate_prompts([prompt], max_tokens=30, temperature=1.0,
+                                                                          line_headers=line_headers)
+        got = scripted_engine(tok, script, "static")[0].generate_queue([prompt], 1, max_tokens=30, temperature=1.0,
+                                                                       line_headers=line_headers)
+        assert got == want and 0 in want[0][1]  # forced tokens came through, with mask 0
+    assert tok.decode(got[0][0]) == "Step 1:x\nOverall:x"
+
+
+def test_generate_queue_on_a_stand_in_graph(monkeypatch):
+    """The graph path's plumbing: one capture for the whole queue, the cache placed and shifted in place."""
+    captures = []
+    monkeypatch.setattr(GraphedStep, "capture", staticmethod(lambda run: captures.append(run) or FakeGraph.capture(run)))
+    model = tiny_model(seed=4)
+    prompts = mixed_prompts(5, (3, 8, 5, 11, 2, 6, 1, 4, 9, 7, 3, 12, 5)) * 2
+    tokenizer = StandInTokenizer(assistant_end=stop_token_for(model, prompts))
+    engine = Engine(model, tokenizer, decode="static")
+    engine._decode_mode = lambda device: "graph"
+    for kwargs in (dict(temperature=0.0), dict(temperature=1.0, top_k=6, seed=2)):
+        captures.clear()
+        got = engine.generate_queue(prompts, 3, max_tokens=24, **kwargs)
+        assert got == Engine(model, tokenizer, decode="static").generate_queue(prompts, 3, max_tokens=24, **kwargs)
+        assert len(captures) == 1 and engine._graphs == {}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(rows=0), "rows must be a positive integer"), (dict(rows="4"), "rows must be a positive integer"),
+    (dict(rows=True), "rows must be a positive integer"), (dict(rows=2, line_headers=[[1]]), "one list per prompt"),
+    (dict(rows=2, temperature=-1.0), "temperature"), (dict(rows=2, prompts=[[1], []]), "non-empty list"),
+])
+def test_generate_queue_bad_arguments_raise_clear_errors(kwargs, message):
+    engine = Engine(tiny_model(), StandInTokenizer(), decode="static")
+    kwargs = {"prompts": [[1, 2], [3]], **kwargs}
+    with pytest.raises(ValueError, match=message):
+        engine.generate_queue(**kwargs)
+    assert engine.generate_queue([], 3) == []
+    assert engine.generate_queue([[1], [2, 3]], 3, max_tokens=0) == [([], []), ([], [])]
+
+
+def test_bench_queue_smoke():
+    cmd = [sys.executable, "-m", "dev.bench_queue", "--depth", "1", "--vocab_size", "300", "--prompts", "9", "--rows", "3",
+           "--prompt_len", "6", "--new_tokens", "16", "--repeats", "1", "--threads", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+    summary = json.loads(out.strip().splitlines()[-1])
+    rows = {r["path"]: r for r in summary["results"]}
+    assert set(rows) == {"passes", "queue"} and rows["passes"]["speedup"] == 1.0
+    from dev.bench_rollout import row_lengths
+    assert summary["tokens"] == sum(row_lengths(9, 16)) and all(r["tok_per_s"] > 0 for r in rows.values())
