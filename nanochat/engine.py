@@ -433,6 +433,7 @@ class Engine:
     generate()          streams (token_column, mask_column) for num_samples samples of one prompt
     generate_batch()    the same, collected: full sequences and masks
     generate_prompts()  many different prompts at once (left-padded), num_samples each, collected
+    generate_queue()    the same for more prompts than one batch holds: a waiting prompt starts as rows free
 
     Masks are 1 where the model sampled the token and 0 where the harness forced it (tool output)."""
 
@@ -981,10 +982,13 @@ class Engine:
                 cache.pad[torch.tensor(freed, device=device)] = write
 
         def compact(live):
-            """Move the columns left past the oldest live row's first one, if that frees at least min_shift
-            columns (shifting a few every step would copy the whole cache every step)."""
+            """Move the columns left past the oldest live row's first one (not so far that the next waiting
+            prompt would no longer fit left of the write column), if that frees at least min_shift columns:
+            shifting a few every step would copy the whole cache every step."""
             nonlocal write
             shift = int(cache.pad[torch.tensor(live, device=device)].min())
+            if waiting:
+                shift = min(shift, write - len(prompts[waiting[0]]))
             if shift >= min_shift:
                 cache.shift_left(shift, write)
                 write -= shift
@@ -1017,9 +1021,10 @@ class Engine:
             with inference_context(device.type):
                 prompt_cache = KVCache.for_model(sampler, len(group), longest, dtype=dtype, pad_lengths=pads)
                 logits = self._prefill(sampler, ids, prompt_cache)
-                if write is None:
+                if write is None:  # no row is live: start over at column `longest`, every slot's padding reset
                     write = longest
                     cache.pos.fill_(longest)
+                    cache.pad.zero_()  # an idle slot's mask must keep a column: a row masked out entirely gives NaNs
                 cache.place(prompt_cache.k, prompt_cache.v, prompt_cache.pad_lengths, longest, source, slots, write)
             first = sample_next_token(logits.index_select(0, torch.tensor(source, device=device)), rng, temperature,
                                       top_k).tolist()
