@@ -473,7 +473,7 @@ class Engine:
         are cut into chunks of whole prompts, chunk c sampled with seed + c: the same results as one pass
         whenever no cut is needed, other (equally random) samples when one is.
 
-        decode picks the decoding loop (all give the same tokens; see _decode_mode):
+        decode picks the decoding loop (all give the same tokens, but generate_queue's sampled ones; see _decode_mode):
         dynamic  the growing-batch loop: shrinks the cache when rows finish, reads only the filled columns
         static   the fixed-shape step (StaticKVCache, batch buckets, sampling on the device), eager
         compile  the fixed-shape step under torch.compile (one graph per batch bucket and cache length)
@@ -1114,7 +1114,8 @@ def add_decode_flag(parser):
                         help="decoding loop: auto (the CUDA graph on CUDA, the fixed-shape step on CPU), dynamic (the "
                              "growing-batch loop), static, compile, graph, compiled_graph (CUDA only: the fastest step, "
                              "after ~30 s of compilation per batch bucket and cache length; dev/gpu_results.md); all "
-                             "sample the same tokens")
+                             "sample the same tokens, but for an evaluation's sampled answers (Engine.generate_queue: "
+                             "the fixed-shape loops queue the problems, dynamic runs passes)")
 
 
 def check_decode(decode, device_type):
