@@ -943,7 +943,7 @@ class Engine:
         # a row's budget of columns: new_tokens, fewer where its positions would run off the rotary table
         budget = [min(new_tokens, model.cos.size(0) - len(prompts[row // num_samples]) + 1) for row in range(num_rows)]
         most = max(budget)
-        batch = bucket_size(max(rows, num_samples))  # a prompt's samples join together
+        batch = bucket_size(min(max(rows, num_samples), num_rows))  # a prompt's samples join together
         # the longest prompt and two budgets: once the write column nears the end, the oldest live row started at
         # least a budget ago, so moving the columns left past it frees a whole budget for the rows that join
         capacity = -(-(max(len(p) for p in prompts) + 2 * most) // self.CAPACITY_QUANTUM) * self.CAPACITY_QUANTUM
