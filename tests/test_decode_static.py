@@ -568,3 +568,19 @@ def test_bench_queue_smoke():
     assert set(rows) == {"passes", "queue"} and rows["passes"]["speedup"] == 1.0
     from dev.bench_rollout import row_lengths
     assert summary["tokens"] == sum(row_lengths(9, 16)) and all(r["tok_per_s"] > 0 for r in rows.values())
+
+
+def test_generate_queue_tool_calls_while_rows_join_equal_one_pass():
+    """Rows call the calculator at different steps (frequent tokens stand for <|python_start|> / <|python_end|>)
+    while others join and leave: the queue forces each row's tool output as one pass of every prompt does."""
+    model = tiny_model(seed=0, vocab_size=256)
+    prompts = mixed_prompts(8, (3, 8, 5, 11, 2, 6, 1, 4, 9, 7), vocab=256)
+    counts = collections.Counter(t for p in prompts for t in naive(model, p, 24)[:12])
+    call, end, stop = [t for t, _ in counts.most_common(3)]
+    tokenizer = StandInTokenizer(assistant_end=stop, python_start=call, python_end=end, output_start=200, output_end=201)
+    engine = Engine(model, tokenizer, decode="static")
+    whole = engine.generate_prompts(prompts, max_tokens=24, temperature=0.0)
+    assert sum(m.count(0) for _, m in whole) > 20, "test needs rows whose tool output was forced"
+    assert len({len(c) for c, _ in whole}) > 4, "test needs rows that finish at different steps"
+    for rows in (2, 3):
+        assert engine.generate_queue(prompts, rows, max_tokens=24, temperature=0.0) == whole
