@@ -7,6 +7,7 @@ a waiting prompt starts as soon as a row frees), in one run. This is the shape o
     python -m dev.bench_queue                                        # CPU, d4: 64 prompts through 8 rows
     python -m dev.bench_queue --prompts 256 --rows 32 --new_tokens 256
     python -m dev.bench_queue --device cuda --depth 20 --prompts 512 --rows 64 --new_tokens 512
+    python -m dev.bench_queue --prompts 16 --samples 8 --rows 32       # an RL step cut by --max_batch_rows
 
 Random weights; every prompt's rows end after a preset number of tokens (uniform in [new/8, new], as if they
 sampled their stop token there: dev/bench_rollout.finish_rows_at), the same for both paths, so both do the same
@@ -34,13 +35,14 @@ def main(argv=None):
     parser.add_argument("--decode", default="auto", help="the Engine's decode mode (auto: graph on CUDA, static on CPU)")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--rows", type=int, default=8, help="rows decoded together (max_rows of the passes)")
+    parser.add_argument("--samples", type=int, default=1, help="samples per prompt (an RL step's group; they start together)")
     parser.add_argument("--prompt_len", type=int, default=32, help="longest prompt; lengths are mixed down to half")
     parser.add_argument("--new_tokens", type=int, default=128, help="the longest answer; answers are mixed down to 1/8")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
-    if min(args.prompts, args.rows, args.prompt_len, args.new_tokens, args.repeats) < 1:
-        parser.error("--prompts, --rows, --prompt_len, --new_tokens and --repeats must be positive")
+    if min(args.prompts, args.rows, args.samples, args.prompt_len, args.new_tokens, args.repeats) < 1:
+        parser.error("--prompts, --rows, --samples, --prompt_len, --new_tokens and --repeats must be positive")
     if args.decode not in Engine.DECODE_MODES:
         parser.error(f"--decode must be one of {Engine.DECODE_MODES}")
     if args.threads:
@@ -54,8 +56,9 @@ def main(argv=None):
     queue = Engine(model, NoStopTokenizer(args.vocab_size), decode=args.decode)
     for engine in (passes, queue):
         finish_rows_at(engine, length_of)
-    paths = {"passes": lambda: passes.generate_prompts(prompts, max_tokens=args.new_tokens, temperature=0.0),
-             "queue": lambda: queue.generate_queue(prompts, args.rows, max_tokens=args.new_tokens, temperature=0.0)}
+    n = args.samples
+    paths = {"passes": lambda: passes.generate_prompts(prompts, num_samples=n, max_tokens=args.new_tokens, temperature=0.0),
+             "queue": lambda: queue.generate_queue(prompts, args.rows, num_samples=n, max_tokens=args.new_tokens, temperature=0.0)}
 
     def timed(run):
         synchronize(device)
@@ -67,7 +70,8 @@ def main(argv=None):
     warmup = {name: timed(run) for name, run in paths.items()}
     # a row that reached its preset length is done without a stop token (the stand-in's lie outside the vocabulary),
     # and a pass's collector keeps its repeated last token until the pass ends: compare the preset lengths
-    written = {name: [c[:n] for (c, _), n in zip(out, lengths)] for name, (_, out) in warmup.items()}
+    row_lengths_ = [length for length in lengths for _ in range(n)]
+    written = {name: [c[:k] for (c, _), k in zip(out, row_lengths_)] for name, (_, out) in warmup.items()}
     if written["passes"] != written["queue"]:
         raise SystemExit("the two paths wrote different tokens: a bug (greedy decoding must agree)")
     times = {name: [] for name in paths}
@@ -77,7 +81,7 @@ def main(argv=None):
     tokens = sum(len(c) for c in written["queue"])
     c = model.config
     print(f"depth {c.n_layer}, vocab {c.vocab_size}, {args.device}, decode {queue._decode_mode(device)}, "
-          f"{torch.get_num_threads()} threads; {args.prompts} prompts through {args.rows} rows, answers of "
+          f"{torch.get_num_threads()} threads; {args.prompts} prompts x {n} samples through {args.rows} rows, answers of "
           f"{min(lengths)}-{max(lengths)} tokens ({tokens} in all), greedy\n")
     print("| path | warm-up s | s | tok/s | vs passes |")
     print("|---|---:|---:|---:|---:|")
@@ -88,7 +92,7 @@ def main(argv=None):
         print(f"| {name} | {warmup[name][0]:.2f} | {seconds:.2f} | {tokens / seconds:.0f} | {base / seconds:.2f}x |")
         results.append(dict(path=name, warmup_s=warmup[name][0], seconds=seconds, tok_per_s=tokens / seconds,
                             speedup=base / seconds))
-    print(json.dumps(dict(device=args.device, depth=args.depth, prompts=args.prompts, rows=args.rows,
+    print(json.dumps(dict(device=args.device, depth=args.depth, prompts=args.prompts, samples=n, rows=args.rows,
                           new_tokens=args.new_tokens, tokens=tokens, threads=torch.get_num_threads(), results=results)))
 
 
