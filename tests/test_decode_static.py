@@ -560,14 +560,14 @@ def test_generate_queue_bad_arguments_raise_clear_errors(kwargs, message):
 
 
 def test_bench_queue_smoke():
-    cmd = [sys.executable, "-m", "dev.bench_queue", "--depth", "1", "--vocab_size", "300", "--prompts", "9", "--rows", "3",
-           "--prompt_len", "6", "--new_tokens", "16", "--repeats", "1", "--threads", "1"]
+    cmd = [sys.executable, "-m", "dev.bench_queue", "--depth", "1", "--vocab_size", "300", "--prompts", "9", "--rows", "5",
+           "--samples", "2", "--prompt_len", "6", "--new_tokens", "16", "--repeats", "1", "--threads", "1"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
     summary = json.loads(out.strip().splitlines()[-1])
     rows = {r["path"]: r for r in summary["results"]}
     assert set(rows) == {"passes", "queue"} and rows["passes"]["speedup"] == 1.0
     from dev.bench_rollout import row_lengths
-    assert summary["tokens"] == sum(row_lengths(9, 16)) and all(r["tok_per_s"] > 0 for r in rows.values())
+    assert summary["tokens"] == 2 * sum(row_lengths(9, 16)) and all(r["tok_per_s"] > 0 for r in rows.values())
 
 
 def test_generate_queue_tool_calls_while_rows_join_equal_one_pass():
