@@ -319,6 +319,7 @@ def main():
                           f"{r['step_ms']:.2f} | {r['latency_s']:.2f} | {r['tok_per_s']:.0f} | {r['vs_first_mode']:.2f}x | "
                           f"{100 * r['bw_util']:.1f} | {100 * r['mfu']:.2f} |")
                     results.append(r)
+
     def set_lengths(batch):  # the profile and the breakdown take the table's rule for row lengths
         prompts = make_prompts(batch, max(prompt_lens), args.vocab_size)
         length_of.update(zip(map(tuple, prompts), row_lengths(batch, max(new_token_counts))))
