@@ -128,6 +128,7 @@ elif [ "$1" = 10 ]; then
     # Engine runs without cuDNN: a plan per shape), graphs moving to smaller buckets as rows finish (mixed answer
     # lengths), and the d20 breakdown on the table's cache; ~5 minutes
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    stage queue_tests 60 $PY -m pytest -q -p no:cacheprovider -k "queue_on_cuda" tests/test_decode_static.py
     stage bench_rollout_b1 70 $PY -m dev.bench_rollout --device cuda --depth 20 --modes dynamic-old,graph-nocudnn,graph \
         --batch_sizes 1 --prompt_lens 64 --new_tokens 256 --repeats 2
     stage bench_rollout_d12 60 $PY -m dev.bench_rollout --device cuda --depth 12 --modes dynamic-old,graph-nocudnn,graph \
