@@ -1,6 +1,6 @@
 """
 Attention alone at a decode step's shape: one query per row against a fixed-length key/value cache of which
-only the first `filled` columns hold tokens (the StaticKVCache's situation, nanochat/engine.py), timed for
+only the first `filled` columns hold tokens (the StaticKVCache's situation, nanochat/decode_static.py), timed for
 every layer of a model in turn so the caches do not sit in L2 between calls. Which kernel reads a batch-256
 cache fastest, and what attending to the filled columns only would save, before building either.
 

@@ -8,9 +8,9 @@ The GPT: a small, modern decoder-only transformer in the nanochat style.
 - logits soft-capped with tanh, cross-entropy with ignore index -1
 
 One dial, `config_from_depth(depth)`, derives width and heads, so a run is described by its depth.
-The KV caches used for inference live in nanochat/engine.py; the model only asks them to store keys
-and values, and for the per-row positions and masks that left-padded batches need. A cache marked
-`static` (the fixed-shape decode step) supplies positions and mask itself, as device tensors.
+The KV caches used for inference live in nanochat/engine.py and nanochat/decode_static.py; the model only
+asks them to store keys and values, and for the per-row positions and masks that left-padded batches need.
+A cache marked `static` (the fixed-shape decode step) supplies positions and mask itself, as device tensors.
 """
 
 import math
@@ -244,7 +244,7 @@ class GPT(nn.Module):
         device = idx.device
         # checked on Python ints: a .item() here would sync the device and break torch.compile's graph
         if getattr(kv_cache, "static", False):
-            # fixed-shape decode (nanochat/engine.py StaticKVCache): positions and mask come from device
+            # fixed-shape decode (nanochat/decode_static.py StaticKVCache): positions and mask come from device
             # tensors, so no Python int changes from step to step and the step compiles to one graph
             positions, mask = kv_cache.positions_and_mask(T)
         else:

@@ -1,4 +1,4 @@
-"""Tests of the fixed-shape decode step (nanochat/engine.py: StaticKVCache, sample_from_raw_logits,
+"""Tests of the fixed-shape decode step (nanochat/decode_static.py: StaticKVCache, sample_from_raw_logits,
 decode_step, GraphedStep): it gives the same tokens as the growing-batch loop and the naive sampler,
 the same seeded samples, compiles to one graph on CPU, and its CUDA-graph runner's plumbing works."""
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import nanochat.engine as engine_module
-from nanochat.engine import (Engine, GraphedStep, KVCache, StaticKVCache, bucket_size,
-                             noise_width, sample_from_raw_logits, sample_next_token)
+from nanochat.decode_static import GraphedStep, StaticKVCache, bucket_size, noise_width, sample_from_raw_logits
+from nanochat.engine import Engine, KVCache, sample_next_token
 from tests.test_engine import StandInTokenizer, cut_at, naive, tiny_model
 
 

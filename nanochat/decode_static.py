@@ -1,0 +1,195 @@
+"""
+The fixed-shape decode step (issue 17): a KV cache whose tensors keep their shapes for a whole generation, a
+step that feeds one token per row, writes its keys and values and samples the next token on the device, and
+that step captured as a CUDA graph. Engine's fixed-shape loops (nanochat/engine.py) run it.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+class StaticKVCache:
+    """The fixed-shape decode step's cache. Every tensor keeps its shape for the whole generation and the
+    write column is a device tensor, so each decode step sees the same shapes and no changing Python int:
+    torch.compile builds one graph for it and a CUDA graph can replay it.
+
+    k[layer], v[layer]: (batch, n_kv_heads, seq_len, head_dim), one tensor per layer: under torch.compile
+    a write into a view of one big tensor became a copy of the whole layer every step (inductor could not
+    do it in place), a write into a whole input tensor is done in place. All rows write column `pos`;
+    row b's real tokens start at column pad[b] (prompts are left-padded), and its query sees columns
+    pad[b]..pos only, through a mask over all seq_len columns (columns past pos are never attended).
+    """
+
+    static = True           # GPT.forward takes the positions and the mask from here
+    uncapped_logits = True  # and skips the soft-cap: the sampler caps only the logits it keeps
+
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device="cpu", dtype=torch.float32):
+        shape = (batch_size, num_heads, seq_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.pad = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.columns = torch.arange(seq_len, device=device)
+        # Eager only: attend to the first `window` columns instead of all seq_len (the filled ones, known on
+        # the host). Changes the shapes every step, so None under torch.compile and CUDA graphs.
+        self.window = None
+
+    @classmethod
+    def for_model(cls, model, batch_size, seq_len, dtype=None):
+        c = model.config
+        dtype = dtype or model.transformer.wte.weight.dtype
+        return cls(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer,
+                   device=model.get_device(), dtype=dtype)
+
+    @property
+    def batch_size(self):
+        return self.k[0].size(0)
+
+    @property
+    def capacity(self):
+        return self.k[0].size(2)
+
+    def load(self, k, v, pad, length, rows, slots):
+        """Copy columns [0, length) of rows `rows` of (k, v) into this cache's rows `slots`, with their
+        padding; the next write goes to column `length`. k[layer] is (batch, heads, columns, head_dim) of any
+        batch and length (a KVCache's k, or another StaticKVCache's). In place, so a CUDA graph captured on
+        this cache stays valid. Rows not in `slots` are idle: no padding."""
+        assert length <= self.capacity, f"{length} columns do not fit a cache of {self.capacity}"
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.pos.device)
+        slots = torch.as_tensor(slots, dtype=torch.long, device=self.pos.device)
+        for layer in range(len(self.k)):
+            self.k[layer][slots, :, :length] = k[layer][:, :, :length].index_select(0, rows)
+            self.v[layer][slots, :, :length] = v[layer][:, :, :length].index_select(0, rows)
+        self.pad.zero_()
+        if pad is not None:
+            self.pad[slots] = pad.index_select(0, rows)
+        self.pos.fill_(length)
+
+    def place(self, k, v, pad, length, rows, slots, end):
+        """Copy columns [0, length) of rows `rows` of (k, v) into columns [end - length, end) of slots `slots`,
+        with their padding shifted to match: prompts joining a cache whose write column is `end` (Engine.
+        generate_queue). Leaves the other slots and the write column alone. In place."""
+        assert length <= end <= self.capacity, f"{length} columns ending at {end} do not fit a cache of {self.capacity}"
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.pos.device)
+        slots = torch.as_tensor(slots, dtype=torch.long, device=self.pos.device)
+        for layer in range(len(self.k)):
+            self.k[layer][slots, :, end - length:end] = k[layer][:, :, :length].index_select(0, rows)
+            self.v[layer][slots, :, end - length:end] = v[layer][:, :, :length].index_select(0, rows)
+        start = torch.full((len(slots),), end - length, dtype=torch.long, device=self.pos.device)
+        self.pad[slots] = start if pad is None else start + pad.index_select(0, rows)
+
+    def shift_left(self, shift, end):
+        """Move the filled columns [shift, end) of every slot to [0, end - shift), and the padding and the write
+        column with them: room at the right for rows that join later, as long as no live row starts before
+        column `shift`. In place, so a CUDA graph captured on this cache stays valid."""
+        for cache in self.k + self.v:
+            cache[:, :, :end - shift] = cache[:, :, shift:end].clone()
+        self.pad.sub_(shift).clamp_(min=0)
+        self.pos.sub_(shift)
+
+    def positions_and_mask(self, T):
+        """Rotary positions (B, 1) and the attention mask (B, 1, 1, seq_len) of the token at column pos."""
+        assert T == 1, "the static cache only decodes (one token per row per step)"
+        positions = (self.pos - self.pad).clamp(min=0).unsqueeze(1)
+        columns = self.columns if self.window is None else self.columns[:self.window]
+        mask = (columns[None, :] <= self.pos) & (columns[None, :] >= self.pad[:, None])
+        return positions, mask[:, None, None, :]
+
+    def insert_kv(self, layer_idx, k, v):
+        """Write this step's keys/values (B, H, 1, D) at column pos; return the layer's whole cache."""
+        cache_k, cache_v = self.k[layer_idx], self.v[layer_idx]
+        # index_copy_ does not cast (slice assignment does): under autocast k may differ from the cache dtype
+        cache_k.index_copy_(2, self.pos.view(1), k.to(cache_k.dtype))
+        cache_v.index_copy_(2, self.pos.view(1), v.to(cache_v.dtype))
+        if self.window is not None:
+            return self.k[layer_idx][:, :, :self.window], self.v[layer_idx][:, :, :self.window]
+        return self.k[layer_idx], self.v[layer_idx]
+
+    def advance(self, T):
+        self.pos.add_(T)
+
+
+# -----------------------------------------------------------------------------
+# The step: sample on the device, then capture it as a CUDA graph
+
+def sample_from_raw_logits(logits, noise, temperature, top_k, softcap):
+    """The decode step's sampler: on the device, no generator argument and no host sync, so it compiles
+    and graph-captures. `logits` (B, V) are before the soft-cap; `noise` (B, width) is Exponential(1),
+    drawn by the caller from the generator (width: top_k, or V without top-k; ignored at temperature 0).
+
+    It returns what sample_next_token returns for the capped logits and the same generator state, because
+    torch.multinomial draws one sample as argmax(probs / Exponential(1) noise) from a tensor shaped like
+    probs, and the cap (tanh) is monotonic, so the top-k may be taken before capping. The one difference:
+    two raw logits that cap to the same float are a tie after capping, not before."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    if top_k and top_k < logits.size(-1):
+        values, ids = torch.topk(logits, top_k, dim=-1)
+        values = softcap * torch.tanh(values / softcap)
+        probs = F.softmax(values / temperature, dim=-1)
+        return ids.gather(-1, (probs / noise).argmax(dim=-1, keepdim=True)).squeeze(-1)
+    probs = F.softmax(softcap * torch.tanh(logits / softcap) / temperature, dim=-1)
+    return (probs / noise).argmax(dim=-1)
+
+
+def noise_width(vocab_size, temperature, top_k):
+    """Columns of Exponential noise one sampled row consumes (0: greedy, no randomness)."""
+    if temperature == 0:
+        return 0
+    return top_k if top_k and top_k < vocab_size else vocab_size
+
+
+def decode_step(model, cache, tokens, noise, temperature, top_k):
+    """One fixed-shape step for every row of a StaticKVCache: feed tokens (B,), store their keys/values at
+    column cache.pos, advance it, and sample each row's next token. Everything stays on the device."""
+    logits = model(tokens.unsqueeze(1), kv_cache=cache)[:, -1, :]
+    return sample_from_raw_logits(logits, noise, temperature, top_k, model.config.softcap)
+
+
+def bucket_size(rows):
+    """Batch bucket: the next power of two, so the step only ever sees a few batch shapes (each is a
+    recompile under torch.compile and a capture for a CUDA graph)."""
+    return 1 << max(0, rows - 1).bit_length()
+
+
+class GraphedStep:
+    """decode_step captured once as a CUDA graph on one StaticKVCache, then replayed: a step costs one
+    graph launch instead of ~1,000 kernel launches (at depth 20 the host-issued launches, not the GPU,
+    set the pace: dev/gpu_results.md). Inputs are copied into static buffers before each replay; the
+    output tensor is overwritten by each replay (read it before the next)."""
+
+    def __init__(self, step, model, cache, width, temperature, top_k):
+        self.cache = cache
+        self.tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=cache.pos.device)
+        self.noise = torch.ones(cache.batch_size, max(1, width), device=cache.pos.device)
+        run = lambda: step(model, cache, self.tokens, self.noise, temperature, top_k)  # noqa: E731
+        start = cache.pos.clone()
+        self.replay, self.out = self.capture(run)
+        cache.pos.copy_(start)  # warm-up runs advanced it; the columns they wrote are rewritten before use
+
+    @staticmethod
+    def capture(run):
+        """(replay function, output tensor). The warm-up runs on a side stream, as capture requires, and
+        autocast's cache of cast weights is off: a cast cached during capture is freed when autocast exits,
+        and the graph would read freed memory (PyTorch's CUDA-graph notes ask for cache_enabled=False)."""
+        autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                  enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+        with autocast:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = run()
+        return graph.replay, out
+
+    def __call__(self, cache, tokens, noise):
+        assert cache is self.cache, "a captured step only runs on the cache it was captured with"
+        self.tokens.copy_(tokens)
+        if noise is not None:
+            self.noise.copy_(noise)
+        self.replay()
+        return self.out
