@@ -489,6 +489,7 @@ class Engine:
                 # which forces the next header (alignment traced in dev/logs/verifier/remeasure/alignment_trace.log)
                 token, *rest = self._newline_ids()
                 state.forced.extend(rest)
+                state.python_tokens = None  # a calculator call it left open is dropped: the newline and header are text
             else:
                 mask[row] = 1
             column[row] = token

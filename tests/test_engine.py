@@ -517,6 +517,23 @@ def test_a_stop_before_the_last_header_becomes_a_newline(tiny_tokenizer, decode)
     assert plain == [x]  # without headers a stop is a stop
 
 
+@pytest.mark.parametrize("decode", DECODE_MODES)
+def test_a_stop_inside_an_open_calculator_call_drops_the_call(tiny_tokenizer, decode):
+    """A verifier that stops inside an open <|python_start|> while headers remain: the newline and the next
+    header are text, not part of the expression, so a later <|python_end|> forces no calculator output."""
+    tok = tiny_tokenizer
+    s = tok.encode_special
+    headers = [tok.encode("Step 1:"), tok.encode("Overall:")]
+    x, filler, end = tok.encode("x")[0], tok.encode("q")[0], s("<|assistant_end|>")
+    script = [filler] * len(headers[0]) + [s("<|python_start|>")] + tok.encode("2+3") + [end] \
+        + [filler] * len(headers[1]) + [x, s("<|python_end|>"), x, end]
+    engine, _ = scripted_engine(tok, script, decode)
+    prompt = tok.encode("verify this", prepend="<|bos|>")
+    [(tokens, mask)] = engine.generate_prompts([prompt], num_samples=1, max_tokens=40, temperature=1.0, line_headers=[headers])
+    assert tok.decode(tokens) == "Step 1:<|python_start|>2+3\nOverall:x<|python_end|>x"
+    assert s("<|output_start|>") not in tokens
+
+
 # -----------------------------------------------------------------------------
 # Sampling from a copy whose linear weights are already in the compute dtype
 
