@@ -124,9 +124,10 @@ elif [ "$1" = 9 ]; then
     stage bench_rollout_cg 170 $PY -m dev.bench_rollout --device cuda --depth 20 \
         --modes dynamic-old,graph,compiled_graph,compiled_graph-cudnn --batch_sizes 256 --prompt_lens 64 --new_tokens 256 --repeats 1
 elif [ "$1" = 10 ]; then
-    # what else part 8 left: cuDNN in the graph at batch 1 and at the verifier's shape, in the prefill (which the
-    # Engine runs without cuDNN: a plan per shape), graphs moving to smaller buckets as rows finish (mixed answer
-    # lengths), and the d20 breakdown on the table's cache; ~5 minutes
+    # the queue's CUDA tests (evaluation decodes through it), then what else part 8 left: cuDNN in the graph at batch 1
+    # and at the verifier's shape, in the prefill (which the Engine runs without cuDNN: a plan per shape), graphs
+    # moving to smaller buckets as rows finish (mixed answer lengths), the d20 breakdown on the table's cache, and an
+    # evaluation's shape through the queue; ~7 minutes
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     stage queue_tests 60 $PY -m pytest -q -p no:cacheprovider -k "queue_on_cuda" tests/test_decode_static.py
     stage bench_rollout_b1 70 $PY -m dev.bench_rollout --device cuda --depth 20 --modes dynamic-old,graph-nocudnn,graph \
