@@ -20,13 +20,13 @@ import sys
 
 EVAL_LINE = re.compile(r"^eval \[([^\]]+)\] (.*)$", re.M)
 
-# (column, metric key, test, what the bar says)
+# (column, metric key, other metrics the test reads, test, what the bar says)
 BARS = [
-    ("exact BA", "verifier_exact_balanced_accuracy", lambda v, m: v >= 0.85, ">= 0.85"),
-    ("exact AUC", "verifier_exact_auc", lambda v, m: v >= 0.9, ">= 0.9"),
-    ("first-error", "verifier_first_error_accuracy", lambda v, m: v >= 0.75, ">= 0.75"),
-    ("aligned", "verifier_steps_aligned", lambda v, m: v >= 1.0, "= 1"),
-    ("said Correct", "verifier_share_said_correct",
+    ("exact BA", "verifier_exact_balanced_accuracy", [], lambda v, m: v >= 0.85, ">= 0.85"),
+    ("exact AUC", "verifier_exact_auc", [], lambda v, m: v >= 0.9, ">= 0.9"),
+    ("first-error", "verifier_first_error_accuracy", [], lambda v, m: v >= 0.75, ">= 0.75"),
+    ("aligned", "verifier_steps_aligned", [], lambda v, m: v >= 1.0, "= 1"),
+    ("said Correct", "verifier_share_said_correct", ["verifier_exact_gold_share_correct"],
      lambda v, m: abs(v - m["verifier_exact_gold_share_correct"]) <= 0.1, "within 0.1 of the exact gold share"),
 ]
 SHOWN = [("answer BA", "verifier_balanced_accuracy"), ("exact gold", "verifier_exact_gold_share_correct")]
@@ -52,9 +52,8 @@ def parse_evals(text):
 def check(metrics):
     """{column: True/False} per bar, or None for a bar whose metrics the line lacks."""
     out = {}
-    for column, key, test, _ in BARS:
-        needed = [key] + (["verifier_exact_gold_share_correct"] if column == "said Correct" else [])
-        out[column] = test(metrics[key], metrics) if all(k in metrics for k in needed) else None
+    for column, key, also, test, _ in BARS:
+        out[column] = test(metrics[key], metrics) if all(k in metrics for k in [key] + also) else None
     return out
 
 
@@ -90,7 +89,7 @@ def main(argv=None):
         cells += [f"{m[key]:.3f}" if key in m else "-" for _, key in SHOWN]
         row["meets_all"] = all(bars.values())
         print(f"| {row['log']} | {row['draw']} | " + " | ".join(cells) + f" | {'yes' if row['meets_all'] else 'no'} |")
-    print("bars: " + "; ".join(f"{column} {text}" for column, _, _, text in BARS))
+    print("bars: " + "; ".join(f"{column} {text}" for column, *_, text in BARS))
     print(json.dumps({"rows": [{k: r[k] for k in ("log", "draw", "meets_all")} for r in rows],
                       "all_meet": bool(rows) and all(r["meets_all"] for r in rows)}))
     return rows
