@@ -20,14 +20,11 @@ import json
 import time
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
 from dev.bench_engine import NoStopTokenizer, build_model
 from dev.bench_rollout import make_prompts, old_prefill_chunk, synchronize
 from nanochat.engine import Engine, KVCache, inference_context
-
-CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
 
 def time_prefill(engine, model, ids, pads, chunk, repeats, attention="engine"):
     """(first, fastest) of `repeats` prefills of ids in passes of `chunk` columns, in ms."""
@@ -40,7 +37,7 @@ def time_prefill(engine, model, ids, pads, chunk, repeats, attention="engine"):
         synchronize(ids.device)
         t0 = time.perf_counter()
         with torch.inference_mode(), inference_context(ids.device.type), \
-                (sdpa_kernel(CUDNN_FIRST, set_priority=True) if attention == "cudnn" else contextlib.nullcontext()):
+                (sdpa_kernel(list(Engine.GRAPH_SDPA_BACKENDS), set_priority=True) if attention == "cudnn" else contextlib.nullcontext()):
             engine._prefill(sampler, ids, cache)
         synchronize(ids.device)
         times.append(time.perf_counter() - t0)

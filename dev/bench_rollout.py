@@ -320,22 +320,21 @@ def main():
                           f"{100 * r['bw_util']:.1f} | {100 * r['mfu']:.2f} |")
                     results.append(r)
 
-    def set_lengths(batch):  # the profile and the breakdown take the table's rule for row lengths
+    def prompts_with_lengths(batch):  # the profile's and the breakdown's prompts, under the table's rule for row lengths
         prompts = make_prompts(batch, max(prompt_lens), args.vocab_size)
         length_of.update(zip(map(tuple, prompts), row_lengths(batch, max(new_token_counts))))
+        return prompts
 
     if args.profile:
         for batch in batch_sizes:
-            set_lengths(batch)
-            profile_step(engines[args.profile], make_prompts(batch, max(prompt_lens), args.vocab_size), args)
+            profile_step(engines[args.profile], prompts_with_lengths(batch), args)
     breakdowns = []
     if args.breakdown:
         for batch in batch_sizes:
-            set_lengths(batch)
+            prompts = prompts_with_lengths(batch)
             for mode in modes:
                 if engines[mode].decode in Engine.GRAPH_MODES:
-                    breakdowns.append(graph_breakdown(engines[mode], make_prompts(batch, max(prompt_lens), args.vocab_size),
-                                                      max(new_token_counts), args))
+                    breakdowns.append(graph_breakdown(engines[mode], prompts, max(new_token_counts), args))
     load_after = os.getloadavg()
     print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f}; {os.cpu_count()} CPUs; "
           f"wall {time.perf_counter() - t_start:.0f} s; torch {torch.__version__}; 'vs dynamic' = tok/s over the first mode's")

@@ -234,6 +234,15 @@ class CastLinears:
 # -----------------------------------------------------------------------------
 # The Engine
 
+def left_padded(prompts, device):
+    """(ids (rows, longest), pads): the prompts left-padded to the longest. Padding columns are never attended
+    to, so any valid id will do."""
+    longest = max(len(p) for p in prompts)
+    pads = [longest - len(p) for p in prompts]
+    ids = torch.tensor([[0] * pad + list(p) for p, pad in zip(prompts, pads)], dtype=torch.long, device=device)
+    return ids, pads
+
+
 class RowState:
     """Where one sample stands: tool output waiting to be fed in, an open python call, finished or not."""
 
@@ -405,9 +414,7 @@ class Engine:
         num_rows = len(prompts) * num_samples
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
-        pads = [longest - len(p) for p in prompts]
-        # padding columns are never attended to; any valid id will do
-        ids = torch.tensor([[0] * pad + list(p) for p, pad in zip(prompts, pads)], dtype=torch.long, device=device)
+        ids, pads = left_padded(prompts, device)
 
         mode = self._decode_mode(device)
         if top_p is not None and top_p < 1 and temperature > 0:
@@ -433,6 +440,11 @@ class Engine:
         if longest >= context_limit:
             raise ValueError(f"prompt of {longest} tokens does not fit the model's {context_limit}-position rotary table")
         return prompts
+
+    @staticmethod
+    def _check_line_headers(prompts, line_headers):
+        if line_headers is not None and len(line_headers) != len(prompts):
+            raise ValueError(f"line_headers needs one list per prompt ({len(prompts)}), got {len(line_headers)}")
 
     @staticmethod
     def _row_states(num_rows, num_samples, line_headers):
@@ -561,7 +573,7 @@ class Engine:
         vocab_size = model.config.vocab_size
         dtype = self._cache_dtype(device)
         width = noise_width(vocab_size, temperature, top_k)
-        capacity = min(-(-limit // self.CAPACITY_QUANTUM) * self.CAPACITY_QUANTUM, model.cos.size(0))
+        capacity = min(self._quantized(limit), model.cos.size(0))
         with inference_context(device.type):
             # each prompt is processed once (growing cache, as in the dynamic loop), then fanned out to its rows
             prompt_cache = KVCache.for_model(model, num_prompts, longest, dtype=dtype, pad_lengths=pads)
@@ -623,6 +635,10 @@ class Engine:
             with inference_context(device.type):
                 out = step(cache, feed, noise).tolist()
             sampled = [out[slot_of[row]] if row in slot_of else 0 for row in active]
+
+    def _quantized(self, columns):
+        """A static cache's length for `columns` columns: the next multiple of CAPACITY_QUANTUM."""
+        return -(-columns // self.CAPACITY_QUANTUM) * self.CAPACITY_QUANTUM
 
     def _static_cache(self, model, mode, batch, capacity, width, temperature, top_k, dtype):
         """(StaticKVCache, step function (cache, tokens, noise) -> next tokens) for one decode shape."""
@@ -712,8 +728,7 @@ class Engine:
         prompts = [list(p) for p in prompts]
         if not prompts:
             return []
-        if line_headers is not None and len(line_headers) != len(prompts):
-            raise ValueError(f"line_headers needs one list per prompt ({len(prompts)}), got {len(line_headers)}")
+        self._check_line_headers(prompts, line_headers)
         per_pass = len(prompts) if self.max_rows is None else max(1, self.max_rows // max(num_samples, 1))
         return self._generate_in_passes(prompts, per_pass, num_samples, max_tokens, temperature, top_k, seed, line_headers)
 
@@ -746,8 +761,7 @@ class Engine:
         prompts = [list(p) for p in prompts]
         if not prompts:
             return []
-        if line_headers is not None and len(line_headers) != len(prompts):
-            raise ValueError(f"line_headers needs one list per prompt ({len(prompts)}), got {len(line_headers)}")
+        self._check_line_headers(prompts, line_headers)
         prompts = self._checked_prompts(prompts)
         model = self.model
         device = model.get_device()
@@ -765,7 +779,7 @@ class Engine:
         batch = bucket_size(min(max(rows, num_samples), num_rows))  # a prompt's samples join together
         # the longest prompt and two budgets: once the write column nears the end, the oldest live row started at
         # least a budget ago, so moving the columns left past it frees a whole budget for the rows that join
-        capacity = -(-(max(len(p) for p in prompts) + 2 * most) // self.CAPACITY_QUANTUM) * self.CAPACITY_QUANTUM
+        capacity = self._quantized(max(len(p) for p in prompts) + 2 * most)
         min_shift = max(1, int(self.QUEUE_MIN_SHIFT * most))
         sampler = self._sampling_model(model)
         dtype = self._cache_dtype(device)
@@ -832,9 +846,8 @@ class Engine:
                 group.append(waiting.popleft())
             if not group:
                 return []
-            longest = max(len(prompts[p]) for p in group)
-            pads = [longest - len(prompts[p]) for p in group]
-            ids = torch.tensor([[0] * pad + prompts[p] for p, pad in zip(group, pads)], dtype=torch.long, device=device)
+            ids, pads = left_padded([prompts[p] for p in group], device)
+            longest = ids.size(1)
             source = [i for i in range(len(group)) for _ in range(num_samples)]
             slots = free[:len(source)]
             with inference_context(device.type):
