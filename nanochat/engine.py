@@ -610,7 +610,9 @@ class Engine:
             min_steps = self.SHRINK_MIN_STEPS.get(mode)
             if (min_steps is not None and bucket_size(len(live)) < cache.batch_size
                     and min(new_tokens - generated, limit - pos + 1) >= min_steps):
-                smaller, step = self._static_cache(model, mode, bucket_size(len(live)), capacity, width, temperature, top_k, dtype)
+                with inference_context(device.type):  # a graph captured here must run under the loop's autocast
+                    smaller, step = self._static_cache(model, mode, bucket_size(len(live)), capacity, width, temperature,
+                                                       top_k, dtype)
                 smaller.load(cache.k, cache.v, cache.pad, pos - 1, [slot_of[row] for row in live], range(len(live)))
                 cache, slot_of = smaller, {row: j for j, row in enumerate(live)}
             feed = [0] * cache.batch_size

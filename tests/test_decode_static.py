@@ -3,6 +3,7 @@ decode_step, GraphedStep): it gives the same tokens as the growing-batch loop an
 the same seeded samples, compiles to one graph on CPU, and its CUDA-graph runner's plumbing works."""
 
 import collections
+import contextlib
 import itertools
 import json
 import subprocess
@@ -138,15 +139,29 @@ def test_static_loop_moves_to_smaller_buckets_and_stops_computing_finished_rows(
 def test_graph_loop_shrinks_when_enough_steps_remain(monkeypatch, temperature, top_k):
     """Engine.SHRINK_MIN_STEPS: a graph mode given a threshold captures a smaller bucket once the live rows fit
     it, only while at least that many steps may remain, and samples what the dynamic loop samples (greedy and
-    seeded, rows finishing at different steps); by default graphs keep their bucket."""
+    seeded, rows finishing at different steps); by default graphs keep their bucket. Every capture runs under the
+    loop's inference context (on CUDA the autocast the bf16 sampling copy needs: a GPU run once captured the
+    smaller bucket outside it and failed)."""
     model = tiny_model(seed=4)
     prompts = mixed_prompts(5, (3, 8, 5, 11, 2, 6, 1, 4, 9))
     stop = stop_token_for(model, prompts)
     tokenizer = StandInTokenizer(assistant_end=stop)
     want = Engine(model, tokenizer, decode="dynamic").generate_prompts(prompts, max_tokens=24, temperature=temperature,
                                                                        top_k=top_k, seed=7)
-    captured = []
-    monkeypatch.setattr(GraphedStep, "capture", staticmethod(lambda run: captured.append(run) or FakeGraph.capture(run)))
+    depth = [0]  # inference contexts open now
+    real_context = engine_module.inference_context
+
+    @contextlib.contextmanager
+    def counted_context(device_type):
+        depth[0] += 1
+        try:
+            with real_context(device_type):
+                yield
+        finally:
+            depth[0] -= 1
+    monkeypatch.setattr(engine_module, "inference_context", counted_context)
+    captured = []  # the number of inference contexts open at each capture
+    monkeypatch.setattr(GraphedStep, "capture", staticmethod(lambda run: captured.append(depth[0]) or FakeGraph.capture(run)))
     buckets = {}
     for min_steps in (None, 0, 12, 100):
         engine = Engine(model, tokenizer, decode="static")
@@ -159,6 +174,7 @@ def test_graph_loop_shrinks_when_enough_steps_remain(monkeypatch, temperature, t
         assert engine.generate_prompts(prompts, max_tokens=24, temperature=temperature, top_k=top_k, seed=7) == want
         monkeypatch.setattr(engine_module, "decode_step", real_step)
         buckets[min_steps] = (seen, len(captured))
+        assert all(captured), captured
     assert set(buckets[None][0]) == {16} and buckets[None][1] == 1  # the default: one capture, one bucket
     assert set(buckets[100][0]) == {16} and buckets[100][1] == 1    # never 100 steps left of 24
     shrunk, captures = buckets[0]
@@ -337,6 +353,26 @@ def test_fixed_shape_step_on_cuda_matches_the_eager_step(mode):
         b = ref.generate_prompts(prompts, num_samples=3, max_tokens=12, **kwargs)
         # bf16 autocast: compiled kernels round differently, so compare the first tokens only
         assert [c[:1] for c, _ in a] == [c[:1] for c, _ in b]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_shrink_on_cuda():
+    """A graph given a SHRINK_MIN_STEPS threshold captures smaller buckets mid-generation as rows finish (on CUDA
+    under the bf16 sampling copy, which needs the loop's autocast at each capture): its replays repeat themselves
+    and start as the eager fixed-shape loop does."""
+    model = tiny_model(seed=4)
+    prompts = mixed_prompts(5, (3, 8, 5, 11, 2, 6, 1, 4, 9))
+    stop = stop_token_for(model, prompts)
+    model = model.to("cuda")
+    engine = Engine(model, StandInTokenizer(assistant_end=stop), decode="graph")
+    engine.SHRINK_MIN_STEPS = {**Engine.SHRINK_MIN_STEPS, "graph": 0}
+    ref = Engine(model, StandInTokenizer(assistant_end=stop), decode="static")
+    for kwargs in (dict(temperature=0.0), dict(temperature=0.8, top_k=20, seed=3)):
+        a = engine.generate_prompts(prompts, num_samples=2, max_tokens=24, **kwargs)
+        assert a == engine.generate_prompts(prompts, num_samples=2, max_tokens=24, **kwargs)
+        b = ref.generate_prompts(prompts, num_samples=2, max_tokens=24, **kwargs)
+        assert [c[:1] for c, _ in a] == [c[:1] for c, _ in b]
+        assert len({len(c) for c, _ in a}) > 1  # rows finished at different steps, so buckets were left
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
