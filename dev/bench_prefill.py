@@ -6,6 +6,7 @@ elements, which cut 256 rows at a 32K vocabulary into 4-column passes), in one r
     python -m dev.bench_prefill                                   # CPU, d4: the shapes behind Engine.PREFILL_TOKENS
     python -m dev.bench_prefill --device cuda --depth 12 --shapes 256x384
     python -m dev.bench_prefill --device cuda --depth 12 --shapes 256x384 --widths 128 --attention engine,cudnn
+    python -m dev.bench_prefill --device cuda --depth 12 --shapes 256x384 --widths 128 --profile
 
 Random weights and prompts (lengths mixed down to half the longest); each width is timed --repeats times into a
 fresh cache, as the Engine runs it (its sampling copy, under its inference context), and the fastest is printed
@@ -24,7 +25,7 @@ from torch.nn.attention import sdpa_kernel
 
 from dev.bench_engine import NoStopTokenizer, build_model
 from dev.bench_rollout import make_prompts, old_prefill_chunk, synchronize
-from nanochat.engine import Engine, KVCache, inference_context
+from nanochat.engine import Engine, KVCache, inference_context, left_padded
 
 def time_prefill(engine, model, ids, pads, chunk, repeats, attention="engine"):
     """(first, fastest) of `repeats` prefills of ids in passes of `chunk` columns, in ms."""
@@ -44,6 +45,19 @@ def time_prefill(engine, model, ids, pads, chunk, repeats, attention="engine"):
     return 1000 * times[0], 1000 * min(times)
 
 
+def profile_prefill(engine, model, ids, pads, chunk):
+    """Which ops a prefill's time goes to (one prefill at `chunk` columns per pass, after a warm-up one), printed
+    before the summary line: the prefill runs at a fraction of the matmul peak, so the question is what else."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = ids.device.type == "cuda"
+    time_prefill(engine, model, ids, pads, chunk, 1)
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+    with prof:
+        time_prefill(engine, model, ids, pads, chunk, 1)
+    print(f"\n### Profile: {ids.size(0)} rows x {ids.size(1)} columns in passes of {chunk}\n")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=20))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=4)
@@ -55,6 +69,8 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--attention", default="engine", help="comma list: engine (the Engine's kernels) and/or cudnn "
                                                               "(cuDNN's attention first)")
+    parser.add_argument("--profile", action="store_true", help="after the timings, profile one prefill of each shape "
+                                                                   "at the Engine's width")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,10 +94,8 @@ def main():
     print("|---:|---:|---|---|---:|---:|---:|")
     results = []
     for rows, prompt_len in shapes:
-        prompts = make_prompts(rows, prompt_len, args.vocab_size)
-        longest = max(len(p) for p in prompts)
-        pads = [longest - len(p) for p in prompts]
-        ids = torch.tensor([[0] * pad + p for p, pad in zip(prompts, pads)], device=device)
+        ids, pads = left_padded(make_prompts(rows, prompt_len, args.vocab_size), device)
+        longest = ids.size(1)
         named = {"old rule": old_prefill_chunk(model, rows, longest, device),
                  "Engine's rule": rule(model, rows, longest, device)}
         named.update({str(w): w for w in widths if w <= 2 * longest})
@@ -93,6 +107,10 @@ def main():
             print(f"| {rows} | {longest} | {label} | {attention} | {first:.0f} | {ms:.0f} | {anchor / ms:.2f}x |")
             results.append(dict(rows=rows, prompt=longest, width_name=name, width=w, attention=attention, first_ms=first,
                                 ms=ms, speedup_vs_old=anchor / ms))
+    if args.profile:
+        for rows, prompt_len in shapes:
+            ids, pads = left_padded(make_prompts(rows, prompt_len, args.vocab_size), device)
+            profile_prefill(engine, model, ids, pads, rule(model, rows, ids.size(1), device))
     print(json.dumps(dict(device=args.device, depth=args.depth, vocab_size=args.vocab_size, threads=torch.get_num_threads(),
                           results=results)))
 

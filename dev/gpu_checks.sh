@@ -27,6 +27,8 @@
 #   bash dev/gpu_checks.sh 10  # cuDNN in the graph at batch 1 and at the verifier's shape, in the verifier's prefill,
 #                              # graphs moving to smaller buckets as rows of mixed lengths finish, the d20 breakdown,
 #                              # an evaluation's shape through Engine.generate_queue against passes; ~7 min
+#   bash dev/gpu_checks.sh 11  # graphs moving to smaller buckets (tests, table), the compiled graph choosing cuDNN inside
+#                              # its step (tests, d20 and d12 tables), where the verifier's prefill time goes; ~6 min
 # Logs go to $OUT (or ./gpu_logs). Parts 2 and 4 need a tokenizer (and shards for base_train) under
 # $NANOCHAT_BASE_DIR, e.g. made here with dev/make_corpus + scripts.tok_train, because a GPU box's Python
 # may have no build of our Rust trainer. Figures are recorded in dev/gpu_results.md.
@@ -144,6 +146,22 @@ elif [ "$1" = 10 ]; then
     # longest answer) against the queue (one capture; a problem starts as a row frees)
     stage bench_queue 90 $PY -m dev.bench_queue --device cuda --depth 20 --prompts 256 --rows 32 --prompt_len 128 \
         --new_tokens 256 --repeats 1
+elif [ "$1" = 11 ]; then
+    # what part 10 and 9 left (eighteenth session): the CUDA tests of graphs moving to smaller buckets (part 10's
+    # benchmark of them failed: the capture ran outside autocast) and of the compiled step choosing cuDNN inside
+    # itself (part 9's compiled_graph-cudnn reused the step compiled without cuDNN); the d20 batch-256 table with
+    # both compiled graphs compiled; the shrink table again; where the verifier's prefill time goes; the compiled
+    # graph with cuDNN at the verifier's decode shape; ~6 minutes
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    stage cuda_tests 150 $PY -m pytest -q -p no:cacheprovider \
+        -k "graph_shrink_on_cuda or (on_cuda and compiled_graph) or traces_its_attention" tests/test_decode_static.py
+    stage bench_rollout_cg 240 $PY -m dev.bench_rollout --device cuda --depth 20 \
+        --modes dynamic-old,graph,compiled_graph,compiled_graph-cudnn --batch_sizes 256 --prompt_lens 64 --new_tokens 256 --repeats 1
+    stage bench_rollout_shrink 60 $PY -m dev.bench_rollout --device cuda --depth 20 --modes graph,graph-shrink32,graph-shrink8 \
+        --batch_sizes 256 --prompt_lens 64 --new_tokens 256 --lengths mixed --repeats 2
+    stage prefill_profile 60 $PY -m dev.bench_prefill --device cuda --depth 12 --shapes 256x384 --widths 128 --repeats 2 --profile
+    stage bench_rollout_d12_cg 100 $PY -m dev.bench_rollout --device cuda --depth 12 --modes graph,compiled_graph-cudnn \
+        --batch_sizes 256 --prompt_lens 384 --new_tokens 128 --repeats 1
 else
     : "${NANOCHAT_BASE_DIR:?set NANOCHAT_BASE_DIR to a directory with tokenizer/ (and base_data/ for base_train)}"
     stage cuda_tests_gpt 60 $PY -m pytest -q -p no:cacheprovider -k cuda tests/test_gpt.py

@@ -6,6 +6,7 @@ that step captured as a CUDA graph. Engine's fixed-shape loops (nanochat/engine.
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
 
 
 class StaticKVCache:
@@ -139,10 +140,19 @@ def noise_width(vocab_size, temperature, top_k):
     return top_k if top_k and top_k < vocab_size else vocab_size
 
 
-def decode_step(model, cache, tokens, noise, temperature, top_k):
+def decode_step(model, cache, tokens, noise, temperature, top_k, attention=None):
     """One fixed-shape step for every row of a StaticKVCache: feed tokens (B,), store their keys/values at
-    column cache.pos, advance it, and sample each row's next token. Everything stays on the device."""
-    logits = model(tokens.unsqueeze(1), kv_cache=cache)[:, -1, :]
+    column cache.pos, advance it, and sample each row's next token. Everything stays on the device.
+
+    attention: SDPA backends to try first, first choice first (None: the caller's choice). The choice is made
+    inside the step so that torch.compile traces it: a compiled step fixes its attention kernel when it
+    compiles and does not guard on a choice made outside it (on an H200, a step compiled without cuDNN was
+    reused unchanged under cuDNN-first: dev/gpu_results.md), but it does guard on this argument."""
+    if attention is None:
+        logits = model(tokens.unsqueeze(1), kv_cache=cache)[:, -1, :]
+    else:
+        with sdpa_kernel(list(attention), set_priority=True):
+            logits = model(tokens.unsqueeze(1), kv_cache=cache)[:, -1, :]
     return sample_from_raw_logits(logits, noise, temperature, top_k, model.config.softcap)
 
 

@@ -6,6 +6,7 @@ length, sampling on the device, a CUDA graph of the step) is in nanochat/decode_
 
 import contextlib
 import copy
+import functools
 import itertools
 import numbers
 from collections import deque
@@ -286,7 +287,9 @@ class Engine:
     # otherwise (dev/bench_decode_attention, dev/gpu_results.md). SDPA falls back down the list where it cannot.
     GRAPH_SDPA_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                            SDPBackend.MATH)
-    CUDNN_GRAPH_MODES = ("graph",)  # compiled_graph keeps the other paths' kernels until its capture with cuDNN runs on a GPU
+    # compiled_graph keeps the other paths' kernels until its step compiled with cuDNN is measured on a GPU (the one
+    # measurement so far reused the step compiled without it: dev/gpu_results.md)
+    CUDNN_GRAPH_MODES = ("graph",)
     # A fixed-shape loop moves its live rows to the next smaller batch bucket once they fit it, if at least this many
     # steps may remain (None: never), so finished rows stop costing compute: on CPU (d4, batch 64, answer lengths
     # mixed in [16, 128]) 1.21x the tokens/s of never moving (dev/logs/bench_rollout_mixed_cpu.log). Eagerly a new
@@ -650,13 +653,10 @@ class Engine:
                 self._graphs.clear()  # one captured shape at a time: each holds a whole cache in device memory
                 cache = StaticKVCache.for_model(model, batch, capacity, dtype=dtype)
                 fn = self._compiled() if mode == "compiled_graph" else decode_step
+                if mode in self.CUDNN_GRAPH_MODES:  # the step picks its kernels itself (decode_step: compile traces it)
+                    fn = functools.partial(fn, attention=self.GRAPH_SDPA_BACKENDS)
                 try:
-                    # the capture's warm-up runs compile the step first (compiled_graph); the kernels chosen
-                    # then are the ones every replay runs, so the attention backends are picked here
-                    backends = (sdpa_kernel(list(self.GRAPH_SDPA_BACKENDS), set_priority=True)
-                                if mode in self.CUDNN_GRAPH_MODES else contextlib.nullcontext())
-                    with backends:
-                        self._graphs[key] = GraphedStep(fn, model, cache, width, temperature, top_k)
+                    self._graphs[key] = GraphedStep(fn, model, cache, width, temperature, top_k)
                 except Exception as e:  # not verified on every GPU/driver: a failed capture must not end a run
                     if self.decode != "auto":
                         raise

@@ -125,7 +125,7 @@ def test_static_loop_moves_to_smaller_buckets_and_stops_computing_finished_rows(
     assert min(len(e) for e in expected) < 12, "test needs rows that finish early"
     seen = []
     real_step = engine_module.decode_step
-    engine_module.decode_step = lambda model, cache, *a: seen.append(cache.batch_size) or real_step(model, cache, *a)
+    engine_module.decode_step = lambda model, cache, *a, **kw: seen.append(cache.batch_size) or real_step(model, cache, *a, **kw)
     try:
         out = Engine(model, StandInTokenizer(assistant_end=stop), decode="static").generate_prompts(
             prompts, max_tokens=24, temperature=0.0)
@@ -169,7 +169,7 @@ def test_graph_loop_shrinks_when_enough_steps_remain(monkeypatch, temperature, t
         engine.SHRINK_MIN_STEPS = {**Engine.SHRINK_MIN_STEPS, "graph": min_steps}
         seen = []
         real_step = engine_module.decode_step
-        monkeypatch.setattr(engine_module, "decode_step", lambda model, cache, *a: seen.append(cache.batch_size) or real_step(model, cache, *a))
+        monkeypatch.setattr(engine_module, "decode_step", lambda model, cache, *a, **kw: seen.append(cache.batch_size) or real_step(model, cache, *a, **kw))
         captured.clear()
         assert engine.generate_prompts(prompts, max_tokens=24, temperature=temperature, top_k=top_k, seed=7) == want
         monkeypatch.setattr(engine_module, "decode_step", real_step)
@@ -275,20 +275,23 @@ def test_graphed_step_plumbing_on_cpu(monkeypatch):
 
 
 def test_graph_capture_puts_cudnn_attention_first(monkeypatch):
-    """A captured step may attend with cuDNN's kernel, first choice (a graph has one key length, so cuDNN plans
-    once), while the other paths leave it out (inference_context); the compiled graph does not yet, and the
-    benchmark's "-old" / "-nocudnn" / "-cudnn" engines say otherwise. On CPU the kernel choice is only recorded:
-    SDPA ignores it there."""
+    """A captured step attends with cuDNN's kernel first (a graph has one key length, so cuDNN plans once), chosen
+    inside the step (decode_step's `attention`, which torch.compile traces and guards on), while the other paths
+    leave it out (inference_context); the compiled graph does not yet, and the benchmark's "-old" / "-nocudnn" /
+    "-cudnn" engines say otherwise. On CPU the kernel choice is only recorded: SDPA ignores it there."""
     from torch.nn.attention import SDPBackend
 
     from dev.bench_rollout import make_engine
-    seen = []
+    seen = []  # for each decode-step attention call: (cuDNN enabled and first, the first choice)
+    real_attention = torch.nn.functional.scaled_dot_product_attention
 
-    def capture(run):
-        first = torch._C._get_sdp_priority_order()[0] == SDPBackend.CUDNN_ATTENTION.value
-        seen.append((first and torch.backends.cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order()[0]))
-        return FakeGraph.capture(run)
-    monkeypatch.setattr(GraphedStep, "capture", staticmethod(capture))
+    def recording_attention(q, *args, **kwargs):
+        if q.size(-2) == 1:
+            first = torch._C._get_sdp_priority_order()[0]
+            seen.append((first == SDPBackend.CUDNN_ATTENTION.value and torch.backends.cuda.cudnn_sdp_enabled(), first))
+        return real_attention(q, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_attention)
+    monkeypatch.setattr(GraphedStep, "capture", staticmethod(FakeGraph.capture))
     model = tiny_model(seed=8)
     prompts = mixed_prompts(3, (6, 2, 9))
     want = Engine(model, StandInTokenizer(), decode="static").generate_prompts(prompts, max_tokens=6, temperature=0.0)
@@ -298,13 +301,32 @@ def test_graph_capture_puts_cudnn_attention_first(monkeypatch):
         engine = make_engine(model, StandInTokenizer(), mode)[0]
         engine._compiled = lambda: engine_module.decode_step  # the capture's choice of kernels is what is checked
         engine._decode_mode = lambda device, decode=engine.decode: decode
+        seen.clear()
         assert engine.generate_prompts(prompts, max_tokens=6, temperature=0.0) == want
-        assert seen.pop()[0] is cudnn, mode
-    engine = make_engine(model, StandInTokenizer(), "graph")[0]
-    engine._decode_mode = lambda device: "graph"
-    engine.generate_prompts(prompts, max_tokens=6, temperature=0.0)
-    assert seen == [(True, SDPBackend.CUDNN_ATTENTION.value)]
+        assert seen and {c for c, _ in seen} == {cudnn}, mode
+    assert seen[0] == (True, SDPBackend.CUDNN_ATTENTION.value)
     assert (torch.backends.cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order()) == before  # restored
+
+
+def test_compiled_step_traces_its_attention_choice():
+    """decode_step's `attention` is traced by torch.compile (no graph break under fullgraph) and guarded on: the
+    same compiled step called with another choice compiles again instead of reusing the first, as it did when
+    the choice was made outside the step."""
+    model = tiny_model(seed=8)
+    cache = StaticKVCache.for_model(model, 2, 8)
+    tokens, noise = torch.tensor([1, 2]), torch.ones(2, 1)
+    from torch.nn.attention import SDPBackend
+    torch._dynamo.reset()
+    compiled = torch.compile(engine_module.decode_step, dynamic=False, fullgraph=True)
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    with torch.inference_mode():
+        for attention in (None, Engine.GRAPH_SDPA_BACKENDS, (SDPBackend.MATH,), None):
+            cache.pos.fill_(0)
+            eager = engine_module.decode_step(model, cache, tokens, noise, 0.0, None, attention=attention)
+            cache.pos.fill_(0)
+            assert torch.equal(compiled(model, cache, tokens, noise, 0.0, None, attention=attention), eager)
+    assert counts["stats"]["unique_graphs"] == 3  # one per choice; the last call reused the first
 
 
 def test_bench_rollout_breakdown_on_a_stand_in_graph(monkeypatch, capsys):
@@ -413,8 +435,9 @@ def test_bench_rollout_smoke():
 
 def test_bench_prefill_smoke():
     cmd = [sys.executable, "-m", "dev.bench_prefill", "--depth", "1", "--vocab_size", "300", "--shapes", "3x6",
-           "--widths", "2,4", "--repeats", "2", "--threads", "1", "--attention", "engine,cudnn"]
+           "--widths", "2,4", "--repeats", "2", "--threads", "1", "--attention", "engine,cudnn", "--profile"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "### Profile: 3 rows x 6 columns in passes of" in out and "aten::mm" in out
     summary = json.loads(out.strip().splitlines()[-1])
     rows = {(r["width_name"], r["attention"]): r for r in summary["results"]}
     assert set(rows) == {(name, attention) for name in ("old rule", "Engine's rule", "2", "4") for attention in ("engine", "cudnn")}
