@@ -14,8 +14,8 @@ was filed: no sampling copy with the linear weights cast to bf16 once (Engine(ca
 them at every step), the prompt prefilled in chunks sized by the full logits (rows x columns x vocab under 2^25
 elements, which cut a 256-row batch into 4-column chunks), and captured graphs attending without cuDNN's kernel.
 So "dynamic-old" is today's anchor for the issue's goals. "-nocudnn" ("graph-nocudnn") is today's Engine but for
-that last point: it isolates the attention kernel; "-cudnn" ("compiled_graph-cudnn") gives cuDNN's kernel to a
-graph mode that does not take it yet (Engine.CUDNN_GRAPH_MODES). "-shrinkN" lets the loop move its live rows to a
+that last point: it isolates the attention kernel; "-cudnn" gives cuDNN's kernel to every graph mode, whatever
+Engine.CUDNN_GRAPH_MODES says (today every graph mode takes it). "-shrinkN" lets the loop move its live rows to a
 smaller batch bucket when at least N steps may remain, "-noshrink" never (Engine.SHRINK_MIN_STEPS; by default the
 eager and compiled steps shrink, graphs do not). Shrinking matters only with --lengths mixed, where rows end at
 mixed lengths as a real batch's answers do (tokens/s then counts the rows' real tokens).

@@ -287,9 +287,10 @@ class Engine:
     # otherwise (dev/bench_decode_attention, dev/gpu_results.md). SDPA falls back down the list where it cannot.
     GRAPH_SDPA_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                            SDPBackend.MATH)
-    # compiled_graph keeps the other paths' kernels until its step compiled with cuDNN is measured on a GPU (the one
-    # measurement so far reused the step compiled without it: dev/gpu_results.md)
-    CUDNN_GRAPH_MODES = ("graph",)
+    # Graph modes that take them. On an H200 at depth 20 (dev/gpu_results.md): the graph's batch-256 step 9.15 -> 6.21
+    # ms, the compiled graph's 7.87 -> 4.61 ms at batch 256 and 1.62 -> 1.31 ms at batch 1 (its step chooses the
+    # kernel inside itself, decode_step's `attention`, so that torch.compile traces the choice)
+    CUDNN_GRAPH_MODES = GRAPH_MODES
     # A fixed-shape loop moves its live rows to the next smaller batch bucket once they fit it, if at least this many
     # steps may remain (None: never), so finished rows stop costing compute: on CPU (d4, batch 64, answer lengths
     # mixed in [16, 128]) 1.21x the tokens/s of never moving (dev/logs/bench_rollout_mixed_cpu.log). Eagerly a new
