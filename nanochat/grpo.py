@@ -45,9 +45,23 @@ class Rollout:
 
 def token_pieces(tokenizer, ids):
     """The text each token adds, so that the pieces join into exactly the decoded text (steps are located in
-    it): a multi-byte character belongs to the token that completes it."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    return [decoder.decode(tokenizer.decode_bytes([t])) for t in ids]
+    it): a multi-byte character belongs to the token that completes it.
+
+    A token whose bytes are whole characters, met with no character left open, is its own text (a table
+    lookup); only from a partial character until the characters close again do the bytes go through an
+    incremental decoder. The co-training step does this for every sample (at 256 samples of 256 tokens,
+    0.072 s a step on our CPU when every token went through the decoder)."""
+    texts = tokenizer.token_texts()
+    pieces, decoder = [], None
+    for t in ids:
+        text = texts[t] if decoder is None else None
+        if text is None:
+            decoder = decoder or codecs.getincrementaldecoder("utf-8")(errors="replace")
+            text = decoder.decode(tokenizer.decode_bytes([t]))
+            if not decoder.getstate()[0]:  # no bytes of a character pending: the next token starts afresh
+                decoder = None
+        pieces.append(text)
+    return pieces
 
 
 def generate_rollouts(engine, tokenizer, prompts, example_indices, num_samples, max_new_tokens, temperature, top_k, seed,

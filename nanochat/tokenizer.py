@@ -54,6 +54,7 @@ class Tokenizer:
         self._special_ids = {name: enc.encode_single_token(name) for name in SPECIAL_TOKENS}
         self.bos_token_id = self._special_ids["<|bos|>"]
         self.train_stats = {}  # timings and sizes from the trainer, when this tokenizer was just trained
+        self._token_texts = None  # token_texts(), made on first use
 
     # ---------------------------------------------------------------- construction and storage
 
@@ -174,6 +175,19 @@ class Tokenizer:
 
     def decode_bytes(self, ids):
         return self.enc.decode_bytes(ids)
+
+    def token_texts(self):
+        """Per id, the token's text where its bytes are UTF-8 on their own, else None (part of a character):
+        made once, for callers that read tokens one at a time (grpo.token_pieces, on every sample)."""
+        if self._token_texts is None:
+            texts = []
+            for i in range(self.get_vocab_size()):
+                try:
+                    texts.append(self.enc.decode_single_token_bytes(i).decode("utf-8"))
+                except UnicodeDecodeError:
+                    texts.append(None)
+            self._token_texts = texts
+        return self._token_texts
 
     # ---------------------------------------------------------------- chat
 

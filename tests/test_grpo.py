@@ -1,7 +1,12 @@
 """GRPO pieces checked against hand-computed values: advantages, the loss and its gradient, process
 advantages, both co-training mixes, alpha's schedule, class balancing, and the update's variants."""
 
+import codecs
+import json
 import math
+import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -395,6 +400,20 @@ def test_token_texts_join_into_the_text_with_multibyte_characters(tiny_tokenizer
                                               next(i for i, p in enumerate(pieces) if "€" in p)]
 
 
+def test_token_pieces_equal_an_incremental_decoder_on_any_ids(tiny_tokenizer):
+    """The oracle: every token's bytes through one incremental UTF-8 decoder (how token_pieces was written
+    before its table lookup). Random ids over the whole vocabulary, so partial characters, bytes that never
+    complete one and special tokens all occur."""
+    rng = random.Random(0)
+    vocab = tiny_tokenizer.get_vocab_size()
+    texts = tiny_tokenizer.token_texts()
+    assert any(t is None for t in texts) and texts[ord("a")] == "a"  # lone bytes >= 0x80 are no text of their own
+    for _ in range(200):
+        ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 40))]
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        assert token_pieces(tiny_tokenizer, ids) == [decoder.decode(tiny_tokenizer.decode_bytes([t])) for t in ids]
+
+
 def test_rollout_flops_counts_each_prompt_once_and_every_trained_token():
     """Sampling: one forward pass over each group's prompt and over every completion token; training: forward
     and backward over prompt and completion per pass. Checked against the count done by hand."""
@@ -634,3 +653,14 @@ def test_continue_rollouts_keep_the_prefix_as_context_and_reward_the_whole_solut
     assert out[3].finished and out[3].completion_ids[-1] == 1
     assert all(r.example_index == 5 and r.info["conversation"] == {"q": 1} for r in out)
     assert [r.info["branch_cut"] for r in out] == [3, 3, 1, 1]
+
+
+def test_bench_token_pieces_smoke():
+    out = subprocess.run([sys.executable, "-m", "dev.bench_token_pieces", "--samples", "4", "--tokens", "8", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert [r["solutions"] for r in summary["results"]] == ["random ids", "task text"]
+    assert all(r["before_s"] > 0 and r["now_s"] > 0 for r in summary["results"])
+    bad = subprocess.run([sys.executable, "-m", "dev.bench_token_pieces", "--samples", "0"], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "must be positive" in bad.stderr
