@@ -339,6 +339,7 @@ class Engine:
         self.output_start = special("<|output_start|>")
         self.output_end = special("<|output_end|>")
         self.stop_tokens = frozenset((self.bos, self.assistant_end))
+        self._acting_tokens = self.stop_tokens | {self.python_start, self.python_end}  # tokens _observe acts on
         self._newlines = None
 
     # ---- tool use
@@ -494,9 +495,15 @@ class Engine:
         to be forced); finished rows repeat their last token. The step's (token_column, mask_column)."""
         column = [state.last_token for state in states]
         mask = [0] * len(states)
+        acting = self._acting_tokens
         for row, token in zip(rows, sampled):
             state = states[row]
             if state.done:
+                continue
+            if (token not in acting and not state.forced and not state.line_headers
+                    and state.python_tokens is None):  # the common case, all _observe would do: remember it
+                state.last_token = column[row] = token
+                mask[row] = 1
                 continue
             if state.forced:
                 token = state.forced.popleft()
@@ -513,11 +520,10 @@ class Engine:
         return column, mask
 
     @staticmethod
-    def _keep_sampling(active, states):
-        """The rows that go on drawing random numbers: finished rows leave once they are an eighth of the
-        batch (the dynamic loop drops them from its cache then). Both loops follow this rule, so a seed
-        gives the same samples whichever runs."""
-        alive = [row for row in active if not states[row].done]
+    def _keep_sampling(active, alive):
+        """The rows that go on drawing random numbers (`alive`: those of `active` not done): finished rows
+        leave once they are an eighth of the batch (the dynamic loop drops them from its cache then). Both
+        loops follow this rule, so a seed gives the same samples whichever runs."""
         return alive if len(active) - len(alive) >= max(1, len(active) // 8) else active
 
     def _decode_dynamic(self, model, ids, pads, num_samples, states, capacity, new_tokens, temperature, top_k, rng,
@@ -553,9 +559,10 @@ class Engine:
             column, mask = self._step_rows(states, active, sampled)
             yield column, mask
             generated += 1
-            if all(states[row].done for row in active) or generated >= new_tokens or cache.get_pos() >= cache.capacity:
+            alive = [row for row in active if not states[row].done]
+            if not alive or generated >= new_tokens or cache.get_pos() >= cache.capacity:
                 return
-            keep = self._keep_sampling(active, states)
+            keep = self._keep_sampling(active, alive)
             if len(keep) < len(active):
                 position = {row: j for j, row in enumerate(active)}
                 cache.keep_rows([position[row] for row in keep])
@@ -601,46 +608,66 @@ class Engine:
         sampled = sample_next_token(logits, rng, temperature, top_k).tolist()
         active = list(range(num_rows))           # rows that draw random numbers (the dynamic loop's batch)
         slot_of = {row: row for row in active}   # rows being computed -> their slot in the cache
+        # Until the loop first moves to a smaller bucket, row r sits in slot r (in_place): the feed is the column,
+        # and while `active` is rows 0..n-1 (prefix) the sampled tokens are the first n outputs, not per-row
+        # lookups. The host's time per column sits between two graph replays on a GPU (dev/bench_host_loop).
+        in_place, prefix = True, True
+        min_steps = self.SHRINK_MIN_STEPS.get(mode)
         pos, generated = longest, 0
         while True:
             column, mask = self._step_rows(states, active, sampled)
             yield column, mask
             generated += 1
             pos += 1
-            if all(states[row].done for row in active) or generated >= new_tokens or pos > limit:
+            alive = [row for row in active if not states[row].done]
+            if not alive or generated >= new_tokens or pos > limit:
                 return
-            active = self._keep_sampling(active, states)
-            live = [row for row in slot_of if not states[row].done]
-            min_steps = self.SHRINK_MIN_STEPS.get(mode)
-            if (min_steps is not None and bucket_size(len(live)) < cache.batch_size
-                    and min(new_tokens - generated, limit - pos + 1) >= min_steps):
-                with inference_context(device.type):  # a graph captured here must run under the loop's autocast
-                    smaller, step = self._static_cache(model, mode, bucket_size(len(live)), capacity, width, temperature,
-                                                       top_k, dtype)
-                smaller.load(cache.k, cache.v, cache.pad, pos - 1, [slot_of[row] for row in live], range(len(live)))
-                cache, slot_of = smaller, {row: j for j, row in enumerate(live)}
-            feed = [0] * cache.batch_size
-            for row, slot in slot_of.items():
-                feed[slot] = column[row]
+            if len(alive) < len(active):
+                active = self._keep_sampling(active, alive)
+                prefix = active[-1] == len(active) - 1  # rows 0..len-1 (active is sorted)
+            if min_steps is not None:
+                live = [row for row in slot_of if not states[row].done]
+                if (bucket_size(len(live)) < cache.batch_size
+                        and min(new_tokens - generated, limit - pos + 1) >= min_steps):
+                    with inference_context(device.type):  # a graph captured here must run under the loop's autocast
+                        smaller, step = self._static_cache(model, mode, bucket_size(len(live)), capacity, width,
+                                                           temperature, top_k, dtype)
+                    smaller.load(cache.k, cache.v, cache.pad, pos - 1, [slot_of[row] for row in live], range(len(live)))
+                    cache, slot_of, in_place = smaller, {row: j for j, row in enumerate(live)}, False
+            if in_place:  # slots past the rows are idle: fed 0
+                feed = column + [0] * (cache.batch_size - num_rows)
+            else:
+                feed = [0] * cache.batch_size
+                for row, slot in slot_of.items():
+                    feed[slot] = column[row]
             feed = torch.tensor(feed, dtype=torch.long, device=device)
             noise = None
             if width:
                 # exactly the draws sample_next_token would make for the rows in `active`, in that order
                 drawn = torch.empty(len(active), width, device=device).exponential_(1, generator=rng)
-                pairs = [(j, slot_of[row]) for j, row in enumerate(active) if row in slot_of]
-                if len(pairs) == cache.batch_size and all(j == slot for j, slot in pairs):
-                    # finished rows still in `active` (they leave it in eighths) sit after the cached ones
-                    noise = drawn[:cache.batch_size]
+                if in_place and len(active) == cache.batch_size:
+                    noise = drawn
                 else:
-                    noise = torch.ones(cache.batch_size, width, device=device)
-                    if pairs:
-                        src, dst = zip(*pairs)
-                        noise[list(dst)] = drawn[list(src)]
+                    pairs = [(j, slot_of[row]) for j, row in enumerate(active) if row in slot_of]
+                    if len(pairs) == cache.batch_size and all(j == slot for j, slot in pairs):
+                        # finished rows still in `active` (they leave it in eighths) sit after the cached ones
+                        noise = drawn[:cache.batch_size]
+                    else:
+                        noise = torch.ones(cache.batch_size, width, device=device)
+                        if pairs:
+                            src, dst = zip(*pairs)
+                            noise[list(dst)] = drawn[list(src)]
             if mode == "static":
                 cache.window = pos  # columns 0..pos-1 are filled once this step writes column pos - 1
-            with inference_context(device.type):
+            if isinstance(step, GraphedStep):  # a replay runs no Python ops: no autocast or kernel choice to set
                 out = step(cache, feed, noise).tolist()
-            sampled = [out[slot_of[row]] if row in slot_of else 0 for row in active]
+            else:
+                with inference_context(device.type):
+                    out = step(cache, feed, noise).tolist()
+            if in_place:
+                sampled = out[:len(active)] if prefix else [out[row] for row in active]
+            else:
+                sampled = [out[slot_of[row]] if row in slot_of else 0 for row in active]
 
     def _quantized(self, columns):
         """A static cache's length for `columns` columns: the next multiple of CAPACITY_QUANTUM."""
@@ -695,18 +722,20 @@ class Engine:
         """Per-row completions and masks from a stream, each cut at (and without) its stop token."""
         completions = [[] for _ in range(num_rows)]
         masks = [[] for _ in range(num_rows)]
-        finished = [False] * num_rows
+        open_rows, stop_tokens = list(range(num_rows)), self.stop_tokens
         for column, mask in stream:
-            for row, (token, m) in enumerate(zip(column, mask)):
-                if finished[row]:
-                    continue
-                if token in self.stop_tokens:
-                    finished[row] = True
+            finished = False
+            for row in open_rows:
+                token = column[row]
+                if token in stop_tokens:
+                    finished = True
                 else:
                     completions[row].append(token)
-                    masks[row].append(m)
-            if all(finished):
-                break
+                    masks[row].append(mask[row])
+            if finished:  # rows that wrote their stop token this column are done
+                open_rows = [row for row in open_rows if column[row] not in stop_tokens]
+                if not open_rows:
+                    break
         return completions, masks
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
