@@ -29,6 +29,8 @@
 #                              # an evaluation's shape through Engine.generate_queue against passes; ~7 min
 #   bash dev/gpu_checks.sh 11  # graphs moving to smaller buckets (tests, table), the compiled graph choosing cuDNN inside
 #                              # its step (tests, d20 and d12 tables), where the verifier's prefill time goes; ~6 min
+#   bash dev/gpu_checks.sh 12  # issue 17's open goals again: the d20 batch-256 rollout (both graph modes, the graph's
+#                              # breakdown) and the co-training step three times (carry .gpu for the tokenizer); ~6 min
 # Logs go to $OUT (or ./gpu_logs). Parts 2 and 4 need a tokenizer (and shards for base_train) under
 # $NANOCHAT_BASE_DIR, e.g. made here with dev/make_corpus + scripts.tok_train, because a GPU box's Python
 # may have no build of our Rust trainer. Figures are recorded in dev/gpu_results.md.
@@ -162,6 +164,19 @@ elif [ "$1" = 11 ]; then
     stage prefill_profile 60 $PY -m dev.bench_prefill --device cuda --depth 12 --shapes 256x384 --widths 128 --repeats 2 --profile
     stage bench_rollout_d12_cg 100 $PY -m dev.bench_rollout --device cuda --depth 12 --modes graph,compiled_graph-cudnn \
         --batch_sizes 256 --prompt_lens 384 --new_tokens 128 --repeats 1
+elif [ "$1" = 12 ]; then
+    # issue 17's two open goals judged again after the eighteenth session's changes (cuDNN in the compiled graph, the
+    # host loop's per-column work, token_pieces in the verifier's host work): the d20 batch-256 rollout against
+    # today's anchor with both graph modes and the graph's breakdown, then the co-training step three times
+    # (tokenizer in .gpu/tokenizer: carry .gpu); ~6 minutes
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    stage bench_rollout 200 $PY -m dev.bench_rollout --device cuda --depth 20 --modes dynamic-old,graph,compiled_graph \
+        --batch_sizes 256 --prompt_lens 64 --new_tokens 256 --repeats 1 --breakdown
+    for run in 1 2 3; do
+        stage "bench_cotrain_$run" 65 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 \
+            --samples 16 --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer
+    done
+    grep -h "co-training generator step  " "$LOGS"/bench_cotrain_*.log
 else
     : "${NANOCHAT_BASE_DIR:?set NANOCHAT_BASE_DIR to a directory with tokenizer/ (and base_data/ for base_train)}"
     stage cuda_tests_gpt 60 $PY -m pytest -q -p no:cacheprovider -k cuda tests/test_gpt.py
