@@ -6,6 +6,7 @@ replays (the GPU waits for it): `bench_rollout --breakdown` measured 0.4-0.9 ms 
 
     python -m dev.bench_host_loop                          # batch 256, 256 columns, greedy and sampled
     python -m dev.bench_host_loop --anchor 25610b2         # also the Engine of that commit, runs alternating
+    python -m dev.bench_host_loop --line_headers           # rows with a verifier's forced "Step k:" headers
 
 --anchor REV times the same loop on the nanochat package of an older commit (extracted with `git archive` into
 a temporary directory, run in a subprocess with it first on the path), alternating with today's, and prints the
@@ -22,15 +23,22 @@ import tempfile
 import time
 
 
-def time_loop(batch, columns, temperature, repeats):
+def time_loop(batch, columns, temperature, repeats, line_headers=False):
     """Best seconds per column of generate_prompts with an instant step (imports whichever nanochat is first)."""
     import torch
 
     import nanochat.engine as engine_module
     from dev.bench_engine import NoStopTokenizer, build_model
     from nanochat.decode_static import StaticKVCache
+
+    class ByteTokenizer(NoStopTokenizer):  # ids below 256 are bytes: "\n" is id 10, which line headers need
+        def get_vocab_size(self):
+            return 300 + len(self.ids)
+
+        def decode_bytes(self, ids):
+            return bytes(i for i in ids if i < 256)
     model = build_model(1, 300, sequence_len=columns + 64)
-    engine = engine_module.Engine(model, NoStopTokenizer(300), decode="static")
+    engine = engine_module.Engine(model, ByteTokenizer(300), decode="static")
     tokens = torch.randint(0, 300, (1024,), generator=torch.Generator().manual_seed(0))
 
     def instant_cache(model, mode, batch, capacity, width, temperature, top_k, dtype):
@@ -42,10 +50,13 @@ def time_loop(batch, columns, temperature, repeats):
         return cache, step
     engine._static_cache = instant_cache
     prompts = [[5] * 8 for _ in range(batch // 8)]
+    # a verifier's forced headers (chat_cotrain --forced_headers): "Step k:" opens each line the model starts
+    headers = [[list(f"Step {k}:".encode()) for k in range(1, 9)] for _ in prompts] if line_headers else None
     times = []
     for _ in range(repeats + 1):  # the first call warms up
         t0 = time.perf_counter()
-        engine.generate_prompts(prompts, num_samples=8, max_tokens=columns, temperature=temperature, top_k=50)
+        engine.generate_prompts(prompts, num_samples=8, max_tokens=columns, temperature=temperature, top_k=50,
+                                line_headers=headers)
         times.append((time.perf_counter() - t0) / columns)
     return min(times[1:])
 
@@ -56,6 +67,8 @@ def main():
     p.add_argument("--columns", type=int, default=256, help="decode columns per generation")
     p.add_argument("--repeats", type=int, default=3, help="timed generations per run (the fastest is kept)")
     p.add_argument("--rounds", type=int, default=3, help="runs of each Engine, alternating with --anchor")
+    p.add_argument("--line_headers", action="store_true", help="rows open each line with a forced header, as a "
+                                                                  "co-training verifier's do")
     p.add_argument("--anchor", default=None, help="a git revision whose Engine is timed alongside (see above)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one measurement, JSON to stdout
     args = p.parse_args()
@@ -63,12 +76,12 @@ def main():
         p.error("--batch must be a positive multiple of 8 and --columns, --repeats, --rounds positive")
     if args.worker:
         import nanochat
-        result = {str(t): time_loop(args.batch, args.columns, t, args.repeats) for t in (0.0, 1.0)}
+        result = {str(t): time_loop(args.batch, args.columns, t, args.repeats, args.line_headers) for t in (0.0, 1.0)}
         print(json.dumps(dict(result, source=os.path.dirname(nanochat.__file__))))
         return
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     worker = [sys.executable, os.path.abspath(__file__), "--worker", "--batch", str(args.batch), "--columns",
-              str(args.columns), "--repeats", str(args.repeats)]
+              str(args.columns), "--repeats", str(args.repeats)] + (["--line_headers"] if args.line_headers else [])
     runs = {"today": []}
     with tempfile.TemporaryDirectory(prefix="bench_host_loop_") as anchor_dir:
         if args.anchor:
@@ -90,8 +103,8 @@ def main():
                 result = json.loads(out.stdout.strip().splitlines()[-1])
                 assert result["source"].startswith(anchor_dir if path else here), result["source"]
                 runs[name].append(result)
-    print(f"batch {args.batch}, {args.columns} columns, instant step, best of {args.repeats} per run, {args.rounds} runs "
-          f"each (median)\n")
+    print(f"batch {args.batch}, {args.columns} columns, instant step{', forced line headers' if args.line_headers else ''}, "
+          f"best of {args.repeats} per run, {args.rounds} runs each (median)\n")
     print("| engine | greedy ms / column | sampled ms / column |")
     print("|---|---:|---:|")
     summary = {}

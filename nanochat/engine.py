@@ -495,13 +495,14 @@ class Engine:
         to be forced); finished rows repeat their last token. The step's (token_column, mask_column)."""
         column = [state.last_token for state in states]
         mask = [0] * len(states)
-        acting = self._acting_tokens
+        acting, newlines = self._acting_tokens, self._newlines  # newlines: None until line headers first need them
         for row, token in zip(rows, sampled):
             state = states[row]
             if state.done:
                 continue
-            if (token not in acting and not state.forced and not state.line_headers
-                    and state.python_tokens is None):  # the common case, all _observe would do: remember it
+            if (token not in acting and not state.forced and state.python_tokens is None
+                    and (not state.line_headers or (newlines is not None and token not in newlines))):
+                # the common case (a verifier's forced headers included): all _observe would do is remember it
                 state.last_token = column[row] = token
                 mask[row] = 1
                 continue
