@@ -277,7 +277,8 @@ def test_graphed_step_plumbing_on_cpu(monkeypatch):
 def test_graph_capture_puts_cudnn_attention_first(monkeypatch):
     """A captured step attends with cuDNN's kernel first (a graph has one key length, so cuDNN plans once), chosen
     inside the step (decode_step's `attention`, which torch.compile traces and guards on), while the other paths
-    leave it out (inference_context); the benchmark's "-old" / "-nocudnn" engines say otherwise. On CPU the kernel choice is only recorded: SDPA ignores it there."""
+    leave it out (inference_context); the benchmark's "-old" / "-nocudnn" engines say otherwise. On CPU the kernel
+    choice is only recorded: SDPA ignores it there."""
     from torch.nn.attention import SDPBackend
 
     from dev.bench_rollout import make_engine
@@ -311,10 +312,10 @@ def test_compiled_step_traces_its_attention_choice():
     """decode_step's `attention` is traced by torch.compile (no graph break under fullgraph) and guarded on: the
     same compiled step called with another choice compiles again instead of reusing the first, as it did when
     the choice was made outside the step."""
+    from torch.nn.attention import SDPBackend
     model = tiny_model(seed=8)
     cache = StaticKVCache.for_model(model, 2, 8)
     tokens, noise = torch.tensor([1, 2]), torch.ones(2, 1)
-    from torch.nn.attention import SDPBackend
     torch._dynamo.reset()
     compiled = torch.compile(engine_module.decode_step, dynamic=False, fullgraph=True)
     counts = torch._dynamo.utils.counters
