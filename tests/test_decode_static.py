@@ -622,9 +622,10 @@ def test_bench_host_loop_smoke():
     """Today's loop and an anchor commit's (HEAD here: the same code, extracted and imported from elsewhere)."""
     cmd = [sys.executable, "-m", "dev.bench_host_loop", "--batch", "8", "--columns", "6", "--repeats", "1", "--rounds", "1",
            "--anchor", "HEAD"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
-    summary = json.loads(out.strip().splitlines()[-1])["ms_per_column"]
-    assert set(summary) == {"today", "HEAD", "speedup"} and all(v > 0 for v in summary["today"].values())
+    for options in ([], ["--line_headers"]):
+        out = subprocess.run(cmd + options, capture_output=True, text=True, timeout=300, check=True).stdout
+        summary = json.loads(out.strip().splitlines()[-1])["ms_per_column"]
+        assert set(summary) == {"today", "HEAD", "speedup"} and all(v > 0 for v in summary["today"].values())
     bad = subprocess.run([sys.executable, "-m", "dev.bench_host_loop", "--anchor", "no-such-rev"], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "git archive 'no-such-rev' failed" in bad.stderr
