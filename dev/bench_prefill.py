@@ -27,6 +27,7 @@ from dev.bench_engine import NoStopTokenizer, build_model
 from dev.bench_rollout import make_prompts, old_prefill_chunk, synchronize
 from nanochat.engine import Engine, KVCache, inference_context, left_padded
 
+
 def time_prefill(engine, model, ids, pads, chunk, repeats, attention="engine"):
     """(first, fastest) of `repeats` prefills of ids in passes of `chunk` columns, in ms."""
     engine._prefill_chunk = lambda *_: chunk
@@ -92,9 +93,10 @@ def main():
     print(f"depth {c.n_layer}, n_embd {c.n_embd}, vocab {c.vocab_size}, {args.device}, {torch.get_num_threads()} threads\n")
     print("| rows | prompt | width | attention | first ms | ms | vs the old rule |")
     print("|---:|---:|---|---|---:|---:|---:|")
-    results = []
+    results, batches = [], []
     for rows, prompt_len in shapes:
         ids, pads = left_padded(make_prompts(rows, prompt_len, args.vocab_size), device)
+        batches.append((ids, pads))
         longest = ids.size(1)
         named = {"old rule": old_prefill_chunk(model, rows, longest, device),
                  "Engine's rule": rule(model, rows, longest, device)}
@@ -107,10 +109,9 @@ def main():
             print(f"| {rows} | {longest} | {label} | {attention} | {first:.0f} | {ms:.0f} | {anchor / ms:.2f}x |")
             results.append(dict(rows=rows, prompt=longest, width_name=name, width=w, attention=attention, first_ms=first,
                                 ms=ms, speedup_vs_old=anchor / ms))
-    if args.profile:
-        for rows, prompt_len in shapes:
-            ids, pads = left_padded(make_prompts(rows, prompt_len, args.vocab_size), device)
-            profile_prefill(engine, model, ids, pads, rule(model, rows, ids.size(1), device))
+    if args.profile:  # after the table, on the batches it timed
+        for ids, pads in batches:
+            profile_prefill(engine, model, ids, pads, rule(model, ids.size(0), ids.size(1), device))
     print(json.dumps(dict(device=args.device, depth=args.depth, vocab_size=args.vocab_size, threads=torch.get_num_threads(),
                           results=results)))
 

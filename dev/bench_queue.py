@@ -70,8 +70,8 @@ def main(argv=None):
     warmup = {name: timed(run) for name, run in paths.items()}
     # a row that reached its preset length is done without a stop token (the stand-in's lie outside the vocabulary),
     # and a pass's collector keeps its repeated last token until the pass ends: compare the preset lengths
-    row_lengths_ = [length for length in lengths for _ in range(n)]
-    written = {name: [c[:k] for (c, _), k in zip(out, row_lengths_)] for name, (_, out) in warmup.items()}
+    sample_lengths = [length for length in lengths for _ in range(n)]  # prompt-major, as the results come
+    written = {name: [c[:k] for (c, _), k in zip(out, sample_lengths)] for name, (_, out) in warmup.items()}
     if written["passes"] != written["queue"]:
         raise SystemExit("the two paths wrote different tokens: a bug (greedy decoding must agree)")
     times = {name: [] for name in paths}

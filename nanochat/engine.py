@@ -354,7 +354,9 @@ class Engine:
         return [self.output_start] + self.tokenizer.encode(str(result)) + [self.output_end]
 
     def _observe(self, state, token):
-        """Update a row's state after `token` was appended to it."""
+        """Update a row's state after `token` was appended to it. _step_rows skips this call for a token outside
+        _acting_tokens on a row with nothing forced, no open calculator call and no newline under line headers:
+        a rule added here for another token or state must be reflected there."""
         state.last_token = token
         if state.line_headers and not state.forced and token in self._newline_tokens():
             state.forced.extend(state.line_headers.popleft())
@@ -980,7 +982,7 @@ def add_decode_flag(parser):
     parser.add_argument("--decode", default="auto", choices=Engine.DECODE_MODES,
                         help="decoding loop: auto (the CUDA graph on CUDA, the fixed-shape step on CPU), dynamic (the "
                              "growing-batch loop), static, compile, graph, compiled_graph (CUDA only: the fastest step, "
-                             "after ~30 s of compilation per batch bucket and cache length; dev/gpu_results.md); all "
+                             "after ~25-45 s of compilation per batch bucket and cache length; dev/gpu_results.md); all "
                              "sample the same tokens, but for an evaluation's sampled answers (Engine.generate_queue: "
                              "the fixed-shape loops queue the problems, dynamic runs passes)")
 
