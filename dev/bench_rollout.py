@@ -18,7 +18,9 @@ that last point: it isolates the attention kernel; "-cudnn" gives cuDNN's kernel
 Engine.CUDNN_GRAPH_MODES says (today every graph mode takes it). "-shrinkN" lets the loop move its live rows to a
 smaller batch bucket when at least N steps may remain, "-noshrink" never (Engine.SHRINK_MIN_STEPS; by default the
 eager and compiled steps shrink, graphs do not). Shrinking matters only with --lengths mixed, where rows end at
-mixed lengths as a real batch's answers do (tokens/s then counts the rows' real tokens).
+mixed lengths as a real batch's answers do (tokens/s then counts the rows' real tokens). "-fixedlen" compiles the
+step for its cache length, as before Engine.DYNAMIC_LENGTH (compiled modes only: they otherwise take the length
+as a dynamic size, one compile for every length).
 
 For each (batch, prompt length, new tokens) the modes run interleaved (mode A, mode B, ..., then again),
 so a machine shared with other work disturbs them alike; read the ratios. Every timed call is
@@ -87,14 +89,14 @@ def time_rollout(engine, prompts, new_tokens, temperature, top_k):
     return first, time.perf_counter() - t0, columns
 
 
-MODE_OPTIONS = "old, cudnn, nocudnn, shrinkN, noshrink"
+MODE_OPTIONS = "old, cudnn, nocudnn, shrinkN, noshrink, fixedlen"
 
 
 def make_engine(model, tokenizer, mode):
     """(Engine, whether it runs as when the issue was filed) for a mode name: an Engine decode mode, then options,
     each after a "-" (module docstring): "graph", "dynamic-old", "compiled_graph-cudnn", "graph-shrink32"."""
     decode, *options = mode.split("-")
-    if decode not in Engine.DECODE_MODES or not all(o in ("old", "cudnn", "nocudnn", "noshrink") or
+    if decode not in Engine.DECODE_MODES or not all(o in ("old", "cudnn", "nocudnn", "noshrink", "fixedlen") or
                                                     (o.startswith("shrink") and o[6:].isdigit()) for o in options):
         raise ValueError(f"bad mode {mode!r}: an Engine decode mode {Engine.DECODE_MODES}, then -options ({MODE_OPTIONS})")
     old = "old" in options
@@ -105,6 +107,8 @@ def make_engine(model, tokenizer, mode):
         engine.CUDNN_GRAPH_MODES = ()
     elif "cudnn" in options:  # every graph mode takes cuDNN's kernel first
         engine.CUDNN_GRAPH_MODES = Engine.GRAPH_MODES
+    if "fixedlen" in options:  # a compile per cache length
+        engine.DYNAMIC_LENGTH = False
     for o in options:  # when the loop may move rows to a smaller batch bucket (Engine.SHRINK_MIN_STEPS)
         if o.startswith("shrink") or o == "noshrink":
             engine.SHRINK_MIN_STEPS = {**Engine.SHRINK_MIN_STEPS, decode: None if o == "noshrink" else int(o[6:])}

@@ -177,8 +177,8 @@ elif [ "$1" = 12 ]; then
             --samples 16 --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer
     done
     grep -h "co-training generator step  " "$LOGS"/bench_cotrain_*.log
-    # both roles decoding with the compiled graph (cuDNN attention; compiles in the first, untimed step and again at
-    # each new cache length): reported as measured, no default depends on it
+    # both roles decoding with the compiled graph (cuDNN attention; compiles in the first, untimed step, once per
+    # batch bucket: the cache length is dynamic): reported as measured, no default depends on it
     stage bench_cotrain_compiled 150 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 \
         --samples 16 --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer --cotrain_args "--decode compiled_graph"
 else

@@ -42,6 +42,17 @@ class StaticKVCache:
         return cls(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer,
                    device=model.get_device(), dtype=dtype)
 
+    def mark_length_dynamic(self):
+        """Tell torch.compile that this cache's length varies between generations: a compiled step then serves
+        every length of its batch bucket instead of compiling again for each (RL's prompt lengths give several:
+        25-45 s each at depth 20 on a GPU, and once dynamo's recompile limit for decode_step, shared by every
+        Engine in the process, is hit, new shapes silently run uncompiled). The positions and the mask depend
+        on the length only through these tensors' sizes, so a symbolic length loses no fusion."""
+        for tensor in self.k + self.v:
+            torch._dynamo.mark_dynamic(tensor, 2)
+        torch._dynamo.mark_dynamic(self.columns, 0)
+        return self
+
     @property
     def batch_size(self):
         return self.k[0].size(0)

@@ -297,6 +297,9 @@ class Engine:
     # shape is free (a compile per bucket under torch.compile); a CUDA graph pays a capture per bucket (~3 eager
     # steps and a cuDNN plan), so graphs keep their bucket until a GPU measures it (dev/gpu_checks.sh 10).
     SHRINK_MIN_STEPS = {"static": 0, "compile": 0, "graph": None, "compiled_graph": None}
+    # Compiled steps take the cache length as a dynamic size (StaticKVCache.mark_length_dynamic): one compile per
+    # batch bucket and sampling setting, whatever lengths the prompts need. False: a compile per length.
+    DYNAMIC_LENGTH = True
 
     def __init__(self, model, tokenizer, decode="auto", max_rows=None, cast_weights="auto"):
         """max_rows (None: no limit): the most rows generate_prompts samples in one batched pass. The KV cache
@@ -307,7 +310,7 @@ class Engine:
         decode picks the decoding loop (all give the same tokens, but generate_queue's sampled ones; see _decode_mode):
         dynamic  the growing-batch loop: shrinks the cache when rows finish, reads only the filled columns
         static   the fixed-shape step (StaticKVCache, batch buckets, sampling on the device), eager
-        compile  the fixed-shape step under torch.compile (one graph per batch bucket and cache length)
+        compile  the fixed-shape step under torch.compile (one graph per batch bucket: the cache length is dynamic)
         graph    the fixed-shape step captured as a CUDA graph and replayed (CUDA only)
         compiled_graph  the step under torch.compile, then captured as a CUDA graph: fused kernels, one launch
         auto     graph on CUDA, static on CPU (measured: dev/bench_rollout.md)
@@ -682,7 +685,7 @@ class Engine:
             key = (batch, capacity, width, temperature, top_k, dtype)
             if key not in self._graphs:
                 self._graphs.clear()  # one captured shape at a time: each holds a whole cache in device memory
-                cache = StaticKVCache.for_model(model, batch, capacity, dtype=dtype)
+                cache = self._new_static_cache(model, mode, batch, capacity, dtype)
                 fn = self._compiled() if mode == "compiled_graph" else decode_step
                 if mode in self.CUDNN_GRAPH_MODES:  # the step picks its kernels itself (decode_step: compile traces it)
                     fn = functools.partial(fn, attention=self.GRAPH_SDPA_BACKENDS)
@@ -696,12 +699,18 @@ class Engine:
                     return self._static_cache(model, "static", batch, capacity, width, temperature, top_k, dtype)
             graphed = self._graphs[key]
             return graphed.cache, graphed
-        cache = StaticKVCache.for_model(model, batch, capacity, dtype=dtype)
+        cache = self._new_static_cache(model, mode, batch, capacity, dtype)
         fn = self._compiled() if mode == "compile" else decode_step
         if width == 0:
             dummy = torch.ones(batch, 1, device=cache.pos.device)
             return cache, lambda c, tokens, noise: fn(model, c, tokens, dummy, temperature, top_k)
         return cache, lambda c, tokens, noise: fn(model, c, tokens, noise, temperature, top_k)
+
+    def _new_static_cache(self, model, mode, batch, capacity, dtype):
+        cache = StaticKVCache.for_model(model, batch, capacity, dtype=dtype)
+        if mode in ("compile", "compiled_graph") and self.DYNAMIC_LENGTH:
+            cache.mark_length_dynamic()
+        return cache
 
     def _compiled(self):
         if self._compiled_step is None:
@@ -982,7 +991,7 @@ def add_decode_flag(parser):
     parser.add_argument("--decode", default="auto", choices=Engine.DECODE_MODES,
                         help="decoding loop: auto (the CUDA graph on CUDA, the fixed-shape step on CPU), dynamic (the "
                              "growing-batch loop), static, compile, graph, compiled_graph (CUDA only: the fastest step, "
-                             "after ~25-45 s of compilation per batch bucket and cache length; dev/gpu_results.md); all "
+                             "after ~25-45 s of compilation per batch bucket; dev/gpu_results.md); all "
                              "sample the same tokens, but for an evaluation's sampled answers (Engine.generate_queue: "
                              "the fixed-shape loops queue the problems, dynamic runs passes)")
 

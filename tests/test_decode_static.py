@@ -247,6 +247,28 @@ def test_compiled_step_gives_the_same_tokens_and_compiles_once_per_shape():
     assert [c for c, _ in greedy] == [naive(model, p, 10) for p in prompts]
 
 
+@pytest.mark.slow  # torch.compile on CPU: tens of seconds
+def test_compiled_step_compiles_once_for_every_cache_length():
+    """The cache length is a dynamic size to the compiled step (StaticKVCache.mark_length_dynamic): generations
+    whose caches are 64, 128 and 192 columns long share one compiled graph and give the eager step's tokens.
+    With DYNAMIC_LENGTH off, a new length compiles again (what this test would see if the marks were lost)."""
+    from torch._dynamo.utils import counters
+    model = tiny_model(seed=4, sequence_len=32)  # rotary tables cover 320 positions
+    prompts = mixed_prompts(2, (5, 3))
+    for dynamic in (True, False):
+        torch._dynamo.reset()
+        counters.clear()
+        engine = Engine(model, StandInTokenizer(), decode="compile")
+        engine.DYNAMIC_LENGTH = dynamic
+        graphs = []
+        for max_tokens in (20, 100, 150):  # cache lengths 64, 128, 192 (Engine.CAPACITY_QUANTUM)
+            kwargs = dict(num_samples=2, max_tokens=max_tokens, temperature=0.8, top_k=5, seed=7)
+            want = Engine(model, StandInTokenizer(), decode="static").generate_prompts(prompts, **kwargs)
+            assert engine.generate_prompts(prompts, **kwargs) == want
+            graphs.append(counters["stats"]["unique_graphs"])
+        assert graphs == ([1, 1, 1] if dynamic else [1, 2, 3])
+
+
 class FakeGraph:
     """Stands in for torch.cuda.CUDAGraph on CPU: 'capture' runs the step once (as capture records it),
     'replay' runs it again and writes into the captured output tensor, as a graph replay does."""
@@ -467,6 +489,8 @@ def test_bench_rollout_mode_options_and_mixed_lengths():
     assert engine.SHRINK_MIN_STEPS["compiled_graph"] == 32 and Engine.SHRINK_MIN_STEPS["compiled_graph"] is None
     engine = make_engine(model, StandInTokenizer(), "static-noshrink")[0]
     assert engine.SHRINK_MIN_STEPS["static"] is None and Engine.SHRINK_MIN_STEPS["static"] == 0
+    assert not make_engine(model, StandInTokenizer(), "compile-fixedlen")[0].DYNAMIC_LENGTH
+    assert Engine.DYNAMIC_LENGTH and make_engine(model, StandInTokenizer(), "compile")[0].DYNAMIC_LENGTH
     for bad in ("graph-fast", "turbo", "graph-shrinkx"):
         with pytest.raises(ValueError, match="bad mode"):
             make_engine(model, StandInTokenizer(), bad)
