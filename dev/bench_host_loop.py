@@ -7,6 +7,11 @@ replays (the GPU waits for it): `bench_rollout --breakdown` measured 0.4-0.9 ms 
     python -m dev.bench_host_loop                          # batch 256, 256 columns, greedy and sampled
     python -m dev.bench_host_loop --anchor 25610b2         # also the Engine of that commit, runs alternating
     python -m dev.bench_host_loop --line_headers           # rows with a verifier's forced "Step k:" headers
+    python -m dev.bench_host_loop --graph --anchor b03e3df # the graph modes' loop (one replay ahead since then)
+
+--graph runs the loop the graph modes take, with the instant step standing in for a captured graph: since
+Engine.LOOKAHEAD_MODES that loop launches the next replay before reading a step's tokens, so on a GPU its host
+time hides behind the replay; here (no GPU to overlap with) it is the host work that must stay below a step.
 
 --anchor REV times the same loop on the nanochat package of an older commit (extracted with `git archive` into
 a temporary directory, run in a subprocess with it first on the path), alternating with today's, and prints the
@@ -23,13 +28,13 @@ import tempfile
 import time
 
 
-def time_loop(batch, columns, temperature, repeats, line_headers=False):
+def time_loop(batch, columns, temperature, repeats, line_headers=False, graph=False):
     """Best seconds per column of generate_prompts with an instant step (imports whichever nanochat is first)."""
     import torch
 
     import nanochat.engine as engine_module
     from dev.bench_engine import NoStopTokenizer, build_model
-    from nanochat.decode_static import StaticKVCache
+    from nanochat.decode_static import GraphedStep, StaticKVCache
 
     class ByteTokenizer(NoStopTokenizer):  # ids below 256 are bytes: "\n" is id 10, which line headers need
         def get_vocab_size(self):
@@ -48,7 +53,21 @@ def time_loop(batch, columns, temperature, repeats, line_headers=False):
             c.pos.add_(1)
             return tokens[:c.batch_size]
         return cache, step
-    engine._static_cache = instant_cache
+    class InstantGraph(GraphedStep):  # the instant step, taken for a captured graph (its loop, no capture)
+        def __init__(self, cache):
+            self.cache, self.out = cache, tokens[:cache.batch_size].clone()
+            self.logits = torch.zeros(cache.batch_size, 300)
+
+        def __call__(self, c, feed, noise):
+            c.pos.add_(1)
+            return self.out
+
+    def instant_graph(model, mode, batch, capacity, width, temperature, top_k, dtype):
+        cache = StaticKVCache.for_model(model, batch, capacity, dtype=dtype)
+        return cache, InstantGraph(cache)
+    engine._static_cache = instant_graph if graph else instant_cache
+    if graph:
+        engine._decode_mode = lambda device: "graph"
     prompts = [[5] * 8 for _ in range(batch // 8)]
     # a verifier's forced headers (chat_cotrain --forced_headers): "Step k:" opens each line the model starts
     headers = [[list(f"Step {k}:".encode()) for k in range(1, 9)] for _ in prompts] if line_headers else None
@@ -69,6 +88,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="runs of each Engine, alternating with --anchor")
     p.add_argument("--line_headers", action="store_true", help="rows open each line with a forced header, as a "
                                                                   "co-training verifier's do")
+    p.add_argument("--graph", action="store_true", help="time the graph modes' loop (see above)")
     p.add_argument("--anchor", default=None, help="a git revision whose Engine is timed alongside (see above)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one measurement, JSON to stdout
     args = p.parse_args()
@@ -76,12 +96,14 @@ def main():
         p.error("--batch must be a positive multiple of 8 and --columns, --repeats, --rounds positive")
     if args.worker:
         import nanochat
-        result = {str(t): time_loop(args.batch, args.columns, t, args.repeats, args.line_headers) for t in (0.0, 1.0)}
+        result = {str(t): time_loop(args.batch, args.columns, t, args.repeats, args.line_headers, args.graph)
+                  for t in (0.0, 1.0)}
         print(json.dumps(dict(result, source=os.path.dirname(nanochat.__file__))))
         return
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     worker = [sys.executable, os.path.abspath(__file__), "--worker", "--batch", str(args.batch), "--columns",
-              str(args.columns), "--repeats", str(args.repeats)] + (["--line_headers"] if args.line_headers else [])
+              str(args.columns), "--repeats", str(args.repeats)] + (["--line_headers"] if args.line_headers else []) \
+        + (["--graph"] if args.graph else [])
     runs = {"today": []}
     with tempfile.TemporaryDirectory(prefix="bench_host_loop_") as anchor_dir:
         if args.anchor:
@@ -103,7 +125,8 @@ def main():
                 result = json.loads(out.stdout.strip().splitlines()[-1])
                 assert result["source"].startswith(anchor_dir if path else here), result["source"]
                 runs[name].append(result)
-    print(f"batch {args.batch}, {args.columns} columns, instant step{', forced line headers' if args.line_headers else ''}, "
+    what = "instant step" + (" as a graph" if args.graph else "") + (", forced line headers" if args.line_headers else "")
+    print(f"batch {args.batch}, {args.columns} columns, {what}, "
           f"best of {args.repeats} per run, {args.rounds} runs each (median)\n")
     print("| engine | greedy ms / column | sampled ms / column |")
     print("|---|---:|---:|")

@@ -12,15 +12,17 @@ CUDA graph ("compiled_graph").
 A mode is an Engine decode mode, then options, each after a "-". "-old" runs as the Engine did when issue 17
 was filed: no sampling copy with the linear weights cast to bf16 once (Engine(cast_weights=False): autocast casts
 them at every step), the prompt prefilled in chunks sized by the full logits (rows x columns x vocab under 2^25
-elements, which cut a 256-row batch into 4-column chunks), and captured graphs attending without cuDNN's kernel.
+elements, which cut a 256-row batch into 4-column chunks), captured graphs attending without cuDNN's kernel and
+waiting for each step's tokens before the next replay, and a compiled step per cache length.
 So "dynamic-old" is today's anchor for the issue's goals. "-nocudnn" ("graph-nocudnn") is today's Engine but for
-that last point: it isolates the attention kernel; "-cudnn" gives cuDNN's kernel to every graph mode, whatever
+the graphs' attention kernel: it isolates that kernel; "-cudnn" gives cuDNN's kernel to every graph mode, whatever
 Engine.CUDNN_GRAPH_MODES says (today every graph mode takes it). "-shrinkN" lets the loop move its live rows to a
 smaller batch bucket when at least N steps may remain, "-noshrink" never (Engine.SHRINK_MIN_STEPS; by default the
 eager and compiled steps shrink, graphs do not). Shrinking matters only with --lengths mixed, where rows end at
 mixed lengths as a real batch's answers do (tokens/s then counts the rows' real tokens). "-fixedlen" compiles the
 step for its cache length, as before Engine.DYNAMIC_LENGTH (compiled modes only: they otherwise take the length
-as a dynamic size, one compile for every length).
+as a dynamic size, one compile for every length). "-nolookahead" makes a graph mode wait for each step's tokens
+before launching the next, as before Engine.LOOKAHEAD_MODES (graph modes otherwise run one replay ahead).
 
 For each (batch, prompt length, new tokens) the modes run interleaved (mode A, mode B, ..., then again),
 so a machine shared with other work disturbs them alike; read the ratios. Every timed call is
@@ -89,15 +91,16 @@ def time_rollout(engine, prompts, new_tokens, temperature, top_k):
     return first, time.perf_counter() - t0, columns
 
 
-MODE_OPTIONS = "old, cudnn, nocudnn, shrinkN, noshrink, fixedlen"
+MODE_OPTIONS = "old, cudnn, nocudnn, shrinkN, noshrink, fixedlen, nolookahead"
 
 
 def make_engine(model, tokenizer, mode):
     """(Engine, whether it runs as when the issue was filed) for a mode name: an Engine decode mode, then options,
     each after a "-" (module docstring): "graph", "dynamic-old", "compiled_graph-cudnn", "graph-shrink32"."""
     decode, *options = mode.split("-")
-    if decode not in Engine.DECODE_MODES or not all(o in ("old", "cudnn", "nocudnn", "noshrink", "fixedlen") or
-                                                    (o.startswith("shrink") and o[6:].isdigit()) for o in options):
+    named = ("old", "cudnn", "nocudnn", "noshrink", "fixedlen", "nolookahead")
+    if decode not in Engine.DECODE_MODES or not all(o in named or (o.startswith("shrink") and o[6:].isdigit())
+                                                    for o in options):
         raise ValueError(f"bad mode {mode!r}: an Engine decode mode {Engine.DECODE_MODES}, then -options ({MODE_OPTIONS})")
     old = "old" in options
     engine = Engine(model, tokenizer, decode=decode, cast_weights=False if old else "auto")
@@ -107,8 +110,10 @@ def make_engine(model, tokenizer, mode):
         engine.CUDNN_GRAPH_MODES = ()
     elif "cudnn" in options:  # every graph mode takes cuDNN's kernel first
         engine.CUDNN_GRAPH_MODES = Engine.GRAPH_MODES
-    if "fixedlen" in options:  # a compile per cache length
+    if old or "fixedlen" in options:  # a compile per cache length
         engine.DYNAMIC_LENGTH = False
+    if old or "nolookahead" in options:  # the host reads each step's tokens before the next is launched
+        engine.LOOKAHEAD_MODES = ()
     for o in options:  # when the loop may move rows to a smaller batch bucket (Engine.SHRINK_MIN_STEPS)
         if o.startswith("shrink") or o == "noshrink":
             engine.SHRINK_MIN_STEPS = {**Engine.SHRINK_MIN_STEPS, decode: None if o == "noshrink" else int(o[6:])}

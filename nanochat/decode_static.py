@@ -151,9 +151,11 @@ def noise_width(vocab_size, temperature, top_k):
     return top_k if top_k and top_k < vocab_size else vocab_size
 
 
-def decode_step(model, cache, tokens, noise, temperature, top_k, attention=None):
+def decode_step(model, cache, tokens, noise, temperature, top_k, attention=None, return_logits=False):
     """One fixed-shape step for every row of a StaticKVCache: feed tokens (B,), store their keys/values at
     column cache.pos, advance it, and sample each row's next token. Everything stays on the device.
+    return_logits: return (tokens, the raw logits they were sampled from) (a captured step keeps its logits, so
+    that Engine._lookahead_loop can sample them again with other noise).
 
     attention: SDPA backends to try first, first choice first (None: the caller's choice). The choice is made
     inside the step so that torch.compile traces it: a compiled step fixes its attention kernel when it
@@ -164,7 +166,8 @@ def decode_step(model, cache, tokens, noise, temperature, top_k, attention=None)
     else:
         with sdpa_kernel(list(attention), set_priority=True):
             logits = model(tokens.unsqueeze(1), kv_cache=cache)[:, -1, :]
-    return sample_from_raw_logits(logits, noise, temperature, top_k, model.config.softcap)
+    tokens = sample_from_raw_logits(logits, noise, temperature, top_k, model.config.softcap)
+    return (tokens, logits) if return_logits else tokens
 
 
 def bucket_size(rows):
@@ -177,20 +180,21 @@ class GraphedStep:
     """decode_step captured once as a CUDA graph on one StaticKVCache, then replayed: a step costs one
     graph launch instead of ~1,000 kernel launches (at depth 20 the host-issued launches, not the GPU,
     set the pace: dev/gpu_results.md). Inputs are copied into static buffers before each replay; the
-    output tensor is overwritten by each replay (read it before the next)."""
+    output tensors (`out`, the sampled tokens, and `logits`) are overwritten by each replay (read them before
+    the next)."""
 
     def __init__(self, step, model, cache, width, temperature, top_k):
         self.cache = cache
         self.tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=cache.pos.device)
         self.noise = torch.ones(cache.batch_size, max(1, width), device=cache.pos.device)
-        run = lambda: step(model, cache, self.tokens, self.noise, temperature, top_k)  # noqa: E731
+        run = lambda: step(model, cache, self.tokens, self.noise, temperature, top_k, return_logits=True)  # noqa: E731
         start = cache.pos.clone()
-        self.replay, self.out = self.capture(run)
+        self.replay, (self.out, self.logits) = self.capture(run)
         cache.pos.copy_(start)  # warm-up runs advanced it; the columns they wrote are rewritten before use
 
     @staticmethod
     def capture(run):
-        """(replay function, output tensor). The warm-up runs on a side stream, as capture requires, and
+        """(replay function, run's outputs). The warm-up runs on a side stream, as capture requires, and
         autocast's cache of cast weights is off: a cast cached during capture is freed when autocast exits,
         and the graph would read freed memory (PyTorch's CUDA-graph notes ask for cache_enabled=False)."""
         autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
@@ -204,8 +208,8 @@ class GraphedStep:
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = run()
-        return graph.replay, out
+                outputs = run()
+        return graph.replay, outputs
 
     def __call__(self, cache, tokens, noise):
         assert cache is self.cache, "a captured step only runs on the cache it was captured with"

@@ -17,7 +17,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanochat.common import COMPUTE_DTYPE, UserInputError, autocast_context
 from nanochat.calculator import use_calculator
-from nanochat.decode_static import GraphedStep, StaticKVCache, bucket_size, decode_step, noise_width
+from nanochat.decode_static import (GraphedStep, StaticKVCache, bucket_size, decode_step, noise_width,
+                                    sample_from_raw_logits)
 
 
 class KVCache:
@@ -235,6 +236,15 @@ class CastLinears:
 # -----------------------------------------------------------------------------
 # The Engine
 
+def upload(values, device):
+    """A list of ints as a long tensor on `device`. To CUDA through pinned memory without waiting: a plain copy
+    from pageable memory waits for every kernel queued before it (Engine._lookahead_loop keeps one queued)."""
+    values = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
 def left_padded(prompts, device):
     """(ids (rows, longest), pads): the prompts left-padded to the longest. Padding columns are never attended
     to, so any valid id will do."""
@@ -291,6 +301,8 @@ class Engine:
     # ms, the compiled graph's 7.87 -> 4.61 ms at batch 256 and 1.62 -> 1.31 ms at batch 1 (its step chooses the
     # kernel inside itself, decode_step's `attention`, so that torch.compile traces the choice)
     CUDNN_GRAPH_MODES = GRAPH_MODES
+    # Captured steps that run one replay ahead of the host (_lookahead_loop) while their rows keep their slots
+    LOOKAHEAD_MODES = GRAPH_MODES
     # A fixed-shape loop moves its live rows to the next smaller batch bucket once they fit it, if at least this many
     # steps may remain (None: never), so finished rows stop costing compute: on CPU (d4, batch 64, answer lengths
     # mixed in [16, 128]) 1.21x the tokens/s of never moving (dev/logs/bench_rollout_mixed_cpu.log). Eagerly a new
@@ -311,7 +323,7 @@ class Engine:
         dynamic  the growing-batch loop: shrinks the cache when rows finish, reads only the filled columns
         static   the fixed-shape step (StaticKVCache, batch buckets, sampling on the device), eager
         compile  the fixed-shape step under torch.compile (one graph per batch bucket: the cache length is dynamic)
-        graph    the fixed-shape step captured as a CUDA graph and replayed (CUDA only)
+        graph    the fixed-shape step captured as a CUDA graph and replayed, one step ahead of the host (CUDA only)
         compiled_graph  the step under torch.compile, then captured as a CUDA graph: fused kernels, one launch
         auto     graph on CUDA, static on CPU (measured: dev/bench_rollout.md)
 
@@ -601,8 +613,13 @@ class Engine:
             cache.load(prompt_cache.k, prompt_cache.v, prompt_cache.pad_lengths, longest, source_rows, range(num_rows))
             del prompt_cache
         try:
-            yield from self._static_loop(model, mode, cache, step, logits, states, num_rows, longest, limit, new_tokens,
-                                         width, capacity, temperature, top_k, rng, dtype)
+            ahead = mode in self.LOOKAHEAD_MODES and self.SHRINK_MIN_STEPS.get(mode) is None  # rows keep their slots
+            if ahead and isinstance(step, GraphedStep):
+                yield from self._lookahead_loop(model, cache, step, logits, states, num_rows, longest, limit,
+                                                new_tokens, width, temperature, top_k, rng)
+            else:
+                yield from self._static_loop(model, mode, cache, step, logits, states, num_rows, longest, limit,
+                                             new_tokens, width, capacity, temperature, top_k, rng, dtype)
         finally:
             # a captured graph pins its cache (at depth 20 and 256 rows, gigabytes) and its memory pool; RL
             # trains between rollouts, so give them back. Capturing again costs about three eager steps.
@@ -674,6 +691,109 @@ class Engine:
                 sampled = out[:len(active)] if prefix else [out[row] for row in active]
             else:
                 sampled = [out[slot_of[row]] if row in slot_of else 0 for row in active]
+
+    def _lookahead_loop(self, model, cache, step, logits, states, num_rows, longest, limit, new_tokens, width,
+                        temperature, top_k, rng):
+        """_static_loop for a captured step whose rows keep their slots, one replay ahead of the host: step k+1's
+        input is made on the device from step k's sampled tokens, so the GPU computes it while the host copies
+        step k's tokens back, updates the rows and yields the column (the host's share of a step: 7-15 % at
+        batch 256 on an H200, dev/gpu_results.md). What the host would change in that input it knows before it
+        reads the tokens: finished rows repeat their last token, forced tokens replace the sample, and a row
+        under line headers that samples a stop gets a newline instead (_step_rows' rules, mirrored in
+        _device_column; the host applies them again to the same tokens, so the yielded column is the input).
+
+        Step k+1's noise is drawn for the rows that drew at step k; if reading step k's tokens makes rows leave
+        the drawing set (_keep_sampling), the generator is put back and step k+1's logits are sampled again with
+        the draws the other loops make, so a seed gives the same samples. A step is launched ahead only when the
+        column budget allows it; at most one (when the last rows finish) is computed and not read."""
+        device, batch = cache.pos.device, cache.batch_size
+        cuda = device.type == "cuda"
+        header_newline = self._newline_ids()[0] if any(state.line_headers for state in states) else None
+        stops = torch.tensor(sorted(self.stop_tokens), device=device)
+        returned = torch.empty(batch, dtype=torch.long, pin_memory=cuda)  # the in-flight step's tokens, on the host
+        sampled = sample_next_token(logits, rng, temperature, top_k).tolist()
+        active = list(range(num_rows))
+        pos, generated = longest, 0
+        overrides = None  # (host list, device tensor) of the last feed overrides uploaded
+        try:
+            while True:
+                column, mask = self._step_rows(states, active, sampled)
+                yield column, mask
+                generated += 1
+                pos += 1
+                alive = [row for row in active if not states[row].done]
+                if not alive or generated >= new_tokens or pos > limit:
+                    return
+                if generated == 1:  # the first step's input comes from the host
+                    active = self._keep_sampling(active, alive)
+                    step(cache, upload(column + [0] * (batch - num_rows), device),
+                         self._slot_noise(active, batch, width, rng, device))
+                else:
+                    keep = self._keep_sampling(active, alive)
+                    if keep != active and width:  # the step in flight drew for `active`: draw for `keep` instead
+                        rng.set_state(drawn_from)
+                        with inference_context(device.type):
+                            noise = self._slot_noise(keep, batch, width, rng, device)
+                            step.out.copy_(sample_from_raw_logits(step.logits, noise, temperature, top_k,
+                                                                  model.config.softcap))
+                    active = keep
+                returned.copy_(step.out, non_blocking=True)
+                ready = torch.cuda.Event() if cuda else None
+                if cuda:
+                    ready.record()
+                if generated + 1 < new_tokens and pos + 1 <= limit:  # the next column may be computed: launch it
+                    overrides = self._device_column(states, num_rows, batch, header_newline, stops, step.out, overrides)
+                    drawn_from = rng.get_state() if width else None
+                    step(cache, overrides[2], self._slot_noise(active, batch, width, rng, device))
+                if cuda:
+                    ready.synchronize()
+                out = returned.tolist()
+                sampled = out[:len(active)] if active[-1] == len(active) - 1 else [out[row] for row in active]
+        finally:
+            if cuda:  # nothing may still run on the cache and graph the caller is about to give back
+                torch.cuda.current_stream().synchronize()
+
+    def _device_column(self, states, num_rows, batch, header_newline, stops, sampled, overrides):
+        """The next step's input, made on the device from `sampled` (the tokens of the step in flight) and what the
+        host knows before reading them: (override list, its device tensor, the input). `overrides` is the last
+        call's result: an unchanged override list is not uploaded again."""
+        device = sampled.device
+        override, headers = [-1] * batch, []
+        for row in range(num_rows):
+            state = states[row]
+            if state.done:
+                override[row] = state.last_token
+            elif state.forced:
+                override[row] = state.forced[0]
+            elif state.line_headers:
+                headers.append(row)
+        override[num_rows:] = [0] * (batch - num_rows)  # idle slots
+        if overrides is not None and overrides[0] == override:
+            override_on_device = overrides[1]
+        else:
+            override_on_device = upload(override, device)
+        feed = torch.where(override_on_device >= 0, override_on_device, sampled)
+        if headers:  # a verifier may not stop before its last forced header: the stop becomes a newline
+            rows = upload(headers, device)
+            stopped = torch.isin(feed[rows], stops)
+            feed[rows] = torch.where(stopped, header_newline, feed[rows])
+        return override, override_on_device, feed
+
+    @staticmethod
+    def _slot_noise(active, batch, width, rng, device):
+        """Noise for a step whose row r sits in slot r: the draws sample_next_token makes for the rows in `active`,
+        in order, each in its row's slot; ones elsewhere (those samples are not read). None when greedy."""
+        if not width:
+            return None
+        drawn = torch.empty(len(active), width, device=device).exponential_(1, generator=rng)
+        if len(active) == batch:
+            return drawn
+        noise = torch.ones(batch, width, device=device)
+        if active[-1] == len(active) - 1:
+            noise[:len(active)] = drawn
+        else:
+            noise[upload(active, device)] = drawn
+        return noise
 
     def _quantized(self, columns):
         """A static cache's length for `columns` columns: the next multiple of CAPACITY_QUANTUM."""

@@ -271,12 +271,16 @@ def test_compiled_step_compiles_once_for_every_cache_length():
 
 class FakeGraph:
     """Stands in for torch.cuda.CUDAGraph on CPU: 'capture' runs the step once (as capture records it),
-    'replay' runs it again and writes into the captured output tensor, as a graph replay does."""
+    'replay' runs it again and writes into the captured output tensors, as a graph replay does."""
 
     @staticmethod
     def capture(run):
-        out = run()
-        return (lambda: out.copy_(run())), out
+        outputs = run()
+
+        def replay():
+            for captured, fresh in zip(outputs, run(), strict=True):
+                captured.copy_(fresh)
+        return replay, outputs
 
 
 def test_graphed_step_plumbing_on_cpu(monkeypatch):
@@ -294,6 +298,76 @@ def test_graphed_step_plumbing_on_cpu(monkeypatch):
                                                                                     max_tokens=12, **kwargs)
         assert got == want
     assert engine._graphs == {}  # the captured step and its cache are given back after each generation
+
+
+class HeaderTokenizer(StandInTokenizer):
+    """StandInTokenizer (bytes as ids) with what line headers need: the vocabulary, and each id's bytes."""
+
+    def get_vocab_size(self):
+        return 300
+
+    def decode_bytes(self, ids):
+        return bytes(i for i in ids if i < 256)
+
+    def decode(self, ids):
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+def lookahead_case():
+    """(model, prompts, tokenizer, line headers): 9 prompts whose rows stop, call the calculator and (two prompts
+    in three) write line headers at different steps, the specials being tokens this model really writes."""
+    model = tiny_model(seed=5, vocab_size=300)
+    prompts = mixed_prompts(6, (3, 8, 5, 11, 2, 6, 1, 4, 9), vocab=300)
+    common = collections.Counter(t for p in prompts for t in naive(model, p, 24)[1:12]).most_common(3)
+    call, end_call, stop = [token for token, _ in common]
+    tokenizer = HeaderTokenizer(assistant_end=stop, python_start=call, python_end=end_call, output_start=298,
+                                output_end=299)
+    headers = [[list(b"A:"), list(b"B:"), list(b"C:")] if i % 3 else [] for i in range(len(prompts))]
+    return model, prompts, tokenizer, headers
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.0, None), (1.0, None), (0.9, 6)])
+def test_lookahead_loop_samples_what_the_dynamic_loop_samples(monkeypatch, temperature, top_k):
+    """Engine._lookahead_loop (graph modes; a stand-in graph here) makes the next step's input on the device from
+    the sampled tokens and what the host knows before reading them: finished rows, calculator output forced, a
+    stop under line headers turned into a newline. Its noise is drawn before the host knows which rows stop
+    drawing, and drawn again when they do. Rows that stop, call the calculator and write headers at different
+    steps, in a bucket with idle slots, must get the dynamic loop's tokens and masks."""
+    monkeypatch.setattr(GraphedStep, "capture", staticmethod(FakeGraph.capture))
+    loops, redraws, columns, fed = [], [], [], []
+    real_loop, real_sampler = Engine._lookahead_loop, engine_module.sample_from_raw_logits
+    real_rows, real_call = Engine._step_rows, GraphedStep.__call__
+
+    def recording_rows(self, *args):
+        column, mask = real_rows(self, *args)
+        columns.append(list(column))
+        return column, mask
+
+    def recording_call(self, cache, tokens, noise):
+        fed.append(tokens.tolist())
+        return real_call(self, cache, tokens, noise)
+    monkeypatch.setattr(Engine, "_lookahead_loop", lambda self, *a: loops.append(1) or real_loop(self, *a))
+    monkeypatch.setattr(engine_module, "sample_from_raw_logits", lambda *a: redraws.append(1) or real_sampler(*a))
+    monkeypatch.setattr(Engine, "_step_rows", recording_rows)
+    monkeypatch.setattr(GraphedStep, "__call__", recording_call)
+    model, prompts, tokenizer, headers = lookahead_case()
+    for line_headers in (None, headers):
+        kwargs = dict(num_samples=2, max_tokens=40, temperature=temperature, top_k=top_k, seed=3,
+                      line_headers=line_headers)
+        want = Engine(model, tokenizer, decode="dynamic").generate_prompts(prompts, **kwargs)
+        engine = Engine(model, tokenizer, decode="static")
+        engine._decode_mode = lambda device: "graph"
+        columns.clear()
+        fed.clear()
+        assert engine.generate_prompts(prompts, **kwargs) == want
+        # each step's input is the column the host yielded (finished rows too), idle slots fed 0; one step
+        # launched ahead may find every row finished
+        assert len(columns) - 1 <= len(fed) <= len(columns)
+        assert fed == [column + [0] * (32 - len(column)) for column in columns[:len(fed)]]
+        lengths = [len(tokens) for tokens, _ in want]
+        assert min(lengths) < max(lengths) and any(0 in mask for _, mask in want)  # rows stopped, tokens were forced
+    assert len(loops) == 2
+    assert bool(redraws) == (temperature > 0)  # rows left the drawing set while a step was in flight
 
 
 def test_graph_capture_puts_cudnn_attention_first(monkeypatch):
@@ -400,6 +474,31 @@ def test_fixed_shape_step_on_cuda_matches_the_eager_step(mode):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["graph", "compiled_graph"])
+def test_lookahead_on_cuda(mode):
+    """The graph loop one replay ahead of the host (Engine._lookahead_loop: pinned copies, an event per step, the
+    next input made on the device) against the same graph waiting for each step's tokens, on rows that stop, call
+    the calculator and write line headers: the same tokens. The plain graph's redraws (rows leaving the drawing
+    set) run the captured sampler's own kernels eagerly, so it matches when sampling too; the compiled graph's
+    sampler is fused by torch.compile, so there sampled runs are compared on their first tokens."""
+    model, prompts, tokenizer, headers = lookahead_case()
+    model = model.to("cuda")
+    ahead = Engine(model, tokenizer, decode=mode)
+    waiting = Engine(model, tokenizer, decode=mode)
+    waiting.LOOKAHEAD_MODES = ()
+    for line_headers in (None, headers):
+        for kwargs in (dict(temperature=0.0), dict(temperature=0.9, top_k=6, seed=3)):
+            kwargs = dict(kwargs, num_samples=2, max_tokens=40, line_headers=line_headers)
+            a = ahead.generate_prompts(prompts, **kwargs)
+            assert a == ahead.generate_prompts(prompts, **kwargs)  # replays reproduce
+            b = waiting.generate_prompts(prompts, **kwargs)
+            if mode == "graph" or kwargs["temperature"] == 0:
+                assert a == b
+            else:
+                assert [c[:1] for c, _ in a] == [c[:1] for c, _ in b]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graph_shrink_on_cuda():
     """A graph given a SHRINK_MIN_STEPS threshold captures smaller buckets mid-generation as rows finish (on CUDA
     under the bf16 sampling copy, which needs the loop's autocast at each capture): its replays repeat themselves
@@ -490,6 +589,8 @@ def test_bench_rollout_mode_options_and_mixed_lengths():
     engine = make_engine(model, StandInTokenizer(), "static-noshrink")[0]
     assert engine.SHRINK_MIN_STEPS["static"] is None and Engine.SHRINK_MIN_STEPS["static"] == 0
     assert not make_engine(model, StandInTokenizer(), "compile-fixedlen")[0].DYNAMIC_LENGTH
+    assert make_engine(model, StandInTokenizer(), "graph-nolookahead")[0].LOOKAHEAD_MODES == ()
+    assert make_engine(model, StandInTokenizer(), "graph")[0].LOOKAHEAD_MODES == Engine.GRAPH_MODES
     assert Engine.DYNAMIC_LENGTH and make_engine(model, StandInTokenizer(), "compile")[0].DYNAMIC_LENGTH
     for bad in ("graph-fast", "turbo", "graph-shrinkx"):
         with pytest.raises(ValueError, match="bad mode"):
@@ -646,7 +747,7 @@ def test_bench_host_loop_smoke():
     """Today's loop and an anchor commit's (HEAD here: the same code, extracted and imported from elsewhere)."""
     cmd = [sys.executable, "-m", "dev.bench_host_loop", "--batch", "8", "--columns", "6", "--repeats", "1", "--rounds", "1",
            "--anchor", "HEAD"]
-    for options in ([], ["--line_headers"]):
+    for options in ([], ["--line_headers"], ["--graph", "--line_headers"]):
         out = subprocess.run(cmd + options, capture_output=True, text=True, timeout=300, check=True).stdout
         summary = json.loads(out.strip().splitlines()[-1])["ms_per_column"]
         assert set(summary) == {"today", "HEAD", "speedup"} and all(v > 0 for v in summary["today"].values())
