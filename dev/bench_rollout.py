@@ -199,12 +199,13 @@ def profile_step(engine, prompts, args, steps=16):
 
 
 @torch.inference_mode()  # the cache's tensors are inference tensors: only written to inside this mode
-def graph_breakdown(engine, prompts, new_tokens, args, steps=64):
+def graph_breakdown(engine, prompts, new_tokens, args, steps=64, mode=None):
     """Where a graph step's wall time goes: the step as the Engine's loop runs it (host bookkeeping, copies,
     replay, reading the tokens back) against the same captured graph replayed back to back with no host
     work between replays (the device's time per step, gaps between its kernels included). The difference
     is the host's share, which the device waits for. The stream asks for new_tokens tokens, so the cache
-    has the timed table's length, and `steps` of its steps are timed."""
+    has the timed table's length, and `steps` of its steps are timed. `mode`: the name printed (the table's)."""
+    mode = mode or engine.decode
     device = engine.model.get_device()
     steps = max(1, min(steps, new_tokens - 1))
     stream = engine._stream(prompts, 1, new_tokens, args.temperature, args.top_k, 0)
@@ -228,10 +229,10 @@ def graph_breakdown(engine, prompts, new_tokens, args, steps=64):
         graphed.replay()
     synchronize(device)
     replay = (time.perf_counter() - t0) / steps
-    print(f"\n### Breakdown: mode {engine.decode}, batch {len(prompts)}, {graphed.cache.capacity}-column cache: step in "
+    print(f"\n### Breakdown: mode {mode}, batch {len(prompts)}, {graphed.cache.capacity}-column cache: step in "
           f"the loop {1000 * loop:.2f} ms, graph replayed back to back {1000 * replay:.2f} ms, host's share "
           f"{1000 * (loop - replay):.2f} ms ({100 * (loop - replay) / loop:.0f} %)")
-    return dict(mode=engine.decode, batch=len(prompts), capacity=graphed.cache.capacity, loop_ms=1000 * loop,
+    return dict(mode=mode, batch=len(prompts), capacity=graphed.cache.capacity, loop_ms=1000 * loop,
                 replay_ms=1000 * replay)
 
 
@@ -343,7 +344,7 @@ def main():
             prompts = prompts_with_lengths(batch)
             for mode in modes:
                 if engines[mode].decode in Engine.GRAPH_MODES:
-                    breakdowns.append(graph_breakdown(engines[mode], prompts, max(new_token_counts), args))
+                    breakdowns.append(graph_breakdown(engines[mode], prompts, max(new_token_counts), args, mode=mode))
     load_after = os.getloadavg()
     print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f}; {os.cpu_count()} CPUs; "
           f"wall {time.perf_counter() - t_start:.0f} s; torch {torch.__version__}; 'vs dynamic' = tok/s over the first mode's")

@@ -31,6 +31,11 @@
 #                              # its step (tests, d20 and d12 tables), where the verifier's prefill time goes; ~6 min
 #   bash dev/gpu_checks.sh 12  # issue 17's open goals again: the d20 batch-256 rollout (both graph modes, the graph's
 #                              # breakdown) and the co-training step three times (carry .gpu for the tokenizer); ~6 min
+#   bash dev/gpu_checks.sh 13  # part 12's rollout half after graphs went one replay ahead of the host and compiled steps
+#                              # took the cache length as dynamic: their CUDA tests, then the d20 batch-256 table with
+#                              # and without each (breakdowns for every graph mode); ~6 minutes
+#   bash dev/gpu_checks.sh 14  # part 12's co-training half: the step three times, then with the compiled graph
+#                              # (carry .gpu for the tokenizer); ~6 minutes
 # Logs go to $OUT (or ./gpu_logs). Parts 2 and 4 need a tokenizer (and shards for base_train) under
 # $NANOCHAT_BASE_DIR, e.g. made here with dev/make_corpus + scripts.tok_train, because a GPU box's Python
 # may have no build of our Rust trainer. Figures are recorded in dev/gpu_results.md.
@@ -179,6 +184,29 @@ elif [ "$1" = 12 ]; then
     grep -h "co-training generator step  " "$LOGS"/bench_cotrain_*.log
     # both roles decoding with the compiled graph (cuDNN attention; compiles in the first, untimed step, once per
     # batch bucket: the cache length is dynamic): reported as measured, no default depends on it
+    stage bench_cotrain_compiled 150 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 \
+        --samples 16 --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer --cotrain_args "--decode compiled_graph"
+elif [ "$1" = 13 ]; then
+    # the nineteenth session's changes, which no GPU has run: graph modes launch the next replay before reading a
+    # step's tokens (Engine._lookahead_loop) and compiled steps mark the cache length dynamic. Their CUDA tests
+    # first (a failure means the table's new modes are reported, not adopted: dev/logs/gpu/next/PLAN.md), then
+    # the d20 batch-256 table: each graph mode with and without the lookahead, the compiled graph also compiled
+    # for its length alone, and every graph mode's breakdown (its host's share); ~6 minutes
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    stage cuda_tests 200 $PY -m pytest -q -p no:cacheprovider \
+        -k "lookahead_on_cuda or (on_cuda and graph and not compile) or cast_weights_on_cuda" tests/test_decode_static.py
+    stage bench_rollout 330 $PY -m dev.bench_rollout --device cuda --depth 20 --modes \
+        dynamic-old,graph-nolookahead,graph,compiled_graph-nolookahead,compiled_graph,compiled_graph-fixedlen \
+        --batch_sizes 256 --prompt_lens 64 --new_tokens 256 --repeats 1 --breakdown
+elif [ "$1" = 14 ]; then
+    # the co-training step three times with today's defaults, then with both roles on the compiled graph (reported
+    # only); tokenizer in .gpu/tokenizer (carry .gpu); ~6 minutes
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    for run in 1 2 3; do
+        stage "bench_cotrain_$run" 65 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 \
+            --samples 16 --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer
+    done
+    grep -h "co-training generator step  " "$LOGS"/bench_cotrain_*.log
     stage bench_cotrain_compiled 150 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 \
         --samples 16 --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer --cotrain_args "--decode compiled_graph"
 else

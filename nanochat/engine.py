@@ -714,7 +714,7 @@ class Engine:
         sampled = sample_next_token(logits, rng, temperature, top_k).tolist()
         active = list(range(num_rows))
         pos, generated = longest, 0
-        overrides = None  # (host list, device tensor) of the last feed overrides uploaded
+        uploaded = {}  # _device_column's host lists and their device copies
         try:
             while True:
                 column, mask = self._step_rows(states, active, sampled)
@@ -742,9 +742,10 @@ class Engine:
                 if cuda:
                     ready.record()
                 if generated + 1 < new_tokens and pos + 1 <= limit:  # the next column may be computed: launch it
-                    overrides = self._device_column(states, num_rows, batch, header_newline, stops, step.out, overrides)
+                    feed, uploaded = self._device_column(states, num_rows, batch, header_newline, stops, step.out,
+                                                         uploaded)
                     drawn_from = rng.get_state() if width else None
-                    step(cache, overrides[2], self._slot_noise(active, batch, width, rng, device))
+                    step(cache, feed, self._slot_noise(active, batch, width, rng, device))
                 if cuda:
                     ready.synchronize()
                 out = returned.tolist()
@@ -753,11 +754,11 @@ class Engine:
             if cuda:  # nothing may still run on the cache and graph the caller is about to give back
                 torch.cuda.current_stream().synchronize()
 
-    def _device_column(self, states, num_rows, batch, header_newline, stops, sampled, overrides):
+    def _device_column(self, states, num_rows, batch, header_newline, stops, sampled, uploaded):
         """The next step's input, made on the device from `sampled` (the tokens of the step in flight) and what the
-        host knows before reading them: (override list, its device tensor, the input). `overrides` is the last
-        call's result: an unchanged override list is not uploaded again."""
-        device = sampled.device
+        host knows before reading them. Returns (input, uploaded): `uploaded` maps the host lists of overrides and
+        of rows under line headers to their device copies, so a list that did not change is not uploaded again
+        (pass the last call's; {} at first)."""
         override, headers = [-1] * batch, []
         for row in range(num_rows):
             state = states[row]
@@ -768,16 +769,16 @@ class Engine:
             elif state.line_headers:
                 headers.append(row)
         override[num_rows:] = [0] * (batch - num_rows)  # idle slots
-        if overrides is not None and overrides[0] == override:
-            override_on_device = overrides[1]
-        else:
-            override_on_device = upload(override, device)
-        feed = torch.where(override_on_device >= 0, override_on_device, sampled)
+        on_device = {}
+        for name, values in (("override", override), ("headers", headers)):
+            last = uploaded.get(name)
+            on_device[name] = last if last is not None and last[0] == values else (values, upload(values, sampled.device))
+        override = on_device["override"][1]
+        feed = torch.where(override >= 0, override, sampled)
         if headers:  # a verifier may not stop before its last forced header: the stop becomes a newline
-            rows = upload(headers, device)
-            stopped = torch.isin(feed[rows], stops)
-            feed[rows] = torch.where(stopped, header_newline, feed[rows])
-        return override, override_on_device, feed
+            rows = on_device["headers"][1]
+            feed[rows] = torch.where(torch.isin(feed[rows], stops), header_newline, feed[rows])
+        return feed, on_device
 
     @staticmethod
     def _slot_noise(active, batch, width, rng, device):
