@@ -9,6 +9,7 @@ import copy
 import functools
 import itertools
 import numbers
+import time
 from collections import deque
 
 import torch
@@ -356,6 +357,9 @@ class Engine:
         self.stop_tokens = frozenset((self.bos, self.assistant_end))
         self._acting_tokens = self.stop_tokens | {self.python_start, self.python_end}  # tokens _observe acts on
         self._newlines = None
+        # wall seconds of every generation so far (generate, generate_batch, generate_prompts; not generate_queue):
+        # to its first column (the prefill) and after it (decoding). Callers read the change over a phase.
+        self.time_spent = {"prefill": 0.0, "decode": 0.0}
 
     # ---- tool use
 
@@ -444,11 +448,25 @@ class Engine:
         states = self._row_states(num_rows, num_samples, line_headers)
         sampler = self._sampling_model(model)
         if mode == "dynamic":
-            yield from self._decode_dynamic(sampler, ids, pads, num_samples, states, capacity, new_tokens, temperature,
-                                            top_k, rng, top_p)
+            columns = self._decode_dynamic(sampler, ids, pads, num_samples, states, capacity, new_tokens, temperature,
+                                           top_k, rng, top_p)
         else:
-            yield from self._decode_static(sampler, mode, ids, pads, num_samples, states, capacity, new_tokens, temperature,
-                                           top_k, rng)
+            columns = self._decode_static(sampler, mode, ids, pads, num_samples, states, capacity, new_tokens,
+                                          temperature, top_k, rng)
+        # time_spent: the first column waits for the prefill (its tokens are read on the host), the rest is decoding
+        # (the caller's work between columns included); a consumer that stops early still has its time counted
+        start = time.perf_counter()
+        first = None
+        try:
+            for column in columns:
+                if first is None:
+                    first = time.perf_counter()
+                    self.time_spent["prefill"] += first - start
+                yield column
+        finally:
+            columns.close()  # at once, not when collected: a graph loop synchronizes and gives back its graphs
+            if first is not None:
+                self.time_spent["decode"] += time.perf_counter() - first
 
     def _checked_prompts(self, prompts):
         """The prompts as lists of ints, after a clear error for an empty one, a bad id, or one too long."""

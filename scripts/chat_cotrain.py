@@ -353,9 +353,17 @@ def reference_steps(task, index):
     return len(chain)
 
 
+def engine_seconds(engine, since, phase):
+    """Timer entries for the seconds `engine` spent prefilling and decoding since `since` (a copy of its
+    time_spent): what of a phase's time is the Engine's, the rest being host work around it."""
+    return {f"{phase}_{part}": engine.time_spent[part] - since[part] for part in since}
+
+
 def generator_step(args, roles, task, step, rank, world_size):
     """Sample, judge, mix the advantages, update the generator. Returns the step's metrics (all ranks)."""
     timer = {}
+    gen_since = dict(roles.gen_engine.time_spent)
+    ver_since = dict(roles.ver_engine.time_spent) if roles.ver_engine is not None else None
     t0 = time.time()
     roles.sampling(roles.generator)
     group = args.num_samples
@@ -366,6 +374,7 @@ def generator_step(args, roles, task, step, rank, world_size):
             for r, label in zip(rollouts[p:p + group], majority_vote(task, rollouts[p:p + group])):
                 r.reward = float(label) - r.info["overlong_penalty"]
     timer["generate"] = time.time() - t0
+    timer.update(engine_seconds(roles.gen_engine, gen_since, "generate"))
 
     t1 = time.time()
     alpha = alpha_schedule(step, args.num_gen_steps, args.alpha, args.alpha_end) if args.alpha > 0 else 0.0
@@ -392,6 +401,8 @@ def generator_step(args, roles, task, step, rank, world_size):
                 counts["gold_agree"] += sum(int(v) == label for v, label in zip(said.step_verdicts, gold))
                 counts["gold_compared"] += len(gold)
     timer["verify"] = time.time() - t1
+    if ver_since is not None:
+        timer.update(engine_seconds(roles.ver_engine, ver_since, "verify"))
 
     not_trained = list(left_out)  # sampled, never trained on: they cost sampling all the same
     if args.branch:

@@ -64,6 +64,19 @@ def test_max_batch_rows_and_decode_reach_both_roles(sft_base):
     assert len(rollouts) == args.examples_per_step * 4  # whole groups of 4, one per pass
 
 
+def test_bench_cotrain_splits_each_phase_into_prefill_decode_and_host_work():
+    """dev/bench_cotrain at toy size: both arms' table, then where generate and verify go (the Engine's prefill and
+    decoding from Engine.time_spent, chat_cotrain's gen/time_*_prefill / _decode; the rest host work)."""
+    cmd = [sys.executable, "-m", "dev.bench_cotrain", "--depth_g", "2", "--depth_v", "1", "--vocab_size", "300",
+           "--questions", "2", "--samples", "2", "--gen_tokens", "12", "--ver_tokens", "12", "--steps", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True,
+                         env=dict(os.environ, WANDB_MODE="disabled")).stdout
+    split = out.split("where generate and verify go")[1]
+    baseline, cotrain = [line for line in split.splitlines() if line.startswith("  ")]
+    assert baseline.startswith("  baseline GRPO step: generate") and "verify" not in baseline
+    assert cotrain.startswith("  co-training generator step: generate") and "; verify " in cotrain
+
+
 def varied_verdicts(text):
     """A stand-in verifier reading that depends on the text, so verifier rewards vary (a random tiny model
     writes no parsable verification) and both update paths have something to learn."""
@@ -142,6 +155,10 @@ def test_run_completes_with_schedule_and_checkpoint(sft_base):
     history = cotrain.main(TINY + ["--num_gen_steps", "2", "--gen_steps", "1", "--ver_steps", "1",
                                    "--verifier_warmup_steps", "1", "--alpha", "0.1"])
     assert len(history["gen"]) == 2 and len(history["ver"]) == 2 and len(history["eval"]) == 2
+    for record in history["gen"]:  # each phase's share spent in its role's Engine (bench_cotrain prints the split)
+        for phase in ("generate", "verify"):
+            prefill, decode = record[f"gen/time_{phase}_prefill"], record[f"gen/time_{phase}_decode"]
+            assert prefill > 0 and decode > 0 and prefill + decode <= record[f"gen/time_{phase}"]
     assert {"verifier_balanced_accuracy", "verifier_share_said_correct", "verifier_gold_share_correct",
             "verifier_steps_aligned"} <= set(history["eval"][-1])
     ckpt = os.path.join(os.environ["NANOCHAT_BASE_DIR"], "cotrain_checkpoints", "g2_v1")

@@ -4,6 +4,7 @@ prompts, per-row stopping, the calculator tool, and the statistics of temperatur
 import collections
 import contextlib
 import os
+import time
 
 import pytest
 import torch
@@ -232,6 +233,30 @@ def test_generation_stops_at_the_rotary_table():
     assert [tokens[0] for tokens, _ in columns] == naive(model, prompt, 6)
     with pytest.raises(ValueError, match="rotary"):
         list(engine.generate([3] * 80, max_tokens=1))
+
+
+@pytest.mark.parametrize("decode", DECODE_MODES)
+def test_time_spent_counts_the_prefill_and_the_decoding(monkeypatch, decode):
+    """Engine.time_spent: each generation adds its wall time to the first column (prefill) and after it (decode),
+    also when the caller stops reading early; the model's forward is slowed to know which part is which."""
+    model = tiny_model(seed=2)
+    engine = Engine(model, StandInTokenizer(), decode=decode)
+    assert engine.time_spent == {"prefill": 0.0, "decode": 0.0}
+    real_forward = type(model).forward
+
+    def slow_prefill(self, idx, *args, **kwargs):
+        if idx.size(1) > 1:  # the prompt's pass; decode steps feed one token per row
+            time.sleep(0.3)
+        return real_forward(self, idx, *args, **kwargs)
+    monkeypatch.setattr(type(model), "forward", slow_prefill)
+    engine.generate_prompts([[1, 2, 3], [4, 5]], max_tokens=6, temperature=0.0)
+    prefill, decode_time = engine.time_spent["prefill"], engine.time_spent["decode"]
+    assert 0.3 <= prefill < 2.0 and 0 < decode_time < 0.3  # five decode steps of a tiny model
+    stream = engine.generate([1, 2, 3], max_tokens=50, temperature=0.0)
+    next(stream)
+    next(stream)
+    stream.close()
+    assert engine.time_spent["prefill"] >= prefill + 0.3 and engine.time_spent["decode"] > decode_time
 
 
 @pytest.mark.parametrize("kwargs, message", [
