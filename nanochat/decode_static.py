@@ -47,7 +47,8 @@ class StaticKVCache:
         every length of its batch bucket instead of compiling again for each (RL's prompt lengths give several:
         25-45 s each at depth 20 on a GPU, and once dynamo's recompile limit for decode_step, shared by every
         Engine in the process, is hit, new shapes silently run uncompiled). The positions and the mask depend
-        on the length only through these tensors' sizes, so a symbolic length loses no fusion."""
+        on the length only through these tensors' sizes. Whether kernels compiled for a symbolic length run as
+        fast on a GPU as for a fixed one is unmeasured (Engine.DYNAMIC_LENGTH; dev/logs/gpu/next/PLAN.md)."""
         for tensor in self.k + self.v:
             torch._dynamo.mark_dynamic(tensor, 2)
         torch._dynamo.mark_dynamic(self.columns, 0)
@@ -166,8 +167,8 @@ def decode_step(model, cache, tokens, noise, temperature, top_k, attention=None,
     else:
         with sdpa_kernel(list(attention), set_priority=True):
             logits = model(tokens.unsqueeze(1), kv_cache=cache)[:, -1, :]
-    tokens = sample_from_raw_logits(logits, noise, temperature, top_k, model.config.softcap)
-    return (tokens, logits) if return_logits else tokens
+    sampled = sample_from_raw_logits(logits, noise, temperature, top_k, model.config.softcap)
+    return (sampled, logits) if return_logits else sampled
 
 
 def bucket_size(rows):
