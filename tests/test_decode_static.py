@@ -486,6 +486,7 @@ def test_lookahead_on_cuda(mode):
     ahead = Engine(model, tokenizer, decode=mode)
     waiting = Engine(model, tokenizer, decode=mode)
     waiting.LOOKAHEAD_MODES = ()
+    waiting._compiled = ahead._compiled  # one compiled step for both (compiles take tens of seconds)
     for line_headers in (None, headers):
         for kwargs in (dict(temperature=0.0), dict(temperature=0.9, top_k=6, seed=3)):
             kwargs = dict(kwargs, num_samples=2, max_tokens=40, line_headers=line_headers)
