@@ -188,8 +188,9 @@ elif [ "$1" = 12 ]; then
         --samples 16 --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer --cotrain_args "--decode compiled_graph"
 elif [ "$1" = 13 ]; then
     # the nineteenth session's changes, which no GPU has run: graph modes launch the next replay before reading a
-    # step's tokens (Engine._lookahead_loop) and compiled steps mark the cache length dynamic. Their CUDA tests
-    # first (a failure means the table's new modes are reported, not adopted: dev/logs/gpu/next/PLAN.md), then
+    # step's tokens (Engine._lookahead_loop), compiled steps mark the cache length dynamic, and chat_web / chat_cli
+    # keep a captured graph between requests (keep_graphs). Their CUDA tests first (a failure means the table's new
+    # modes are reported, not adopted: dev/logs/gpu/next/PLAN.md), then
     # the d20 batch-256 table: each graph mode with and without the lookahead, the compiled graph also compiled
     # for its length alone, and every graph mode's breakdown (its host's share); ~6 minutes
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv

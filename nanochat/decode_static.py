@@ -4,6 +4,8 @@ step that feeds one token per row, writes its keys and values and samples the ne
 that step captured as a CUDA graph. Engine's fixed-shape loops (nanochat/engine.py) run it.
 """
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
@@ -190,8 +192,20 @@ class GraphedStep:
         self.noise = torch.ones(cache.batch_size, max(1, width), device=cache.pos.device)
         run = lambda: step(model, cache, self.tokens, self.noise, temperature, top_k, return_logits=True)  # noqa: E731
         start = cache.pos.clone()
+        self.reads = self.memory_of(model)
         self.replay, (self.out, self.logits) = self.capture(run)
         cache.pos.copy_(start)  # warm-up runs advanced it; the columns they wrote are rewritten before use
+
+    @staticmethod
+    def memory_of(model):
+        """Where the model's parameters and buffers live (address, shape, dtype): what a replay reads, whatever
+        tensor objects hold that memory now."""
+        return [(t.data_ptr(), t.shape, t.dtype) for t in itertools.chain(model.parameters(), model.buffers())]
+
+    def reads_from(self, model):
+        """Whether a replay reads `model`'s current weights: they live where they did at capture (weights updated
+        in place do; a model whose weights were replaced, released or moved does not)."""
+        return self.memory_of(model) == self.reads
 
     @staticmethod
     def capture(run):

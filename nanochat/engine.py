@@ -314,7 +314,7 @@ class Engine:
     # batch bucket and sampling setting, whatever lengths the prompts need. False: a compile per length.
     DYNAMIC_LENGTH = True
 
-    def __init__(self, model, tokenizer, decode="auto", max_rows=None, cast_weights="auto"):
+    def __init__(self, model, tokenizer, decode="auto", max_rows=None, cast_weights="auto", keep_graphs=False):
         """max_rows (None: no limit): the most rows generate_prompts samples in one batched pass. The KV cache
         and the logits grow with the rows (256 problems x 4 samples at d4 on CPU: ~2.8 GB), so larger requests
         are cut into chunks of whole prompts, chunk c sampled with seed + c: the same results as one pass
@@ -332,7 +332,13 @@ class Engine:
         the same tokens, no per-step weight cast). "auto": on CUDA when the forward runs under bf16/fp16
         autocast; a dtype: always cast to it (the forward must run under autocast to that dtype; tests use it
         on CPU); False: never. The copy holds the linears in that dtype (0.95 GB at depth 20) for as long as
-        the Engine lives, and is refreshed from the model's weights at the start of every generation."""
+        the Engine lives, and is refreshed from the model's weights at the start of every generation.
+
+        keep_graphs: keep a captured step and its cache after a generation, for the next one of the same shape
+        (batch bucket, cache length, sampling settings) as long as the weights it reads still live where they
+        did (GraphedStep.reads_from). A chat server's next reply then skips the capture (at depth 20, batch 1, on
+        an H200 the graph's first column came ~98 ms after the call, the eager loop's ~27 ms: dev/gpu_results.md).
+        Off by default: RL trains between rollouts and needs the cache's memory (gigabytes at batch 256)."""
         if decode not in self.DECODE_MODES:
             raise ValueError(f"decode must be one of {self.DECODE_MODES}, got {decode!r}")
         if not (cast_weights in ("auto", False) or isinstance(cast_weights, torch.dtype)):
@@ -346,7 +352,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.decode = decode
         self._compiled_step = None
-        self._graphs = {}  # (batch, capacity, width, temperature, top_k, dtype) -> GraphedStep; its cache is reused
+        self.keep_graphs = keep_graphs
+        self._graphs = {}  # (mode, batch, capacity, width, temperature, top_k, dtype) -> GraphedStep, with its cache
         special = tokenizer.encode_special
         self.bos = tokenizer.get_bos_token_id()
         self.assistant_end = special("<|assistant_end|>")
@@ -514,7 +521,9 @@ class Engine:
         return self._cast.model
 
     def release_sampling_weights(self):
-        """Give back the memory of the CastLinears copy's weights; the next generation casts them again."""
+        """Give back the memory of the CastLinears copy's weights (and of a kept graph, which reads them); the
+        next generation casts them again."""
+        self._graphs.clear()
         if self._cast is not None:
             self._cast.release()
 
@@ -641,7 +650,8 @@ class Engine:
         finally:
             # a captured graph pins its cache (at depth 20 and 256 rows, gigabytes) and its memory pool; RL
             # trains between rollouts, so give them back. Capturing again costs about three eager steps.
-            self._graphs.clear()
+            if not self.keep_graphs:
+                self._graphs.clear()
 
     def _static_loop(self, model, mode, cache, step, logits, states, num_rows, longest, limit, new_tokens, width, capacity,
                      temperature, top_k, rng, dtype):
@@ -821,8 +831,8 @@ class Engine:
     def _static_cache(self, model, mode, batch, capacity, width, temperature, top_k, dtype):
         """(StaticKVCache, step function (cache, tokens, noise) -> next tokens) for one decode shape."""
         if mode in self.GRAPH_MODES:
-            key = (batch, capacity, width, temperature, top_k, dtype)
-            if key not in self._graphs:
+            key = (mode, batch, capacity, width, temperature, top_k, dtype)
+            if key not in self._graphs or not self._graphs[key].reads_from(model):
                 self._graphs.clear()  # one captured shape at a time: each holds a whole cache in device memory
                 cache = self._new_static_cache(model, mode, batch, capacity, dtype)
                 fn = self._compiled() if mode == "compiled_graph" else decode_step
@@ -979,6 +989,8 @@ class Engine:
         write = None                   # the column the next step writes; None while no row is live
         with inference_context(device.type):
             cache, step = self._static_cache(sampler, mode, batch, capacity, width, temperature, top_k, dtype)
+            cache.pad.zero_()  # a kept graph's cache: as a new one (its columns are written before they are read)
+            cache.pos.zero_()
 
         def take(pairs):
             """Rows take their next tokens ((slot, sampled token) pairs); finished rows free their slots."""
@@ -1073,7 +1085,8 @@ class Engine:
                 write += 1
                 pending = [(slot, out[slot]) for slot in live]
         finally:
-            self._graphs.clear()  # as in _decode_static: a captured graph pins its cache and memory pool
+            if not self.keep_graphs:
+                self._graphs.clear()  # as in _decode_static: a captured graph pins its cache and memory pool
         return list(zip(completions, masks))
 
 

@@ -1209,9 +1209,11 @@ def load_workers(args):
             verifier, _, verifier_meta = load_model(args.verifier_source, device, phase="eval", model_tag=args.verifier,
                                                     step=args.verifier_step,
                                                     model_key="verifier" if args.verifier_source == "cotrain" else None)
-            verifier_engine = Engine(verifier, tokenizer, decode=args.decode)
+            verifier_engine = Engine(verifier, tokenizer, decode=args.decode, keep_graphs=True)
             verifier_format = (verifier_meta.get("user_config") or {}).get("verifier_format", "verdicts")
-        workers.append(Worker(i, Engine(model, tokenizer, decode=args.decode), device, verifier_engine, verifier_format if args.verifier else "verdicts"))
+        # keep_graphs: on CUDA a request whose shape repeats (batch, cache length bucket) skips the graph capture
+        engine = Engine(model, tokenizer, decode=args.decode, keep_graphs=True)
+        workers.append(Worker(i, engine, device, verifier_engine, verifier_format if args.verifier else "verdicts"))
         logger.info(f"worker {i} ready on {device}")
     model_name = f"nanochat-{args.source}" + (f"-{args.model_tag}" if args.model_tag else "") + f"-step{meta.get('step', '?')}"
     return workers, tokenizer, model_name, meta

@@ -389,6 +389,15 @@ def test_openai_api_streaming_and_not(server2, oracle):
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 8
 
 
+def test_workers_keep_their_captured_graphs(tmp_path, tiny_tokenizer, monkeypatch):
+    """load_workers makes each replica's Engine with keep_graphs: on CUDA a request whose shape repeats skips the
+    graph capture (Engine.keep_graphs)."""
+    write_base_dir(tmp_path, tiny_tokenizer)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    workers, *_ = chat_web.load_workers(chat_web.parse_args(["--device_type", "cpu"]))
+    assert workers and all(w.engine.keep_graphs for w in workers)
+
+
 def test_official_openai_client_against_a_server_process(tmp_path, tiny_tokenizer, oracle):
     openai = pytest.importorskip("openai", reason="the `openai` package (dev extras) is not installed")
     write_base_dir(tmp_path, tiny_tokenizer)

@@ -370,6 +370,43 @@ def test_lookahead_loop_samples_what_the_dynamic_loop_samples(monkeypatch, tempe
     assert bool(redraws) == (temperature > 0)  # rows left the drawing set while a step was in flight
 
 
+def test_kept_graphs_are_reused_while_the_weights_stay_where_they_were(monkeypatch):
+    """Engine(keep_graphs=True): a captured step and its cache serve the next generation of the same shape (another
+    seed too) without a capture and give a fresh engine's tokens; a new shape is captured (one kept at a time);
+    weights updated in place keep the graph, weights replaced (new memory) or released are captured again. On
+    CPU a stand-in graph reruns the step, so what is checked here is when captures happen."""
+    captures = []
+    monkeypatch.setattr(GraphedStep, "capture", staticmethod(lambda run: captures.append(1) or FakeGraph.capture(run)))
+    model = tiny_model(seed=8)
+    prompts = mixed_prompts(3, (6, 2, 9))
+
+    def fresh(**kwargs):
+        return Engine(model, StandInTokenizer(), decode="dynamic").generate_prompts(prompts, num_samples=2,
+                                                                                    max_tokens=12, **kwargs)
+    engine = Engine(model, StandInTokenizer(), decode="static", keep_graphs=True)
+    engine._decode_mode = lambda device: "graph"
+    sampled, greedy = dict(temperature=1.0, top_k=6, seed=2), dict(temperature=0.0)
+    for kwargs, captured in ((sampled, 1), (sampled, 0), (dict(sampled, seed=5), 0), (greedy, 1), (greedy, 0)):
+        captures.clear()
+        assert engine.generate_prompts(prompts, num_samples=2, max_tokens=12, **kwargs) == fresh(**kwargs)
+        assert len(captures) == captured and len(engine._graphs) == 1
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)  # in place: the kept graph reads the new values
+    captures.clear()
+    assert engine.generate_prompts(prompts, num_samples=2, max_tokens=12, **greedy) == fresh(**greedy)
+    assert captures == []
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() * 0.5)  # new memory
+    assert engine.generate_prompts(prompts, num_samples=2, max_tokens=12, **greedy) == fresh(**greedy)
+    assert captures == [1]
+    engine.release_sampling_weights()
+    assert engine._graphs == {}
+    queued = engine.generate_queue(prompts, 4, num_samples=2, max_tokens=12, **greedy)  # on a kept graph's cache
+    assert queued == Engine(model, StandInTokenizer(), decode="static").generate_queue(prompts, 4, num_samples=2,
+                                                                                       max_tokens=12, **greedy)
+    assert engine.generate_queue(prompts, 4, num_samples=2, max_tokens=12, **greedy) == queued
+    assert len(captures) == 2 and len(engine._graphs) == 1
+
+
 def test_graph_capture_puts_cudnn_attention_first(monkeypatch):
     """A captured step attends with cuDNN's kernel first (a graph has one key length, so cuDNN plans once), chosen
     inside the step (decode_step's `attention`, which torch.compile traces and guards on), while the other paths
@@ -497,6 +534,31 @@ def test_lookahead_on_cuda(mode):
                 assert a == b
             else:
                 assert [c[:1] for c, _ in a] == [c[:1] for c, _ in b]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kept_graphs_on_cuda():
+    """keep_graphs on CUDA, where a replay reads memory by address: a kept graph over the bf16 sampling copy gives a
+    fresh engine's tokens after the weights change in place (the copy is refreshed in place), and is captured
+    again after the copy's memory was released."""
+    model = tiny_model(seed=8).to("cuda")
+    prompts = mixed_prompts(3, (6, 2, 9))
+    engine = Engine(model, StandInTokenizer(), decode="graph", keep_graphs=True)
+
+    def both(**kwargs):
+        fresh = Engine(model, StandInTokenizer(), decode="graph").generate_prompts(prompts, num_samples=2,
+                                                                                   max_tokens=12, **kwargs)
+        return engine.generate_prompts(prompts, num_samples=2, max_tokens=12, **kwargs), fresh
+    for kwargs in (dict(temperature=0.0), dict(temperature=0.8, top_k=20, seed=3)):
+        kept_before, fresh_before = both(**kwargs)
+        assert kept_before == fresh_before and len(engine._graphs) == 1
+        graph = next(iter(engine._graphs.values()))
+        with torch.no_grad():
+            model.lm_head.weight.mul_(-1.0)  # the same memory, other values
+        kept, fresh = both(**kwargs)
+        assert kept == fresh != kept_before and next(iter(engine._graphs.values())) is graph
+        engine.release_sampling_weights()
+        assert engine.generate_prompts(prompts, num_samples=2, max_tokens=12, **kwargs) == fresh
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
