@@ -302,7 +302,8 @@ class Engine:
     # ms, the compiled graph's 7.87 -> 4.61 ms at batch 256 and 1.62 -> 1.31 ms at batch 1 (its step chooses the
     # kernel inside itself, decode_step's `attention`, so that torch.compile traces the choice)
     CUDNN_GRAPH_MODES = GRAPH_MODES
-    # Captured steps that run one replay ahead of the host (_lookahead_loop) while their rows keep their slots
+    # Captured steps that run one replay ahead of the host (_lookahead_loop) while their rows keep their slots.
+    # Built and tested on CPU with a stand-in graph; a GPU has yet to time it (dev/logs/gpu/next/PLAN.md, rule 1)
     LOOKAHEAD_MODES = GRAPH_MODES
     # A fixed-shape loop moves its live rows to the next smaller batch bucket once they fit it, if at least this many
     # steps may remain (None: never), so finished rows stop costing compute: on CPU (d4, batch 64, answer lengths
@@ -311,7 +312,8 @@ class Engine:
     # steps and a cuDNN plan), so graphs keep their bucket until a GPU measures it (dev/gpu_checks.sh 10).
     SHRINK_MIN_STEPS = {"static": 0, "compile": 0, "graph": None, "compiled_graph": None}
     # Compiled steps take the cache length as a dynamic size (StaticKVCache.mark_length_dynamic): one compile per
-    # batch bucket and sampling setting, whatever lengths the prompts need. False: a compile per length.
+    # batch bucket and sampling setting, whatever lengths the prompts need. False: a compile per length. Its speed
+    # against a fixed length on a GPU is unmeasured (dev/logs/gpu/next/PLAN.md, rule 2)
     DYNAMIC_LENGTH = True
 
     def __init__(self, model, tokenizer, decode="auto", max_rows=None, cast_weights="auto", keep_graphs=False):
