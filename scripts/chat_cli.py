@@ -99,7 +99,8 @@ def main(argv=None):
         max_tokens = max(1, sequence_len // 2)
         print(f"[--max_tokens {args.max_tokens} capped to {max_tokens}: the model's context is {sequence_len} tokens]",
               file=sys.stderr)
-    chat = Chat(Engine(model, tokenizer, keep_graphs=True), tokenizer, sequence_len, max_tokens, args.temperature, args.top_k, args.seed)
+    engine = Engine(model, tokenizer, keep_graphs=True)  # on CUDA a reply of a repeated shape skips the graph capture
+    chat = Chat(engine, tokenizer, sequence_len, max_tokens, args.temperature, args.top_k, args.seed)
 
     try:
         if args.prompt is not None:
