@@ -36,8 +36,8 @@ and MFU = decode FLOPs per step / step time / peak FLOP/s. The KV bytes are thos
 (the least any implementation must read), the same for every mode, so a mode that reads more (the static
 cache reads its whole fixed length) shows it as lower utilisation. The first call of a shape per mode is
 a warm-up and its time (compilation, graph capture) is printed separately; compiled modes share one torch.compile
-of the step, so a mode that needs no new compiled graph (e.g. "compiled_graph-nolookahead" after "compiled_graph")
-shows the capture alone. The last line is a JSON summary.
+of the step (the "-fixedlen" ones another), so a mode that needs no new compiled graph (e.g.
+"compiled_graph-nolookahead" after "compiled_graph") shows the capture alone. The last line is a JSON summary.
 """
 
 import argparse
@@ -51,6 +51,7 @@ import torch
 
 from dev.bench_engine import NoStopTokenizer, build_model
 from nanochat.common import get_peak_flops
+from nanochat.decode_static import decode_step
 from nanochat.engine import Engine
 
 # Nominal peak memory bandwidth (bytes/s) by device name; --peak_bandwidth overrides. The CPU figure is a
@@ -91,6 +92,24 @@ def time_rollout(engine, prompts, new_tokens, temperature, top_k):
             first = time.perf_counter() - t0
     synchronize(device)
     return first, time.perf_counter() - t0, columns
+
+
+def fixed_length_step(*args, **kwargs):
+    """decode_step under another name, for the "-fixedlen" modes: torch.compile keeps its graphs per function, and
+    decode_step's graph compiled for a dynamic cache length would serve a fixed length too (no compile to time)."""
+    return decode_step(*args, **kwargs)
+
+
+def share_compiled_steps(engines):
+    """The compiled modes share one torch.compile of the step (a mode whose inputs and options match an earlier
+    mode's reuses its compiled graph: its warm-up is then the capture alone), the fixed-length ones another."""
+    compiled = {}
+    for engine in engines:
+        if engine.decode in ("compile", "compiled_graph"):
+            if engine.DYNAMIC_LENGTH not in compiled:
+                step = decode_step if engine.DYNAMIC_LENGTH else fixed_length_step
+                compiled[engine.DYNAMIC_LENGTH] = torch.compile(step, dynamic=False, fullgraph=True)
+            engine._compiled_step = compiled[engine.DYNAMIC_LENGTH]
 
 
 MODE_OPTIONS = "old, cudnn, nocudnn, shrinkN, noshrink, fixedlen, nolookahead"
@@ -283,13 +302,7 @@ def main():
         engines = {mode: make_engine(model, NoStopTokenizer(args.vocab_size), mode)[0] for mode in modes}
     except ValueError as e:
         parser.error(str(e))
-    # the compiled modes share one torch.compile of the step: a mode whose inputs and options match an earlier
-    # mode's reuses its compiled graph (its warm-up is then the capture alone), one that differs compiles anew
-    compiled = None
-    for engine in engines.values():
-        if engine.decode in ("compile", "compiled_graph"):
-            compiled = compiled or engine._compiled()
-            engine._compiled_step = compiled
+    share_compiled_steps(engines.values())
     length_of = {}  # prompt -> its rows' length, with --lengths mixed
     if args.lengths == "mixed":
         for engine in engines.values():

@@ -644,7 +644,7 @@ def test_bench_rollout_old_modes_run_as_the_engine_did_before():
 
 
 def test_bench_rollout_mode_options_and_mixed_lengths():
-    from dev.bench_rollout import make_engine, row_lengths
+    from dev.bench_rollout import fixed_length_step, make_engine, row_lengths, share_compiled_steps
     model = tiny_model(vocab_size=300, sequence_len=128)
     engine, old = make_engine(model, StandInTokenizer(), "compiled_graph-cudnn-shrink32")
     assert (engine.decode, old, engine.CUDNN_GRAPH_MODES) == ("compiled_graph", False, Engine.GRAPH_MODES)
@@ -653,6 +653,13 @@ def test_bench_rollout_mode_options_and_mixed_lengths():
     assert engine.SHRINK_MIN_STEPS["static"] is None and Engine.SHRINK_MIN_STEPS["static"] == 0
     assert not make_engine(model, StandInTokenizer(), "compile-fixedlen")[0].DYNAMIC_LENGTH
     assert make_engine(model, StandInTokenizer(), "graph-nolookahead")[0].LOOKAHEAD_MODES == ()
+    names = ("compiled_graph", "compiled_graph-nolookahead", "compile-fixedlen", "compiled_graph-fixedlen", "graph")
+    engines = [make_engine(model, StandInTokenizer(), name)[0] for name in names]
+    share_compiled_steps(engines)
+    dynamic, ahead_off, fixed, fixed_graph, plain = [e._compiled_step for e in engines]
+    # a graph compiled for a dynamic length would serve the fixed-length modes too: they compile another function
+    assert dynamic is ahead_off and fixed is fixed_graph and dynamic is not fixed and plain is None
+    assert fixed._torchdynamo_orig_callable is fixed_length_step
     assert make_engine(model, StandInTokenizer(), "graph")[0].LOOKAHEAD_MODES == Engine.GRAPH_MODES
     assert Engine.DYNAMIC_LENGTH and make_engine(model, StandInTokenizer(), "compile")[0].DYNAMIC_LENGTH
     for bad in ("graph-fast", "turbo", "graph-shrinkx"):
