@@ -197,7 +197,7 @@ elif [ "$1" = 13 ]; then
     stage cuda_tests 200 $PY -m pytest -q -p no:cacheprovider \
         -k "lookahead_on_cuda or (on_cuda and graph and not compile) or cast_weights_on_cuda" tests/test_decode_static.py
     stage bench_rollout 330 $PY -m dev.bench_rollout --device cuda --depth 20 --modes \
-        dynamic-old,graph-nolookahead,graph,compiled_graph-nolookahead,compiled_graph,compiled_graph-fixedlen \
+        dynamic-old,graph,graph-nolookahead,compiled_graph,compiled_graph-nolookahead,compiled_graph-fixedlen \
         --batch_sizes 256 --prompt_lens 64 --new_tokens 256 --repeats 1 --breakdown
 elif [ "$1" = 14 ]; then
     # the co-training step three times with today's defaults, then with both roles on the compiled graph (reported
