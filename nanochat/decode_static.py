@@ -47,8 +47,8 @@ class StaticKVCache:
     def mark_length_dynamic(self):
         """Tell torch.compile that this cache's length varies between generations: a compiled step then serves
         every length of its batch bucket instead of compiling again for each (RL's prompt lengths give several:
-        25-45 s each at depth 20 on a GPU, and once dynamo's recompile limit for decode_step, shared by every
-        Engine in the process, is hit, new shapes silently run uncompiled). The positions and the mask depend
+        25-45 s each at depth 20 on a GPU, and dynamo's recompile limit, 8 graphs of decode_step shared by every
+        Engine in the process, makes a fullgraph compile raise once hit). The positions and the mask depend
         on the length only through these tensors' sizes. Whether kernels compiled for a symbolic length run as
         fast on a GPU as for a fixed one is unmeasured (Engine.DYNAMIC_LENGTH; dev/logs/gpu/next/PLAN.md)."""
         for tensor in self.k + self.v:
