@@ -106,9 +106,9 @@ def share_compiled_steps(engines):
     compiled = {}
     for engine in engines:
         if engine.decode in ("compile", "compiled_graph"):
-            if engine.DYNAMIC_LENGTH not in compiled:
-                step = decode_step if engine.DYNAMIC_LENGTH else fixed_length_step
-                compiled[engine.DYNAMIC_LENGTH] = torch.compile(step, dynamic=False, fullgraph=True)
+            if engine.DYNAMIC_LENGTH not in compiled:  # the Engine's own compile, or the same one of the other name
+                compiled[engine.DYNAMIC_LENGTH] = engine._compiled() if engine.DYNAMIC_LENGTH else torch.compile(
+                    fixed_length_step, dynamic=False, fullgraph=True)
             engine._compiled_step = compiled[engine.DYNAMIC_LENGTH]
 
 

@@ -50,6 +50,17 @@ stage() {  # name, seconds, command...: a stage may fail or time out without sto
     timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
     echo "=== $name: exit ${PIPESTATUS[0]}"
 }
+cotrain_step_runs() {  # parts 12 and 14: the co-training step at d20 + d12 three times (tokenizer in .gpu/tokenizer)
+    for run in 1 2 3; do
+        stage "bench_cotrain_$run" 65 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 \
+            --samples 16 --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer
+    done
+    grep -h "co-training generator step  " "$LOGS"/bench_cotrain_*.log
+    # both roles decoding with the compiled graph (cuDNN attention; compiles in the first, untimed step, once per
+    # batch bucket: the cache length is dynamic): reported as measured, no default depends on it
+    stage bench_cotrain_compiled 150 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 \
+        --samples 16 --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer --cotrain_args "--decode compiled_graph"
+}
 
 if [ "${1:-1}" = 1 ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
@@ -177,15 +188,7 @@ elif [ "$1" = 12 ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     stage bench_rollout 200 $PY -m dev.bench_rollout --device cuda --depth 20 --modes dynamic-old,graph,compiled_graph \
         --batch_sizes 256 --prompt_lens 64 --new_tokens 256 --repeats 1 --breakdown
-    for run in 1 2 3; do
-        stage "bench_cotrain_$run" 65 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 \
-            --samples 16 --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer
-    done
-    grep -h "co-training generator step  " "$LOGS"/bench_cotrain_*.log
-    # both roles decoding with the compiled graph (cuDNN attention; compiles in the first, untimed step, once per
-    # batch bucket: the cache length is dynamic): reported as measured, no default depends on it
-    stage bench_cotrain_compiled 150 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 \
-        --samples 16 --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer --cotrain_args "--decode compiled_graph"
+    cotrain_step_runs
 elif [ "$1" = 13 ]; then
     # the nineteenth session's changes, which no GPU has run: graph modes launch the next replay before reading a
     # step's tokens (Engine._lookahead_loop), compiled steps mark the cache length dynamic, and chat_web / chat_cli
@@ -203,13 +206,7 @@ elif [ "$1" = 14 ]; then
     # the co-training step three times with today's defaults, then with both roles on the compiled graph (reported
     # only); tokenizer in .gpu/tokenizer (carry .gpu); ~6 minutes
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-    for run in 1 2 3; do
-        stage "bench_cotrain_$run" 65 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 \
-            --samples 16 --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer
-    done
-    grep -h "co-training generator step  " "$LOGS"/bench_cotrain_*.log
-    stage bench_cotrain_compiled 150 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 \
-        --samples 16 --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer --cotrain_args "--decode compiled_graph"
+    cotrain_step_runs
 else
     : "${NANOCHAT_BASE_DIR:?set NANOCHAT_BASE_DIR to a directory with tokenizer/ (and base_data/ for base_train)}"
     stage cuda_tests_gpt 60 $PY -m pytest -q -p no:cacheprovider -k cuda tests/test_gpt.py

@@ -694,22 +694,22 @@ class Engine:
                 for row, slot in slot_of.items():
                     feed[slot] = column[row]
             feed = torch.tensor(feed, dtype=torch.long, device=device)
-            noise = None
-            if width:
+            if in_place:
+                noise = self._slot_noise(active, cache.batch_size, width, rng, device)
+            elif width:
                 # exactly the draws sample_next_token would make for the rows in `active`, in that order
                 drawn = torch.empty(len(active), width, device=device).exponential_(1, generator=rng)
-                if in_place and len(active) == cache.batch_size:
-                    noise = drawn
+                pairs = [(j, slot_of[row]) for j, row in enumerate(active) if row in slot_of]
+                if len(pairs) == cache.batch_size and all(j == slot for j, slot in pairs):
+                    # finished rows still in `active` (they leave it in eighths) sit after the cached ones
+                    noise = drawn[:cache.batch_size]
                 else:
-                    pairs = [(j, slot_of[row]) for j, row in enumerate(active) if row in slot_of]
-                    if len(pairs) == cache.batch_size and all(j == slot for j, slot in pairs):
-                        # finished rows still in `active` (they leave it in eighths) sit after the cached ones
-                        noise = drawn[:cache.batch_size]
-                    else:
-                        noise = torch.ones(cache.batch_size, width, device=device)
-                        if pairs:
-                            src, dst = zip(*pairs)
-                            noise[list(dst)] = drawn[list(src)]
+                    noise = torch.ones(cache.batch_size, width, device=device)
+                    if pairs:
+                        src, dst = zip(*pairs)
+                        noise[list(dst)] = drawn[list(src)]
+            else:
+                noise = None
             if mode == "static":
                 cache.window = pos  # columns 0..pos-1 are filled once this step writes column pos - 1
             if isinstance(step, GraphedStep):  # a replay runs no Python ops: no autocast or kernel choice to set
@@ -738,8 +738,9 @@ class Engine:
         column budget allows it; at most one (when the last rows finish) is computed and not read."""
         device, batch = cache.pos.device, cache.batch_size
         cuda = device.type == "cuda"
-        header_newline = self._newline_ids()[0] if any(state.line_headers for state in states) else None
-        stops = torch.tensor(sorted(self.stop_tokens), device=device)
+        header_newline, stops = None, None  # what _device_column needs for rows under line headers, if any
+        if any(state.line_headers for state in states):
+            header_newline, stops = self._newline_ids()[0], torch.tensor(sorted(self.stop_tokens), device=device)
         returned = torch.empty(batch, dtype=torch.long, pin_memory=cuda)  # the in-flight step's tokens, on the host
         sampled = sample_next_token(logits, rng, temperature, top_k).tolist()
         active = list(range(num_rows))
@@ -812,8 +813,9 @@ class Engine:
 
     @staticmethod
     def _slot_noise(active, batch, width, rng, device):
-        """Noise for a step whose row r sits in slot r: the draws sample_next_token makes for the rows in `active`,
-        in order, each in its row's slot; ones elsewhere (those samples are not read). None when greedy."""
+        """Noise for a step whose row r sits in slot r (both loops, until _static_loop moves to a smaller bucket):
+        the draws sample_next_token makes for the rows in `active`, in order, each in its row's slot; ones
+        elsewhere (those samples are not read). None when greedy."""
         if not width:
             return None
         drawn = torch.empty(len(active), width, device=device).exponential_(1, generator=rng)
