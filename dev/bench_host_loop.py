@@ -46,10 +46,10 @@ def time_loop(batch, columns, temperature, repeats, line_headers=False, graph=Fa
     engine = engine_module.Engine(model, ByteTokenizer(300), decode="static")
     tokens = torch.randint(0, 300, (1024,), generator=torch.Generator().manual_seed(0))
 
-    def instant_cache(model, mode, batch, capacity, width, temperature, top_k, dtype):
+    def instant_cache(model, mode, batch, capacity, width, temperature, top_k, dtype, filled=None):
         cache = StaticKVCache.for_model(model, batch, capacity, dtype=dtype)
 
-        def step(c, feed, noise):
+        def step(c, feed, noise, filled=None):
             c.pos.add_(1)
             return tokens[:c.batch_size]
         return cache, step
@@ -58,11 +58,11 @@ def time_loop(batch, columns, temperature, repeats, line_headers=False, graph=Fa
             self.cache, self.out = cache, tokens[:cache.batch_size].clone()
             self.logits = torch.zeros(cache.batch_size, 300)
 
-        def __call__(self, c, feed, noise):
+        def __call__(self, c, feed, noise, filled=None):
             c.pos.add_(1)
             return self.out
 
-    def instant_graph(model, mode, batch, capacity, width, temperature, top_k, dtype):
+    def instant_graph(model, mode, batch, capacity, width, temperature, top_k, dtype, filled=None):
         cache = StaticKVCache.for_model(model, batch, capacity, dtype=dtype)
         return cache, InstantGraph(cache)
     engine._static_cache = instant_graph if graph else instant_cache

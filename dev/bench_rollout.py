@@ -23,6 +23,9 @@ mixed lengths as a real batch's answers do (tokens/s then counts the rows' real 
 step for its cache length, as before Engine.DYNAMIC_LENGTH (compiled modes only: they otherwise take the length
 as a dynamic size, one compile for every length). "-nolookahead" makes a graph mode wait for each step's tokens
 before launching the next, as before Engine.LOOKAHEAD_MODES (graph modes otherwise run one replay ahead).
+"-windows" makes a graph mode capture a graph per Engine.WINDOW_QUANTUM columns of the cache and run the narrowest
+that holds the filled columns (Engine.WINDOW_MODES; off by default), "-nowindows" one graph over the whole cache.
+Captures are part of every timed call (the Engine gives its graphs back after each generation, as RL's does).
 
 For each (batch, prompt length, new tokens) the modes run interleaved (mode A, mode B, ..., then again),
 so a machine shared with other work disturbs them alike; read the ratios. Every timed call is
@@ -112,14 +115,14 @@ def share_compiled_steps(engines):
             engine._compiled_step = compiled[engine.DYNAMIC_LENGTH]
 
 
-MODE_OPTIONS = "old, cudnn, nocudnn, shrinkN, noshrink, fixedlen, nolookahead"
+MODE_OPTIONS = "old, cudnn, nocudnn, shrinkN, noshrink, fixedlen, nolookahead, windows, nowindows"
 
 
 def make_engine(model, tokenizer, mode):
     """(Engine, whether it runs as when the issue was filed) for a mode name: an Engine decode mode, then options,
     each after a "-" (module docstring): "graph", "dynamic-old", "compiled_graph-cudnn", "graph-shrink32"."""
     decode, *options = mode.split("-")
-    named = ("old", "cudnn", "nocudnn", "noshrink", "fixedlen", "nolookahead")
+    named = ("old", "cudnn", "nocudnn", "noshrink", "fixedlen", "nolookahead", "windows", "nowindows")
     if decode not in Engine.DECODE_MODES or not all(o in named or (o.startswith("shrink") and o[6:].isdigit())
                                                     for o in options):
         raise ValueError(f"bad mode {mode!r}: an Engine decode mode {Engine.DECODE_MODES}, then -options ({MODE_OPTIONS})")
@@ -135,6 +138,10 @@ def make_engine(model, tokenizer, mode):
         engine.DYNAMIC_LENGTH = False
     if old or "nolookahead" in options:  # the host reads each step's tokens before the next is launched
         engine.LOOKAHEAD_MODES = ()
+    if old or "nowindows" in options:  # one graph over the whole cache
+        engine.WINDOW_MODES = ()
+    elif "windows" in options:  # a graph per window of the cache, the narrowest holding the filled columns
+        engine.WINDOW_MODES = Engine.GRAPH_MODES
     for o in options:  # when the loop may move rows to a smaller batch bucket (Engine.SHRINK_MIN_STEPS)
         if o.startswith("shrink") or o == "noshrink":
             engine.SHRINK_MIN_STEPS = {**Engine.SHRINK_MIN_STEPS, decode: None if o == "noshrink" else int(o[6:])}
@@ -222,8 +229,9 @@ def profile_step(engine, prompts, args, steps=16):
 @torch.inference_mode()  # the cache's tensors are inference tensors: only written to inside this mode
 def graph_breakdown(engine, prompts, new_tokens, args, steps=64, mode=None):
     """Where a graph step's wall time goes: the step as the Engine's loop runs it (host bookkeeping, copies,
-    replay, reading the tokens back) against the same captured graph replayed back to back with no host
-    work between replays (the device's time per step, gaps between its kernels included). The difference
+    replay, reading the tokens back) against the same captured graph (each step's window, if windowed) replayed
+    back to back with no host work between replays (the device's time per step, gaps between its kernels
+    included). The difference
     is the host's share, which the device waits for. The stream asks for new_tokens tokens, so the cache
     has the timed table's length, and `steps` of its steps are timed. `mode`: the name printed (the table's)."""
     mode = mode or engine.decode
@@ -232,7 +240,7 @@ def graph_breakdown(engine, prompts, new_tokens, args, steps=64, mode=None):
     stream = engine._stream(prompts, 1, new_tokens, args.temperature, args.top_k, 0)
     next(stream)  # the prefill, the capture and the first column
     graphed = next(iter(engine._graphs.values()))
-    start = graphed.cache.pos.clone()
+    start = int(graphed.cache.pos)  # the column the next step writes
     synchronize(device)
     t0 = time.perf_counter()
     for _ in itertools.islice(stream, steps):
@@ -241,12 +249,13 @@ def graph_breakdown(engine, prompts, new_tokens, args, steps=64, mode=None):
     loop = (time.perf_counter() - t0) / steps
     stream.close()  # drops the Engine's graphs; this one still holds its cache and memory pool
     for _ in range(3):
-        graphed.cache.pos.copy_(start)
+        graphed.cache.pos.fill_(start)
         graphed.replay()
     synchronize(device)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        graphed.cache.pos.copy_(start)  # keep the writes inside the cache
+    for i in range(steps):
+        graphed.cache.pos.fill_(start + i)  # the loop's columns and windows, in the loop's order
+        graphed.use(start + i + 1)
         graphed.replay()
     synchronize(device)
     replay = (time.perf_counter() - t0) / steps

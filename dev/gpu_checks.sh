@@ -31,9 +31,10 @@
 #                              # its step (tests, d20 and d12 tables), where the verifier's prefill time goes; ~6 min
 #   bash dev/gpu_checks.sh 12  # issue 17's open goals again: the d20 batch-256 rollout (both graph modes, the graph's
 #                              # breakdown) and the co-training step three times (carry .gpu for the tokenizer); ~6 min
-#   bash dev/gpu_checks.sh 13  # part 12's rollout half after graphs went one replay ahead of the host and compiled steps
-#                              # took the cache length as dynamic: their CUDA tests, then the d20 batch-256 table with
-#                              # and without each (breakdowns for every graph mode); ~6 minutes
+#   bash dev/gpu_checks.sh 13  # part 12's rollout half after graphs went one replay ahead of the host, compiled steps
+#                              # took the cache length as dynamic and graphs could run per window of the cache: their
+#                              # CUDA tests, then the d20 batch-256 table with and without each (breakdowns for every
+#                              # graph mode); ~8 minutes
 #   bash dev/gpu_checks.sh 14  # part 12's co-training half: the step three times, then with the compiled graph
 #                              # (carry .gpu for the tokenizer); ~6 minutes
 # Logs go to $OUT (or ./gpu_logs). Parts 2 and 4 need a tokenizer (and shards for base_train) under
@@ -192,15 +193,17 @@ elif [ "$1" = 12 ]; then
 elif [ "$1" = 13 ]; then
     # the nineteenth session's changes, which no GPU has run: graph modes launch the next replay before reading a
     # step's tokens (Engine._lookahead_loop), compiled steps mark the cache length dynamic, and chat_web / chat_cli
-    # keep a captured graph between requests (keep_graphs). Their CUDA tests first (a failure means the table's new
+    # keep a captured graph between requests (keep_graphs); the twentieth session's: a graph per window of the cache
+    # (Engine.WINDOW_MODES, off until this table says). Their CUDA tests first (a failure means the table's new
     # modes are reported, not adopted: dev/logs/gpu/next/PLAN.md), then
-    # the d20 batch-256 table: each graph mode with and without the lookahead, the compiled graph also compiled
-    # for its length alone, and every graph mode's breakdown (its host's share); ~6 minutes
+    # the d20 batch-256 table: each graph mode with and without the lookahead and with windows, the compiled graph
+    # also compiled for its length alone, and every graph mode's breakdown (its host's share); ~8 minutes
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-    stage cuda_tests 200 $PY -m pytest -q -p no:cacheprovider \
-        -k "lookahead_on_cuda or (on_cuda and graph and not compile) or cast_weights_on_cuda" tests/test_decode_static.py
-    stage bench_rollout 330 $PY -m dev.bench_rollout --device cuda --depth 20 --modes \
-        dynamic-old,graph,graph-nolookahead,compiled_graph,compiled_graph-nolookahead,compiled_graph-fixedlen \
+    stage cuda_tests 230 $PY -m pytest -q -p no:cacheprovider -k \
+        "lookahead_on_cuda or windows_on_cuda or (on_cuda and graph and not compile) or cast_weights_on_cuda" \
+        tests/test_decode_static.py
+    stage bench_rollout 360 $PY -m dev.bench_rollout --device cuda --depth 20 --modes \
+        dynamic-old,graph,graph-nolookahead,graph-windows,compiled_graph,compiled_graph-nolookahead,compiled_graph-windows,compiled_graph-fixedlen \
         --batch_sizes 256 --prompt_lens 64 --new_tokens 256 --repeats 1 --breakdown
 elif [ "$1" = 14 ]; then
     # the co-training step three times with today's defaults, then with both roles on the compiled graph (reported

@@ -4,6 +4,8 @@ step that feeds one token per row, writes its keys and values and samples the ne
 that step captured as a CUDA graph. Engine's fixed-shape loops (nanochat/engine.py) run it.
 """
 
+import copy
+import functools
 import itertools
 
 import torch
@@ -21,13 +23,16 @@ class StaticKVCache:
     do it in place), a write into a whole input tensor is done in place. All rows write column `pos`;
     row b's real tokens start at column pad[b] (prompts are left-padded), and its query sees columns
     pad[b]..pos only, through a mask over all seq_len columns (columns past pos are never attended).
+    spare_columns: columns allocated past seq_len and never used, so that every window (first_columns) is a
+    strict view of the tensors (GraphedStep's windows under torch.compile).
     """
 
     static = True           # GPT.forward takes the positions and the mask from here
     uncapped_logits = True  # and skips the soft-cap: the sampler caps only the logits it keeps
 
-    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device="cpu", dtype=torch.float32):
-        shape = (batch_size, num_heads, seq_len, head_dim)
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device="cpu", dtype=torch.float32,
+                 spare_columns=0):
+        shape = (batch_size, num_heads, seq_len + spare_columns, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.pos = torch.zeros((), dtype=torch.long, device=device)
@@ -38,11 +43,11 @@ class StaticKVCache:
         self.window = None
 
     @classmethod
-    def for_model(cls, model, batch_size, seq_len, dtype=None):
+    def for_model(cls, model, batch_size, seq_len, dtype=None, spare_columns=0):
         c = model.config
         dtype = dtype or model.transformer.wte.weight.dtype
         return cls(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer,
-                   device=model.get_device(), dtype=dtype)
+                   device=model.get_device(), dtype=dtype, spare_columns=spare_columns)
 
     def mark_length_dynamic(self):
         """Tell torch.compile that this cache's length varies between generations: a compiled step then serves
@@ -56,13 +61,30 @@ class StaticKVCache:
         torch._dynamo.mark_dynamic(self.columns, 0)
         return self
 
+    def first_columns(self, width):
+        """This cache seen through its first `width` columns: the same memory, write column and padding, but a step
+        on it attends to `width` columns instead of all of them (GraphedStep's windows: a step early in a generation
+        need not read the empty columns at the end). Its tensors are views whose column count torch.compile takes
+        as a dynamic size, so one compiled graph serves every width; a view is strided like its whole tensor, which
+        a contiguous tensor is not (another graph), hence a windowed cache's spare column: no window is whole."""
+        assert 0 < width <= self.capacity, f"a window of {width} columns in a cache of {self.capacity}"
+        view = copy.copy(self)
+        view.k = [t[:, :, :width] for t in self.k]
+        view.v = [t[:, :, :width] for t in self.v]
+        view.columns = self.columns[:width]
+        view.window = None
+        for tensor in view.k + view.v:
+            torch._dynamo.mark_dynamic(tensor, 2)
+        torch._dynamo.mark_dynamic(view.columns, 0)
+        return view
+
     @property
     def batch_size(self):
         return self.k[0].size(0)
 
     @property
     def capacity(self):
-        return self.k[0].size(2)
+        return self.columns.size(0)
 
     def load(self, k, v, pad, length, rows, slots):
         """Copy columns [0, length) of rows `rows` of (k, v) into this cache's rows `slots`, with their
@@ -184,17 +206,57 @@ class GraphedStep:
     graph launch instead of ~1,000 kernel launches (at depth 20 the host-issued launches, not the GPU,
     set the pace: dev/gpu_results.md). Inputs are copied into static buffers before each replay; the
     output tensors (`out`, the sampled tokens, and `logits`) are overwritten by each replay (read them before
-    the next)."""
+    the next).
 
-    def __init__(self, step, model, cache, width, temperature, top_k):
+    windows (None: one graph over the whole cache): ascending column counts, the last the cache's capacity; a
+    graph per window, each attending to the cache's first columns only (StaticKVCache.first_columns), captured
+    when a step first needs it. A step that leaves `filled` columns filled runs the narrowest window that holds
+    them: attention reads the cache, and at batch 256 most of a step's time is that read (dev/gpu_results.md).
+    `out`, `logits` and `replay` are those of the window last run. The captures share the input buffers."""
+
+    def __init__(self, step, model, cache, width, temperature, top_k, windows=None, filled=None):
+        assert windows is None or windows[-1] == cache.capacity, f"windows {windows} must end at {cache.capacity}"
         self.cache = cache
+        self.windows = windows
         self.tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=cache.pos.device)
         self.noise = torch.ones(cache.batch_size, max(1, width), device=cache.pos.device)
-        run = lambda: step(model, cache, self.tokens, self.noise, temperature, top_k, return_logits=True)  # noqa: E731
-        start = cache.pos.clone()
+        self.step = functools.partial(step, model, temperature=temperature, top_k=top_k, return_logits=True)
+        # a capture later in the generation runs under the autocast of this one (the loop replays outside it)
+        self.autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         self.reads = self.memory_of(model)
-        self.replay, (self.out, self.logits) = self.capture(run)
-        cache.pos.copy_(start)  # warm-up runs advanced it; the columns they wrote are rewritten before use
+        self.graphs = {}  # window (columns) -> (replay, out, logits)
+        self.use(filled)
+
+    def window_for(self, filled):
+        """The window a step that leaves `filled` columns filled runs (None: the widest)."""
+        if self.windows is None or filled is None:
+            return self.cache.capacity
+        return next(w for w in self.windows if w >= filled)
+
+    def use(self, filled):
+        """Make the graph of `filled`'s window the one `replay`, `out` and `logits` are, capturing it if needed."""
+        window = self.window_for(filled)
+        if window not in self.graphs:
+            self.graphs[window] = self.capture_window(window)
+        self.replay, self.out, self.logits = self.graphs[window]
+
+    def capture_window(self, window):
+        """(replay, out, logits) of the step on the cache's first `window` columns (all of them without windows).
+        The warm-up runs write two columns: the window's last two, saved and put back, so a window may be captured
+        at any point of a generation (even when its last column is the next one to write)."""
+        cache = self.cache
+        view = cache if self.windows is None else cache.first_columns(window)
+        start = cache.pos.clone()
+        written = slice(window - 2, window)
+        saved = [t[:, :, written].clone() for t in cache.k + cache.v]
+        cache.pos.fill_(window - 2)
+        enabled, dtype = self.autocast
+        with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+            replay, (out, logits) = self.capture(lambda: self.step(view, self.tokens, self.noise))
+        for tensor, columns in zip(cache.k + cache.v, saved):
+            tensor[:, :, written] = columns
+        cache.pos.copy_(start)
+        return replay, out, logits
 
     @staticmethod
     def memory_of(model):
@@ -226,8 +288,11 @@ class GraphedStep:
                 outputs = run()
         return graph.replay, outputs
 
-    def __call__(self, cache, tokens, noise):
+    def __call__(self, cache, tokens, noise, filled=None):
+        """Run the step on `tokens` and `noise`; `filled`: the columns filled once it has written (picks the window;
+        None: the widest)."""
         assert cache is self.cache, "a captured step only runs on the cache it was captured with"
+        self.use(filled)
         self.tokens.copy_(tokens)
         if noise is not None:
             self.noise.copy_(noise)

@@ -315,6 +315,13 @@ class Engine:
     # batch bucket and sampling setting, whatever lengths the prompts need. False: a compile per length. Its speed
     # against a fixed length on a GPU is unmeasured (dev/logs/gpu/next/PLAN.md, rule 2)
     DYNAMIC_LENGTH = True
+    # Graph modes that capture a graph per window of WINDOW_QUANTUM columns and run the narrowest one holding the
+    # filled columns (GraphedStep's windows), so attention stops reading the empty end of the cache: at batch 256 and
+    # depth 20 it read all 320 columns of the bench's cache at every step, 2.6 ms of the compiled graph's 4.6 ms
+    # (dev/gpu_results.md). Each window costs a capture (warm-up steps and a cuDNN plan) per generation unless the
+    # graphs are kept. Off until a GPU measures it against the capture cost (dev/logs/gpu/next/PLAN.md, rule 5)
+    WINDOW_MODES = ()
+    WINDOW_QUANTUM = 64
 
     def __init__(self, model, tokenizer, decode="auto", max_rows=None, cast_weights="auto", keep_graphs=False):
         """max_rows (None: no limit): the most rows generate_prompts samples in one batched pass. The KV cache
@@ -355,7 +362,7 @@ class Engine:
         self.decode = decode
         self._compiled_step = None
         self.keep_graphs = keep_graphs
-        self._graphs = {}  # (mode, batch, capacity, width, temperature, top_k, dtype) -> GraphedStep, with its cache
+        self._graphs = {}  # (mode, batch, capacity, width, temperature, top_k, dtype, windows) -> GraphedStep, its cache
         special = tokenizer.encode_special
         self.bos = tokenizer.get_bos_token_id()
         self.assistant_end = special("<|assistant_end|>")
@@ -638,7 +645,8 @@ class Engine:
             logits = self._prefill(model, ids, prompt_cache)
             source_rows = torch.arange(num_prompts, device=device).repeat_interleave(num_samples)
             logits = logits.index_select(0, source_rows)
-            cache, step = self._static_cache(model, mode, bucket_size(num_rows), capacity, width, temperature, top_k, dtype)
+            cache, step = self._static_cache(model, mode, bucket_size(num_rows), capacity, width, temperature, top_k,
+                                             dtype, filled=longest + 1)
             cache.load(prompt_cache.k, prompt_cache.v, prompt_cache.pad_lengths, longest, source_rows, range(num_rows))
             del prompt_cache
         try:
@@ -684,7 +692,7 @@ class Engine:
                         and min(new_tokens - generated, limit - pos + 1) >= min_steps):
                     with inference_context(device.type):  # a graph captured here must run under the loop's autocast
                         smaller, step = self._static_cache(model, mode, bucket_size(len(live)), capacity, width,
-                                                           temperature, top_k, dtype)
+                                                           temperature, top_k, dtype, filled=pos)
                     smaller.load(cache.k, cache.v, cache.pad, pos - 1, [slot_of[row] for row in live], range(len(live)))
                     cache, slot_of, in_place = smaller, {row: j for j, row in enumerate(live)}, False
             if in_place:  # slots past the rows are idle: fed 0
@@ -713,10 +721,10 @@ class Engine:
             if mode == "static":
                 cache.window = pos  # columns 0..pos-1 are filled once this step writes column pos - 1
             if isinstance(step, GraphedStep):  # a replay runs no Python ops: no autocast or kernel choice to set
-                out = step(cache, feed, noise).tolist()
+                out = step(cache, feed, noise, filled=pos).tolist()
             else:
                 with inference_context(device.type):
-                    out = step(cache, feed, noise).tolist()
+                    out = step(cache, feed, noise, filled=pos).tolist()
             if in_place:
                 sampled = out[:len(active)] if prefix else [out[row] for row in active]
             else:
@@ -758,7 +766,7 @@ class Engine:
                 if generated == 1:  # the first step's input comes from the host
                     active = self._keep_sampling(active, alive)
                     step(cache, upload(column + [0] * (batch - num_rows), device),
-                         self._slot_noise(active, batch, width, rng, device))
+                         self._slot_noise(active, batch, width, rng, device), filled=pos)
                 else:
                     keep = self._keep_sampling(active, alive)
                     if keep != active and width:  # the step in flight drew for `active`: draw for `keep` instead
@@ -776,7 +784,7 @@ class Engine:
                     feed, uploaded = self._device_column(states, num_rows, batch, header_newline, stops, step.out,
                                                          uploaded)
                     drawn_from = rng.get_state() if width else None
-                    step(cache, feed, self._slot_noise(active, batch, width, rng, device))
+                    step(cache, feed, self._slot_noise(active, batch, width, rng, device), filled=pos + 1)
                 if cuda:
                     ready.synchronize()
                 out = returned.tolist()
@@ -832,18 +840,21 @@ class Engine:
         """A static cache's length for `columns` columns: the next multiple of CAPACITY_QUANTUM."""
         return -(-columns // self.CAPACITY_QUANTUM) * self.CAPACITY_QUANTUM
 
-    def _static_cache(self, model, mode, batch, capacity, width, temperature, top_k, dtype):
-        """(StaticKVCache, step function (cache, tokens, noise) -> next tokens) for one decode shape."""
+    def _static_cache(self, model, mode, batch, capacity, width, temperature, top_k, dtype, filled=None):
+        """(StaticKVCache, step function (cache, tokens, noise, filled=) -> next tokens) for one decode shape.
+        filled: the columns filled once the first step has written (a windowed graph captures that step's window
+        first; None: the widest). The step's `filled` does the same for each step; eager steps ignore it."""
         if mode in self.GRAPH_MODES:
-            key = (mode, batch, capacity, width, temperature, top_k, dtype)
+            windows = self._windows(capacity) if mode in self.WINDOW_MODES else None
+            key = (mode, batch, capacity, width, temperature, top_k, dtype, windows)
             if key not in self._graphs or not self._graphs[key].reads_from(model):
                 self._graphs.clear()  # one captured shape at a time: each holds a whole cache in device memory
-                cache = self._new_static_cache(model, mode, batch, capacity, dtype)
+                cache = self._new_static_cache(model, mode, batch, capacity, dtype, spare_columns=int(bool(windows)))
                 fn = self._compiled() if mode == "compiled_graph" else decode_step
                 if mode in self.CUDNN_GRAPH_MODES:  # the step picks its kernels itself (decode_step: compile traces it)
                     fn = functools.partial(fn, attention=self.GRAPH_SDPA_BACKENDS)
                 try:
-                    self._graphs[key] = GraphedStep(fn, model, cache, width, temperature, top_k)
+                    self._graphs[key] = GraphedStep(fn, model, cache, width, temperature, top_k, windows, filled)
                 except Exception as e:  # not verified on every GPU/driver: a failed capture must not end a run
                     if self.decode != "auto":
                         raise
@@ -856,11 +867,16 @@ class Engine:
         fn = self._compiled() if mode == "compile" else decode_step
         if width == 0:
             dummy = torch.ones(batch, 1, device=cache.pos.device)
-            return cache, lambda c, tokens, noise: fn(model, c, tokens, dummy, temperature, top_k)
-        return cache, lambda c, tokens, noise: fn(model, c, tokens, noise, temperature, top_k)
+            return cache, lambda c, tokens, noise, filled=None: fn(model, c, tokens, dummy, temperature, top_k)
+        return cache, lambda c, tokens, noise, filled=None: fn(model, c, tokens, noise, temperature, top_k)
 
-    def _new_static_cache(self, model, mode, batch, capacity, dtype):
-        cache = StaticKVCache.for_model(model, batch, capacity, dtype=dtype)
+    def _windows(self, capacity):
+        """A windowed graph's windows for a cache of `capacity` columns: every WINDOW_QUANTUM columns, then the
+        whole cache."""
+        return tuple(range(self.WINDOW_QUANTUM, capacity, self.WINDOW_QUANTUM)) + (capacity,)
+
+    def _new_static_cache(self, model, mode, batch, capacity, dtype, spare_columns=0):
+        cache = StaticKVCache.for_model(model, batch, capacity, dtype=dtype, spare_columns=spare_columns)
         if mode in ("compile", "compiled_graph") and self.DYNAMIC_LENGTH:
             cache.mark_length_dynamic()
         return cache
@@ -1085,7 +1101,7 @@ class Engine:
                 if mode == "static":
                     cache.window = write + 1
                 with inference_context(device.type):
-                    out = step(cache, feed, noise).tolist()
+                    out = step(cache, feed, noise, filled=write + 1).tolist()
                 write += 1
                 pending = [(slot, out[slot]) for slot in live]
         finally:

@@ -276,10 +276,16 @@ class FakeGraph:
     @staticmethod
     def capture(run):
         outputs = run()
+        cache_enabled = torch.is_autocast_cache_enabled()  # as captured (GraphedStep turns autocast's cache off)
 
         def replay():
-            for captured, fresh in zip(outputs, run(), strict=True):
-                captured.copy_(fresh)
+            outside = torch.is_autocast_cache_enabled()
+            torch.set_autocast_cache_enabled(cache_enabled)  # a compiled step would otherwise recompile for it
+            try:
+                for captured, fresh in zip(outputs, run(), strict=True):
+                    captured.copy_(fresh)
+            finally:
+                torch.set_autocast_cache_enabled(outside)
         return replay, outputs
 
 
@@ -343,9 +349,9 @@ def test_lookahead_loop_samples_what_the_dynamic_loop_samples(monkeypatch, tempe
         columns.append(list(column))
         return column, mask
 
-    def recording_call(self, cache, tokens, noise):
+    def recording_call(self, cache, tokens, noise, filled=None):
         fed.append(tokens.tolist())
-        return real_call(self, cache, tokens, noise)
+        return real_call(self, cache, tokens, noise, filled)
     monkeypatch.setattr(Engine, "_lookahead_loop", lambda self, *a: loops.append(1) or real_loop(self, *a))
     monkeypatch.setattr(engine_module, "sample_from_raw_logits", lambda *a: redraws.append(1) or real_sampler(*a))
     monkeypatch.setattr(Engine, "_step_rows", recording_rows)
@@ -368,6 +374,74 @@ def test_lookahead_loop_samples_what_the_dynamic_loop_samples(monkeypatch, tempe
         assert min(lengths) < max(lengths) and any(0 in mask for _, mask in want)  # rows stopped, tokens were forced
     assert len(loops) == 2
     assert bool(redraws) == (temperature > 0)  # rows left the drawing set while a step was in flight
+
+
+@pytest.mark.parametrize("lookahead", [True, False])
+@pytest.mark.parametrize("temperature, top_k", [(0.0, None), (0.9, 6)])
+def test_windowed_graphs_sample_what_the_dynamic_loop_samples(monkeypatch, lookahead, temperature, top_k):
+    """A graph per window (Engine.WINDOW_MODES; stand-in graphs here): every step runs the narrowest window that
+    holds the columns filled once it has written, windows are captured as generations reach them, once while the
+    graphs are kept, and the tokens are the dynamic loop's, one replay ahead of the host and not. The second
+    generation's prompts end one column before a window's end that the first did not reach, so that window is
+    captured after they are loaded and its warm-up writes over a prompt column: the capture must put it back."""
+    monkeypatch.setattr(GraphedStep, "capture", staticmethod(FakeGraph.capture))
+    widths, steps = [], []
+    real_first, real_call = StaticKVCache.first_columns, GraphedStep.__call__
+    monkeypatch.setattr(StaticKVCache, "first_columns", lambda self, width: widths.append(width) or real_first(self, width))
+
+    def recording_call(self, cache, tokens, noise, filled=None):
+        steps.append((filled, int(cache.pos), self.window_for(filled)))
+        return real_call(self, cache, tokens, noise, filled)
+    monkeypatch.setattr(GraphedStep, "__call__", recording_call)
+    model, prompts, tokenizer, headers = lookahead_case()
+    longer = prompts[:-1] + [prompts[-1] * 3]  # 27 columns: the same cache (64 columns, 32 rows), windows from 28
+    assert max(len(p) for p in prompts) + 1 == 12 and max(len(p) for p in longer) == 27
+    for line_headers in (None, headers):
+        engine = Engine(model, tokenizer, decode="static", keep_graphs=True)
+        engine._decode_mode = lambda device: "graph"
+        engine.WINDOW_MODES, engine.WINDOW_QUANTUM = ("graph",), 4
+        if not lookahead:
+            engine.LOOKAHEAD_MODES = ()
+        captured = []
+        for batch in (longer, prompts):
+            kwargs = dict(num_samples=2, max_tokens=36, temperature=temperature, top_k=top_k, seed=3,
+                          line_headers=line_headers)
+            widths.clear()
+            steps.clear()
+            want = Engine(model, tokenizer, decode="dynamic").generate_prompts(batch, **kwargs)
+            assert engine.generate_prompts(batch, **kwargs) == want
+            # on CPU the step before has run: cache.pos is the column this step writes
+            assert all(filled == pos + 1 and window == -(-filled // 4) * 4 for filled, pos, window in steps)
+            used = sorted({window for _, _, window in steps})
+            assert widths == [w for w in used if w not in captured]  # in the order reached, each once
+            captured += widths
+        assert len(engine._graphs) == 1 and captured[0] == 28 and 12 in captured and len(captured) > 5
+
+
+@pytest.mark.slow  # torch.compile on CPU: tens of seconds
+def test_compiled_windows_share_one_compiled_step(monkeypatch):
+    """Windows under torch.compile (stand-in graphs on CPU): every window of every cache length runs one compiled
+    graph, because a window's tensors are views whose column count is a dynamic size and the spare column keeps
+    even the widest window a view (a contiguous tensor is strided otherwise: another graph), and the tokens are the
+    eager fixed-shape loop's. Without the spare column the widest window compiles a second graph."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(GraphedStep, "capture", staticmethod(FakeGraph.capture))
+    model = tiny_model(seed=4, sequence_len=32)  # rotary tables cover 320 positions
+    prompts = mixed_prompts(2, (5, 3))
+    real_init = StaticKVCache.__init__
+    for spare in (True, False):
+        if not spare:
+            monkeypatch.setattr(StaticKVCache, "__init__", lambda self, *a, spare_columns=0, **k: real_init(self, *a, **k))
+        torch._dynamo.reset()
+        counters.clear()
+        engine = Engine(model, StandInTokenizer(), decode="static")
+        engine._decode_mode = lambda device: "compiled_graph"
+        engine.WINDOW_MODES, engine.WINDOW_QUANTUM = ("compiled_graph",), 16
+        for max_tokens in (50, 100):  # caches of 64 and 128 columns, both run to their widest window
+            kwargs = dict(num_samples=2, max_tokens=max_tokens, temperature=0.8, top_k=5, seed=7)
+            want = Engine(model, StandInTokenizer(), decode="static").generate_prompts(prompts, **kwargs)
+            assert engine.generate_prompts(prompts, **kwargs) == want
+        assert counters["stats"]["unique_graphs"] == (1 if spare else 2)
 
 
 def test_kept_graphs_are_reused_while_the_weights_stay_where_they_were(monkeypatch):
@@ -464,18 +538,24 @@ def test_compiled_step_traces_its_attention_choice():
 
 def test_bench_rollout_breakdown_on_a_stand_in_graph(monkeypatch, capsys):
     """--breakdown times the step in the Engine's loop and the captured graph replayed alone, on a cache of the
-    timed table's length (CPU: the capture stands in, the replay runs the step eagerly)."""
+    timed table's length (CPU: the capture stands in, the replay runs the step eagerly); a windowed graph's replays
+    run the windows the loop ran."""
     import dev.bench_rollout as bench_rollout
     monkeypatch.setattr(GraphedStep, "capture", staticmethod(FakeGraph.capture))
     monkeypatch.setattr(Engine, "_decode_mode", lambda self, device: self.decode)
+    windows = []
+    real_use = GraphedStep.use
+    monkeypatch.setattr(GraphedStep, "use", lambda self, filled: windows.append(self.window_for(filled)) or real_use(self, filled))
     monkeypatch.setattr(sys, "argv", ["bench_rollout", "--depth", "1", "--vocab_size", "300", "--batch_sizes", "3",
-                                      "--prompt_lens", "6", "--new_tokens", "70", "--repeats", "1", "--modes", "graph",
-                                      "--threads", "1", "--breakdown"])
+                                      "--prompt_lens", "6", "--new_tokens", "70", "--repeats", "1", "--modes",
+                                      "graph,graph-windows", "--threads", "1", "--breakdown"])
     bench_rollout.main()
     out = capsys.readouterr().out
-    assert "### Breakdown: mode graph, batch 3, 128-column cache: step in the loop" in out  # 6 + 70 -> 128
-    (row,) = json.loads(out.strip().splitlines()[-1])["breakdowns"]
-    assert row["capacity"] == 128 and row["loop_ms"] > 0 and row["replay_ms"] > 0
+    for mode in ("graph", "graph-windows"):
+        assert f"### Breakdown: mode {mode}, batch 3, 128-column cache: step in the loop" in out  # 6 + 70 -> 128
+    rows = json.loads(out.strip().splitlines()[-1])["breakdowns"]
+    assert [r["capacity"] for r in rows] == [128, 128] and all(r["loop_ms"] > 0 and r["replay_ms"] > 0 for r in rows)
+    assert set(windows) == {64, 128}  # the windowed mode's steps (the plain graph's are all 128)
 
 
 def test_bench_decode_attention_smoke():
@@ -534,6 +614,30 @@ def test_lookahead_on_cuda(mode):
                 assert a == b
             else:
                 assert [c[:1] for c, _ in a] == [c[:1] for c, _ in b]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["graph", "compiled_graph"])
+def test_windows_on_cuda(mode):
+    """A captured graph per window of the cache (Engine.WINDOW_MODES) on CUDA, with cuDNN's attention over views of
+    the cache, against the same mode over the whole cache, on rows that stop, call the calculator and write line
+    headers: each window is captured once per generation (kept graphs: once), replays reproduce, and the first
+    tokens agree (other key lengths are other kernels, which round differently under bf16)."""
+    model, prompts, tokenizer, headers = lookahead_case()
+    model = model.to("cuda")
+    windowed = Engine(model, tokenizer, decode=mode, keep_graphs=True)
+    windowed.WINDOW_MODES, windowed.WINDOW_QUANTUM = (mode,), 16
+    whole = Engine(model, tokenizer, decode=mode)
+    whole._compiled = windowed._compiled  # one compiled step for both (compiles take tens of seconds)
+    for line_headers in (None, headers):
+        for kwargs in (dict(temperature=0.0), dict(temperature=0.9, top_k=6, seed=3)):
+            kwargs = dict(kwargs, num_samples=2, max_tokens=40, line_headers=line_headers)
+            a = windowed.generate_prompts(prompts, **kwargs)
+            assert a == windowed.generate_prompts(prompts, **kwargs)  # replays reproduce
+            b = whole.generate_prompts(prompts, **kwargs)
+            assert [c[:1] for c, _ in a] == [c[:1] for c, _ in b]
+            graphed = next(iter(windowed._graphs.values()))
+            assert len(graphed.graphs) >= 2 and graphed.windows[-1] == graphed.cache.capacity
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -653,6 +757,9 @@ def test_bench_rollout_mode_options_and_mixed_lengths():
     assert engine.SHRINK_MIN_STEPS["static"] is None and Engine.SHRINK_MIN_STEPS["static"] == 0
     assert not make_engine(model, StandInTokenizer(), "compile-fixedlen")[0].DYNAMIC_LENGTH
     assert make_engine(model, StandInTokenizer(), "graph-nolookahead")[0].LOOKAHEAD_MODES == ()
+    assert make_engine(model, StandInTokenizer(), "graph-windows")[0].WINDOW_MODES == Engine.GRAPH_MODES
+    assert make_engine(model, StandInTokenizer(), "graph-nowindows")[0].WINDOW_MODES == ()
+    assert make_engine(model, StandInTokenizer(), "dynamic-old")[0].WINDOW_MODES == ()
     names = ("compiled_graph", "compiled_graph-nolookahead", "compile-fixedlen", "compiled_graph-fixedlen", "graph")
     engines = [make_engine(model, StandInTokenizer(), name)[0] for name in names]
     share_compiled_steps(engines)
