@@ -25,7 +25,9 @@ as a dynamic size, one compile for every length). "-nolookahead" makes a graph m
 before launching the next, as before Engine.LOOKAHEAD_MODES (graph modes otherwise run one replay ahead).
 "-windows" makes a graph mode capture a graph per Engine.WINDOW_QUANTUM columns of the cache and run the narrowest
 that holds the filled columns (Engine.WINDOW_MODES; off by default), "-nowindows" one graph over the whole cache.
-Captures are part of every timed call (the Engine gives its graphs back after each generation, as RL's does).
+Captures are part of every timed call (the Engine gives its graphs back after each generation, as RL's does by
+default); "-keep" keeps them (Engine(keep_graphs=True), chat_rl's --keep_graphs): only the warm-up captures, so the
+difference to the same mode without it is the captures' cost per call.
 
 For each (batch, prompt length, new tokens) the modes run interleaved (mode A, mode B, ..., then again),
 so a machine shared with other work disturbs them alike; read the ratios. Every timed call is
@@ -115,19 +117,19 @@ def share_compiled_steps(engines):
             engine._compiled_step = compiled[engine.DYNAMIC_LENGTH]
 
 
-MODE_OPTIONS = "old, cudnn, nocudnn, shrinkN, noshrink, fixedlen, nolookahead, windows, nowindows"
+MODE_OPTIONS = "old, cudnn, nocudnn, shrinkN, noshrink, fixedlen, nolookahead, windows, nowindows, keep"
 
 
 def make_engine(model, tokenizer, mode):
     """(Engine, whether it runs as when the issue was filed) for a mode name: an Engine decode mode, then options,
     each after a "-" (module docstring): "graph", "dynamic-old", "compiled_graph-cudnn", "graph-shrink32"."""
     decode, *options = mode.split("-")
-    named = ("old", "cudnn", "nocudnn", "noshrink", "fixedlen", "nolookahead", "windows", "nowindows")
+    named = ("old", "cudnn", "nocudnn", "noshrink", "fixedlen", "nolookahead", "windows", "nowindows", "keep")
     if decode not in Engine.DECODE_MODES or not all(o in named or (o.startswith("shrink") and o[6:].isdigit())
                                                     for o in options):
         raise ValueError(f"bad mode {mode!r}: an Engine decode mode {Engine.DECODE_MODES}, then -options ({MODE_OPTIONS})")
     old = "old" in options
-    engine = Engine(model, tokenizer, decode=decode, cast_weights=False if old else "auto")
+    engine = Engine(model, tokenizer, decode=decode, cast_weights=False if old else "auto", keep_graphs="keep" in options)
     if old:
         engine._prefill_chunk = old_prefill_chunk
     if old or "nocudnn" in options:  # captured graphs attend with the kernels every other path uses

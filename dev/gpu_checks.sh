@@ -196,20 +196,24 @@ elif [ "$1" = 13 ]; then
     # keep a captured graph between requests (keep_graphs); the twentieth session's: a graph per window of the cache
     # (Engine.WINDOW_MODES, off until this table says). Their CUDA tests first (a failure means the table's new
     # modes are reported, not adopted: dev/logs/gpu/next/PLAN.md), then
-    # the d20 batch-256 table: each graph mode with and without the lookahead and with windows, the compiled graph
-    # also compiled for its length alone, and every graph mode's breakdown (its host's share); ~8 minutes
+    # the d20 batch-256 table: each graph mode with and without the lookahead, with windows and keeping its graphs
+    # between calls (the captures' cost: against "-keep"; "dynamic" has no capture), the compiled graph also
+    # compiled for its length alone, and every graph mode's breakdown (its host's share); ~8 minutes
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     stage cuda_tests 230 $PY -m pytest -q -p no:cacheprovider -k \
         "lookahead_on_cuda or windows_on_cuda or (on_cuda and graph and not compile) or cast_weights_on_cuda" \
         tests/test_decode_static.py
     stage bench_rollout 360 $PY -m dev.bench_rollout --device cuda --depth 20 --modes \
-        dynamic-old,graph,graph-nolookahead,graph-windows,compiled_graph,compiled_graph-nolookahead,compiled_graph-windows,compiled_graph-fixedlen \
+        dynamic-old,dynamic,graph,graph-nolookahead,graph-windows,graph-keep,compiled_graph,compiled_graph-nolookahead,compiled_graph-windows,compiled_graph-keep,compiled_graph-windows-keep,compiled_graph-fixedlen \
         --batch_sizes 256 --prompt_lens 64 --new_tokens 256 --repeats 1 --breakdown
 elif [ "$1" = 14 ]; then
-    # the co-training step three times with today's defaults, then with both roles on the compiled graph (reported
-    # only); tokenizer in .gpu/tokenizer (carry .gpu); ~6 minutes
+    # the co-training step three times with today's defaults, then with both roles on the compiled graph, then with
+    # both roles keeping their graphs between rollouts (--keep_graphs; both reported only); tokenizer in
+    # .gpu/tokenizer (carry .gpu); ~7 minutes
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     cotrain_step_runs
+    stage bench_cotrain_keep 65 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 \
+        --samples 16 --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer --cotrain_args "--keep_graphs"
 else
     : "${NANOCHAT_BASE_DIR:?set NANOCHAT_BASE_DIR to a directory with tokenizer/ (and base_data/ for base_train)}"
     stage cuda_tests_gpt 60 $PY -m pytest -q -p no:cacheprovider -k cuda tests/test_gpt.py

@@ -49,7 +49,7 @@ from nanochat.checkpoint_manager import (CHECKPOINT_DIRS, find_resume_step, load
                                          stop_if_nonfinite)
 from nanochat.common import (all_gather_list, all_reduce_dict, autocast_context, compute_init, get_base_dir, init_wandb, print0,
                              run_stage)
-from nanochat.engine import Engine, add_decode_flag, check_decode
+from nanochat.engine import Engine, add_decode_flag, add_keep_graphs_flag, check_decode
 from nanochat.grpo import (HELDOUT_SEED_OFFSET, ClassBalancer, add_grpo_flags, alpha_schedule, balanced_choice, batch_metrics,
                            branch_points, check_grpo_flags, checked_reward, continue_rollouts, generate_rollouts, grpo_update,
                            load_reward_fn, majority_correct,
@@ -193,6 +193,7 @@ def get_args(argv=None):
     p.add_argument("--ver_eval_votes", type=int, default=4,
                    help="expectations format: sampled verifications per solution behind the AUC score")
     add_decode_flag(p)  # both roles' Engines
+    add_keep_graphs_flag(p)
     p.add_argument("--save_every", type=int, default=50, help="checkpoint every N global steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue exactly from the last co-training checkpoint")
     p.add_argument("--stop_after", type=int, default=-1,
@@ -277,9 +278,10 @@ def load_roles(args, device):
     ver_optimizer, ver_engine = None, None
     if verifier is not None:
         ver_optimizer = gen_optimizer if args.shared_model else make_optimizer(args, verifier, args.ver_init_lr_frac)
-        ver_engine = Engine(verifier, tokenizer, decode=args.decode, max_rows=args.max_batch_rows)
+        ver_engine = Engine(verifier, tokenizer, decode=args.decode, max_rows=args.max_batch_rows,
+                            keep_graphs=args.keep_graphs)
     reference = copy.deepcopy(generator).eval() if args.kl_coef > 0 else None
-    gen_engine = Engine(generator, tokenizer, decode=args.decode, max_rows=args.max_batch_rows)
+    gen_engine = Engine(generator, tokenizer, decode=args.decode, max_rows=args.max_batch_rows, keep_graphs=args.keep_graphs)
     roles = Roles(generator, verifier, tokenizer, gen_engine, ver_engine, gen_optimizer, ver_optimizer, device,
                   args.offload_frozen, reference)
     # copied as loaded, before a resume loads later weights: the anchor is the warm start. With in-process verifier

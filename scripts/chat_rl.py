@@ -22,7 +22,7 @@ import torch
 from nanochat.common import all_reduce_sums, compute_init, get_base_dir, init_wandb, print0, run_stage
 from nanochat.checkpoint_manager import (CHECKPOINT_DIRS, find_resume_step, load_checkpoint, load_model, save_checkpoint,
                                          stop_if_nonfinite)
-from nanochat.engine import Engine, add_decode_flag, check_decode
+from nanochat.engine import Engine, add_decode_flag, add_keep_graphs_flag, check_decode
 from nanochat.grpo import (add_grpo_flags, batch_metrics, check_grpo_flags, checked_reward, group_advantages, grpo_update,
                            load_reward_fn, majority_answers, pass_at_k, rl_lr_multiplier, sample_batch)
 from nanochat.report import get_report
@@ -60,6 +60,7 @@ def get_args(argv=None):
     parser.add_argument("--normalize_std", action="store_true", help="divide advantages by the group std")
     add_grpo_flags(parser)
     add_decode_flag(parser)
+    add_keep_graphs_flag(parser)
     # evaluation and checkpoints
     parser.add_argument("--eval_every", type=int, default=60)
     parser.add_argument("--eval_examples", type=int, default=400)
@@ -88,7 +89,7 @@ def main(argv=None):
     model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.model_step)
     model_tag = args.output_tag or meta.get("model_tag") or args.model_tag or f"d{model.config.n_layer}"
     out_dir = os.path.join(get_base_dir(), CHECKPOINT_DIRS["rl"], model_tag)
-    engine = Engine(model, tokenizer, decode=args.decode, max_rows=args.max_batch_rows)
+    engine = Engine(model, tokenizer, decode=args.decode, max_rows=args.max_batch_rows, keep_graphs=args.keep_graphs)
     ref_model = copy.deepcopy(model).eval() if args.kl_coef > 0 else None
     train_task = build_rl_task(args.task, "train", args.data_dir, args.difficulty)
     val_task = build_rl_task(args.task, args.eval_split, args.data_dir, args.difficulty)

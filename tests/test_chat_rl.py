@@ -118,6 +118,24 @@ def test_interrupted_run_resumes_exactly(graded, monkeypatch):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_keep_graphs_reaches_the_engine(graded, monkeypatch):
+    """--keep_graphs (off by default) makes the Engine keep its captured graphs between rollouts."""
+    import scripts.chat_rl as chat_rl
+
+    class Made(Exception):
+        pass
+
+    def engine(*args, **kwargs):
+        raise Made(kwargs["keep_graphs"])
+    monkeypatch.setattr(chat_rl, "Engine", engine)
+    kept = []
+    for extra in ([], ["--keep_graphs"]):
+        with pytest.raises(Made) as made:
+            chat_rl.main(COMMON + ["--num_steps", "1", "--output_tag", "keep_graphs"] + extra)
+        kept.append(made.value.args[0])
+    assert kept == [False, True]
+
+
 def test_resume_without_a_checkpoint_fails_clearly(graded):
     import scripts.chat_rl as chat_rl
     with pytest.raises((SystemExit, FileNotFoundError)) as error:

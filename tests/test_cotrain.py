@@ -58,6 +58,9 @@ def test_max_batch_rows_and_decode_reach_both_roles(sft_base):
     roles = cotrain.load_roles(cotrain.get_args(TINY + ["--max_batch_rows", "6", "--decode", "dynamic"]), torch.device("cpu"))
     assert roles.gen_engine.max_rows == 6 and roles.ver_engine.max_rows == 6
     assert roles.gen_engine.decode == roles.ver_engine.decode == "dynamic"  # --decode reaches both roles
+    assert not roles.gen_engine.keep_graphs and not roles.ver_engine.keep_graphs  # graphs given back after each rollout
+    kept = cotrain.load_roles(cotrain.get_args(TINY + ["--keep_graphs"]), torch.device("cpu"))
+    assert kept.gen_engine.keep_graphs and kept.ver_engine.keep_graphs
     args = cotrain.get_args(TINY + ["--num_samples", "4", "--max_batch_rows", "6"])
     rollouts, _, _ = sample_batch(roles.gen_engine, roles.tokenizer, build_rl_task("arithmetic", "train"), 0, 1, args, 0, 1,
                                   torch.device("cpu"))

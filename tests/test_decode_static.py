@@ -760,6 +760,8 @@ def test_bench_rollout_mode_options_and_mixed_lengths():
     assert make_engine(model, StandInTokenizer(), "graph-windows")[0].WINDOW_MODES == Engine.GRAPH_MODES
     assert make_engine(model, StandInTokenizer(), "graph-nowindows")[0].WINDOW_MODES == ()
     assert make_engine(model, StandInTokenizer(), "dynamic-old")[0].WINDOW_MODES == ()
+    assert make_engine(model, StandInTokenizer(), "graph-keep")[0].keep_graphs
+    assert not make_engine(model, StandInTokenizer(), "graph")[0].keep_graphs
     names = ("compiled_graph", "compiled_graph-nolookahead", "compile-fixedlen", "compiled_graph-fixedlen", "graph")
     engines = [make_engine(model, StandInTokenizer(), name)[0] for name in names]
     share_compiled_steps(engines)
