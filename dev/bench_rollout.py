@@ -27,7 +27,8 @@ before launching the next, as before Engine.LOOKAHEAD_MODES (graph modes otherwi
 that holds the filled columns (Engine.WINDOW_MODES; off by default), "-nowindows" one graph over the whole cache.
 Captures are part of every timed call (the Engine gives its graphs back after each generation, as RL's does by
 default); "-keep" keeps them (Engine(keep_graphs=True), chat_rl's --keep_graphs): only the warm-up captures, so the
-difference to the same mode without it is the captures' cost per call.
+difference to the same mode without it is the captures' cost per call. "-eagerprefill" prefills a compiled mode's
+prompts eagerly, as before Engine.COMPILED_PREFILL_MODES (compiled modes otherwise compile the prefill too).
 
 For each (batch, prompt length, new tokens) the modes run interleaved (mode A, mode B, ..., then again),
 so a machine shared with other work disturbs them alike; read the ratios. Every timed call is
@@ -56,7 +57,7 @@ import torch
 
 from dev.bench_engine import NoStopTokenizer, build_model
 from nanochat.common import get_peak_flops
-from nanochat.decode_static import decode_step
+from nanochat.decode_static import decode_step, prefill_step
 from nanochat.engine import Engine
 
 # Nominal peak memory bandwidth (bytes/s) by device name; --peak_bandwidth overrides. The CPU figure is a
@@ -107,24 +108,28 @@ def fixed_length_step(*args, **kwargs):
 
 def share_compiled_steps(engines):
     """The compiled modes share one torch.compile of the step (a mode whose inputs and options match an earlier
-    mode's reuses its compiled graph: its warm-up is then the capture alone), the fixed-length ones another."""
+    mode's reuses its compiled graph: its warm-up is then the capture alone), the fixed-length ones another, and all
+    of them one of the prefill."""
     compiled = {}
+    prefill = torch.compile(prefill_step, dynamic=False, fullgraph=True)
     for engine in engines:
         if engine.decode in ("compile", "compiled_graph"):
+            engine._compiled_prefill_step = prefill
             if engine.DYNAMIC_LENGTH not in compiled:  # the Engine's own compile, or the same one of the other name
                 compiled[engine.DYNAMIC_LENGTH] = engine._compiled() if engine.DYNAMIC_LENGTH else torch.compile(
                     fixed_length_step, dynamic=False, fullgraph=True)
             engine._compiled_step = compiled[engine.DYNAMIC_LENGTH]
 
 
-MODE_OPTIONS = "old, cudnn, nocudnn, shrinkN, noshrink, fixedlen, nolookahead, windows, nowindows, keep"
+MODE_OPTIONS = "old, cudnn, nocudnn, shrinkN, noshrink, fixedlen, nolookahead, windows, nowindows, keep, eagerprefill"
 
 
 def make_engine(model, tokenizer, mode):
     """(Engine, whether it runs as when the issue was filed) for a mode name: an Engine decode mode, then options,
     each after a "-" (module docstring): "graph", "dynamic-old", "compiled_graph-cudnn", "graph-shrink32"."""
     decode, *options = mode.split("-")
-    named = ("old", "cudnn", "nocudnn", "noshrink", "fixedlen", "nolookahead", "windows", "nowindows", "keep")
+    named = ("old", "cudnn", "nocudnn", "noshrink", "fixedlen", "nolookahead", "windows", "nowindows", "keep",
+             "eagerprefill")
     if decode not in Engine.DECODE_MODES or not all(o in named or (o.startswith("shrink") and o[6:].isdigit())
                                                     for o in options):
         raise ValueError(f"bad mode {mode!r}: an Engine decode mode {Engine.DECODE_MODES}, then -options ({MODE_OPTIONS})")
@@ -140,6 +145,8 @@ def make_engine(model, tokenizer, mode):
         engine.DYNAMIC_LENGTH = False
     if old or "nolookahead" in options:  # the host reads each step's tokens before the next is launched
         engine.LOOKAHEAD_MODES = ()
+    if old or "eagerprefill" in options:  # the prompts prefilled eagerly into a growing cache
+        engine.COMPILED_PREFILL_MODES = ()
     if old or "nowindows" in options:  # one graph over the whole cache
         engine.WINDOW_MODES = ()
     elif "windows" in options:  # a graph per window of the cache, the narrowest holding the filled columns

@@ -35,8 +35,9 @@
 #                              # took the cache length as dynamic and graphs could run per window of the cache: their
 #                              # CUDA tests, then the d20 batch-256 table with and without each (breakdowns for every
 #                              # graph mode); ~8 minutes
-#   bash dev/gpu_checks.sh 14  # part 12's co-training half: the step three times, then with the compiled graph
-#                              # (carry .gpu for the tokenizer); ~6 minutes
+#   bash dev/gpu_checks.sh 14  # part 12's co-training half: the step three times, then with the compiled graph, the
+#                              # compiled prefill at the verifier's shape, the step keeping graphs (carry .gpu for
+#                              # the tokenizer); ~8 minutes
 # Logs go to $OUT (or ./gpu_logs). Parts 2 and 4 need a tokenizer (and shards for base_train) under
 # $NANOCHAT_BASE_DIR, e.g. made here with dev/make_corpus + scripts.tok_train, because a GPU box's Python
 # may have no build of our Rust trainer. Figures are recorded in dev/gpu_results.md.
@@ -198,20 +199,25 @@ elif [ "$1" = 13 ]; then
     # modes are reported, not adopted: dev/logs/gpu/next/PLAN.md), then
     # the d20 batch-256 table: each graph mode with and without the lookahead, with windows and keeping its graphs
     # between calls (the captures' cost: against "-keep"; "dynamic" has no capture), the compiled graph also
-    # compiled for its length alone, and every graph mode's breakdown (its host's share); ~8 minutes
+    # compiled for its length alone and prefilling eagerly, and every graph mode's breakdown (its host's share);
+    # ~8 minutes
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     stage cuda_tests 230 $PY -m pytest -q -p no:cacheprovider -k \
         "lookahead_on_cuda or windows_on_cuda or (on_cuda and graph and not compile) or cast_weights_on_cuda" \
         tests/test_decode_static.py
     stage bench_rollout 360 $PY -m dev.bench_rollout --device cuda --depth 20 --modes \
-        dynamic-old,dynamic,graph,graph-nolookahead,graph-windows,graph-keep,compiled_graph,compiled_graph-nolookahead,compiled_graph-windows,compiled_graph-keep,compiled_graph-windows-keep,compiled_graph-fixedlen \
+        dynamic-old,dynamic,graph,graph-nolookahead,graph-windows,graph-keep,compiled_graph,compiled_graph-nolookahead,compiled_graph-windows,compiled_graph-keep,compiled_graph-windows-keep,compiled_graph-eagerprefill,compiled_graph-fixedlen \
         --batch_sizes 256 --prompt_lens 64 --new_tokens 256 --repeats 1 --breakdown
 elif [ "$1" = 14 ]; then
-    # the co-training step three times with today's defaults, then with both roles on the compiled graph, then with
-    # both roles keeping their graphs between rollouts (--keep_graphs; both reported only); tokenizer in
-    # .gpu/tokenizer (carry .gpu); ~7 minutes
+    # the co-training step three times with today's defaults, then with both roles on the compiled graph (its prefill
+    # compiled too), the compiled prefill at the verifier's shape, then both roles keeping their graphs between
+    # rollouts (--keep_graphs; all but the first three reported only); tokenizer in .gpu/tokenizer (carry .gpu);
+    # ~8 minutes
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     cotrain_step_runs
+    # the compiled prefill at the verifier's shape (d12, 256 prompts of up to 384 tokens), against the eager one
+    stage bench_rollout_d12 150 $PY -m dev.bench_rollout --device cuda --depth 12 --modes \
+        compiled_graph,compiled_graph-eagerprefill --batch_sizes 256 --prompt_lens 384 --new_tokens 128 --repeats 2
     stage bench_cotrain_keep 65 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 \
         --samples 16 --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer --cotrain_args "--keep_graphs"
 else

@@ -73,9 +73,10 @@ class StaticKVCache:
         view.v = [t[:, :, :width] for t in self.v]
         view.columns = self.columns[:width]
         view.window = None
-        for tensor in view.k + view.v:
-            torch._dynamo.mark_dynamic(tensor, 2)
-        torch._dynamo.mark_dynamic(view.columns, 0)
+        if width > 1:  # dynamo specializes sizes of 1 (a mark on one would raise)
+            for tensor in view.k + view.v:
+                torch._dynamo.mark_dynamic(tensor, 2)
+            torch._dynamo.mark_dynamic(view.columns, 0)
         return view
 
     @property
@@ -125,19 +126,29 @@ class StaticKVCache:
         self.pos.sub_(shift)
 
     def positions_and_mask(self, T):
-        """Rotary positions (B, 1) and the attention mask (B, 1, 1, seq_len) of the token at column pos."""
-        assert T == 1, "the static cache only decodes (one token per row per step)"
-        positions = (self.pos - self.pad).clamp(min=0).unsqueeze(1)
+        """Rotary positions (B, T) and the attention mask (B, 1, T, seq_len) of the tokens at columns pos..pos+T-1.
+        T = 1: a decode step; T > 1: a prefill chunk (Engine's compiled prefill), causal among its columns, where
+        a query in a row's padding sees itself only (a row masked out entirely would give NaNs)."""
         columns = self.columns if self.window is None else self.columns[:self.window]
-        mask = (columns[None, :] <= self.pos) & (columns[None, :] >= self.pad[:, None])
-        return positions, mask[:, None, None, :]
+        if T == 1:
+            positions = (self.pos - self.pad).clamp(min=0).unsqueeze(1)
+            mask = (columns[None, :] <= self.pos) & (columns[None, :] >= self.pad[:, None])
+            return positions, mask[:, None, None, :]
+        queries = self.pos + torch.arange(T, device=self.pos.device)                     # (T,)
+        positions = (queries[None, :] - self.pad[:, None]).clamp(min=0)                   # (B, T)
+        causal = columns[None, :] <= queries[:, None]                                     # (T, columns)
+        real = columns[None, :] >= self.pad[:, None]                                      # (B, columns)
+        mask = (causal[None] & real[:, None, :]) | (columns[None, None, :] == queries[None, :, None])
+        return positions, mask[:, None]
 
     def insert_kv(self, layer_idx, k, v):
-        """Write this step's keys/values (B, H, 1, D) at column pos; return the layer's whole cache."""
+        """Write this call's keys/values (B, H, T, D) at columns pos..pos+T-1; return the layer's whole cache."""
         cache_k, cache_v = self.k[layer_idx], self.v[layer_idx]
+        T = k.size(2)
+        index = self.pos.view(1) if T == 1 else self.pos + torch.arange(T, device=self.pos.device)
         # index_copy_ does not cast (slice assignment does): under autocast k may differ from the cache dtype
-        cache_k.index_copy_(2, self.pos.view(1), k.to(cache_k.dtype))
-        cache_v.index_copy_(2, self.pos.view(1), v.to(cache_v.dtype))
+        cache_k.index_copy_(2, index, k.to(cache_k.dtype))
+        cache_v.index_copy_(2, index, v.to(cache_v.dtype))
         if self.window is not None:
             return self.k[layer_idx][:, :, :self.window], self.v[layer_idx][:, :, :self.window]
         return self.k[layer_idx], self.v[layer_idx]
@@ -167,6 +178,16 @@ def sample_from_raw_logits(logits, noise, temperature, top_k, softcap):
         return ids.gather(-1, (probs / noise).argmax(dim=-1, keepdim=True)).squeeze(-1)
     probs = F.softmax(softcap * torch.tanh(logits / softcap) / temperature, dim=-1)
     return (probs / noise).argmax(dim=-1)
+
+
+def prefill_step(model, cache, ids):
+    """One prefill chunk on a StaticKVCache: feed ids (B, T) at columns cache.pos..pos+T-1, store their keys and
+    values, advance pos, and return the last column's logits (B, V), soft-capped as the model caps them. The chunk's
+    place is a device tensor, so torch.compile builds one graph for every chunk (Engine._compiled_prefill marks the
+    batch, the chunk's width and the cache's length dynamic)."""
+    logits = model(ids, kv_cache=cache, last_only=True)[:, -1, :]
+    softcap = model.config.softcap  # the static cache asks the model for raw logits (the decode step caps its top-k)
+    return softcap * torch.tanh(logits / softcap)
 
 
 def noise_width(vocab_size, temperature, top_k):

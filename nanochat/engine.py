@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanochat.common import COMPUTE_DTYPE, UserInputError, autocast_context
 from nanochat.calculator import use_calculator
-from nanochat.decode_static import (GraphedStep, StaticKVCache, bucket_size, decode_step, noise_width,
+from nanochat.decode_static import (GraphedStep, StaticKVCache, bucket_size, decode_step, noise_width, prefill_step,
                                     sample_from_raw_logits)
 
 
@@ -322,6 +322,11 @@ class Engine:
     # graphs are kept. Off until a GPU measures it against the capture cost (dev/logs/gpu/next/PLAN.md, rule 5)
     WINDOW_MODES = ()
     WINDOW_QUANTUM = 64
+    # Decode modes whose prompts are prefilled by a compiled step too (prefill_step on a StaticKVCache: one graph for
+    # every batch, chunk width and prompt length). The eager prefill's time on a GPU is mostly elementwise work on
+    # activations (two thirds of the d12 verifier's 152 ms for 256 prompts of 384 tokens, dev/gpu_results.md), which
+    # compiling fuses. On a GPU unmeasured (dev/logs/gpu/next/PLAN.md, rule 7)
+    COMPILED_PREFILL_MODES = ("compile", "compiled_graph")
 
     def __init__(self, model, tokenizer, decode="auto", max_rows=None, cast_weights="auto", keep_graphs=False):
         """max_rows (None: no limit): the most rows generate_prompts samples in one batched pass. The KV cache
@@ -361,6 +366,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.decode = decode
         self._compiled_step = None
+        self._compiled_prefill_step = None
         self.keep_graphs = keep_graphs
         self._graphs = {}  # (mode, batch, capacity, width, temperature, top_k, dtype, windows) -> GraphedStep, its cache
         special = tokenizer.encode_special
@@ -625,6 +631,30 @@ class Engine:
             with inference_context(device.type):
                 logits = model(feed, kv_cache=cache)[:, -1, :]
 
+    def _compiled_prefill(self, model, ids, pads, dtype):
+        """_prefill by a compiled step: (StaticKVCache holding the prompts' keys and values, last column's logits).
+        Chunks as _prefill's; each runs on a view of the cache's columns up to the chunk's end (first_columns), so a
+        chunk reads only the columns before it, and batch, chunk width and cache length are dynamic sizes to
+        torch.compile: one graph (a batch of one prompt is another)."""
+        rows, length = ids.shape
+        cache = StaticKVCache.for_model(model, rows, length, dtype=dtype, spare_columns=1)
+        cache.pad.copy_(torch.as_tensor(pads, dtype=torch.long))
+        if self._compiled_prefill_step is None:
+            self._compiled_prefill_step = torch.compile(prefill_step, dynamic=False, fullgraph=True)
+        chunk = self._prefill_chunk(model, rows, length, ids.device)
+        ends = list(range(chunk, length, chunk)) + [length]
+        if len(ends) > 1 and ends[-1] - ends[-2] == 1:
+            del ends[-2]  # a chunk of one column would compile another graph (dynamo specializes sizes of 1)
+        for start, end in zip([0] + ends[:-1], ends):
+            view, part = cache.first_columns(end), ids[:, start:end].contiguous()
+            if rows > 1:  # dynamo specializes sizes of 1 (a mark on one would raise)
+                for tensor in (part, view.pad, *view.k, *view.v):
+                    torch._dynamo.mark_dynamic(tensor, 0)
+            if end - start > 1:
+                torch._dynamo.mark_dynamic(part, 1)
+            logits = self._compiled_prefill_step(model, view, part)
+        return cache, logits
+
     def _decode_static(self, model, mode, ids, pads, num_samples, states, limit, new_tokens, temperature, top_k, rng):
         """The fixed-shape loop: rows sit in slots of a StaticKVCache whose batch is a bucket (a power of
         two) and whose length is a multiple of CAPACITY_QUANTUM; each step is decode_step on every slot
@@ -640,14 +670,19 @@ class Engine:
         width = noise_width(vocab_size, temperature, top_k)
         capacity = min(self._quantized(limit), model.cos.size(0))
         with inference_context(device.type):
-            # each prompt is processed once (growing cache, as in the dynamic loop), then fanned out to its rows
-            prompt_cache = KVCache.for_model(model, num_prompts, longest, dtype=dtype, pad_lengths=pads)
-            logits = self._prefill(model, ids, prompt_cache)
+            # each prompt is processed once (as in the dynamic loop), then fanned out to its rows
+            if mode in self.COMPILED_PREFILL_MODES:
+                prompt_cache, logits = self._compiled_prefill(model, ids, pads, dtype)
+                prompt_pad = prompt_cache.pad
+            else:
+                prompt_cache = KVCache.for_model(model, num_prompts, longest, dtype=dtype, pad_lengths=pads)
+                logits = self._prefill(model, ids, prompt_cache)
+                prompt_pad = prompt_cache.pad_lengths
             source_rows = torch.arange(num_prompts, device=device).repeat_interleave(num_samples)
             logits = logits.index_select(0, source_rows)
             cache, step = self._static_cache(model, mode, bucket_size(num_rows), capacity, width, temperature, top_k,
                                              dtype, filled=longest + 1)
-            cache.load(prompt_cache.k, prompt_cache.v, prompt_cache.pad_lengths, longest, source_rows, range(num_rows))
+            cache.load(prompt_cache.k, prompt_cache.v, prompt_pad, longest, source_rows, range(num_rows))
             del prompt_cache
         try:
             ahead = mode in self.LOOKAHEAD_MODES and self.SHRINK_MIN_STEPS.get(mode) is None  # rows keep their slots

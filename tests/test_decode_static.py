@@ -33,6 +33,39 @@ def stop_token_for(model, prompts, steps=24):
 # -----------------------------------------------------------------------------
 # Pieces
 
+def test_static_cache_prefill_chunks_match_the_growing_cache():
+    """prefill_step on a StaticKVCache (the compiled modes' prefill, eager here): left-padded prompts fed in chunks of
+    several columns, each on a view of the columns up to its end, leave the same keys and values and give the same
+    last-column logits as the growing KVCache's prefill; padding queries see only themselves."""
+    from nanochat.decode_static import prefill_step
+    model = tiny_model(seed=6)
+    prompts = mixed_prompts(4, (9, 3, 14, 1))
+    ids = torch.tensor([[0] * (14 - len(p)) + p for p in prompts])
+    pads = [14 - len(p) for p in prompts]
+    growing = KVCache.for_model(model, 4, 14, pad_lengths=pads)
+    with torch.inference_mode():
+        want = model(ids, kv_cache=growing, last_only=True)[:, -1, :]
+        static = StaticKVCache.for_model(model, 4, 14, spare_columns=1)
+        static.pad.copy_(torch.tensor(pads))
+        for start, end in ((0, 5), (5, 11), (11, 14)):
+            got = prefill_step(model, static.first_columns(end), ids[:, start:end])
+    assert int(static.pos) == 14 and static.k[0].shape == (4, model.config.n_kv_head, 15, 8)
+    torch.testing.assert_close(got, want)
+    for layer in range(model.config.n_layer):
+        for row, pad in enumerate(pads):  # the real columns (padding columns' keys differ: never attended)
+            torch.testing.assert_close(static.k[layer][row, :, pad:14], growing.k[layer, row, :, pad:14])
+            torch.testing.assert_close(static.v[layer][row, :, pad:14], growing.v[layer, row, :, pad:14])
+    fresh = StaticKVCache(4, 1, 14, 8, 1, spare_columns=1)
+    fresh.pad.copy_(torch.tensor(pads))
+    fresh.pos.fill_(2)
+    positions, mask = fresh.first_columns(6).positions_and_mask(3)  # columns 2..4; row 3 is padded up to column 13
+    assert positions.tolist() == [[0, 0, 0], [0, 0, 0], [2, 3, 4], [0, 0, 0]]
+    assert mask.shape == (4, 1, 3, 6) and mask[3, 0].tolist() == [[False, False, True, False, False, False],
+                                                                   [False, False, False, True, False, False],
+                                                                   [False, False, False, False, True, False]]
+    assert mask[2, 0, 2].tolist() == [True] * 5 + [False]  # an unpadded row: causal
+
+
 def test_bucket_sizes_are_powers_of_two_that_fit():
     assert [bucket_size(n) for n in (1, 2, 3, 5, 8, 9, 64, 65)] == [1, 2, 4, 8, 8, 16, 64, 128]
 
@@ -245,6 +278,33 @@ def test_compiled_step_gives_the_same_tokens_and_compiles_once_per_shape():
     assert counters["stats"]["unique_graphs"] == graphs
     greedy = engine.generate_prompts(prompts, max_tokens=10, temperature=0.0)
     assert [c for c, _ in greedy] == [naive(model, p, 10) for p in prompts]
+
+
+@pytest.mark.slow  # torch.compile on CPU: tens of seconds
+def test_compiled_prefill_is_one_graph_and_gives_the_eager_tokens(monkeypatch):
+    """The compiled modes prefill through a compiled prefill_step (Engine.COMPILED_PREFILL_MODES): batches of several
+    prompts of other lengths, cut into chunks of other widths, share one compiled graph (a single prompt is a
+    second: dynamo specializes sizes of 1), and the tokens are the eager prefill's. Off, nothing is compiled for it."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from nanochat.decode_static import prefill_step
+    model = tiny_model(seed=4, sequence_len=64)
+    monkeypatch.setattr(Engine, "PREFILL_TOKENS", {"cpu": 24, "cuda": 24})  # several chunks per batch, of other widths
+    torch._dynamo.reset()
+    engine = Engine(model, StandInTokenizer(), decode="compile")
+    eager = Engine(model, StandInTokenizer(), decode="compile")
+    eager.COMPILED_PREFILL_MODES = ()
+    eager._compiled = engine._compiled  # one compiled decode step for both
+    ref = Engine(model, StandInTokenizer(), decode="static")
+    graphs = []
+    for lengths in ((5, 3, 9), (12, 1, 7, 30, 2), (40, 33), (4,)):
+        prompts = mixed_prompts(3, lengths)
+        for kwargs in (dict(temperature=0.0), dict(temperature=0.8, top_k=5, seed=7)):
+            want = ref.generate_prompts(prompts, num_samples=2, max_tokens=10, **kwargs)
+            assert engine.generate_prompts(prompts, num_samples=2, max_tokens=10, **kwargs) == want
+            assert eager.generate_prompts(prompts, num_samples=2, max_tokens=10, **kwargs) == want
+        graphs.append(len(_debug_get_cache_entry_list(prefill_step.__code__)))
+    assert graphs == [1, 1, 1, 2]
+    assert eager._compiled_prefill_step is None
 
 
 @pytest.mark.slow  # torch.compile on CPU: tens of seconds
@@ -762,6 +822,8 @@ def test_bench_rollout_mode_options_and_mixed_lengths():
     assert make_engine(model, StandInTokenizer(), "dynamic-old")[0].WINDOW_MODES == ()
     assert make_engine(model, StandInTokenizer(), "graph-keep")[0].keep_graphs
     assert not make_engine(model, StandInTokenizer(), "graph")[0].keep_graphs
+    assert make_engine(model, StandInTokenizer(), "compiled_graph-eagerprefill")[0].COMPILED_PREFILL_MODES == ()
+    assert make_engine(model, StandInTokenizer(), "compile")[0].COMPILED_PREFILL_MODES == Engine.COMPILED_PREFILL_MODES
     names = ("compiled_graph", "compiled_graph-nolookahead", "compile-fixedlen", "compiled_graph-fixedlen", "graph")
     engines = [make_engine(model, StandInTokenizer(), name)[0] for name in names]
     share_compiled_steps(engines)
@@ -769,6 +831,7 @@ def test_bench_rollout_mode_options_and_mixed_lengths():
     # a graph compiled for a dynamic length would serve the fixed-length modes too: they compile another function
     assert dynamic is ahead_off and fixed is fixed_graph and dynamic is not fixed and plain is None
     assert fixed._torchdynamo_orig_callable is fixed_length_step
+    assert engines[0]._compiled_prefill_step is engines[2]._compiled_prefill_step is not None  # one prefill compile
     assert make_engine(model, StandInTokenizer(), "graph")[0].LOOKAHEAD_MODES == Engine.GRAPH_MODES
     assert Engine.DYNAMIC_LENGTH and make_engine(model, StandInTokenizer(), "compile")[0].DYNAMIC_LENGTH
     for bad in ("graph-fast", "turbo", "graph-shrinkx"):
