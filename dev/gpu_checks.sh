@@ -203,7 +203,7 @@ elif [ "$1" = 13 ]; then
     # ~8 minutes
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     stage cuda_tests 230 $PY -m pytest -q -p no:cacheprovider -k \
-        "lookahead_on_cuda or windows_on_cuda or (on_cuda and graph and not compile) or cast_weights_on_cuda" \
+        "lookahead_on_cuda or windows_on_cuda or compiled_prefill_on_cuda or (on_cuda and graph and not compile) or cast_weights_on_cuda" \
         tests/test_decode_static.py
     stage bench_rollout 360 $PY -m dev.bench_rollout --device cuda --depth 20 --modes \
         dynamic-old,dynamic,graph,graph-nolookahead,graph-windows,graph-keep,compiled_graph,compiled_graph-nolookahead,compiled_graph-windows,compiled_graph-keep,compiled_graph-windows-keep,compiled_graph-eagerprefill,compiled_graph-fixedlen \

@@ -1,7 +1,8 @@
 """
 The fixed-shape decode step (issue 17): a KV cache whose tensors keep their shapes for a whole generation, a
 step that feeds one token per row, writes its keys and values and samples the next token on the device, and
-that step captured as a CUDA graph. Engine's fixed-shape loops (nanochat/engine.py) run it.
+that step captured as a CUDA graph (one per window of the cache, if asked). Engine's fixed-shape loops
+(nanochat/engine.py) run it; its compiled modes also prefill prompts into such a cache (prefill_step).
 """
 
 import copy

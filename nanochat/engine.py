@@ -337,7 +337,8 @@ class Engine:
         decode picks the decoding loop (all give the same tokens, but generate_queue's sampled ones; see _decode_mode):
         dynamic  the growing-batch loop: shrinks the cache when rows finish, reads only the filled columns
         static   the fixed-shape step (StaticKVCache, batch buckets, sampling on the device), eager
-        compile  the fixed-shape step under torch.compile (one graph per batch bucket: the cache length is dynamic)
+        compile  the fixed-shape step under torch.compile (one graph per batch bucket: the cache length is dynamic),
+                 and the prefill too (COMPILED_PREFILL_MODES)
         graph    the fixed-shape step captured as a CUDA graph and replayed, one step ahead of the host (CUDA only)
         compiled_graph  the step under torch.compile, then captured as a CUDA graph: fused kernels, one launch
         auto     graph on CUDA, static on CPU (measured: dev/bench_rollout.md)
@@ -1198,7 +1199,8 @@ def add_decode_flag(parser):
     parser.add_argument("--decode", default="auto", choices=Engine.DECODE_MODES,
                         help="decoding loop: auto (the CUDA graph on CUDA, the fixed-shape step on CPU), dynamic (the "
                              "growing-batch loop), static, compile, graph, compiled_graph (CUDA only: the fastest step, "
-                             "after ~25-45 s of compilation per batch bucket; dev/gpu_results.md); all "
+                             "after ~25-45 s of compilation per batch bucket, and a compiled prefill; "
+                             "dev/gpu_results.md); all "
                              "sample the same tokens, but for an evaluation's sampled answers (Engine.generate_queue: "
                              "the fixed-shape loops queue the problems, dynamic runs passes)")
 

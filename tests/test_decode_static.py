@@ -701,6 +701,28 @@ def test_windows_on_cuda(mode):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_prefill_on_cuda():
+    """The compiled graph's compiled prefill (Engine.COMPILED_PREFILL_MODES) on CUDA under bf16 autocast, prompts cut
+    into several chunks: replays reproduce and the first tokens agree with the eager prefill's (other kernels round
+    differently under bf16), for batches of several prompts and of one."""
+    model, prompts, tokenizer, headers = lookahead_case()
+    model = model.to("cuda")
+    compiled = Engine(model, tokenizer, decode="compiled_graph")
+    compiled.PREFILL_TOKENS = {"cuda": 40}  # chunks of a few columns
+    eager = Engine(model, tokenizer, decode="compiled_graph")
+    eager.PREFILL_TOKENS, eager.COMPILED_PREFILL_MODES = {"cuda": 40}, ()
+    eager._compiled = compiled._compiled  # one compiled decode step for both
+    for batch in (prompts, prompts[3:4]):
+        for kwargs in (dict(temperature=0.0), dict(temperature=0.9, top_k=6, seed=3)):
+            kwargs = dict(kwargs, num_samples=2, max_tokens=12, line_headers=None)
+            a = compiled.generate_prompts(batch, **kwargs)
+            assert a == compiled.generate_prompts(batch, **kwargs)
+            b = eager.generate_prompts(batch, **kwargs)
+            assert [c[:1] for c, _ in a] == [c[:1] for c, _ in b]
+    assert compiled._compiled_prefill_step is not None and eager._compiled_prefill_step is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_kept_graphs_on_cuda():
     """keep_graphs on CUDA, where a replay reads memory by address: a kept graph over the bf16 sampling copy gives a
     fresh engine's tokens after the weights change in place (the copy is refreshed in place), and is captured
