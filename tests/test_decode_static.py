@@ -977,8 +977,10 @@ def test_generate_queue_forces_tool_output_and_line_headers_like_generate_prompt
     assert tok.decode(got[0][0]) == "Step 1:x\nOverall:x"
 
 
-def test_generate_queue_on_a_stand_in_graph(monkeypatch):
-    """The graph path's plumbing: one capture for the whole queue, the cache placed and shifted in place."""
+@pytest.mark.parametrize("windows", [False, True])
+def test_generate_queue_on_a_stand_in_graph(monkeypatch, windows):
+    """The graph path's plumbing: one capture for the whole queue (with windows, one per window it reaches, the
+    columns moving left making it reach narrower ones again), the cache placed and shifted in place."""
     captures = []
     monkeypatch.setattr(GraphedStep, "capture", staticmethod(lambda run: captures.append(run) or FakeGraph.capture(run)))
     model = tiny_model(seed=4)
@@ -986,11 +988,13 @@ def test_generate_queue_on_a_stand_in_graph(monkeypatch):
     tokenizer = StandInTokenizer(assistant_end=stop_token_for(model, prompts))
     engine = Engine(model, tokenizer, decode="static")
     engine._decode_mode = lambda device: "graph"
+    if windows:
+        engine.WINDOW_MODES, engine.WINDOW_QUANTUM = ("graph",), 8
     for kwargs in (dict(temperature=0.0), dict(temperature=1.0, top_k=6, seed=2)):
         captures.clear()
         got = engine.generate_queue(prompts, 3, max_tokens=24, **kwargs)
         assert got == Engine(model, tokenizer, decode="static").generate_queue(prompts, 3, max_tokens=24, **kwargs)
-        assert len(captures) == 1 and engine._graphs == {}
+        assert (len(captures) > 2 if windows else len(captures) == 1) and engine._graphs == {}
 
 
 @pytest.mark.parametrize("kwargs, message", [
