@@ -240,9 +240,9 @@ def graph_breakdown(engine, prompts, new_tokens, args, steps=64, mode=None):
     """Where a graph step's wall time goes: the step as the Engine's loop runs it (host bookkeeping, copies,
     replay, reading the tokens back) against the same captured graph (each step's window, if windowed) replayed
     back to back with no host work between replays (the device's time per step, gaps between its kernels
-    included). The difference
-    is the host's share, which the device waits for. The stream asks for new_tokens tokens, so the cache
-    has the timed table's length, and `steps` of its steps are timed. `mode`: the name printed (the table's)."""
+    included). The difference is the host's share, which the device waits for. The stream asks for new_tokens
+    tokens, so the cache has the timed table's length, and `steps` of its steps are timed. `mode`: the name
+    printed (the table's)."""
     mode = mode or engine.decode
     device = engine.model.get_device()
     steps = max(1, min(steps, new_tokens - 1))
@@ -256,7 +256,7 @@ def graph_breakdown(engine, prompts, new_tokens, args, steps=64, mode=None):
         pass
     synchronize(device)
     loop = (time.perf_counter() - t0) / steps
-    stream.close()  # drops the Engine's graphs; this one still holds its cache and memory pool
+    stream.close()  # the Engine gives back its graphs (unless it keeps them); this one still holds its cache and pool
     for _ in range(3):
         graphed.cache.pos.fill_(start)
         graphed.replay()
