@@ -673,9 +673,13 @@ class Engine:
         with inference_context(device.type):
             # each prompt is processed once (as in the dynamic loop), then fanned out to its rows
             if mode in self.COMPILED_PREFILL_MODES:
-                prompt_cache, logits = self._compiled_prefill(model, ids, pads, dtype)
-                prompt_pad = prompt_cache.pad
-            else:
+                try:
+                    prompt_cache, logits = self._compiled_prefill(model, ids, pads, dtype)
+                    prompt_pad = prompt_cache.pad
+                except Exception as e:  # not run on every GPU yet: a failed compile must not end a run
+                    print(f"Engine: compiled prefill failed ({type(e).__name__}: {e}); prefilling eagerly from now on")
+                    self.COMPILED_PREFILL_MODES = ()
+            if mode not in self.COMPILED_PREFILL_MODES:
                 prompt_cache = KVCache.for_model(model, num_prompts, longest, dtype=dtype, pad_lengths=pads)
                 logits = self._prefill(model, ids, prompt_cache)
                 prompt_pad = prompt_cache.pad_lengths

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import nanochat.engine as engine_module
-from nanochat.decode_static import GraphedStep, StaticKVCache, bucket_size, noise_width, sample_from_raw_logits
+from nanochat.decode_static import (GraphedStep, StaticKVCache, bucket_size, decode_step, noise_width,
+                                    sample_from_raw_logits)
 from nanochat.engine import Engine, KVCache, sample_next_token
 from tests.test_engine import StandInTokenizer, cut_at, naive, tiny_model
 
@@ -305,6 +306,24 @@ def test_compiled_prefill_is_one_graph_and_gives_the_eager_tokens(monkeypatch):
         graphs.append(len(_debug_get_cache_entry_list(prefill_step.__code__)))
     assert graphs == [1, 1, 1, 2]
     assert eager._compiled_prefill_step is None
+    assert engine.COMPILED_PREFILL_MODES == Engine.COMPILED_PREFILL_MODES  # no compile failed into the eager prefill
+
+
+def test_a_failed_prefill_compile_falls_back_to_the_eager_prefill(monkeypatch, capsys):
+    """A compiled prefill that raises (torch.compile on a GPU or driver it was never run on) prints why and prefills
+    eagerly from then on, with the eager prefill's tokens, instead of ending the run."""
+    def broken(*args):
+        raise RuntimeError("backend compiler failed")
+    model = tiny_model(seed=4)
+    prompts = mixed_prompts(3, (5, 3, 9))
+    engine = Engine(model, StandInTokenizer(), decode="static")
+    engine._decode_mode = lambda device: "compile"
+    engine._compiled_prefill_step = broken
+    engine._compiled = lambda: decode_step  # the decode step itself, uncompiled (not under test here)
+    want = Engine(model, StandInTokenizer(), decode="static").generate_prompts(prompts, num_samples=2, max_tokens=8)
+    assert engine.generate_prompts(prompts, num_samples=2, max_tokens=8) == want
+    assert engine.COMPILED_PREFILL_MODES == () and Engine.COMPILED_PREFILL_MODES
+    assert "compiled prefill failed (RuntimeError: backend compiler failed)" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # torch.compile on CPU: tens of seconds
@@ -313,7 +332,6 @@ def test_compiled_step_compiles_once_for_every_cache_length():
     whose caches are 64, 128 and 192 columns long share one compiled graph and give the eager step's tokens.
     With DYNAMIC_LENGTH off, a new length compiles again (what this test would see if the marks were lost)."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-    from nanochat.decode_static import decode_step
     model = tiny_model(seed=4, sequence_len=32)  # rotary tables cover 320 positions
     prompts = mixed_prompts(2, (5, 3))
     for dynamic in (True, False):
@@ -485,7 +503,6 @@ def test_compiled_windows_share_one_compiled_step(monkeypatch):
     even the widest window a view (a contiguous tensor is strided otherwise: another graph), and the tokens are the
     eager fixed-shape loop's. Without the spare column the widest window compiles a second graph."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-    from nanochat.decode_static import decode_step
     monkeypatch.setattr(GraphedStep, "capture", staticmethod(FakeGraph.capture))
     model = tiny_model(seed=4, sequence_len=32)  # rotary tables cover 320 positions
     prompts = mixed_prompts(2, (5, 3))
@@ -720,6 +737,7 @@ def test_compiled_prefill_on_cuda():
             b = eager.generate_prompts(batch, **kwargs)
             assert [c[:1] for c, _ in a] == [c[:1] for c, _ in b]
     assert compiled._compiled_prefill_step is not None and eager._compiled_prefill_step is None
+    assert compiled.COMPILED_PREFILL_MODES == Engine.COMPILED_PREFILL_MODES  # no compile failed into the eager prefill
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
