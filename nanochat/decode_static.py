@@ -251,6 +251,7 @@ class GraphedStep:
 
     def window_for(self, filled):
         """The window a step that leaves `filled` columns filled runs (None: the widest)."""
+        assert filled is None or filled <= self.cache.capacity, f"{filled} columns in a cache of {self.cache.capacity}"
         if self.windows is None or filled is None:
             return self.cache.capacity
         return next(w for w in self.windows if w >= filled)
