@@ -5,7 +5,8 @@ Both arms run scripts.chat_cotrain with the same seed (so the same questions and
 starts from the same weights, the same samples): one with `--alpha 0 --no_verifier` (the baseline
 step), one with the verifier judging every sample. Models have random weights, so every sample and every
 verification runs to its token limit: the worst case. Prints the split into generate / verify / train, and of
-generate and verify into the Engine's prefill, its decoding and the host work around it.
+generate and verify into the Engine's prefill, its decoding and the host work around it, with the seconds of CUDA
+graph captures within the first two (what --keep_graphs would save where shapes repeat).
 
     python -m dev.bench_cotrain                         # CPU toy size: generator d4, verifier d2
     python -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 --samples 16
@@ -81,7 +82,7 @@ def main():
         rows = history["gen"][1:] or history["gen"]  # drop the warm-up step
         results[name] = {k: statistics.fmean(r[f"gen/time_{k}"] for r in rows) for k in ("generate", "verify", "train")}
         splits[name] = {f"{phase}_{part}": statistics.fmean(r.get(f"gen/time_{phase}_{part}", 0.0) for r in rows)
-                        for phase in ("generate", "verify") for part in ("prefill", "decode")}
+                        for phase in ("generate", "verify") for part in ("prefill", "decode", "capture")}
         print(f"{name}: {time.time() - t0:.1f}s for {len(history['gen'])} steps")
     anchor = sum(results["baseline GRPO step"].values())
     print(f"\ngenerator d{args.depth_g}, verifier d{args.depth_v}, {args.questions} questions x {args.samples} samples, "
@@ -90,15 +91,16 @@ def main():
     for name, t in results.items():
         total = sum(t.values())
         print(f"{name:<28}{t['generate']:>9.2f}s{t['verify']:>9.2f}s{t['train']:>9.2f}s{total:>9.2f}s{total / anchor:>12.2f}x")
-    print("\nwhere generate and verify go (Engine.time_spent: to the first column / after it; the rest is host work "
-          "around the Engine: prompts, rewards, parsing judgements)")
+    print("\nwhere generate and verify go (Engine.time_spent: to the first column / after it, of which CUDA graph "
+          "captures; the rest is host work around the Engine: prompts, rewards, parsing judgements)")
     for name, split in splits.items():
         parts = []
         for phase in ("generate", "verify"):
             prefill, decode = split[f"{phase}_prefill"], split[f"{phase}_decode"]
             if prefill + decode > 0:  # the baseline has no verifier
                 parts.append(f"{phase} {results[name][phase]:.2f}s = prefill {prefill:.2f} + decode {decode:.2f} + "
-                             f"other {results[name][phase] - prefill - decode:.2f}")
+                             f"other {results[name][phase] - prefill - decode:.2f} (captures "
+                             f"{split[f'{phase}_capture']:.2f})")
         print(f"  {name}: " + "; ".join(parts))
     if args.device_type == "cuda":
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")

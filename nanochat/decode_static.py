@@ -8,6 +8,7 @@ that step captured as a CUDA graph (one per window of the cache, if asked). Engi
 import copy
 import functools
 import itertools
+import time
 
 import torch
 import torch.nn.functional as F
@@ -62,19 +63,20 @@ class StaticKVCache:
         torch._dynamo.mark_dynamic(self.columns, 0)
         return self
 
-    def first_columns(self, width):
+    def first_columns(self, width, dynamic=True):
         """This cache seen through its first `width` columns: the same memory, write column and padding, but a step
         on it attends to `width` columns instead of all of them (GraphedStep's windows: a step early in a generation
-        need not read the empty columns at the end). Its tensors are views whose column count torch.compile takes
-        as a dynamic size, so one compiled graph serves every width; a view is strided like its whole tensor, which
-        a contiguous tensor is not (another graph), hence a windowed cache's spare column: no window is whole."""
+        need not read the empty columns at the end). dynamic (for a compiled step; it imports dynamo): its tensors'
+        column count is marked as a dynamic size, so one compiled graph serves every width; a view is strided like
+        its whole tensor, which a contiguous tensor is not (another graph), hence a windowed cache's spare column:
+        no window is whole."""
         assert 0 < width <= self.capacity, f"a window of {width} columns in a cache of {self.capacity}"
         view = copy.copy(self)
         view.k = [t[:, :, :width] for t in self.k]
         view.v = [t[:, :, :width] for t in self.v]
         view.columns = self.columns[:width]
         view.window = None
-        if width > 1:  # dynamo specializes sizes of 1 (a mark on one would raise)
+        if dynamic and width > 1:  # dynamo specializes sizes of 1 (a mark on one would raise)
             for tensor in view.k + view.v:
                 torch._dynamo.mark_dynamic(tensor, 2)
             torch._dynamo.mark_dynamic(view.columns, 0)
@@ -234,9 +236,12 @@ class GraphedStep:
     graph per window, each attending to the cache's first columns only (StaticKVCache.first_columns), captured
     when a step first needs it. A step that leaves `filled` columns filled runs the narrowest window that holds
     them: attention reads the cache, and at batch 256 most of a step's time is that read (dev/gpu_results.md).
-    `out`, `logits` and `replay` are those of the window last run. The captures share the input buffers."""
+    `out`, `logits` and `replay` are those of the window last run. The captures share the input buffers.
+    clock: a dict whose "capture" entry each capture adds its wall seconds to (Engine.time_spent), or None.
+    compiled: `step` is compiled (its windows' column counts are then marked dynamic: one compiled graph for all)."""
 
-    def __init__(self, step, model, cache, width, temperature, top_k, windows=None, filled=None):
+    def __init__(self, step, model, cache, width, temperature, top_k, windows=None, filled=None, clock=None,
+                 compiled=False):
         assert windows is None or windows[-1] == cache.capacity, f"windows {windows} must end at {cache.capacity}"
         self.cache = cache
         self.windows = windows
@@ -246,6 +251,8 @@ class GraphedStep:
         # a capture later in the generation runs under the autocast of this one (the loop replays outside it)
         self.autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         self.reads = self.memory_of(model)
+        self.clock = clock
+        self.compiled = compiled
         self.graphs = {}  # window (columns) -> (replay, out, logits)
         self.use(filled)
 
@@ -268,7 +275,10 @@ class GraphedStep:
         The warm-up runs write two columns: the window's last two, saved and put back, so a window may be captured
         at any point of a generation (even when its last column is the next one to write)."""
         cache = self.cache
-        view = cache if self.windows is None else cache.first_columns(window)
+        if cache.pos.is_cuda:  # the capture's clock starts when the work queued before it is done
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        view = cache if self.windows is None else cache.first_columns(window, dynamic=self.compiled)
         start = cache.pos.clone()
         written = slice(window - 2, window)
         saved = [t[:, :, written].clone() for t in cache.k + cache.v]
@@ -279,6 +289,8 @@ class GraphedStep:
         for tensor, columns in zip(cache.k + cache.v, saved):
             tensor[:, :, written] = columns
         cache.pos.copy_(start)
+        if self.clock is not None:
+            self.clock["capture"] += time.perf_counter() - t0
         return replay, out, logits
 
     @staticmethod

@@ -381,8 +381,9 @@ class Engine:
         self._acting_tokens = self.stop_tokens | {self.python_start, self.python_end}  # tokens _observe acts on
         self._newlines = None
         # wall seconds of every generation so far (generate, generate_batch, generate_prompts; not generate_queue):
-        # to its first column (the prefill) and after it (decoding). Callers read the change over a phase.
-        self.time_spent = {"prefill": 0.0, "decode": 0.0}
+        # to its first column (the prefill) and after it (decoding); "capture": CUDA graph captures, a part of those
+        # two (every capture, generate_queue's too). Callers read the change over a phase.
+        self.time_spent = {"prefill": 0.0, "decode": 0.0, "capture": 0.0}
 
     # ---- tool use
 
@@ -894,7 +895,8 @@ class Engine:
                 if mode in self.CUDNN_GRAPH_MODES:  # the step picks its kernels itself (decode_step: compile traces it)
                     fn = functools.partial(fn, attention=self.GRAPH_SDPA_BACKENDS)
                 try:
-                    self._graphs[key] = GraphedStep(fn, model, cache, width, temperature, top_k, windows, filled)
+                    self._graphs[key] = GraphedStep(fn, model, cache, width, temperature, top_k, windows, filled,
+                                                    clock=self.time_spent, compiled=mode == "compiled_graph")
                 except Exception as e:  # not verified on every GPU/driver: a failed capture must not end a run
                     if self.decode != "auto":
                         raise

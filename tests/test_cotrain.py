@@ -78,6 +78,7 @@ def test_bench_cotrain_splits_each_phase_into_prefill_decode_and_host_work():
     baseline, cotrain = [line for line in split.splitlines() if line.startswith("  ")]
     assert baseline.startswith("  baseline GRPO step: generate") and "verify" not in baseline
     assert cotrain.startswith("  co-training generator step: generate") and "; verify " in cotrain
+    assert cotrain.count("(captures 0.00)") == 2  # on CPU no CUDA graph is captured
 
 
 def varied_verdicts(text):

@@ -465,7 +465,8 @@ def test_windowed_graphs_sample_what_the_dynamic_loop_samples(monkeypatch, looka
     monkeypatch.setattr(GraphedStep, "capture", staticmethod(FakeGraph.capture))
     widths, steps = [], []
     real_first, real_call = StaticKVCache.first_columns, GraphedStep.__call__
-    monkeypatch.setattr(StaticKVCache, "first_columns", lambda self, width: widths.append(width) or real_first(self, width))
+    monkeypatch.setattr(StaticKVCache, "first_columns",
+                        lambda self, width, **kwargs: widths.append(width) or real_first(self, width, **kwargs))
 
     def recording_call(self, cache, tokens, noise, filled=None):
         steps.append((filled, int(cache.pos), self.window_for(filled)))
@@ -519,6 +520,28 @@ def test_compiled_windows_share_one_compiled_step(monkeypatch):
             want = Engine(model, StandInTokenizer(), decode="static").generate_prompts(prompts, **kwargs)
             assert engine.generate_prompts(prompts, **kwargs) == want
         assert len(_debug_get_cache_entry_list(decode_step.__code__)) == (1 if spare else 2)
+
+
+def test_time_spent_counts_the_captures(monkeypatch):
+    """Engine.time_spent["capture"]: the wall seconds of every graph capture (stand-in captures slowed by 50 ms),
+    the first window's in the prefill and a window reached later in the decoding; a kept graph's next generation of
+    the same shape captures nothing, so it adds nothing."""
+    import time
+
+    def slow_capture(run):
+        time.sleep(0.05)
+        return FakeGraph.capture(run)
+    monkeypatch.setattr(GraphedStep, "capture", staticmethod(slow_capture))
+    model = tiny_model(seed=8)
+    prompts = mixed_prompts(3, (6, 2, 9))
+    engine = Engine(model, StandInTokenizer(), decode="static", keep_graphs=True)
+    engine._decode_mode = lambda device: "graph"
+    engine.WINDOW_MODES, engine.WINDOW_QUANTUM = ("graph",), 8
+    engine.generate_prompts(prompts, num_samples=2, max_tokens=12, temperature=0.0)  # windows 16, then 24
+    spent = dict(engine.time_spent)
+    assert 0.1 <= spent["capture"] < 0.1 + 0.5 and spent["capture"] <= spent["prefill"] + spent["decode"]
+    engine.generate_prompts(prompts, num_samples=2, max_tokens=12, temperature=0.0)
+    assert engine.time_spent["capture"] == spent["capture"] and engine.time_spent["decode"] > spent["decode"]
 
 
 def test_kept_graphs_are_reused_while_the_weights_stay_where_they_were(monkeypatch):
@@ -715,6 +738,7 @@ def test_windows_on_cuda(mode):
             assert [c[:1] for c, _ in a] == [c[:1] for c, _ in b]
             graphed = next(iter(windowed._graphs.values()))
             assert len(graphed.graphs) >= 2 and graphed.windows[-1] == graphed.cache.capacity
+    assert windowed.time_spent["capture"] > 0 and whole.time_spent["capture"] > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -241,7 +241,7 @@ def test_time_spent_counts_the_prefill_and_the_decoding(monkeypatch, decode):
     also when the caller stops reading early; the model's forward is slowed to know which part is which."""
     model = tiny_model(seed=2)
     engine = Engine(model, StandInTokenizer(), decode=decode)
-    assert engine.time_spent == {"prefill": 0.0, "decode": 0.0}
+    assert engine.time_spent == {"prefill": 0.0, "decode": 0.0, "capture": 0.0}
     real_forward = type(model).forward
 
     def slow_prefill(self, idx, *args, **kwargs):
@@ -257,6 +257,7 @@ def test_time_spent_counts_the_prefill_and_the_decoding(monkeypatch, decode):
     next(stream)
     stream.close()
     assert engine.time_spent["prefill"] >= prefill + 0.3 and engine.time_spent["decode"] > decode_time
+    assert engine.time_spent["capture"] == 0.0  # no CUDA graph here
 
 
 @pytest.mark.parametrize("kwargs, message", [
