@@ -163,6 +163,7 @@ def test_run_completes_with_schedule_and_checkpoint(sft_base):
         for phase in ("generate", "verify"):
             prefill, decode = record[f"gen/time_{phase}_prefill"], record[f"gen/time_{phase}_decode"]
             assert prefill > 0 and decode > 0 and prefill + decode <= record[f"gen/time_{phase}"]
+            assert record[f"gen/time_{phase}_capture"] == 0.0  # no CUDA graph on CPU
     assert {"verifier_balanced_accuracy", "verifier_share_said_correct", "verifier_gold_share_correct",
             "verifier_steps_aligned"} <= set(history["eval"][-1])
     ckpt = os.path.join(os.environ["NANOCHAT_BASE_DIR"], "cotrain_checkpoints", "g2_v1")
