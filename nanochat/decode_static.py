@@ -284,6 +284,8 @@ class GraphedStep:
         saved = [t[:, :, written].clone() for t in cache.k + cache.v]
         cache.pos.fill_(window - 2)
         enabled, dtype = self.autocast
+        # autocast's cache of cast weights off: a cast cached during capture is freed when autocast exits, and the
+        # graph would read freed memory (PyTorch's CUDA-graph notes ask for cache_enabled=False)
         with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
             replay, (out, logits) = self.capture(lambda: self.step(view, self.tokens, self.noise))
         for tensor, columns in zip(cache.k + cache.v, saved):
@@ -306,21 +308,17 @@ class GraphedStep:
 
     @staticmethod
     def capture(run):
-        """(replay function, run's outputs). The warm-up runs on a side stream, as capture requires, and
-        autocast's cache of cast weights is off: a cast cached during capture is freed when autocast exits,
-        and the graph would read freed memory (PyTorch's CUDA-graph notes ask for cache_enabled=False)."""
-        autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
-                                  enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
-        with autocast:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    run()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outputs = run()
+        """(replay function, run's outputs), under the caller's autocast (capture_window turns its cache off).
+        The warm-up runs on a side stream, as capture requires."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = run()
         return graph.replay, outputs
 
     def __call__(self, cache, tokens, noise, filled=None):
