@@ -202,7 +202,7 @@ elif [ "$1" = 13 ]; then
     # compiled for its length alone and prefilling eagerly, and every graph mode's breakdown (its host's share);
     # ~8 minutes
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-    stage cuda_tests 230 $PY -m pytest -q -p no:cacheprovider -k \
+    stage cuda_tests 230 $PY -m pytest -v -p no:cacheprovider -k \
         "lookahead_on_cuda or windows_on_cuda or compiled_prefill_on_cuda or (on_cuda and graph and not compile) or cast_weights_on_cuda" \
         tests/test_decode_static.py
     stage bench_rollout 360 $PY -m dev.bench_rollout --device cuda --depth 20 --modes \
