@@ -60,7 +60,8 @@ def main():
     p.add_argument("--steps", type=int, default=3, help="generator steps timed (the first is a warm-up)")
     p.add_argument("--device_type", default="cpu")
     p.add_argument("--tokenizer_dir", default=None, help="load a saved tokenizer instead of training one")
-    p.add_argument("--cotrain_args", default="", help="more chat_cotrain flags for both arms, e.g. '--offload_frozen'")
+    p.add_argument("--cotrain_args", default="", help="more chat_cotrain flags for both arms, one string: "
+                   "--cotrain_args=--offload_frozen (with '=': a lone flag would be read as bench_cotrain's own)")
     args = p.parse_args()
     os.environ["NANOCHAT_BASE_DIR"] = make_base_dir(args)
     os.environ.setdefault("WANDB_MODE", "disabled")

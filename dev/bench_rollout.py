@@ -24,7 +24,8 @@ step for its cache length, as before Engine.DYNAMIC_LENGTH (compiled modes only:
 as a dynamic size, one compile for every length). "-nolookahead" makes a graph mode wait for each step's tokens
 before launching the next, as before Engine.LOOKAHEAD_MODES (graph modes otherwise run one replay ahead).
 "-windows" makes a graph mode capture a graph per Engine.WINDOW_QUANTUM columns of the cache and run the narrowest
-that holds the filled columns (Engine.WINDOW_MODES; off by default), "-nowindows" one graph over the whole cache.
+that holds the filled columns (Engine.WINDOW_MODES: the compiled graph by default), "-nowindows" one graph over the
+whole cache.
 Captures are part of every timed call (the Engine gives its graphs back after each generation, as RL's does by
 default); "-keep" keeps them (Engine(keep_graphs=True), chat_rl's --keep_graphs): only the warm-up captures, so the
 difference to the same mode without it is the captures' cost per call. "-eagerprefill" prefills a compiled mode's
@@ -38,6 +39,8 @@ tokens lie outside the vocabulary, so every row decodes exactly --new_tokens tok
 
 Printed per row: prefill ms (to the first sampled column), decode ms per step, total latency, tokens/s,
 memory-bandwidth utilisation = (weight bytes + KV bytes a step must read) / step time / peak bandwidth,
+the bytes in the dtypes today's Engine reads them in (on CUDA bf16 linears and a bf16 cache; before 2026-11-28
+they were counted at the fp32 parameters' size, twice the bytes on CUDA),
 and MFU = decode FLOPs per step / step time / peak FLOP/s. The KV bytes are those of the filled columns
 (the least any implementation must read), the same for every mode, so a mode that reads more (the static
 cache reads its whole fixed length) shows it as lower utilisation. The first call of a shape per mode is
@@ -196,17 +199,27 @@ def old_prefill_chunk(model, rows, length, device):
     return max(1, (1 << 25) // (rows * model.config.vocab_size))
 
 
-def step_costs(model, prompts, new_tokens):
-    """(bytes, FLOPs) one average decode step must read / compute for these rows: every weight but the
-    embedding (a lookup of B rows) once, plus the keys and values of the filled columns of every row."""
+def step_costs(model, prompts, new_tokens, engine):
+    """(bytes, FLOPs) one average decode step must read / compute for these rows on the Engine's path: every
+    weight but the embedding (a lookup of B rows) once, the linears' in the dtype it samples them in (a bf16
+    copy on CUDA, Engine.cast_weights), plus the keys and values of the filled columns of every row in the
+    cache's dtype (bf16 on CUDA). One yardstick per shape: the "-old" rows read fp32 weights, so theirs is
+    an underestimate of what they move."""
     c = model.config
-    weights = [p for name, p in model.named_parameters() if "wte" not in name]
-    weight_bytes = sum(p.numel() * p.element_size() for p in weights)
-    matmul_params = sum(p.numel() for p in weights)
+    device = model.get_device()
+    cast = engine.cast_weights
+    if cast == "auto":
+        cast = engine._cache_dtype(device)  # the compute dtype where sampling casts (CUDA), else no cast
+    linears = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    weights = [(name, p) for name, p in model.named_parameters() if "wte" not in name]
+    weight_bytes = sum(p.numel() * (cast.itemsize if cast and id(p) in linears else p.element_size())
+                       for _, p in weights)
+    matmul_params = sum(p.numel() for _, p in weights)
     longest = max(len(p) for p in prompts)
     mean_len = longest + new_tokens / 2  # left-padded rows all sit at the same column; the pad is masked, not skipped
     head_dim = c.n_embd // c.n_head
-    kv_bytes_per_column = 2 * c.n_layer * c.n_kv_head * head_dim * next(model.parameters()).element_size()
+    cache_dtype = engine._cache_dtype(device) or next(model.parameters()).dtype
+    kv_bytes_per_column = 2 * c.n_layer * c.n_kv_head * head_dim * cache_dtype.itemsize
     rows = len(prompts)
     kv_bytes = rows * kv_bytes_per_column * mean_len
     flops = rows * (2 * matmul_params + 4 * c.n_layer * c.n_embd * mean_len)  # matmuls + scores and values
@@ -337,7 +350,7 @@ def main():
         for prompt_len in prompt_lens:
             for new_tokens in new_token_counts:
                 prompts = make_prompts(batch, prompt_len, args.vocab_size)
-                step_bytes, step_flops = step_costs(model, prompts, new_tokens)
+                step_bytes, step_flops = step_costs(model, prompts, new_tokens, Engine(model, NoStopTokenizer(args.vocab_size)))
                 lengths = row_lengths(batch, new_tokens) if args.lengths == "mixed" else [new_tokens] * batch
                 length_of.update(zip(map(tuple, prompts), lengths))
                 warmup = {}

@@ -60,7 +60,7 @@ cotrain_step_runs() {  # parts 12 and 14: the co-training step at d20 + d12 thre
     grep -h "co-training generator step  " "$LOGS"/bench_cotrain_*.log
     # both roles decoding with the compiled graph (cuDNN attention; compiles in the first, untimed step, once per
     # batch bucket: the cache length is dynamic): reported as measured, no default depends on it
-    stage bench_cotrain_compiled 150 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 \
+    stage bench_cotrain_compiled 280 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 \
         --samples 16 --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer --cotrain_args "--decode compiled_graph"
 }
 
@@ -219,7 +219,7 @@ elif [ "$1" = 14 ]; then
     stage bench_rollout_d12 150 $PY -m dev.bench_rollout --device cuda --depth 12 --modes \
         compiled_graph,compiled_graph-eagerprefill --batch_sizes 256 --prompt_lens 384 --new_tokens 128 --repeats 2
     stage bench_cotrain_keep 65 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 \
-        --samples 16 --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer --cotrain_args "--keep_graphs"
+        --samples 16 --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer --cotrain_args=--keep_graphs
 else
     : "${NANOCHAT_BASE_DIR:?set NANOCHAT_BASE_DIR to a directory with tokenizer/ (and base_data/ for base_train)}"
     stage cuda_tests_gpt 60 $PY -m pytest -q -p no:cacheprovider -k cuda tests/test_gpt.py

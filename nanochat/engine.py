@@ -302,8 +302,9 @@ class Engine:
     # ms, the compiled graph's 7.87 -> 4.61 ms at batch 256 and 1.62 -> 1.31 ms at batch 1 (its step chooses the
     # kernel inside itself, decode_step's `attention`, so that torch.compile traces the choice)
     CUDNN_GRAPH_MODES = GRAPH_MODES
-    # Captured steps that run one replay ahead of the host (_lookahead_loop) while their rows keep their slots.
-    # Built and tested on CPU with a stand-in graph; a GPU has yet to time it (dev/logs/gpu/next/PLAN.md, rule 1)
+    # Captured steps that run one replay ahead of the host (_lookahead_loop) while their rows keep their slots: on an
+    # H200 at depth 20 and batch 256 the graph's step 6.05 -> 5.80 ms, the compiled graph's 4.12 -> 3.91 ms
+    # (dev/gpu_results.md, 2026-11-28)
     LOOKAHEAD_MODES = GRAPH_MODES
     # A fixed-shape loop moves its live rows to the next smaller batch bucket once they fit it, if at least this many
     # steps may remain (None: never), so finished rows stop costing compute: on CPU (d4, batch 64, answer lengths
@@ -312,20 +313,24 @@ class Engine:
     # steps and a cuDNN plan), so graphs keep their bucket until a GPU measures it (dev/gpu_checks.sh 10).
     SHRINK_MIN_STEPS = {"static": 0, "compile": 0, "graph": None, "compiled_graph": None}
     # Compiled steps take the cache length as a dynamic size (StaticKVCache.mark_length_dynamic): one compile per
-    # batch bucket and sampling setting, whatever lengths the prompts need. False: a compile per length. Its speed
-    # against a fixed length on a GPU is unmeasured (dev/logs/gpu/next/PLAN.md, rule 2)
+    # batch bucket and sampling setting, whatever lengths the prompts need. False: a compile per length. On an H200
+    # (depth 20, batch 256) its step was as fast as one compiled for the length: 3.91 vs 3.90 ms (2026-11-28)
     DYNAMIC_LENGTH = True
     # Graph modes that capture a graph per window of WINDOW_QUANTUM columns and run the narrowest one holding the
     # filled columns (GraphedStep's windows), so attention stops reading the empty end of the cache: at batch 256 and
     # depth 20 it read all 320 columns of the bench's cache at every step, 2.6 ms of the compiled graph's 4.6 ms
     # (dev/gpu_results.md). Each window costs a capture (warm-up steps and a cuDNN plan) per generation unless the
-    # graphs are kept. Off until a GPU measures it against the capture cost (dev/logs/gpu/next/PLAN.md, rule 5)
-    WINDOW_MODES = ()
+    # graphs are kept. On an H200 (2026-11-28, depth 20, batch 256, rows filling 64 -> 320 columns, captures
+    # included) the compiled graph's tokens/s 1.03x (step 3.91 -> 3.79 ms; 3.51 ms with its graphs kept), the
+    # graph's 1.00x (its step 5.80 -> 5.88 ms: the eager capture costs more than the columns it saves), so windows
+    # are on for the compiled graph alone (dev/logs/gpu/next/PLAN.md, rule 5)
+    WINDOW_MODES = ("compiled_graph",)
     WINDOW_QUANTUM = 64
     # Decode modes whose prompts are prefilled by a compiled step too (prefill_step on a StaticKVCache: one graph for
     # every batch, chunk width and prompt length). The eager prefill's time on a GPU is mostly elementwise work on
     # activations (two thirds of the d12 verifier's 152 ms for 256 prompts of 384 tokens, dev/gpu_results.md), which
-    # compiling fuses. On a GPU unmeasured (dev/logs/gpu/next/PLAN.md, rule 7)
+    # compiling fuses. On an H200 (2026-11-28) the prefill to the first column 104.5 -> 73.5 ms for the d20 bench's
+    # 256 prompts of up to 64 tokens and 239.0 -> 147.9 ms for the d12 verifier's 256 of up to 384
     COMPILED_PREFILL_MODES = ("compile", "compiled_graph")
 
     def __init__(self, model, tokenizer, decode="auto", max_rows=None, cast_weights="auto", keep_graphs=False):

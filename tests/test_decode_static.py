@@ -845,6 +845,22 @@ def test_bench_rollout_smoke():
     assert summary["results"][0]["vs_first_mode"] == 1.0
 
 
+def test_bench_rollout_step_costs_count_the_dtypes_read():
+    """The bandwidth yardstick counts the linears in the dtype the Engine samples them in and the cache in its
+    own (GQA: n_kv_head heads), against a count made here by hand."""
+    from dev.bench_rollout import step_costs
+    model = tiny_model()
+    c = model.config
+    prompts = [[5] * 6, [5] * 4]
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    other = sum(p.numel() for name, p in model.named_parameters() if "wte" not in name) - linear
+    kv_elements = len(prompts) * 2 * c.n_layer * c.n_kv_head * (c.n_embd // c.n_head) * (6 + 5 / 2)
+    fp32 = Engine(model, StandInTokenizer(), cast_weights=False)
+    assert step_costs(model, prompts, 5, fp32)[0] == 4 * (linear + other) + 4 * kv_elements  # no cast, fp32 cache on CPU
+    bf16 = Engine(model, StandInTokenizer(), cast_weights=torch.bfloat16)
+    assert step_costs(model, prompts, 5, bf16)[0] == 2 * linear + 4 * other + 4 * kv_elements
+
+
 def test_bench_prefill_smoke():
     cmd = [sys.executable, "-m", "dev.bench_prefill", "--depth", "1", "--vocab_size", "300", "--shapes", "3x6",
            "--widths", "2,4", "--repeats", "2", "--threads", "1", "--attention", "engine,cudnn", "--profile"]
