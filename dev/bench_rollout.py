@@ -25,7 +25,7 @@ as a dynamic size, one compile for every length). "-nolookahead" makes a graph m
 before launching the next, as before Engine.LOOKAHEAD_MODES (graph modes otherwise run one replay ahead).
 "-windows" makes a graph mode capture a graph per Engine.WINDOW_QUANTUM columns of the cache and run the narrowest
 that holds the filled columns (Engine.WINDOW_MODES: the compiled graph by default), "-nowindows" one graph over the
-whole cache.
+whole cache, "-qN" windows every N columns (Engine.WINDOW_QUANTUM: 64).
 Captures are part of every timed call (the Engine gives its graphs back after each generation, as RL's does by
 default); "-keep" keeps them (Engine(keep_graphs=True), chat_rl's --keep_graphs): only the warm-up captures, so the
 difference to the same mode without it is the captures' cost per call. "-eagerprefill" prefills a compiled mode's
@@ -124,7 +124,7 @@ def share_compiled_steps(engines):
             engine._compiled_step = compiled[engine.DYNAMIC_LENGTH]
 
 
-MODE_OPTIONS = "old, cudnn, nocudnn, shrinkN, noshrink, fixedlen, nolookahead, windows, nowindows, keep, eagerprefill"
+MODE_OPTIONS = "old, cudnn, nocudnn, shrinkN, noshrink, fixedlen, nolookahead, windows, nowindows, qN, keep, eagerprefill"
 
 
 def make_engine(model, tokenizer, mode):
@@ -134,6 +134,7 @@ def make_engine(model, tokenizer, mode):
     named = ("old", "cudnn", "nocudnn", "noshrink", "fixedlen", "nolookahead", "windows", "nowindows", "keep",
              "eagerprefill")
     if decode not in Engine.DECODE_MODES or not all(o in named or (o.startswith("shrink") and o[6:].isdigit())
+                                                    or (o.startswith("q") and o[1:].isdigit() and int(o[1:]) > 0)
                                                     for o in options):
         raise ValueError(f"bad mode {mode!r}: an Engine decode mode {Engine.DECODE_MODES}, then -options ({MODE_OPTIONS})")
     old = "old" in options
@@ -154,6 +155,9 @@ def make_engine(model, tokenizer, mode):
         engine.WINDOW_MODES = ()
     elif "windows" in options:  # a graph per window of the cache, the narrowest holding the filled columns
         engine.WINDOW_MODES = Engine.GRAPH_MODES
+    for o in options:  # windows every N columns (Engine.WINDOW_QUANTUM), on for this mode
+        if o.startswith("q"):
+            engine.WINDOW_MODES, engine.WINDOW_QUANTUM = Engine.GRAPH_MODES, int(o[1:])
     for o in options:  # when the loop may move rows to a smaller batch bucket (Engine.SHRINK_MIN_STEPS)
         if o.startswith("shrink") or o == "noshrink":
             engine.SHRINK_MIN_STEPS = {**Engine.SHRINK_MIN_STEPS, decode: None if o == "noshrink" else int(o[6:])}
@@ -226,7 +230,7 @@ def step_costs(model, prompts, new_tokens, engine):
     return weight_bytes + kv_bytes, flops
 
 
-def profile_step(engine, prompts, args, steps=16):
+def profile_step(engine, prompts, args, steps=16, mode=None):
     """Which ops the decode steps' time goes to: `steps` steps after the first column, so the prefill (whose
     elementwise work scales with the prompt tokens) and the graph capture stay outside the window; the call
     before the profiled one compiles or captures. Printed to stdout before the summary line."""
@@ -239,13 +243,22 @@ def profile_step(engine, prompts, args, steps=16):
         torch.cuda.synchronize()
     prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
     prof.start()
+    t0 = time.perf_counter()
     for _ in stream:
         pass
     if cuda:
         torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
     prof.stop()
-    print(f"\n### Profile: mode {engine.decode}, batch {len(prompts)}, {steps} decode steps (prefill outside the window)\n")
+    print(f"\n### Profile: mode {mode or engine.decode}, batch {len(prompts)}, {steps} decode steps (prefill outside the window)\n")
     print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=15))
+    if cuda:  # a captured step's kernels count too (the profiler records them inside graph replays)
+        from torch.autograd import DeviceType
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        busy = sum(e.time_range.elapsed_us() for e in kernels) / 1000
+        print(f"device work: {len(kernels) / steps:.0f} kernels per step, {busy / steps:.3f} ms of kernel time per step "
+              f"({100 * busy / (1000 * wall):.0f} % of the profiled {1000 * wall / steps:.3f} ms per step; the rest is "
+              f"gaps between kernels and the device waiting for the host)")
 
 
 @torch.inference_mode()  # the cache's tensors are inference tensors: only written to inside this mode
@@ -390,7 +403,7 @@ def main():
 
     if args.profile:
         for batch in batch_sizes:
-            profile_step(engines[args.profile], prompts_with_lengths(batch), args)
+            profile_step(engines[args.profile], prompts_with_lengths(batch), args, mode=args.profile)
     breakdowns = []
     if args.breakdown:
         for batch in batch_sizes:

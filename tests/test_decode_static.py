@@ -900,6 +900,9 @@ def test_bench_rollout_mode_options_and_mixed_lengths():
     assert make_engine(model, StandInTokenizer(), "graph-windows")[0].WINDOW_MODES == Engine.GRAPH_MODES
     assert make_engine(model, StandInTokenizer(), "graph-nowindows")[0].WINDOW_MODES == ()
     assert make_engine(model, StandInTokenizer(), "dynamic-old")[0].WINDOW_MODES == ()
+    quarter = make_engine(model, StandInTokenizer(), "compiled_graph-q16-keep")[0]
+    assert (quarter.WINDOW_MODES, quarter.WINDOW_QUANTUM, Engine.WINDOW_QUANTUM) == (Engine.GRAPH_MODES, 16, 64)
+    assert quarter._windows(40) == (16, 32, 40)
     assert make_engine(model, StandInTokenizer(), "graph-keep")[0].keep_graphs
     assert not make_engine(model, StandInTokenizer(), "graph")[0].keep_graphs
     assert make_engine(model, StandInTokenizer(), "compiled_graph-eagerprefill")[0].COMPILED_PREFILL_MODES == ()
@@ -914,7 +917,7 @@ def test_bench_rollout_mode_options_and_mixed_lengths():
     assert engines[0]._compiled_prefill_step is engines[2]._compiled_prefill_step is not None  # one prefill compile
     assert make_engine(model, StandInTokenizer(), "graph")[0].LOOKAHEAD_MODES == Engine.GRAPH_MODES
     assert Engine.DYNAMIC_LENGTH and make_engine(model, StandInTokenizer(), "compile")[0].DYNAMIC_LENGTH
-    for bad in ("graph-fast", "turbo", "graph-shrinkx"):
+    for bad in ("graph-fast", "turbo", "graph-shrinkx", "graph-q0", "graph-qx"):
         with pytest.raises(ValueError, match="bad mode"):
             make_engine(model, StandInTokenizer(), bad)
     lengths = row_lengths(5, 16)
