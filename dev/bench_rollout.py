@@ -30,6 +30,8 @@ Captures are part of every timed call (the Engine gives its graphs back after ea
 default); "-keep" keeps them (Engine(keep_graphs=True), chat_rl's --keep_graphs): only the warm-up captures, so the
 difference to the same mode without it is the captures' cost per call. "-eagerprefill" prefills a compiled mode's
 prompts eagerly, as before Engine.COMPILED_PREFILL_MODES (compiled modes otherwise compile the prefill too).
+"-autotune" compiles a compiled mode's step with torch.compile's "max-autotune-no-cudagraphs" (Engine.COMPILE_MODE):
+its matmuls choose among Triton's templates and cuBLAS by timing them.
 
 For each (batch, prompt length, new tokens) the modes run interleaved (mode A, mode B, ..., then again),
 so a machine shared with other work disturbs them alike; read the ratios. Every timed call is
@@ -109,22 +111,32 @@ def fixed_length_step(*args, **kwargs):
     return decode_step(*args, **kwargs)
 
 
+def autotuned_step(*args, **kwargs):
+    """decode_step under another name, for the "-autotune" modes: their compile, under another torch.compile mode,
+    gets graphs of its own (and its own warm-up to time)."""
+    return decode_step(*args, **kwargs)
+
+
 def share_compiled_steps(engines):
     """The compiled modes share one torch.compile of the step (a mode whose inputs and options match an earlier
-    mode's reuses its compiled graph: its warm-up is then the capture alone), the fixed-length ones another, and all
-    of them one of the prefill."""
+    mode's reuses its compiled graph: its warm-up is then the capture alone), the fixed-length ones another, the
+    autotuned ones a third, and all of them one of the prefill."""
     compiled = {}
     prefill = torch.compile(prefill_step, dynamic=False, fullgraph=True)
     for engine in engines:
         if engine.decode in ("compile", "compiled_graph"):
             engine._compiled_prefill_step = prefill
-            if engine.DYNAMIC_LENGTH not in compiled:  # the Engine's own compile, or the same one of the other name
-                compiled[engine.DYNAMIC_LENGTH] = engine._compiled() if engine.DYNAMIC_LENGTH else torch.compile(
-                    fixed_length_step, dynamic=False, fullgraph=True)
-            engine._compiled_step = compiled[engine.DYNAMIC_LENGTH]
+            key = (engine.DYNAMIC_LENGTH, engine.COMPILE_MODE)
+            if key not in compiled:  # the Engine's own compile, or the same one of another name
+                if key == (True, Engine.COMPILE_MODE):
+                    compiled[key] = engine._compiled()
+                else:
+                    step = fixed_length_step if not engine.DYNAMIC_LENGTH else autotuned_step
+                    compiled[key] = torch.compile(step, dynamic=False, fullgraph=True, mode=engine.COMPILE_MODE)
+            engine._compiled_step = compiled[key]
 
 
-MODE_OPTIONS = "old, cudnn, nocudnn, shrinkN, noshrink, fixedlen, nolookahead, windows, nowindows, qN, keep, eagerprefill"
+MODE_OPTIONS = "old, cudnn, nocudnn, shrinkN, noshrink, fixedlen, nolookahead, windows, nowindows, qN, keep, eagerprefill, autotune"
 
 
 def make_engine(model, tokenizer, mode):
@@ -132,7 +144,7 @@ def make_engine(model, tokenizer, mode):
     each after a "-" (module docstring): "graph", "dynamic-old", "compiled_graph-cudnn", "graph-shrink32"."""
     decode, *options = mode.split("-")
     named = ("old", "cudnn", "nocudnn", "noshrink", "fixedlen", "nolookahead", "windows", "nowindows", "keep",
-             "eagerprefill")
+             "eagerprefill", "autotune")
     if decode not in Engine.DECODE_MODES or not all(o in named or (o.startswith("shrink") and o[6:].isdigit())
                                                     or (o.startswith("q") and o[1:].isdigit() and int(o[1:]) > 0)
                                                     for o in options):
@@ -151,6 +163,8 @@ def make_engine(model, tokenizer, mode):
         engine.LOOKAHEAD_MODES = ()
     if old or "eagerprefill" in options:  # the prompts prefilled eagerly into a growing cache
         engine.COMPILED_PREFILL_MODES = ()
+    if "autotune" in options:  # the step's matmuls autotuned when it compiles (Engine.COMPILE_MODE)
+        engine.COMPILE_MODE = "max-autotune-no-cudagraphs"
     if old or "nowindows" in options:  # one graph over the whole cache
         engine.WINDOW_MODES = ()
     elif "windows" in options:  # a graph per window of the cache, the narrowest holding the filled columns

@@ -332,6 +332,11 @@ class Engine:
     # compiling fuses. On an H200 (2026-11-28) the prefill to the first column 104.5 -> 73.5 ms for the d20 bench's
     # 256 prompts of up to 64 tokens and 239.0 -> 147.9 ms for the d12 verifier's 256 of up to 384
     COMPILED_PREFILL_MODES = ("compile", "compiled_graph")
+    # torch.compile's mode for the decode step (None: its defaults). "max-autotune-no-cudagraphs" times Triton's
+    # matmul templates against cuBLAS for each of the step's matmul shapes when it compiles (a batch-256 step's
+    # matmuls are skinny, 256 rows, where a library's default tiles leave most of the SMs idle); never inductor's own
+    # CUDA graphs, since the graph modes capture theirs. Unmeasured on a GPU (dev/logs/gpu/next/PLAN.md, rule 6)
+    COMPILE_MODE = None
 
     def __init__(self, model, tokenizer, decode="auto", max_rows=None, cast_weights="auto", keep_graphs=False):
         """max_rows (None: no limit): the most rows generate_prompts samples in one batched pass. The KV cache
@@ -930,7 +935,7 @@ class Engine:
 
     def _compiled(self):
         if self._compiled_step is None:
-            self._compiled_step = torch.compile(decode_step, dynamic=False, fullgraph=True)
+            self._compiled_step = torch.compile(decode_step, dynamic=False, fullgraph=True, mode=self.COMPILE_MODE)
         return self._compiled_step
 
     # ---- public API

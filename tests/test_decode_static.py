@@ -845,6 +845,18 @@ def test_bench_rollout_smoke():
     assert summary["results"][0]["vs_first_mode"] == 1.0
 
 
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    """Engine.COMPILE_MODE is the mode the decode step compiles under (None: torch.compile's defaults)."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append((fn, kwargs)) or fn)
+    model = tiny_model()
+    Engine(model, StandInTokenizer(), decode="compile")._compiled()
+    tuned = Engine(model, StandInTokenizer(), decode="compile")
+    tuned.COMPILE_MODE = "max-autotune-no-cudagraphs"
+    assert tuned._compiled() is decode_step
+    assert [(fn, kwargs["mode"]) for fn, kwargs in seen] == [(decode_step, None), (decode_step, "max-autotune-no-cudagraphs")]
+
+
 def test_bench_rollout_step_costs_count_the_dtypes_read():
     """The bandwidth yardstick counts the linears in the dtype the Engine samples them in and the cache in its
     own (GQA: n_kv_head heads), against a count made here by hand."""
@@ -888,7 +900,7 @@ def test_bench_rollout_old_modes_run_as_the_engine_did_before():
 
 
 def test_bench_rollout_mode_options_and_mixed_lengths():
-    from dev.bench_rollout import fixed_length_step, make_engine, row_lengths, share_compiled_steps
+    from dev.bench_rollout import autotuned_step, fixed_length_step, make_engine, row_lengths, share_compiled_steps
     model = tiny_model(vocab_size=300, sequence_len=128)
     engine, old = make_engine(model, StandInTokenizer(), "compiled_graph-cudnn-shrink32")
     assert (engine.decode, old, engine.CUDNN_GRAPH_MODES) == ("compiled_graph", False, Engine.GRAPH_MODES)
@@ -907,13 +919,17 @@ def test_bench_rollout_mode_options_and_mixed_lengths():
     assert not make_engine(model, StandInTokenizer(), "graph")[0].keep_graphs
     assert make_engine(model, StandInTokenizer(), "compiled_graph-eagerprefill")[0].COMPILED_PREFILL_MODES == ()
     assert make_engine(model, StandInTokenizer(), "compile")[0].COMPILED_PREFILL_MODES == Engine.COMPILED_PREFILL_MODES
-    names = ("compiled_graph", "compiled_graph-nolookahead", "compile-fixedlen", "compiled_graph-fixedlen", "graph")
+    names = ("compiled_graph", "compiled_graph-nolookahead", "compile-fixedlen", "compiled_graph-fixedlen", "graph",
+             "compiled_graph-autotune", "compiled_graph-autotune-keep")
     engines = [make_engine(model, StandInTokenizer(), name)[0] for name in names]
     share_compiled_steps(engines)
-    dynamic, ahead_off, fixed, fixed_graph, plain = [e._compiled_step for e in engines]
-    # a graph compiled for a dynamic length would serve the fixed-length modes too: they compile another function
+    dynamic, ahead_off, fixed, fixed_graph, plain, tuned, tuned_kept = [e._compiled_step for e in engines]
+    # a graph compiled for a dynamic length would serve the fixed-length modes too: they compile another function,
+    # and so do the autotuned ones (another torch.compile mode)
     assert dynamic is ahead_off and fixed is fixed_graph and dynamic is not fixed and plain is None
     assert fixed._torchdynamo_orig_callable is fixed_length_step
+    assert tuned is tuned_kept and tuned._torchdynamo_orig_callable is autotuned_step and tuned is not dynamic
+    assert engines[5].COMPILE_MODE == "max-autotune-no-cudagraphs" and Engine.COMPILE_MODE is None
     assert engines[0]._compiled_prefill_step is engines[2]._compiled_prefill_step is not None  # one prefill compile
     assert make_engine(model, StandInTokenizer(), "graph")[0].LOOKAHEAD_MODES == Engine.GRAPH_MODES
     assert Engine.DYNAMIC_LENGTH and make_engine(model, StandInTokenizer(), "compile")[0].DYNAMIC_LENGTH
