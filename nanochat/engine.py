@@ -334,7 +334,7 @@ class Engine:
     COMPILED_PREFILL_MODES = ("compile", "compiled_graph")
     # torch.compile's mode for the decode step (None: its defaults). "max-autotune-no-cudagraphs" times Triton's
     # matmul templates against cuBLAS for each of the step's matmul shapes when it compiles (a batch-256 step's
-    # matmuls are skinny, 256 rows, where a library's default tiles leave most of the SMs idle); never inductor's own
+    # matmuls are skinny, 256 rows, where a library's default tiles can leave SMs idle); never inductor's own
     # CUDA graphs, since the graph modes capture theirs. Unmeasured on a GPU (dev/logs/gpu/next/PLAN.md, rule 6)
     COMPILE_MODE = None
 
