@@ -31,7 +31,8 @@ default); "-keep" keeps them (Engine(keep_graphs=True), chat_rl's --keep_graphs)
 difference to the same mode without it is the captures' cost per call. "-eagerprefill" prefills a compiled mode's
 prompts eagerly, as before Engine.COMPILED_PREFILL_MODES (compiled modes otherwise compile the prefill too).
 "-autotune" compiles a compiled mode's step with torch.compile's "max-autotune-no-cudagraphs" (Engine.COMPILE_MODE):
-its matmuls choose among Triton's templates and cuBLAS by timing them.
+its matmuls choose among Triton's templates and cuBLAS by timing them. "-fusedqkv" samples from a copy whose
+attentions project queries, keys and values by one matmul (Engine.FUSE_QKV; where the Engine casts, CUDA).
 
 For each (batch, prompt length, new tokens) the modes run interleaved (mode A, mode B, ..., then again),
 so a machine shared with other work disturbs them alike; read the ratios. Every timed call is
@@ -136,7 +137,8 @@ def share_compiled_steps(engines):
             engine._compiled_step = compiled[key]
 
 
-MODE_OPTIONS = "old, cudnn, nocudnn, shrinkN, noshrink, fixedlen, nolookahead, windows, nowindows, qN, keep, eagerprefill, autotune"
+MODE_OPTIONS = ("old, cudnn, nocudnn, shrinkN, noshrink, fixedlen, nolookahead, windows, nowindows, qN, keep, eagerprefill, "
+                "autotune, fusedqkv")
 
 
 def make_engine(model, tokenizer, mode):
@@ -144,7 +146,7 @@ def make_engine(model, tokenizer, mode):
     each after a "-" (module docstring): "graph", "dynamic-old", "compiled_graph-cudnn", "graph-shrink32"."""
     decode, *options = mode.split("-")
     named = ("old", "cudnn", "nocudnn", "noshrink", "fixedlen", "nolookahead", "windows", "nowindows", "keep",
-             "eagerprefill", "autotune")
+             "eagerprefill", "autotune", "fusedqkv")
     if decode not in Engine.DECODE_MODES or not all(o in named or (o.startswith("shrink") and o[6:].isdigit())
                                                     or (o.startswith("q") and o[1:].isdigit() and int(o[1:]) > 0)
                                                     for o in options):
@@ -165,6 +167,8 @@ def make_engine(model, tokenizer, mode):
         engine.COMPILED_PREFILL_MODES = ()
     if "autotune" in options:  # the step's matmuls autotuned when it compiles (Engine.COMPILE_MODE)
         engine.COMPILE_MODE = "max-autotune-no-cudagraphs"
+    if "fusedqkv" in options:  # q, k and v projected by one matmul in the sampling copy (Engine.FUSE_QKV)
+        engine.FUSE_QKV = True
     if old or "nowindows" in options:  # one graph over the whole cache
         engine.WINDOW_MODES = ()
     elif "windows" in options:  # a graph per window of the cache, the narrowest holding the filled columns

@@ -38,9 +38,9 @@
 #   bash dev/gpu_checks.sh 14  # part 12's co-training half: the step three times, then with the compiled graph, the
 #                              # compiled prefill at the verifier's shape, the step keeping graphs (carry .gpu for
 #                              # the tokenizer); ~8 minutes
-#   bash dev/gpu_checks.sh 15  # the compiled graph's windows every 64 / 32 columns or none, its matmuls autotuned, with
-#                              # and without kept graphs, where its step's time goes (kernels per step), the co-training step
-#                              # keeping graphs and on the compiled graph (carry .gpu); ~9 minutes
+#   bash dev/gpu_checks.sh 15  # the compiled graph's windows every 64 / 32 columns or none, q/k/v fused, its matmuls
+#                              # autotuned, with and without kept graphs, where its step's time goes (kernels per step),
+#                              # the co-training step keeping graphs and on the compiled graph (carry .gpu); ~12 minutes
 # Logs go to $OUT (or ./gpu_logs). Parts 2 and 4 need a tokenizer (and shards for base_train) under
 # $NANOCHAT_BASE_DIR, e.g. made here with dev/make_corpus + scripts.tok_train, because a GPU box's Python
 # may have no build of our Rust trainer. Figures are recorded in dev/gpu_results.md.
@@ -224,17 +224,21 @@ elif [ "$1" = 14 ]; then
     stage bench_cotrain_keep 65 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 \
         --samples 16 --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer --cotrain_args=--keep_graphs
 elif [ "$1" = 15 ]; then
-    # after part 13 turned windows on for the compiled graph: its CUDA tests, then the d20 batch-256 rollout with
-    # windows every 64 columns (today), every 32, none, the step's matmuls autotuned when it compiles, those also
-    # keeping their graphs between calls, and where the kept windowed step's device time goes (kernels per step,
-    # their time against the step's); then the
-    # co-training step keeping both roles' graphs, and with both on the compiled graph (carry .gpu); ~9 minutes
+    # after part 13 turned windows on for the compiled graph: the CUDA tests of the default and of the fused q/k/v
+    # projection, then the d20 batch-256 rollout with windows every 64 columns (today), every 32 or none, q/k/v
+    # fused, some keeping their graphs between calls, and where the kept windowed step's device time goes (kernels
+    # per step, their time against the step's); the step's matmuls autotuned (a table of its own: its compile may
+    # be long); then the co-training step keeping both roles' graphs, and with both on the compiled graph (carry
+    # .gpu); ~12 minutes, the last stage likely cut
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-    stage cuda_tests 150 $PY -m pytest -v -p no:cacheprovider -k "windows_on_cuda or lookahead_on_cuda[compiled_graph]" \
-        tests/test_decode_static.py
+    stage cuda_tests 200 $PY -m pytest -v -p no:cacheprovider -k \
+        "windows_on_cuda or lookahead_on_cuda[compiled_graph] or fused_qkv_on_cuda" tests/test_decode_static.py
     stage bench_rollout 420 $PY -m dev.bench_rollout --device cuda --depth 20 --modes \
-        dynamic-old,compiled_graph,compiled_graph-nowindows,compiled_graph-q32,compiled_graph-autotune,compiled_graph-keep,compiled_graph-q32-keep,compiled_graph-autotune-keep \
+        dynamic-old,graph,graph-fusedqkv,compiled_graph,compiled_graph-nowindows,compiled_graph-q32,compiled_graph-fusedqkv,compiled_graph-keep,compiled_graph-q32-keep \
         --batch_sizes 256 --prompt_lens 64 --new_tokens 256 --repeats 2 --breakdown --profile compiled_graph-keep
+    stage bench_rollout_autotune 360 $PY -m dev.bench_rollout --device cuda --depth 20 --modes \
+        dynamic-old,compiled_graph,compiled_graph-autotune,compiled_graph-autotune-keep \
+        --batch_sizes 256 --prompt_lens 64 --new_tokens 256 --repeats 2
     stage bench_cotrain_keep 65 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 \
         --samples 16 --gen_tokens 256 --ver_tokens 128 --steps 3 --tokenizer_dir .gpu/tokenizer --cotrain_args=--keep_graphs
     stage bench_cotrain_compiled 280 $PY -m dev.bench_cotrain --depth_g 20 --depth_v 12 --device_type cuda --questions 16 \

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanochat.common import COMPUTE_DTYPE, UserInputError, autocast_context
+from nanochat.gpt import CausalSelfAttention
 from nanochat.calculator import use_calculator
 from nanochat.decode_static import (GraphedStep, StaticKVCache, bucket_size, decode_step, noise_width, prefill_step,
                                     sample_from_raw_logits)
@@ -187,9 +188,13 @@ class CastLinears:
     (dev/gpu_results.md): the graph's step from 3.96 to 3.18 ms at batch 1 and from 10.63 to 9.70 ms at batch
     256. The cast here is the same rounding autocast does, made once per generation, so the copy's logits are
     bit-identical under autocast. refresh() copies the model's current weights in place (RL updates them
-    between rollouts), so a compiled step keeps seeing the same tensors."""
+    between rollouts), so a compiled step keeps seeing the same tensors.
 
-    def __init__(self, model, dtype):
+    fuse_qkv: each attention of the copy projects its queries, keys and values by one matmul over their three
+    weights side by side (FusedQKVAttention), the three casts being views of that one tensor, so refresh()
+    still fills it in place: at batch 256 a decode step's matmuls are small and each is a kernel of its own."""
+
+    def __init__(self, model, dtype, fuse_qkv=False):
         self.dtype = dtype
         self.device = model.get_device()
         self.released = False
@@ -202,6 +207,30 @@ class CastLinears:
             memo.update(casts)
             self.model = copy.deepcopy(model, memo)
         self.pairs = [(w, casts[id(w)]) for w in self.linear_weights(model, dtype)]  # (the model's weight, its cast)
+        self.fuse_qkv = fuse_qkv
+        self.fused = []  # (the three casts, the weight they are views of), one per attention
+        cast_ids = {id(cast) for _, cast in self.pairs}
+        for attention in list(self.model.modules()) if fuse_qkv else []:
+            if not isinstance(attention, CausalSelfAttention):
+                continue
+            parts = (attention.c_q.weight, attention.c_k.weight, attention.c_v.weight)
+            if all(id(w) in cast_ids for w in parts):
+                with torch.inference_mode(False):  # an ordinary tensor, as the casts are
+                    placeholder = torch.empty(0, dtype=dtype, device=self.device)
+                attention.qkv_weight = torch.nn.Parameter(placeholder, requires_grad=False)
+                attention.__class__ = FusedQKVAttention
+                self.fused.append((parts, attention.qkv_weight))
+        self._fuse()
+
+    def _fuse(self):
+        """Put each attention's three casts side by side in its fused weight and make them views of it."""
+        with torch.inference_mode(False):
+            for parts, fused in self.fused:
+                fused.data = torch.cat([w.data for w in parts])
+                start = 0
+                for w in parts:
+                    w.data = fused.data[start:start + w.size(0)]
+                    start += w.size(0)
 
     @staticmethod
     def linear_weights(model, dtype):
@@ -222,7 +251,9 @@ class CastLinears:
                 if self.released:
                     cast.data = weight.detach().to(self.dtype)
                 else:
-                    cast.copy_(weight)
+                    cast.copy_(weight)  # a fused cast is a view: this fills its attention's fused weight
+        if self.released:
+            self._fuse()
         self.released = False
         self.model.train(model.training)
 
@@ -231,7 +262,18 @@ class CastLinears:
         new copy would recompile); the next refresh() makes them again."""
         for _, cast in self.pairs:
             cast.data = torch.empty(0, dtype=self.dtype, device=cast.device)
+        for _, fused in self.fused:
+            fused.data = torch.empty(0, dtype=self.dtype, device=fused.device)
         self.released = True
+
+
+class FusedQKVAttention(CausalSelfAttention):
+    """A sampling copy's attention (CastLinears' fuse_qkv) whose query, key and value weights are rows of one
+    tensor, qkv_weight: one matmul projects all three."""
+
+    def project(self, x):
+        sizes = (self.c_q.weight.size(0), self.c_k.weight.size(0), self.c_v.weight.size(0))
+        return F.linear(x, self.qkv_weight).split(sizes, dim=-1)
 
 
 # -----------------------------------------------------------------------------
@@ -337,6 +379,10 @@ class Engine:
     # matmuls are skinny, 256 rows, where a library's default tiles can leave SMs idle); never inductor's own
     # CUDA graphs, since the graph modes capture theirs. Unmeasured on a GPU (dev/logs/gpu/next/PLAN.md, rule 6)
     COMPILE_MODE = None
+    # Sample from a copy whose attentions project queries, keys and values by one matmul (CastLinears' fuse_qkv):
+    # two kernels fewer per layer and step. Only where the Engine samples from a cast copy (CUDA by default).
+    # Unmeasured on a GPU (dev/logs/gpu/next/PLAN.md, rule 7)
+    FUSE_QKV = False
 
     def __init__(self, model, tokenizer, decode="auto", max_rows=None, cast_weights="auto", keep_graphs=False):
         """max_rows (None: no limit): the most rows generate_prompts samples in one batched pass. The KV cache
@@ -540,9 +586,10 @@ class Engine:
             dtype = COMPUTE_DTYPE if device.type == "cuda" and COMPUTE_DTYPE != torch.float32 else None
         if not dtype or not CastLinears.linear_weights(model, dtype):
             return model  # nothing to cast (e.g. weights already in bf16)
-        if self._cast is None or self._cast.dtype != dtype or not self._cast.fits(model):
+        if (self._cast is None or self._cast.dtype != dtype or self._cast.fuse_qkv != self.FUSE_QKV
+                or not self._cast.fits(model)):
             self._cast = None  # free the old copy before making the new one
-            self._cast = CastLinears(model, dtype)
+            self._cast = CastLinears(model, dtype, fuse_qkv=self.FUSE_QKV)
         else:
             self._cast.refresh(model)
         return self._cast.model

@@ -827,6 +827,26 @@ def test_cast_weights_on_cuda_give_the_same_tokens(mode):
             model.lm_head.weight.mul_(-1)  # a large update: the second round must follow it
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["graph", "compiled_graph"])
+def test_fused_qkv_on_cuda_gives_the_same_tokens(mode):
+    """Engine.FUSE_QKV on CUDA: sampling from a copy whose attentions project q, k and v by one matmul gives the
+    tokens of the unfused copy, greedy and seeded, also after the weights change (the fused weight follows)."""
+    model = tiny_model().to("cuda")
+    prompts = mixed_prompts(14, (3, 9, 1))
+    fused = Engine(model, StandInTokenizer(), decode=mode)
+    fused.FUSE_QKV = True
+    plain = Engine(model, StandInTokenizer(), decode=mode)
+    for _ in range(2):
+        for kwargs in (dict(temperature=0.0), dict(temperature=0.8, top_k=20, seed=3)):
+            assert (fused.generate_prompts(prompts, num_samples=3, max_tokens=12, **kwargs)
+                    == plain.generate_prompts(prompts, num_samples=3, max_tokens=12, **kwargs))
+        assert fused._cast.fuse_qkv and not plain._cast.fuse_qkv
+        with torch.no_grad():
+            for block in model.transformer.h:
+                block.attn.c_v.weight.mul_(-1)  # a large update of fused weights: the second round must follow it
+
+
 # -----------------------------------------------------------------------------
 # The benchmark runs
 
@@ -930,6 +950,7 @@ def test_bench_rollout_mode_options_and_mixed_lengths():
     assert fixed._torchdynamo_orig_callable is fixed_length_step
     assert tuned is tuned_kept and tuned._torchdynamo_orig_callable is autotuned_step and tuned is not dynamic
     assert engines[5].COMPILE_MODE == "max-autotune-no-cudagraphs" and Engine.COMPILE_MODE is None
+    assert make_engine(model, StandInTokenizer(), "graph-fusedqkv")[0].FUSE_QKV and not Engine.FUSE_QKV
     assert engines[0]._compiled_prefill_step is engines[2]._compiled_prefill_step is not None  # one prefill compile
     assert make_engine(model, StandInTokenizer(), "graph")[0].LOOKAHEAD_MODES == Engine.GRAPH_MODES
     assert Engine.DYNAMIC_LENGTH and make_engine(model, StandInTokenizer(), "compile")[0].DYNAMIC_LENGTH

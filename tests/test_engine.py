@@ -593,6 +593,52 @@ def test_cast_linears_logits_are_bit_identical_under_autocast_and_follow_refresh
     assert not cast.fits(model)
 
 
+def test_cast_linears_fused_qkv_give_the_same_logits_through_refresh_and_release():
+    """fuse_qkv: each attention of the copy projects q, k and v by one matmul over a weight its three casts are
+    views of; the logits stay bit-identical to the model's under autocast, after an update and after a release."""
+    model = tiny_model()
+    cast = CastLinears(model, torch.bfloat16, fuse_qkv=True)
+    copy = cast.model
+    assert all(type(block.attn) is engine_module.FusedQKVAttention for block in copy.transformer.h)
+    assert all(type(block.attn) is not engine_module.FusedQKVAttention for block in model.transformer.h)
+    ids = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(0))
+    def logits(m):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return m(ids)
+    def views_of_fused():
+        return all(a.c_q.weight.data_ptr() == a.qkv_weight.data_ptr()
+                   and a.c_v.weight.data_ptr() + a.c_v.weight.nbytes == a.qkv_weight.data_ptr() + a.qkv_weight.nbytes
+                   for a in (block.attn for block in copy.transformer.h))
+    assert views_of_fused() and torch.equal(logits(copy), logits(model))
+    with torch.no_grad():
+        model.transformer.h[1].attn.c_k.weight.add_(0.5)  # an update to a fused weight
+    updated = logits(model)
+    assert not torch.equal(logits(copy), updated)
+    cast.refresh(model)
+    assert torch.equal(logits(copy), updated)
+    cast.release()
+    assert all(block.attn.qkv_weight.numel() == 0 for block in copy.transformer.h)
+    cast.refresh(model)
+    assert views_of_fused() and torch.equal(logits(copy), updated)
+
+
+@pytest.mark.parametrize("decode", DECODE_MODES + ["compile"])
+def test_engine_sampling_from_fused_qkv_gives_the_same_tokens(decode, monkeypatch):
+    monkeypatch.setattr(engine_module, "inference_context", cpu_autocast)
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (5, 1, 11)]
+    plain = Engine(model, StandInTokenizer(), decode=decode, cast_weights=False)
+    fused = Engine(model, StandInTokenizer(), decode=decode, cast_weights=torch.bfloat16)
+    fused.FUSE_QKV = True
+    for kwargs in (dict(num_samples=1, temperature=0.0), dict(num_samples=2, temperature=1.0, top_k=20, seed=5)):
+        assert fused.generate_prompts(prompts, max_tokens=10, **kwargs) == plain.generate_prompts(prompts, max_tokens=10, **kwargs)
+    assert fused._cast.fuse_qkv and type(fused._cast.model.transformer.h[0].attn) is engine_module.FusedQKVAttention
+    fused.release_sampling_weights()
+    greedy = dict(num_samples=1, temperature=0.0, max_tokens=10)
+    assert fused.generate_prompts(prompts, **greedy) == plain.generate_prompts(prompts, **greedy)
+
+
 @pytest.mark.parametrize("decode", DECODE_MODES)
 def test_engine_with_cast_weights_samples_the_same_tokens_and_follows_updates(decode, monkeypatch):
     monkeypatch.setattr(engine_module, "inference_context", cpu_autocast)
