@@ -277,6 +277,9 @@ def profile_step(engine, prompts, args, steps=16, mode=None):
         print(f"device work: {len(kernels) / steps:.0f} kernels per step, {busy / steps:.3f} ms of kernel time per step "
               f"({100 * busy / (1000 * wall):.0f} % of the profiled {1000 * wall / steps:.3f} ms per step; the rest is "
               f"gaps between kernels and the device waiting for the host)")
+        if engine.decode in Engine.GRAPH_MODES and len(kernels) < 10 * steps:
+            print("  (few kernels for a captured step: this profiler may not record the kernels a graph replay runs; "
+                  "profile the same step uncaptured, mode 'compile', to see them)")
 
 
 @torch.inference_mode()  # the cache's tensors are inference tensors: only written to inside this mode

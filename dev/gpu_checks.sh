@@ -236,6 +236,10 @@ elif [ "$1" = 15 ]; then
     stage bench_rollout 420 $PY -m dev.bench_rollout --device cuda --depth 20 --modes \
         dynamic-old,graph,graph-fusedqkv,compiled_graph,compiled_graph-nowindows,compiled_graph-q32,compiled_graph-fusedqkv,compiled_graph-keep,compiled_graph-q32-keep \
         --batch_sizes 256 --prompt_lens 64 --new_tokens 256 --repeats 2 --breakdown --profile compiled_graph-keep
+    if grep -q "few kernels for a captured step" "$LOGS/bench_rollout.log"; then  # the profiler missed the replays
+        stage profile_compile 120 $PY -m dev.bench_rollout --device cuda --depth 20 --modes compile --batch_sizes 256 \
+            --prompt_lens 64 --new_tokens 64 --repeats 1 --profile compile
+    fi
     stage bench_rollout_autotune 360 $PY -m dev.bench_rollout --device cuda --depth 20 --modes \
         dynamic-old,compiled_graph,compiled_graph-autotune,compiled_graph-autotune-keep \
         --batch_sizes 256 --prompt_lens 64 --new_tokens 256 --repeats 2
