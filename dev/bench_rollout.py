@@ -13,8 +13,8 @@ A mode is an Engine decode mode, then options, each after a "-". "-old" runs as 
 was filed: no sampling copy with the linear weights cast to bf16 once (Engine(cast_weights=False): autocast casts
 them at every step), the prompt prefilled in chunks sized by the full logits (rows x columns x vocab under 2^25
 elements, which cut a 256-row batch into 4-column chunks), captured graphs attending without cuDNN's kernel and
-waiting for each step's tokens before the next replay, and a compiled step per cache length.
-So "dynamic-old" is today's anchor for the issue's goals. "-nocudnn" ("graph-nocudnn") is today's Engine but for
+waiting for each step's tokens before the next replay, each over the whole cache, and a compiled step per cache
+length with its prompts prefilled eagerly. So "dynamic-old" is today's anchor for the issue's goals. "-nocudnn" ("graph-nocudnn") is today's Engine but for
 the graphs' attention kernel: it isolates that kernel; "-cudnn" gives cuDNN's kernel to every graph mode, whatever
 Engine.CUDNN_GRAPH_MODES says (today every graph mode takes it). "-shrinkN" lets the loop move its live rows to a
 smaller batch bucket when at least N steps may remain, "-noshrink" never (Engine.SHRINK_MIN_STEPS; by default the
