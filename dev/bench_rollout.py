@@ -14,8 +14,8 @@ was filed: no sampling copy with the linear weights cast to bf16 once (Engine(ca
 them at every step), the prompt prefilled in chunks sized by the full logits (rows x columns x vocab under 2^25
 elements, which cut a 256-row batch into 4-column chunks), captured graphs attending without cuDNN's kernel and
 waiting for each step's tokens before the next replay, each over the whole cache, and a compiled step per cache
-length with its prompts prefilled eagerly. So "dynamic-old" is today's anchor for the issue's goals. "-nocudnn" ("graph-nocudnn") is today's Engine but for
-the graphs' attention kernel: it isolates that kernel; "-cudnn" gives cuDNN's kernel to every graph mode, whatever
+length with its prompts prefilled eagerly. So "dynamic-old" is today's anchor for the issue's goals. "-nocudnn"
+("graph-nocudnn") is today's Engine but for the graphs' attention kernel: it isolates that kernel; "-cudnn" gives cuDNN's kernel to every graph mode, whatever
 Engine.CUDNN_GRAPH_MODES says (today every graph mode takes it). "-shrinkN" lets the loop move its live rows to a
 smaller batch bucket when at least N steps may remain, "-noshrink" never (Engine.SHRINK_MIN_STEPS; by default the
 eager and compiled steps shrink, graphs do not). Shrinking matters only with --lengths mixed, where rows end at
@@ -229,9 +229,7 @@ def step_costs(model, prompts, new_tokens, engine):
     an underestimate of what they move."""
     c = model.config
     device = model.get_device()
-    cast = engine.cast_weights
-    if cast == "auto":
-        cast = engine._cache_dtype(device)  # the compute dtype where sampling casts (CUDA), else no cast
+    cast = engine._sampling_dtype(device)
     linears = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     weights = [(name, p) for name, p in model.named_parameters() if "wte" not in name]
     weight_bytes = sum(p.numel() * (cast.itemsize if cast and id(p) in linears else p.element_size())
@@ -380,11 +378,12 @@ def main():
     print("| batch | prompt | new | mode | warm-up s | prefill ms | ms / step | latency s | tok/s | vs dynamic | BW util % | MFU % |")
     print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     results = []
+    yardstick = Engine(model, NoStopTokenizer(args.vocab_size))  # today's defaults: the dtypes step_costs counts in
     for batch in batch_sizes:
         for prompt_len in prompt_lens:
             for new_tokens in new_token_counts:
                 prompts = make_prompts(batch, prompt_len, args.vocab_size)
-                step_bytes, step_flops = step_costs(model, prompts, new_tokens, Engine(model, NoStopTokenizer(args.vocab_size)))
+                step_bytes, step_flops = step_costs(model, prompts, new_tokens, yardstick)
                 lengths = row_lengths(batch, new_tokens) if args.lengths == "mixed" else [new_tokens] * batch
                 length_of.update(zip(map(tuple, prompts), lengths))
                 warmup = {}

@@ -577,13 +577,16 @@ class Engine:
                     state.forced.extend(state.line_headers.popleft())
         return states
 
+    def _sampling_dtype(self, device):
+        """The dtype cast_weights asks the linears to be sampled in on `device` (None: no cast)."""
+        if self.cast_weights == "auto":
+            return COMPUTE_DTYPE if device.type == "cuda" and COMPUTE_DTYPE != torch.float32 else None
+        return self.cast_weights or None
+
     def _sampling_model(self, model):
         """The model to sample from: a CastLinears copy, refreshed to the model's current weights, where
         cast_weights asks for one; else the model itself."""
-        device = model.get_device()
-        dtype = self.cast_weights
-        if dtype == "auto":
-            dtype = COMPUTE_DTYPE if device.type == "cuda" and COMPUTE_DTYPE != torch.float32 else None
+        dtype = self._sampling_dtype(model.get_device())
         if not dtype or not CastLinears.linear_weights(model, dtype):
             return model  # nothing to cast (e.g. weights already in bf16)
         if (self._cast is None or self._cast.dtype != dtype or self._cast.fuse_qkv != self.FUSE_QKV
